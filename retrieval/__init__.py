@@ -1,0 +1,1 @@
+"""Cdiscount product classification and similar-product retrieval (learning side)."""

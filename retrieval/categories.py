@@ -1,0 +1,127 @@
+"""The category table: Kaggle category ids <-> contiguous class indices, with the 3-level hierarchy."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+CSV_HEADER = ["category_id", "category_level1", "category_level2", "category_level3"]
+
+
+@dataclass(frozen=True)
+class CategoryTable:
+    """Categories sorted by id. ``level1[i]``/``level2[i]`` are the class indices of category i's parents."""
+
+    ids: tuple[int, ...]
+    names: tuple[tuple[str, str, str], ...]
+    level1_names: tuple[str, ...]
+    level2_names: tuple[str, ...]
+    level1: tuple[int, ...]
+    level2: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def n_level1(self) -> int:
+        return len(self.level1_names)
+
+    @property
+    def n_level2(self) -> int:
+        return len(self.level2_names)
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[tuple[int, str, str, str]]) -> "CategoryTable":
+        rows = sorted(rows)
+        ids = [r[0] for r in rows]
+        if len(set(ids)) != len(ids):
+            raise ValueError("category table has duplicate category ids")
+        l1 = sorted({r[1] for r in rows})
+        l2 = sorted({(r[1], r[2]) for r in rows})
+        l1i = {n: i for i, n in enumerate(l1)}
+        l2i = {n: i for i, n in enumerate(l2)}
+        return cls(tuple(ids), tuple((r[1], r[2], r[3]) for r in rows), tuple(l1), tuple(n for _, n in l2),
+                   tuple(l1i[r[1]] for r in rows), tuple(l2i[(r[1], r[2])] for r in rows))
+
+    @classmethod
+    def from_csv(cls, path: str | os.PathLike) -> "CategoryTable":
+        """Parse Kaggle's ``category_names.csv`` (quoted fields and trailing spaces kept verbatim)."""
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: no such category file")
+        with open(p, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None or [h.strip() for h in header] != CSV_HEADER:
+                raise ValueError(f"{p}: expected header {','.join(CSV_HEADER)}, got {header}")
+            rows = []
+            for line, r in enumerate(reader, start=2):
+                if len(r) != 4:
+                    raise ValueError(f"{p}, line {line}: expected 4 fields, got {len(r)}")
+                try:
+                    rows.append((int(r[0]), r[1], r[2], r[3]))
+                except ValueError:
+                    raise ValueError(f"{p}, line {line}: category_id {r[0]!r} is not an integer") from None
+        if not rows:
+            raise ValueError(f"{p}: no categories")
+        return cls.from_rows(rows)
+
+    @classmethod
+    def from_ids(cls, ids: Iterable[int]) -> "CategoryTable":
+        """A flat table (no names, one level-1/level-2 group) from the category ids seen in training data."""
+        uniq = sorted({int(i) for i in ids if int(i) >= 0})
+        if not uniq:
+            raise ValueError("no category ids to build a category table from")
+        return cls.from_rows([(i, "", "", str(i)) for i in uniq])
+
+    def to_csv(self, path: str | os.PathLike) -> None:
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(CSV_HEADER)
+            for cid, n in zip(self.ids, self.names):
+                w.writerow([cid, *n])
+
+    def to_dict(self) -> dict:
+        return {"ids": list(self.ids), "names": [list(n) for n in self.names]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CategoryTable":
+        return cls.from_rows([(int(i), *n) for i, n in zip(d["ids"], d["names"])])
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_dict()))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CategoryTable":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def index_array(self) -> tuple[np.ndarray, np.ndarray]:
+        """Sorted ids (int64) for ``np.searchsorted`` lookups, and the identity class order."""
+        return np.asarray(self.ids, dtype=np.int64), np.arange(len(self.ids))
+
+    def encode(self, category_ids: Sequence[int] | np.ndarray, product_ids: Sequence[int] | np.ndarray | None = None,
+               source: str = "") -> np.ndarray:
+        """Class indices of ``category_ids``; an unknown id raises naming the product and category."""
+        cats = np.asarray(category_ids, dtype=np.int64)
+        table = np.asarray(self.ids, dtype=np.int64)
+        idx = np.searchsorted(table, cats).clip(0, len(table) - 1)
+        bad = np.flatnonzero(table[idx] != cats)
+        if bad.size:
+            i = int(bad[0])
+            who = f"product _id {int(product_ids[i])}" if product_ids is not None else f"row {i}"
+            raise ValueError(f"{source + ': ' if source else ''}{who} has category_id {int(cats[i])}, which is not in the "
+                             f"category table ({bad.size} such rows in all)")
+        return idx
+
+    def decode(self, classes: np.ndarray) -> np.ndarray:
+        """Category ids (int64) of class indices."""
+        return np.asarray(self.ids, dtype=np.int64)[np.asarray(classes)]
+
+    def parents(self) -> tuple[np.ndarray, np.ndarray]:
+        """Level-1 and level-2 class index of every category, as int64 arrays ``[C]``."""
+        return np.asarray(self.level1, dtype=np.int64), np.asarray(self.level2, dtype=np.int64)

@@ -1,0 +1,159 @@
+"""Generated Cdiscount-like data: a 3-level hierarchy drawn into the images, skewed sizes, 1-4 images.
+
+Level 1 sets the background colour, level 2 the shape, level 3 the shape's colour and count; each
+product has its own position, size and a small identity tag, shared by all its images (which differ
+by jitter, brightness and noise), so similar-product lookup can be scored.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import bson
+import numpy as np
+from tqdm import tqdm
+
+from .categories import CategoryTable
+from .images import encode_jpeg
+
+log = logging.getLogger(__name__)
+
+_BG = np.array([[235, 225, 200], [200, 230, 235], [225, 205, 235], [210, 235, 205], [240, 210, 210],
+                [60, 60, 70], [150, 150, 150], [250, 245, 170], [170, 200, 250], [120, 90, 60],
+                [30, 80, 60], [90, 40, 90]], dtype=np.float32)
+_FG = np.array([[220, 30, 30], [30, 160, 40], [30, 60, 220], [240, 160, 0], [150, 0, 180], [0, 190, 200],
+                [20, 20, 20], [255, 255, 255]], dtype=np.float32)
+_SHAPES = ("disk", "square", "triangle", "ring", "cross", "hbars", "diamond", "vbars")
+IMAGES_PER_PRODUCT_P = (0.62, 0.20, 0.10, 0.08)
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """What ``make-data`` generates."""
+
+    products: int = 2000
+    categories: int = 40
+    seed: int = 0
+    image_size: int = 180
+    test_fraction: float = 0.2
+    quality: int = 90
+
+
+def _hierarchy(n_cat: int) -> list[tuple[int, int, int]]:
+    n1 = int(np.clip(round(n_cat ** (1 / 3)), 2, len(_BG)))
+    n2 = int(np.clip(math.ceil(math.sqrt(n_cat / n1)), 1, len(_SHAPES)))
+    n3 = math.ceil(n_cat / (n1 * n2))
+    triples = [(a, b, c) for c in range(n3) for b in range(n2) for a in range(n1)]
+    return sorted(triples[:n_cat])
+
+
+def category_table(n_cat: int) -> tuple[CategoryTable, list[tuple[int, int, int]]]:
+    """The generated category table and each category's (level1, level2, level3) visual codes."""
+    codes = _hierarchy(n_cat)
+    rows = []
+    for k, (a, b, c) in enumerate(codes):
+        cid = 1000000000 + 1000 * a + 50 * b + c + 7 * k
+        rows.append((cid, f"GROUP {a} ", f"GROUP {a} - {_SHAPES[b % len(_SHAPES)].upper()}",
+                     f"{_SHAPES[b % len(_SHAPES)]}, colour {c % len(_FG)} x{1 + c // len(_FG)}"))
+    table = CategoryTable.from_rows(rows)
+    order = {cid: code for (cid, *_), code in zip(rows, codes)}
+    return table, [order[cid] for cid in table.ids]
+
+
+def _mask(kind: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float) -> np.ndarray:
+    dy, dx = yy - cy, xx - cx
+    if kind == "disk":
+        return dy * dy + dx * dx < r * r
+    if kind == "square":
+        return (np.abs(dy) < r * 0.85) & (np.abs(dx) < r * 0.85)
+    if kind == "triangle":
+        return (dy < r * 0.8) & (dy > -r) & (np.abs(dx) < (dy + r) * 0.6)
+    if kind == "ring":
+        d2 = dy * dy + dx * dx
+        return (d2 < r * r) & (d2 > (0.55 * r) ** 2)
+    if kind == "cross":
+        return ((np.abs(dy) < r * 0.3) & (np.abs(dx) < r)) | ((np.abs(dx) < r * 0.3) & (np.abs(dy) < r))
+    if kind == "hbars":
+        return (np.abs(dx) < r) & (np.abs(dy) < r) & ((dy / r * 2.5).astype(int) % 2 == 0)
+    if kind == "diamond":
+        return np.abs(dy) + np.abs(dx) < r * 1.1
+    return (np.abs(dx) < r) & (np.abs(dy) < r) & ((dx / r * 2.5).astype(int) % 2 == 0)
+
+
+def _render(code: tuple[int, int, int], ident: dict, s: int, rng: np.random.Generator) -> np.ndarray:
+    a, b, c = code
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
+    jy, jx = rng.normal(0, 0.02 * s, 2)
+    img = np.empty((s, s, 3), np.float32)
+    img[:] = _BG[a % len(_BG)] * (1 - 0.15 * yy[..., None] / s)
+    fg = _FG[c % len(_FG)]
+    shape = _SHAPES[b % len(_SHAPES)]
+    cy, cx, r = ident["cy"] * s + jy, ident["cx"] * s + jx, ident["r"] * s
+    img[_mask(shape, yy, xx, cy, cx, r)] = fg
+    if c // len(_FG) >= 1:  # level-3 "count": a second, smaller copy of the shape
+        img[_mask(shape, yy, xx, s - cy, s - cx, 0.45 * r)] = fg
+    ty, tx = int(ident["ty"] * s + jy), int(ident["tx"] * s + jx)
+    cell = max(1, s // 30)
+    for (i, j), on in np.ndenumerate(ident["tag"]):
+        if on:
+            img[max(0, ty + i * cell):max(0, ty + (i + 1) * cell), max(0, tx + j * cell):max(0, tx + (j + 1) * cell)] = ident["tag_rgb"]
+    img *= rng.uniform(0.9, 1.1)
+    img += rng.normal(0, 3, img.shape).astype(np.float32)
+    if rng.random() < 0.25:
+        img = img[:, ::-1]
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _identity(rng: np.random.Generator) -> dict:
+    return {"cy": rng.uniform(0.38, 0.62), "cx": rng.uniform(0.38, 0.62), "r": rng.uniform(0.2, 0.3),
+            "ty": rng.choice([0.05, 0.8]), "tx": rng.uniform(0.05, 0.8), "tag": rng.random((3, 3)) < 0.5,
+            "tag_rgb": rng.uniform(0, 255, 3)}
+
+
+def _sizes(n: int, n_cat: int, rng: np.random.Generator) -> np.ndarray:
+    """Products per category: Zipf-like skew, at least 2 each where there are enough products."""
+    base = min(2, n // n_cat)
+    w = 1.0 / np.arange(1, n_cat + 1) ** 1.0
+    rng.shuffle(w)
+    return base + rng.multinomial(n - base * n_cat, w / w.sum())
+
+
+def make_data(out_dir: str | Path, cfg: SynthConfig, progress: bool = True) -> dict[str, Path]:
+    """Write train.bson, test.bson, test_labels.csv and category_names.csv into ``out_dir``."""
+    if cfg.products < 2 or cfg.categories < 1:
+        raise ValueError("need at least 2 products and 1 category")
+    if cfg.image_size < 16:
+        raise ValueError("image size must be at least 16 pixels")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(cfg.seed)
+    table, codes = category_table(cfg.categories)
+    n_test = max(1, int(round(cfg.products * cfg.test_fraction)))
+    n_all = cfg.products + n_test
+    cats = np.repeat(np.arange(len(table)), _sizes(n_all, len(table), rng))
+    rng.shuffle(cats)
+    ids = np.cumsum(rng.integers(1, 4, n_all))
+    is_test = np.zeros(n_all, bool)
+    is_test[rng.choice(n_all, n_test, replace=False)] = True
+    n_imgs = rng.choice(4, n_all, p=IMAGES_PER_PRODUCT_P) + 1
+    paths = {k: out / k for k in ("train.bson", "test.bson", "test_labels.csv", "category_names.csv")}
+    table.to_csv(paths["category_names.csv"])
+    with open(paths["train.bson"], "wb") as ftr, open(paths["test.bson"], "wb") as fte, \
+            open(paths["test_labels.csv"], "w", newline="") as flab:
+        lab = csv.writer(flab)
+        lab.writerow(["_id", "category_id"])
+        for i in tqdm(range(n_all), desc="generating products", disable=not progress):
+            ident = _identity(rng)
+            pics = [{"picture": encode_jpeg(_render(codes[cats[i]], ident, cfg.image_size, rng), cfg.quality)}
+                    for _ in range(n_imgs[i])]
+            cid = table.ids[cats[i]]
+            if is_test[i]:
+                fte.write(bson.encode({"_id": int(ids[i]), "imgs": pics}))
+                lab.writerow([int(ids[i]), cid])
+            else:
+                ftr.write(bson.encode({"_id": int(ids[i]), "imgs": pics, "category_id": cid}))
+    log.info("wrote %d train and %d test products to %s", n_all - n_test, n_test, out)
+    return paths
