@@ -7,6 +7,7 @@ pictures are returned as raw bytes and decoded (or skipped and counted) by :mod:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import mmap
@@ -126,17 +127,20 @@ def iter_products(path: str | os.PathLike, progress: bool = False) -> Iterator[P
             if not buf:
                 break
             view = memoryview(buf)
-            pos, starts = 0, []
-            while pos + 4 <= len(buf):
-                n = _INT32.unpack_from(buf, pos)[0]
-                _check_length(path, n, base + pos, record + len(starts), size, view[pos:pos + 20])
-                if pos + n > len(buf):
-                    break
-                starts.append(pos)
-                pos += n
-            if not chunk and pos < len(buf):
-                raise BsonFormatError(path, "truncated record at end of file", base + pos, record + len(starts),
-                                      _partial_id(view[pos:pos + 20]))
+            pos, starts, pending = 0, [], None
+            try:
+                while pos + 4 <= len(buf):
+                    n = _INT32.unpack_from(buf, pos)[0]
+                    _check_length(path, n, base + pos, record + len(starts), size, view[pos:pos + 20])
+                    if pos + n > len(buf):
+                        break
+                    starts.append(pos)
+                    pos += n
+                if not chunk and pos < len(buf):
+                    raise BsonFormatError(path, "truncated record at end of file", base + pos,
+                                          record + len(starts), _partial_id(view[pos:pos + 20]))
+            except BsonFormatError as e:
+                pending = e  # yield the good records before it first
             try:
                 docs = bson.decode_all(view[:pos])
             except Exception:  # locate the bad document
@@ -150,6 +154,8 @@ def iter_products(path: str | os.PathLike, progress: bool = False) -> Iterator[P
                                               _partial_id(view[s:s + 20])) from e
             for i, (s, doc) in enumerate(zip(starts, docs)):
                 yield _to_product(path, doc, base + s, record + i)
+            if pending is not None:
+                raise pending
             record += len(starts)
             bar.update(pos)
             view.release()
@@ -176,6 +182,8 @@ def _scan_doc(mm: mmap.mmap | bytes, off: int, n: int) -> tuple[int, int, int] |
         while mm[p]:
             p += 1
         p += 1
+        if mm[p + 4:p + 13] != b"\x05picture\x00":
+            return None
         p += _INT32.unpack_from(mm, p)[0]
         count += 1
     tail = off + n - end
@@ -230,12 +238,17 @@ def _fingerprint(path: Path) -> dict:
 
 def load_offsets(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
                  progress: bool = True) -> np.ndarray:
-    """The offset table of ``path``, cached beside it (or in ``cache_dir``) while size and mtime hold."""
+    """The offset table of ``path``, cached while its size and mtime hold.
+
+    The cache lies beside the data, or in ``cache_dir`` (default: ``$CDISCOUNT_CACHE_DIR`` if set).
+    """
     p = Path(path)
     _open_checked(p)
+    cache_dir = cache_dir or os.environ.get("CDISCOUNT_CACHE_DIR")
     folder = Path(cache_dir) if cache_dir else p.parent
-    cache = folder / f"{p.name}.offsets.npy"
-    meta = folder / f"{p.name}.offsets.json"
+    stem = p.name if folder == p.parent else f"{p.name}.{hashlib.sha1(str(p.resolve()).encode()).hexdigest()[:10]}"
+    cache = folder / f"{stem}.offsets.npy"
+    meta = folder / f"{stem}.offsets.json"
     fp = _fingerprint(p)
     if cache.exists() and meta.exists():
         try:

@@ -42,11 +42,11 @@ class CategoryTable:
         if len(set(ids)) != len(ids):
             raise ValueError("category table has duplicate category ids")
         l1 = sorted({r[1] for r in rows})
-        l2 = sorted({(r[1], r[2]) for r in rows})
+        l2 = sorted({r[2] for r in rows})  # by name: a few level-2 names sit under two level-1 parents
         l1i = {n: i for i, n in enumerate(l1)}
         l2i = {n: i for i, n in enumerate(l2)}
-        return cls(tuple(ids), tuple((r[1], r[2], r[3]) for r in rows), tuple(l1), tuple(n for _, n in l2),
-                   tuple(l1i[r[1]] for r in rows), tuple(l2i[(r[1], r[2])] for r in rows))
+        return cls(tuple(ids), tuple((r[1], r[2], r[3]) for r in rows), tuple(l1), tuple(l2),
+                   tuple(l1i[r[1]] for r in rows), tuple(l2i[r[2]] for r in rows))
 
     @classmethod
     def from_csv(cls, path: str | os.PathLike) -> "CategoryTable":

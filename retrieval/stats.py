@@ -75,7 +75,7 @@ def file_stats(path: str | Path, categories: CategoryTable | None = None, out_di
         for cid, c in zip(cat_counts, cls):
             l1, l2, l3 = categories.names[c]
             levels["level1"][l1] += cat_counts[cid]
-            levels["level2"][(l1, l2)] += cat_counts[cid]
+            levels["level2"][l2] += cat_counts[cid]
             levels["level3"][(l1, l2, l3)] += cat_counts[cid]
     ranked = cat_counts.most_common()
     st = FileStats(len(table), int(n_img.sum()), dict(per), {k: len(v) for k, v in levels.items()},

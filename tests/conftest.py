@@ -1,0 +1,37 @@
+"""Shared fixtures: a cache folder per test, the real data folder, and small generated data sets."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared" / "data"
+
+from retrieval.synth import SynthConfig, make_data  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("CDISCOUNT_CACHE_DIR", str(tmp_path / "cache"))
+    torch_threads = os.environ.get("TEST_TORCH_THREADS")
+    if torch_threads:
+        import torch
+        torch.set_num_threads(int(torch_threads))
+
+
+def shared_file(name: str) -> Path:
+    p = SHARED / name
+    if not p.exists():
+        pytest.skip(f"real data file {p} is not present on this machine")
+    return p
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> dict[str, Path]:
+    """120 training + 30 test products, 6 categories, 32 px images."""
+    return make_data(tmp_path_factory.mktemp("gen"), SynthConfig(products=150, categories=6, seed=1, image_size=32,
+                                                                 test_fraction=0.2), progress=False)

@@ -1,0 +1,236 @@
+"""The data layer: streaming, offset tables, random access, decoding, categories, bad input."""
+from __future__ import annotations
+
+import csv
+import io
+import pickle
+
+import bson
+import numpy as np
+import pytest
+from PIL import Image
+
+from retrieval.bsonio import BsonFormatError, RecordReader, iter_products, load_offsets, scan_offsets
+from retrieval.categories import CategoryTable
+from retrieval.images import ImageDecodeError, decode_image, encode_jpeg
+from retrieval.synth import SynthConfig, make_data
+from tests.conftest import shared_file
+
+
+def _write(path, docs, tail=b""):
+    path.write_bytes(b"".join(bson.encode(d) for d in docs) + tail)
+    return path
+
+
+def _jpeg(color=(200, 10, 10), size=16):
+    return encode_jpeg(np.full((size, size, 3), color, np.uint8))
+
+
+def test_real_train_example_streams_and_scans():
+    path = shared_file("train_example.bson")
+    products = list(iter_products(path))
+    assert len(products) == 82
+    assert sum(len(p.images) for p in products) == 110
+    assert len({p.category_id for p in products}) == 36
+    table = scan_offsets(path, progress=False)
+    assert table["product_id"].tolist() == [p.product_id for p in products]
+    assert table["category_id"].tolist() == [p.category_id for p in products]
+    assert table["offset"].tolist() == [p.offset for p in products]
+    assert table["n_images"].tolist() == [len(p.images) for p in products]
+    assert table["offset"][-1] + table["length"][-1] == path.stat().st_size
+    img = decode_image(products[0].images[0])
+    assert img.shape == (180, 180, 3) and img.dtype == np.uint8
+
+
+def test_real_category_csv_parses_quotes_and_trailing_spaces():
+    table = CategoryTable.from_csv(shared_file("category_names.csv"))
+    assert len(table) == 5270 and table.n_level1 == 49 and table.n_level2 == 483
+    with open(shared_file("category_names.csv"), newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))[1:]
+    by_id = dict(zip(table.ids, table.names))
+    quoted = [r for r in rows if '"' in r[3] or "," in r[3]]
+    assert quoted, "the real file has quoted names"
+    for r in quoted + [r for r in rows if r[3].endswith(" ")]:
+        assert by_id[int(r[0])] == (r[1], r[2], r[3])
+    assert any(n[2].endswith(" ") for n in table.names)
+    assert by_id[1000019289][2] == 'VELO ENFANT (10" - 12" - 14" - 16")'
+    # class indices are contiguous and round-trip
+    cls = table.encode([1000019289, table.ids[0]])
+    assert table.decode(cls).tolist() == [1000019289, table.ids[0]]
+    l1, l2 = table.parents()
+    assert l1.max() == 48 and l2.max() == 482
+
+
+def test_category_table_from_ids_and_unknown_category_names_product():
+    table = CategoryTable.from_ids([30, 10, 20, 10, -1])
+    assert table.ids == (10, 20, 30)
+    with pytest.raises(ValueError, match=r"product _id 7 has category_id 99"):
+        table.encode([10, 99], product_ids=[5, 7])
+    assert CategoryTable.from_dict(table.to_dict()) == table
+
+
+def test_offset_table_cached_and_refreshed(tmp_path):
+    p = _write(tmp_path / "a.bson", [{"_id": i, "imgs": [{"picture": _jpeg()}], "category_id": 5} for i in range(3)])
+    t1 = load_offsets(p, cache_dir=tmp_path / "c", progress=False)
+    assert len(list((tmp_path / "c").glob("*.npy"))) == 1
+    _write(p, [{"_id": i, "imgs": [], "category_id": 5} for i in range(5)])
+    t2 = load_offsets(p, cache_dir=tmp_path / "c", progress=False)
+    assert len(t1) == 3 and len(t2) == 5 and t2["n_images"].sum() == 0
+
+
+def test_random_access_reader_matches_stream_and_pickles(small_data):
+    path = small_data["train.bson"]
+    stream = list(iter_products(path))
+    reader = RecordReader(path)
+    reader.read(0)  # opens a handle; the pickle must not carry it
+    clone = pickle.loads(pickle.dumps(reader))
+    for row in [5, 0, len(stream) - 1, 17]:
+        got = clone.read(row)
+        assert got.product_id == stream[row].product_id and got.images == stream[row].images
+
+
+def test_stream_crosses_chunk_boundaries(small_data, monkeypatch):
+    import retrieval.bsonio as bio
+    whole = [p.product_id for p in iter_products(small_data["train.bson"])]
+    monkeypatch.setattr(bio, "CHUNK_BYTES", 1000)  # smaller than one record
+    assert [p.product_id for p in iter_products(small_data["train.bson"])] == whole
+
+
+def test_grayscale_and_cmyk_decode_to_rgb():
+    for mode in ("L", "CMYK"):
+        buf = io.BytesIO()
+        Image.new(mode, (20, 12), 128 if mode == "L" else (0, 255, 255, 0)).save(buf, format="JPEG")
+        img = decode_image(buf.getvalue())
+        assert img.shape == (12, 20, 3) and img.dtype == np.uint8
+    red = decode_image(_jpeg((255, 0, 0), 32))
+    assert red[..., 0].mean() > 200 and red[..., 1].mean() < 40
+    with pytest.raises(ImageDecodeError):
+        decode_image(b"\xff\xd8 not really a jpeg")
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+
+def test_not_a_bson_file(tmp_path):
+    p = tmp_path / "notes.bson"
+    p.write_text("this is a text file, certainly not BSON\n" * 5)
+    for fn in (lambda: list(iter_products(p)), lambda: scan_offsets(p, progress=False)):
+        with pytest.raises(BsonFormatError, match=r"notes.bson, record 0, byte offset 0: not a BSON file"):
+            fn()
+
+
+def test_empty_file(tmp_path):
+    p = tmp_path / "empty.bson"
+    p.write_bytes(b"")
+    with pytest.raises(BsonFormatError, match="empty"):
+        list(iter_products(p))
+    with pytest.raises(BsonFormatError, match="empty"):
+        scan_offsets(p, progress=False)
+
+
+def test_truncated_last_record_names_offset_and_id(tmp_path):
+    good = [{"_id": i, "imgs": [{"picture": _jpeg()}], "category_id": 5} for i in (1, 2)]
+    last = bson.encode({"_id": 42, "imgs": [{"picture": _jpeg()}], "category_id": 5})
+    p = _write(tmp_path / "t.bson", good, last[:-30])
+    offset = sum(len(bson.encode(d)) for d in good)
+    pattern = rf"record 2, byte offset {offset}, product _id 42: truncated"
+    with pytest.raises(BsonFormatError, match=pattern):
+        list(iter_products(p))
+    with pytest.raises(BsonFormatError, match=pattern):
+        scan_offsets(p, progress=False)
+    # the two good products were streamed before the error
+    got = []
+    with pytest.raises(BsonFormatError):
+        for prod in iter_products(p):
+            got.append(prod.product_id)
+    assert got == [1, 2]
+
+
+def test_declared_length_past_end(tmp_path):
+    doc = bytearray(bson.encode({"_id": 9, "imgs": [], "category_id": 1}))
+    doc[0:4] = (len(doc) + 1000).to_bytes(4, "little")
+    p = tmp_path / "long.bson"
+    p.write_bytes(bytes(doc))
+    with pytest.raises(BsonFormatError, match=r"byte offset 0, product _id 9: truncated record: declared length"):
+        scan_offsets(p, progress=False)
+    with pytest.raises(BsonFormatError, match="past the end"):
+        list(iter_products(p))
+
+
+@pytest.mark.parametrize("doc,msg", [
+    ({"imgs": []}, "no integer '_id'"),
+    ({"_id": 3, "category_id": 1}, r"product _id 3: document has no 'imgs'"),
+    ({"_id": 3, "imgs": "nope"}, r"product _id 3: 'imgs' is a str, not a list"),
+    ({"_id": 3, "imgs": [{"pic": b"x"}]}, r"imgs\[0\] has no binary 'picture'"),
+])
+def test_malformed_documents(tmp_path, doc, msg):
+    p = _write(tmp_path / "bad.bson", [{"_id": 1, "imgs": [], "category_id": 2}, doc])
+    with pytest.raises(BsonFormatError, match=msg):
+        list(iter_products(p))
+    with pytest.raises(BsonFormatError, match=msg):
+        scan_offsets(p, progress=False)
+    reader = RecordReader(p, np.array([], dtype=[("offset", "<i8"), ("length", "<i4")]))
+    with pytest.raises(BsonFormatError, match=msg):
+        reader.read_at(len(bson.encode({"_id": 1, "imgs": [], "category_id": 2})), len(bson.encode(doc)))
+
+
+def test_zero_image_and_corrupt_picture_products_are_kept(tmp_path):
+    docs = [{"_id": 1, "imgs": [], "category_id": 2},
+            {"_id": 2, "imgs": [{"picture": b"garbage"}, {"picture": _jpeg()}]},
+            {"_id": 3, "imgs": [{"picture": _jpeg()[:40]}]}]
+    p = _write(tmp_path / "mixed.bson", docs)
+    products = list(iter_products(p))
+    assert [len(x.images) for x in products] == [0, 2, 1]
+    assert scan_offsets(p, progress=False)["n_images"].tolist() == [0, 2, 1]
+    assert products[0].category_id == 2 and products[1].category_id is None
+    with pytest.raises(ImageDecodeError):
+        decode_image(products[1].images[0])
+    assert decode_image(products[1].images[1]).shape == (16, 16, 3)
+
+
+def test_missing_file_is_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.bson"):
+        list(iter_products(tmp_path / "nope.bson"))
+
+
+# ---- generated data -------------------------------------------------------------------------------
+
+def test_generated_data_layout_and_determinism(tmp_path):
+    cfg = SynthConfig(products=300, categories=12, seed=3, image_size=40)
+    a = make_data(tmp_path / "a", cfg, progress=False)
+    b = make_data(tmp_path / "b", cfg, progress=False)
+    assert a["train.bson"].read_bytes() == b["train.bson"].read_bytes()
+    table = CategoryTable.from_csv(a["category_names.csv"])
+    assert len(table) == 12 and 1 < table.n_level1 < table.n_level2 < 12
+    train = list(iter_products(a["train.bson"]))
+    test = list(iter_products(a["test.bson"]))
+    assert len(train) + len(test) == int(300 * 1.2)
+    assert all(p.category_id is None for p in test)
+    with open(a["test_labels.csv"]) as f:
+        labels = list(csv.DictReader(f))
+    assert [int(r["_id"]) for r in labels] == [p.product_id for p in test]
+    assert not {p.product_id for p in train} & {p.product_id for p in test}
+    table.encode([p.category_id for p in train])  # every category is in the CSV
+    counts = np.bincount(table.encode([p.category_id for p in train]))
+    assert counts.max() >= 4 * max(1, counts.min())  # skewed
+    n_img = np.bincount([len(p.images) for p in train + test], minlength=5)[1:] / len(train + test)
+    assert n_img[0] > 0.5 and n_img[3] > 0.02 and (n_img > 0).all()
+    assert decode_image(train[0].images[0]).shape == (40, 40, 3)
+    # images of one product look alike, more than images of two products of one category
+    multi = [p for p in train if len(p.images) >= 2]
+    same = np.mean([np.abs(decode_image(p.images[0]).astype(int) - decode_image(p.images[1])).mean() for p in multi])
+    by_cat: dict = {}
+    for p in train:
+        by_cat.setdefault(p.category_id, []).append(p)
+    pairs = [(v[0], v[1]) for v in by_cat.values() if len(v) >= 2]
+    other = np.mean([np.abs(decode_image(x.images[0]).astype(int) - decode_image(y.images[0])).mean() for x, y in pairs])
+    assert same < other
+
+
+def test_stats_on_real_example(tmp_path):
+    from retrieval.stats import file_stats
+    st = file_stats(shared_file("train_example.bson"), CategoryTable.from_csv(shared_file("category_names.csv")),
+                    tmp_path / "plots", progress=False)
+    assert (st.products, st.images, st.categories["id"]) == (82, 110, 36)
+    assert st.largest[0][:2] == (1000010653, 36) and "COQUE TELEPHONE" in st.largest[0][2]
+    assert st.images_per_product == {1: 67, 2: 7, 3: 3, 4: 5}
+    assert len(st.plots) == 5 and all(p.stat().st_size > 1000 for p in st.plots)
