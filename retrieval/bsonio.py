@@ -13,9 +13,8 @@ import logging
 import mmap
 import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import bson
 import numpy as np
@@ -51,8 +50,7 @@ class BsonFormatError(ValueError):
         self.path, self.offset, self.record, self.product_id = str(path), offset, record, product_id
 
 
-@dataclass(frozen=True, slots=True)
-class Product:
+class Product(NamedTuple):
     """One product: its id, its category (None in test files), its JPEG bytes and where it lies."""
 
     product_id: int
@@ -72,6 +70,14 @@ def _partial_id(buf: bytes | memoryview) -> int | None:
 
 
 def _to_product(path: str, doc: dict, offset: int, record: int) -> Product:
+    try:  # fast path: a well-formed Kaggle document
+        pid = doc["_id"]
+        pictures = [img["picture"] for img in doc["imgs"]]
+        cat = doc.get("category_id")
+        if type(pid) is int and (cat is None or type(cat) is int) and all(type(x) is bytes for x in pictures):
+            return Product(pid, cat, pictures, offset)
+    except (KeyError, TypeError):
+        pass
     pid = doc.get("_id")
     if not isinstance(pid, int):
         raise BsonFormatError(path, "document has no integer '_id'", offset, record)
@@ -87,7 +93,9 @@ def _to_product(path: str, doc: dict, offset: int, record: int) -> Product:
             raise BsonFormatError(path, f"imgs[{i}] has no binary 'picture'", offset, record, pid)
         pictures.append(pic)
     cat = doc.get("category_id")
-    return Product(pid, int(cat) if cat is not None else None, pictures, offset)
+    if cat is not None and not isinstance(cat, int):
+        raise BsonFormatError(path, f"'category_id' is a {type(cat).__name__}, not an int", offset, record, pid)
+    return Product(pid, cat, pictures, offset)
 
 
 def _check_length(path: str, n: int, offset: int, record: int, size: int, head: bytes | memoryview) -> None:
@@ -111,87 +119,35 @@ def _open_checked(path: str | os.PathLike) -> int:
 
 
 def iter_products(path: str | os.PathLike, progress: bool = False) -> Iterator[Product]:
-    """Stream products in file order with constant memory (reads 16 MB chunks).
-
-    Each chunk of complete documents is decoded by pymongo's C decoder in one call.
-    """
+    """Stream products in file order with constant memory (one record in memory at a time)."""
     path = str(path)
     size = _open_checked(path)
     bar = tqdm(total=size, unit="B", unit_scale=True, desc=Path(path).name, disable=not progress)
-    record, base = 0, 0
-    carry = b""
-    with open(path, "rb", buffering=0) as f:
+    decode, unpack = bson.decode, _INT32.unpack
+    offset, record, shown = 0, 0, 0
+    with open(path, "rb", buffering=1 << 20) as f:
         while True:
-            chunk = f.read(CHUNK_BYTES)
-            buf = carry + chunk if carry else chunk
-            if not buf:
+            head = f.read(4)
+            if not head:
                 break
-            view = memoryview(buf)
-            pos, starts, pending = 0, [], None
+            if len(head) < 4:
+                raise BsonFormatError(path, "truncated record at end of file", offset, record)
+            n = unpack(head)[0]
+            if n < _MIN_DOC or n > _MAX_DOC or offset + n > size:
+                _check_length(path, n, offset, record, size, head + f.read(16))
+            data = head + f.read(n - 4)
             try:
-                while pos + 4 <= len(buf):
-                    n = _INT32.unpack_from(buf, pos)[0]
-                    _check_length(path, n, base + pos, record + len(starts), size, view[pos:pos + 20])
-                    if pos + n > len(buf):
-                        break
-                    starts.append(pos)
-                    pos += n
-                if not chunk and pos < len(buf):
-                    raise BsonFormatError(path, "truncated record at end of file", base + pos,
-                                          record + len(starts), _partial_id(view[pos:pos + 20]))
-            except BsonFormatError as e:
-                pending = e  # yield the good records before it first
-            try:
-                docs = bson.decode_all(view[:pos])
-            except Exception:  # locate the bad document
-                docs = []
-                for i, s in enumerate(starts):
-                    n = _INT32.unpack_from(buf, s)[0]
-                    try:
-                        docs.append(bson.decode(view[s:s + n]))
-                    except Exception as e:
-                        raise BsonFormatError(path, f"invalid BSON document ({e})", base + s, record + i,
-                                              _partial_id(view[s:s + 20])) from e
-            for i, (s, doc) in enumerate(zip(starts, docs)):
-                yield _to_product(path, doc, base + s, record + i)
-            if pending is not None:
-                raise pending
-            record += len(starts)
-            bar.update(pos)
-            view.release()
-            carry = buf[pos:]
-            base += pos
-            if not chunk:
-                break
+                doc = decode(data)
+            except Exception as e:
+                raise BsonFormatError(path, f"invalid BSON document ({e})", offset, record, _partial_id(data)) from e
+            yield _to_product(path, doc, offset, record)
+            offset += n
+            record += 1
+            if offset - shown > CHUNK_BYTES:
+                bar.update(offset - shown)
+                shown = offset
+    bar.update(offset - shown)
     bar.close()
-
-
-def _scan_doc(mm: mmap.mmap | bytes, off: int, n: int) -> tuple[int, int, int] | None:
-    """Fast path for the Kaggle layout: (product_id, category_id or -1, n_images), else None."""
-    if mm[off + 4:off + 9] != b"\x10_id\x00" or mm[off + 13:off + 19] != b"\x04imgs\x00":
-        return None
-    pid = _INT32.unpack_from(mm, off + 9)[0]
-    arr = off + 19
-    alen = _INT32.unpack_from(mm, arr)[0]
-    end = arr + alen
-    p, count = arr + 4, 0
-    while p < end - 1:
-        if mm[p] != 3:
-            return None
-        p += 1
-        while mm[p]:
-            p += 1
-        p += 1
-        if mm[p + 4:p + 13] != b"\x05picture\x00":
-            return None
-        p += _INT32.unpack_from(mm, p)[0]
-        count += 1
-    tail = off + n - end
-    if tail == 1:
-        return pid, -1, count
-    if tail == 18 and mm[end:end + 13] == b"\x10category_id":
-        return pid, _INT32.unpack_from(mm, end + 14)[0], count
-    return None
 
 
 def _scan_slow(path: str, mm: mmap.mmap, off: int, n: int, record: int) -> tuple[int, int, int]:
@@ -203,32 +159,102 @@ def _scan_slow(path: str, mm: mmap.mmap, off: int, n: int, record: int) -> tuple
     return p.product_id, -1 if p.category_id is None else p.category_id, len(p.images)
 
 
-def scan_offsets(path: str | os.PathLike, progress: bool = True) -> np.ndarray:
-    """One pass over the file: a structured array of :data:`TABLE_DTYPE`, one row per product."""
+def _walk(mm: mmap.mmap, start: int, stop: int, size: int) -> tuple[list[int], int]:
+    """Record starts from ``start`` until the first record that ends past ``stop`` or looks wrong."""
+    offs: list[int] = []
+    append, unpack, off = offs.append, _INT32.unpack_from, start
+    while off < stop and off + 4 <= size:
+        n = unpack(mm, off)[0]
+        if n < _MIN_DOC or n > _MAX_DOC or off + n > size:
+            break
+        append(off)
+        off += n
+    return offs, off
+
+
+def _gather_i32(b: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    pos = np.minimum(pos, len(b) - 4)  # out-of-range positions only occur on records already marked bad
+    v = b[pos].astype(np.uint32) | b[pos + 1].astype(np.uint32) << 8 | b[pos + 2].astype(np.uint32) << 16 \
+        | b[pos + 3].astype(np.uint32) << 24
+    return v.view(np.int32).astype(np.int64)
+
+
+def _matches(b: np.ndarray, pos: np.ndarray, pattern: bytes) -> np.ndarray:
+    pos = np.minimum(pos, len(b) - len(pattern))
+    ok = np.ones(len(pos), bool)
+    for i, ch in enumerate(pattern):
+        ok &= b[pos + i] == ch
+    return ok
+
+
+def _scan_block(b: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Vectorised field extraction for well-formed Kaggle records; ``ok`` marks those it could read."""
+    ok = _matches(b, starts + 4, b"\x10_id\x00") & _matches(b, starts + 13, b"\x04imgs\x00") & (ends - starts >= 24)
+    s = np.where(ok, starts, 0)
+    pid = _gather_i32(b, s + 9)
+    arr = s + 19
+    arr_end = np.where(ok, arr + _gather_i32(b, arr), 0)
+    tail = np.where(ok, ends - arr_end, 0)
+    ok &= (tail == 1) | (tail == 18)
+    has_cat = ok & (tail == 18)
+    cpos = np.where(has_cat, arr_end, 0)
+    has_cat &= _matches(b, cpos, b"\x10category_id\x00")
+    ok &= (tail == 1) | has_cat
+    cat = np.where(has_cat, _gather_i32(b, cpos + 13), -1)
+    count = np.zeros(len(starts), np.int64)
+    p = arr + 4
+    for j in range(10):  # up to 10 pictures per record on the fast path
+        active = ok & (p < arr_end - 1)
+        if not active.any():
+            break
+        q = np.where(active, p, 0)
+        good = _matches(b, q, b"\x03" + str(j).encode() + b"\x00") & _matches(b, q + 7, b"\x05picture\x00")
+        ok &= ~active | good
+        active &= good
+        p = np.where(active, p + 3 + _gather_i32(b, q + 3), p)
+        count += active
+    ok &= p == arr_end - 1
+    return ok, pid, cat, count
+
+
+def scan_offsets(path: str | os.PathLike, progress: bool = True, block_bytes: int = 64 << 20) -> np.ndarray:
+    """One pass over the file: a structured array of :data:`TABLE_DTYPE`, one row per product.
+
+    A tight loop follows the length prefixes; the fields of each block of records are then read with
+    numpy gathers. Any record that is not in the usual layout goes through the checked BSON decoder.
+    """
     path = str(path)
     size = _open_checked(path)
-    rows: list[tuple] = []
+    parts: list[np.ndarray] = []
     bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"index {Path(path).name}", disable=not progress)
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        off, record, last = 0, 0, 0
-        unpack = _INT32.unpack_from
-        while off < size:
-            if off + 4 > size:
-                raise BsonFormatError(path, "truncated record at end of file", off, record)
-            n = unpack(mm, off)[0]
-            _check_length(path, n, off, record, size, mm[off:off + 20])
-            got = _scan_doc(mm, off, n) if n >= 20 else None
-            if got is None:
-                got = _scan_slow(path, mm, off, n, record)
-            rows.append((got[0], got[1], off, n, got[2]))
-            off += n
-            record += 1
-            if off - last > CHUNK_BYTES:
-                bar.update(off - last)
-                last = off
-        bar.update(off - last)
+        b = np.frombuffer(mm, np.uint8)
+        off, record = 0, 0
+        try:
+            while off < size:
+                offs, end = _walk(mm, off, off + block_bytes, size)
+                if not offs:
+                    if off + 4 > size:
+                        raise BsonFormatError(path, "truncated record at end of file", off, record)
+                    n = _INT32.unpack_from(mm, off)[0]
+                    _check_length(path, n, off, record, size, mm[off:off + 20])
+                starts = np.asarray(offs, np.int64)
+                ends = np.append(starts[1:], end)
+                ok, pid, cat, count = _scan_block(b, starts, ends)
+                for i in np.flatnonzero(~ok):
+                    st, n = int(starts[i]), int(ends[i] - starts[i])
+                    pid[i], cat[i], count[i] = _scan_slow(path, mm, st, n, record + int(i))
+                part = np.empty(len(starts), TABLE_DTYPE)
+                part["product_id"], part["category_id"], part["offset"] = pid, cat, starts
+                part["length"], part["n_images"] = ends - starts, count
+                parts.append(part)
+                record += len(starts)
+                bar.update(end - off)
+                off = end
+        finally:
+            del b
     bar.close()
-    return np.array(rows, dtype=TABLE_DTYPE)
+    return np.concatenate(parts) if parts else np.empty(0, TABLE_DTYPE)
 
 
 def _fingerprint(path: Path) -> dict:

@@ -1,0 +1,27 @@
+"""Small helpers shared by the benchmark scripts (timing and table printing)."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def best_time(fn: Callable[[], object], repeat: int = 3) -> float:
+    """Fastest wall time of ``repeat`` calls, in seconds."""
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def print_table(rows: list[tuple], header: tuple) -> None:
+    """Print rows as a Markdown table."""
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        print("| " + " | ".join(f"{c:,.3g}" if isinstance(c, float) else str(c) for c in r) + " |")
