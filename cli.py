@@ -52,5 +52,33 @@ def stats(file: Path, categories: Optional[Path] = typer.Option(None, help="cate
         _fail(e)
 
 
+@app.command()
+def train(train_file: Path, out: Path = typer.Option(..., "--out", help="run folder"),
+          categories: Optional[Path] = typer.Option(None, help="category_names.csv (default: ids seen in training)"),
+          backbone: str = typer.Option("tiny", help="tiny, RN50, RN101, convnext_tiny, convnext_small, convnext_base"),
+          pretrained: Optional[str] = typer.Option(None, help="open_clip pretrained tag, or a local weights file"),
+          image_size: int = 64, embed_dim: int = 512,
+          metric_loss: str = typer.Option("multisimilarity", help="multisimilarity, subcenter_arcface or none"),
+          metric_weight: float = 0.5, hier_heads: bool = typer.Option(False, help="auxiliary level-1/2 heads"),
+          sampled_negatives: int = typer.Option(0, help="> 0: sampled softmax with this many negatives"),
+          epochs: int = 5, max_steps: int = typer.Option(-1, help="stop after this many steps (overrides epochs)"),
+          batch_size: int = 64, lr: float = 2e-3, devices: str = typer.Option("auto", help="Lightning devices"),
+          num_nodes: int = 1, workers: int = 2, precision: str = "auto", resume: bool = False,
+          val_fraction: float = 0.05, seed: int = 0) -> None:
+    """Fine-tune an open_clip backbone with a metric-learning loss plus a classification head."""
+    from retrieval.train import TrainConfig, train as _train
+    _setup_logging()
+    cfg = TrainConfig(backbone=backbone, pretrained=pretrained, image_size=image_size, embed_dim=embed_dim,
+                      metric_loss=metric_loss, metric_weight=metric_weight, hier_heads=hier_heads,
+                      sampled_negatives=sampled_negatives, lr=lr, epochs=epochs, max_steps=max_steps,
+                      batch_size=batch_size, val_fraction=val_fraction, seed=seed, workers=workers,
+                      devices=int(devices) if devices.isdigit() else devices, num_nodes=num_nodes, precision=precision)
+    try:
+        res = _train(train_file, out, cfg, categories, resume=resume)
+    except USER_ERRORS as e:
+        _fail(e)
+    typer.echo(f"best checkpoint: {res.best}")
+
+
 if __name__ == "__main__":
     app()

@@ -32,6 +32,6 @@ def shared_file(name: str) -> Path:
 
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory) -> dict[str, Path]:
-    """120 training + 30 test products, 6 categories, 32 px images."""
+    """150 training + 30 test products, 6 categories, 32 px images."""
     return make_data(tmp_path_factory.mktemp("gen"), SynthConfig(products=150, categories=6, seed=1, image_size=32,
                                                                  test_fraction=0.2), progress=False)

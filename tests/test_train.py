@@ -1,0 +1,113 @@
+"""Training: loss goes down, checkpoints reload exactly, resume continues, the split is clean, bad args."""
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from retrieval.dataset import make_split
+from retrieval.losses import MetricLoss, sampled_softmax_loss
+from retrieval.model import EmbeddingNet, ModelConfig, create_backbone, list_backbones, load_checkpoint
+from retrieval.train import TrainConfig, train
+
+FAST = dict(image_size=32, embed_dim=32, batch_size=16, workers=0, val_fraction=0.2, lr=3e-3)
+
+
+@pytest.fixture(scope="module")
+def trained(small_data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    res = train(small_data["train.bson"], run, TrainConfig(epochs=4, **FAST), small_data["category_names.csv"],
+                progress=False)
+    return run, res
+
+
+def _epoch_losses(run):
+    with open(run / "logs" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss_epoch")]
+    return [float(r["train/loss_epoch"]) for r in rows]
+
+
+def test_training_lowers_the_loss(trained):
+    run, _ = trained
+    losses = _epoch_losses(run)
+    assert len(losses) == 4 and losses[-1] < 0.8 * losses[0]
+    with open(run / "logs" / "metrics.csv") as f:
+        acc = [float(r["val/product_acc"]) for r in csv.DictReader(f) if r.get("val/product_acc")]
+    assert len(acc) == 4 and max(acc) > 1 / 6  # better than chance over 6 classes
+
+
+def test_checkpoint_reloads_to_identical_embeddings(trained, small_data):
+    run, res = trained
+    x = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    mem = res.module.net.eval()
+    with torch.no_grad():
+        e_mem, l_mem, _ = mem(x)
+    net, cats, info = load_checkpoint(res.last)
+    with torch.no_grad():
+        e_ck, l_ck, _ = net(x)
+    assert torch.equal(e_mem, e_ck) and torch.equal(l_mem, l_ck)
+    assert net.cfg.image_size == 32 and net.cfg.embed_dim == 32 and net.cfg.backbone == "tiny"
+    assert len(cats) == 6 and info["train_file"]["name"] == "train.bson"
+    assert res.best.exists() and (run / "categories.json").exists() and (run / "run_config.json").exists()
+
+
+def test_resume_continues_step_count(small_data, tmp_path):
+    cfg = TrainConfig(max_steps=4, **FAST)
+    train(small_data["train.bson"], tmp_path, cfg, small_data["category_names.csv"], progress=False)
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(small_data["train.bson"], tmp_path, cfg, small_data["category_names.csv"], progress=False)
+    train(small_data["train.bson"], tmp_path, TrainConfig(max_steps=7, **FAST), resume=True, progress=False)
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 7
+
+
+def test_split_is_by_product_deterministic_and_stratified(trained):
+    run, _ = trained
+    z = np.load(run / "split.npz")
+    assert not set(z["train_ids"]) & set(z["val_ids"])
+    assert len(z["train_ids"]) + len(z["val_ids"]) == 150 and len(z["val_ids"]) > 0
+    labels = np.repeat(np.arange(4), [50, 20, 6, 3])
+    a, b = make_split(labels, 0.2, seed=5), make_split(labels, 0.2, seed=5)
+    assert np.array_equal(a, b) and not np.array_equal(a, make_split(labels, 0.2, seed=6))
+    assert [int(a[labels == c].sum()) for c in range(4)] == [10, 4, 1, 0]  # class 3 too small to split
+
+
+def test_sampled_softmax_equals_full_softmax_when_all_classes_sampled():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 5)
+    z, y = torch.randn(12, 8), torch.randint(0, 5, (12,))
+    full = F.cross_entropy(head(z), y, label_smoothing=0.1)
+    assert torch.allclose(sampled_softmax_loss(z, head, y, 500, 0.1), full, atol=1e-6)
+    assert sampled_softmax_loss(z, head, y, 0, 0.0) < F.cross_entropy(head(z), y) + 1e-6  # fewer competitors
+
+
+@pytest.mark.parametrize("name", ["multisimilarity", "subcenter_arcface"])
+def test_metric_losses_prefer_clustered_embeddings(name):
+    torch.manual_seed(0)
+    loss = MetricLoss(name, n_classes=3, dim=16)
+    y = torch.arange(3).repeat(4)
+    centers = F.normalize(torch.randn(3, 16), dim=-1)
+    if name == "subcenter_arcface":  # its class weights are learnt: point them at the centres
+        loss.loss.W.data = centers.T.repeat_interleave(3, dim=1)
+    good = F.normalize(centers[y] + 0.01 * torch.randn(12, 16), dim=-1)
+    bad = F.normalize(torch.randn(12, 16), dim=-1)
+    assert loss(good, y) < loss(bad, y)
+
+
+def test_bad_arguments(small_data, tmp_path):
+    with pytest.raises(ValueError, match="unknown backbone 'resnet9000'.*convnext_tiny"):
+        train(small_data["train.bson"], tmp_path / "a", TrainConfig(backbone="resnet9000", **FAST))
+    with pytest.raises(FileNotFoundError, match="missing.bson"):
+        train(tmp_path / "missing.bson", tmp_path / "b", TrainConfig(**FAST))
+    with pytest.raises(ValueError, match="no product has a category_id"):
+        train(small_data["test.bson"], tmp_path / "c", TrainConfig(**FAST))
+    with pytest.raises(ValueError, match=r"unknown metric loss 'triplet'"):
+        MetricLoss("triplet", 3, 8)
+    assert {"tiny", "RN50", "convnext_tiny", "convnext_small", "convnext_base"} <= set(list_backbones())
+    with pytest.raises(RuntimeError, match=r"--pretrained /path/to/"):
+        create_backbone("tiny", pretrained=str(tmp_path / "no_weights.bin"), image_size=32)
+    with pytest.raises(ValueError, match="at least one class"):
+        EmbeddingNet(ModelConfig(n_classes=0))
