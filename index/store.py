@@ -1,0 +1,213 @@
+"""A FAISS index over unit vectors (inner product = cosine), with per-vector labels and saved search settings."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+log = logging.getLogger(__name__)
+EXACT_SUBSET_MAX = 200_000  # restricted searches over at most this many vectors are exact
+
+
+def choose_factory(n: int, d: int, memory_budget: float = 8e9) -> str:
+    """A FAISS factory string for ``n`` vectors of dim ``d`` within ``memory_budget`` bytes.
+
+    Exact Flat below 20k vectors; IVF-Flat while float vectors fit the budget; IVF-SQ8 (4x smaller)
+    next; OPQ + IVF + PQ for the largest.
+    """
+    if n < 20_000:
+        return "Flat"
+    nlist = int(2 ** round(math.log2(max(64, 4 * math.sqrt(n)))))
+    nlist = min(nlist, max(64, n // 40))  # >= ~40 training points per list
+    if n * d * 4 * 1.1 <= memory_budget:
+        return f"IVF{nlist},Flat"
+    if n * d * 1.1 <= memory_budget:
+        return f"IVF{nlist},SQ8"
+    m = max(8, min(64, d // 8))
+    return f"OPQ{m}_{m * 4},IVF{nlist},PQ{m}"
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+    """Mean fraction of the true top-k ids found in the approximate top-k (both ``[Q, >=k]``)."""
+    hits = sum(len(set(f[:k]) & set(t[:k])) for f, t in zip(found.tolist(), truth.tolist()))
+    return hits / (len(truth) * k)
+
+
+class VectorIndex:
+    """Vectors are found by position (0..n-1); ``labels[pos]`` is each vector's class (-1 = none)."""
+
+    def __init__(self, index: faiss.Index, labels: np.ndarray | None = None, factory: str = "Flat",
+                 nprobe: int | None = None, ef_search: int | None = None) -> None:
+        self.index, self.factory = index, factory
+        self.labels = np.zeros(0, np.int64) if labels is None else np.asarray(labels, np.int64)
+        self.nprobe, self.ef_search = nprobe, ef_search
+        self._apply()
+
+    @classmethod
+    def create(cls, d: int, factory: str) -> "VectorIndex":
+        """An empty index (inner-product metric) from a FAISS factory string."""
+        try:
+            index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as e:
+            raise ValueError(f"bad FAISS factory string {factory!r}: {e}") from None
+        return cls(index, factory=factory)
+
+    @property
+    def ivf(self):
+        try:
+            return faiss.extract_index_ivf(self.index)
+        except RuntimeError:
+            return None
+
+    @property
+    def hnsw(self):
+        base = faiss.downcast_index(self.index)
+        return base.hnsw if hasattr(base, "hnsw") else None
+
+    def _apply(self) -> None:
+        if self.ivf is not None:
+            self.nprobe = self.nprobe or min(self.ivf.nlist, 16)
+            self.ivf.nprobe = self.nprobe
+        if self.hnsw is not None:
+            self.ef_search = self.ef_search or 128
+            self.hnsw.efSearch = self.ef_search
+
+    def __len__(self) -> int:
+        return self.index.ntotal
+
+    @property
+    def dim(self) -> int:
+        return self.index.d
+
+    def train(self, sample: np.ndarray) -> None:
+        """Train IVF/PQ parts on ``sample [N, d]`` (on GPU when faiss has one)."""
+        if self.index.is_trained:
+            return
+        x = np.ascontiguousarray(sample, np.float32)
+        ivf = self.ivf
+        if ivf is not None and faiss.get_num_gpus() > 0 and hasattr(faiss, "index_cpu_to_all_gpus"):
+            ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
+        log.info("training %s on %d vectors", self.factory, len(x))
+        self.index.train(x)
+
+    def add(self, vectors: np.ndarray, labels: np.ndarray) -> None:
+        """Append ``vectors [N, d]`` with their ``labels [N]``; they get positions len..len+N-1."""
+        x = np.ascontiguousarray(vectors, np.float32)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"vectors must be [N, {self.dim}], got {list(x.shape)}")
+        if len(labels) != len(x):
+            raise ValueError("one label per vector")
+        if not self.index.is_trained:
+            self.train(x)
+        self.index.add(x)
+        self.labels = np.concatenate([self.labels, np.asarray(labels, np.int64)])
+
+    def _params(self, allowed: np.ndarray | None):
+        if allowed is None:
+            return None
+        sel = faiss.IDSelectorBatch(allowed.astype(np.int64))
+        if self.ivf is not None:  # a restricted search scans every list (only the allowed ids are scored)
+            return faiss.SearchParametersIVF(sel=sel, nprobe=self.ivf.nlist)
+        if self.hnsw is not None:
+            return faiss.SearchParametersHNSW(sel=sel, efSearch=max(self.ef_search or 0, 512))
+        return faiss.SearchParameters(sel=sel)
+
+    def search(self, queries: np.ndarray, k: int, allowed_labels: list[int] | np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` ``(similarities [Q, k], positions [Q, k])``; position -1 where fewer than k were found.
+
+        ``allowed_labels`` restricts the search to vectors whose label is in the set.
+        """
+        q = np.ascontiguousarray(queries, np.float32)
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"queries must be [Q, {self.dim}], got {list(q.shape)}")
+        allowed = None
+        if allowed_labels is not None:
+            allowed = np.flatnonzero(np.isin(self.labels, np.asarray(allowed_labels, np.int64)))
+            if len(allowed) == 0:
+                return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+            if len(allowed) <= EXACT_SUBSET_MAX:
+                exact = self._search_subset(q, k, allowed)
+                if exact is not None:
+                    return exact
+        params = self._params(allowed)
+        sims, pos = self.index.search(q, k, params=params) if params is not None else self.index.search(q, k)
+        return sims, pos
+
+    def _search_subset(self, q: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Exact search among ``allowed`` positions (vectors as stored), or None if they can't be reconstructed."""
+        try:
+            if self.ivf is not None:
+                self.ivf.make_direct_map()
+            vecs = self.index.reconstruct_batch(allowed.astype(np.int64))
+        except RuntimeError:
+            return None
+        scores = q @ vecs.T
+        kk = min(k, len(allowed))
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :kk]
+        sims = np.full((len(q), k), -np.inf, np.float32)
+        pos = np.full((len(q), k), -1, np.int64)
+        sims[:, :kk] = np.take_along_axis(scores, top, axis=1)
+        pos[:, :kk] = allowed[top]
+        return sims, pos
+
+    def tune(self, queries: np.ndarray, k: int = 10, target: float = 0.95, exact_sample: np.ndarray | None = None
+             ) -> float:
+        """Smallest IVF ``nprobe`` (or HNSW ``efSearch``) reaching ``target`` recall@k against exact search
+        over the indexed vectors ``exact_sample`` (all of them, in position order). Returns the recall."""
+        if self.ivf is None and self.hnsw is None:
+            return 1.0
+        flat = faiss.IndexFlatIP(self.dim)
+        flat.add(np.ascontiguousarray(exact_sample, np.float32))
+        _, truth = flat.search(np.ascontiguousarray(queries, np.float32), k)
+        options = [2 ** i for i in range(0, 16)]
+        recall = 0.0
+        for v in options:
+            if self.ivf is not None:
+                if v > self.ivf.nlist:
+                    break
+                self.nprobe = v
+            else:
+                self.ef_search = max(k, v)
+            self._apply()
+            recall = recall_at_k(self.search(queries, k)[1], truth, k)
+            if recall >= target:
+                break
+        log.info("tuned %s: nprobe=%s efSearch=%s recall@%d=%.3f", self.factory, self.nprobe, self.ef_search, k, recall)
+        return recall
+
+    def save(self, folder: str | Path) -> None:
+        """``index.faiss`` (readable by FAISS tools), ``labels.npy`` and ``search.json``."""
+        f = Path(folder)
+        f.mkdir(parents=True, exist_ok=True)
+        index = self.index
+        if faiss.get_num_gpus() > 0 and hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__:
+            index = faiss.index_gpu_to_cpu(index)
+        faiss.write_index(index, str(f / "index.faiss"))
+        np.save(f / "labels.npy", self.labels)
+        (f / "search.json").write_text(json.dumps({"factory": self.factory, "nprobe": self.nprobe,
+                                                   "ef_search": self.ef_search, "count": len(self)}))
+
+    @classmethod
+    def load(cls, folder: str | Path, mmap: bool = False) -> "VectorIndex":
+        """Read a saved index; ``mmap`` maps it read-only where the index type allows."""
+        f = Path(folder)
+        if not (f / "index.faiss").exists():
+            raise FileNotFoundError(f"{f}: no index.faiss (not an index folder?)")
+        meta = json.loads((f / "search.json").read_text())
+        index = None
+        if mmap:
+            try:
+                index = faiss.read_index(str(f / "index.faiss"), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+            except RuntimeError:
+                log.info("index type does not support mmap; reading it into memory")
+        if index is None:
+            index = faiss.read_index(str(f / "index.faiss"))
+        labels = np.load(f / "labels.npy")
+        if len(labels) != index.ntotal:
+            raise ValueError(f"{f}: labels.npy has {len(labels)} entries for {index.ntotal} vectors")
+        return cls(index, labels, meta["factory"], meta.get("nprobe"), meta.get("ef_search"))

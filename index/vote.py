@@ -1,0 +1,31 @@
+"""kNN vote over neighbours' categories and its fusion with classifier probabilities (numpy only)."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def knn_vote(sims: np.ndarray, labels: np.ndarray, n_classes: int, tau: float = 0.07, k: int | None = None) -> np.ndarray:
+    """Category distribution ``[Q, C]`` from neighbours ``sims [Q, K]`` / ``labels [Q, K]`` (class index, -1 = none).
+
+    Weights are ``exp(sim / tau)`` over the first ``k`` neighbours, normalised per query; a query with no
+    neighbour gets an all-zero row.
+    """
+    if tau <= 0:
+        raise ValueError(f"tau must be positive, got {tau}")
+    sims, labels = np.asarray(sims, np.float32)[:, :k], np.asarray(labels, np.int64)[:, :k]
+    valid = labels >= 0
+    top = np.where(valid, sims, -np.inf).max(axis=1, keepdims=True)
+    w = np.where(valid, np.exp((sims - np.where(np.isfinite(top), top, 0)) / tau), 0.0)
+    out = np.zeros((len(sims), n_classes), np.float32)
+    rows = np.repeat(np.arange(len(sims)), sims.shape[1])
+    np.add.at(out, (rows[valid.ravel()], labels.ravel()[valid.ravel()]), w.ravel()[valid.ravel()])
+    total = out.sum(axis=1, keepdims=True)
+    return np.divide(out, total, out=out, where=total > 0)
+
+
+def fuse(p_head: np.ndarray, p_knn: np.ndarray, alpha: float) -> np.ndarray:
+    """``alpha * p_head + (1 - alpha) * p_knn``; rows without neighbours fall back to the head."""
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    no_knn = p_knn.sum(axis=1, keepdims=True) == 0
+    return np.where(no_knn, p_head, alpha * p_head + (1 - alpha) * p_knn)

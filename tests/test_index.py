@@ -1,0 +1,121 @@
+"""index/: approximate search against exact search, restriction by category, save/load, the vote."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from index import VectorIndex, choose_factory, fuse, knn_vote, recall_at_k
+
+
+def clustered(n, d=32, centres=50, seed=0, noise=0.3):
+    rng = np.random.default_rng(seed)
+    c = rng.normal(size=(centres, d))
+    lab = rng.integers(0, centres, n)
+    x = c[lab] + noise * rng.normal(size=(n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), lab
+
+
+@pytest.fixture(scope="module")
+def data():
+    x, lab = clustered(6000)
+    q, _ = clustered(200, seed=1)
+    exact = VectorIndex.create(32, "Flat")
+    exact.add(x, lab)
+    return x, lab, q, exact
+
+
+def test_flat_is_exact(data):
+    x, lab, q, exact = data
+    sims, pos = exact.search(q, 10)
+    brute = q @ x.T
+    assert np.array_equal(pos[:, 0], brute.argmax(1))
+    assert np.allclose(sims, -np.sort(-brute, axis=1)[:, :10], atol=1e-5)
+
+
+@pytest.mark.parametrize("factory", ["IVF64,Flat", "HNSW16", "IVF64,SQ8"])
+def test_approximate_indexes_match_flat(data, factory):
+    x, lab, q, exact = data
+    idx = VectorIndex.create(32, factory)
+    idx.add(x, lab)
+    recall = idx.tune(q[:100], k=10, target=0.95, exact_sample=x)
+    _, truth = exact.search(q[100:], 10)
+    assert recall >= 0.95
+    assert recall_at_k(idx.search(q[100:], 10)[1], truth, 10) >= 0.9  # holds on unseen queries
+
+
+def test_restricted_search_only_returns_allowed_labels(data):
+    x, lab, q, _ = data
+    for factory in ("Flat", "IVF64,Flat", "HNSW16"):
+        idx = VectorIndex.create(32, factory)
+        idx.add(x, lab)
+        sims, pos = idx.search(q, 5, allowed_labels=[3, 7])
+        assert (pos >= 0).all() and set(lab[pos].ravel()) <= {3, 7}
+        mask = np.isin(lab, [3, 7])
+        brute = np.where(mask[None], q @ x.T, -np.inf)
+        assert np.array_equal(pos[:, 0], brute.argmax(1))
+    _, pos = idx.search(q, 5, allowed_labels=[999])
+    assert (pos == -1).all()
+
+
+def test_save_load_round_trip(data, tmp_path):
+    x, lab, q, _ = data
+    idx = VectorIndex.create(32, "IVF64,Flat")
+    idx.add(x, lab)
+    idx.nprobe = 8
+    idx._apply()
+    idx.save(tmp_path)
+    for mmap in (False, True):
+        back = VectorIndex.load(tmp_path, mmap=mmap)
+        assert back.nprobe == 8 and np.array_equal(back.labels, lab)
+        a, b = idx.search(q, 10), back.search(q, 10)
+        assert np.array_equal(a[1], b[1]) and np.array_equal(a[0], b[0])
+
+
+def test_add_appends_positions(data):
+    x, lab, q, _ = data
+    idx = VectorIndex.create(32, "Flat")
+    idx.add(x[:100], lab[:100])
+    idx.add(x[100:110], lab[100:110])
+    _, pos = idx.search(x[105:106], 1)
+    assert pos[0, 0] == 105 and len(idx) == 110
+    with pytest.raises(ValueError, match="vectors must be"):
+        idx.add(np.zeros((2, 5), np.float32), [0, 0])
+
+
+def test_choose_factory():
+    assert choose_factory(5000, 256) == "Flat"
+    assert choose_factory(1_000_000, 256).startswith("IVF") and choose_factory(1_000_000, 256).endswith(",Flat")
+    assert choose_factory(7_000_000, 512, memory_budget=8e9).endswith("SQ8")
+    assert choose_factory(7_000_000, 512, memory_budget=1e9).startswith("OPQ")
+    with pytest.raises(ValueError, match="bad FAISS factory"):
+        VectorIndex.create(8, "NotAnIndex")
+
+
+def test_knn_vote_matches_python_loop():
+    rng = np.random.default_rng(0)
+    sims = np.sort(rng.uniform(-1, 1, (20, 8)), axis=1)[:, ::-1].astype(np.float32)
+    labels = rng.integers(-1, 5, (20, 8))
+    labels[3] = -1  # a query with no neighbour
+    got = knn_vote(sims, labels, 5, tau=0.1, k=6)
+    for q in range(20):
+        ref = [0.0] * 5
+        for j in range(6):
+            if labels[q, j] >= 0:
+                ref[labels[q, j]] += np.exp(sims[q, j] / 0.1)
+        total = sum(ref)
+        ref = [r / total if total else 0.0 for r in ref]
+        assert np.allclose(got[q], ref, atol=1e-5)
+    assert got[3].sum() == 0
+
+
+def test_fusion_endpoints():
+    rng = np.random.default_rng(0)
+    head = rng.dirichlet(np.ones(4), 10).astype(np.float32)
+    knn = rng.dirichlet(np.ones(4), 10).astype(np.float32)
+    knn[2] = 0
+    assert np.array_equal(fuse(head, knn, 1.0), head)
+    assert np.array_equal(fuse(head, knn, 0.0)[[0, 1, 3]], knn[[0, 1, 3]])
+    assert np.array_equal(fuse(head, knn, 0.0)[2], head[2])  # no neighbour: the head decides
+    assert np.allclose(fuse(head, knn, 0.3)[0], 0.3 * head[0] + 0.7 * knn[0])
+    with pytest.raises(ValueError):
+        fuse(head, knn, 1.5)
