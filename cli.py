@@ -80,5 +80,59 @@ def train(train_file: Path, out: Path = typer.Option(..., "--out", help="run fol
     typer.echo(f"best checkpoint: {res.best}")
 
 
+@app.command("build-index")
+def build_index(train_file: Path, model: Path = typer.Option(..., help="run folder of `train`"),
+                out: Path = typer.Option(..., help="index folder"),
+                split: str = typer.Option("train", help="train: the run's training split; all: every product"),
+                index_type: str = typer.Option("auto", help="auto or a FAISS factory string"),
+                batch_size: int = 256, tta_flip: bool = False, workers: int = 2,
+                memory_budget_gb: float = 8.0) -> None:
+    """Embed every product and build a FAISS index (resumes an interrupted build)."""
+    from retrieval.indexing import build_index as _build
+    _setup_logging()
+    try:
+        man = _build(train_file, model, out, split, index_type, batch_size, tta_flip, workers,
+                     memory_budget=memory_budget_gb * 1e9)
+    except USER_ERRORS as e:
+        _fail(e)
+    typer.echo(f"indexed {man['count']} products with {man['factory']} into {out}")
+
+
+@app.command()
+def similar(index: Path = typer.Option(..., help="index folder"),
+            product_id: Optional[int] = typer.Option(None, help="query by an indexed product id"),
+            image: Optional[List[Path]] = typer.Option(None, help="query image file(s); several are averaged"),
+            k: int = typer.Option(10, "-k", "--k"), category: Optional[int] = None, json_out: bool = typer.Option(
+                False, "--json", help="machine-readable output"), sheet: Optional[Path] = None) -> None:
+    """The k products most similar to an indexed product or to image files."""
+    import json
+    from retrieval.similar import similar as _similar
+    _setup_logging()
+    try:
+        found = _similar(index, product_id, image or None, k, category, sheet)
+    except USER_ERRORS as e:
+        _fail(e)
+    if json_out:
+        typer.echo(json.dumps([n.to_dict() for n in found]))
+        return
+    for n in found:
+        typer.echo(f"{n.product_id:>12}  {n.similarity:.4f}  {n.category_id}  {n.level1} > {n.level2} > {n.level3}")
+    if sheet:
+        typer.echo(f"contact sheet: {sheet}")
+
+
+@app.command("add-to-index")
+def add_to_index(new_file: Path, index: Path = typer.Option(..., help="index folder"), batch_size: int = 256,
+                 workers: int = 2) -> None:
+    """Append new products to an index without retraining or rebuilding."""
+    from retrieval.indexing import add_to_index as _add
+    _setup_logging()
+    try:
+        added, dups = _add(index, new_file, batch_size, workers)
+    except USER_ERRORS as e:
+        _fail(e)
+    typer.echo(f"added {added} products; {len(dups)} already indexed" + (f" (e.g. {dups[:5]})" if dups else ""))
+
+
 if __name__ == "__main__":
     app()

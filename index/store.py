@@ -31,6 +31,25 @@ def choose_factory(n: int, d: int, memory_budget: float = 8e9) -> str:
     return f"OPQ{m}_{m * 4},IVF{nlist},PQ{m}"
 
 
+def exact_topk(queries: np.ndarray, parts, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k of ``queries [Q, d]`` over vectors given as an iterable of ``[n_i, d]`` blocks
+    (positions count on across blocks), in bounded memory."""
+    q = np.ascontiguousarray(queries, np.float32)
+    best_s = np.full((len(q), k), -np.inf, np.float32)
+    best_p = np.full((len(q), k), -1, np.int64)
+    start = 0
+    for block in parts:
+        flat = faiss.IndexFlatIP(q.shape[1])
+        flat.add(np.ascontiguousarray(block, np.float32))
+        s, p = flat.search(q, min(k, len(block)))
+        s_all = np.concatenate([best_s, s], 1)
+        p_all = np.concatenate([best_p, np.where(p >= 0, p + start, -1)], 1)
+        order = np.argsort(-s_all, axis=1, kind="stable")[:, :k]
+        best_s, best_p = np.take_along_axis(s_all, order, 1), np.take_along_axis(p_all, order, 1)
+        start += len(block)
+    return best_s, best_p
+
+
 def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
     """Mean fraction of the true top-k ids found in the approximate top-k (both ``[Q, >=k]``)."""
     hits = sum(len(set(f[:k]) & set(t[:k])) for f, t in zip(found.tolist(), truth.tolist()))
@@ -155,18 +174,14 @@ class VectorIndex:
         pos[:, :kk] = allowed[top]
         return sims, pos
 
-    def tune(self, queries: np.ndarray, k: int = 10, target: float = 0.95, exact_sample: np.ndarray | None = None
-             ) -> float:
-        """Smallest IVF ``nprobe`` (or HNSW ``efSearch``) reaching ``target`` recall@k against exact search
-        over the indexed vectors ``exact_sample`` (all of them, in position order). Returns the recall."""
+    def tune(self, queries: np.ndarray, truth: np.ndarray, target: float = 0.95) -> float:
+        """Smallest IVF ``nprobe`` (or HNSW ``efSearch``) whose recall@k against exact ``truth [Q, k]``
+        (positions) reaches ``target``. Returns the recall reached."""
+        k = truth.shape[1]
         if self.ivf is None and self.hnsw is None:
             return 1.0
-        flat = faiss.IndexFlatIP(self.dim)
-        flat.add(np.ascontiguousarray(exact_sample, np.float32))
-        _, truth = flat.search(np.ascontiguousarray(queries, np.float32), k)
-        options = [2 ** i for i in range(0, 16)]
         recall = 0.0
-        for v in options:
+        for v in (2 ** i for i in range(16)):
             if self.ivf is not None:
                 if v > self.ivf.nlist:
                     break

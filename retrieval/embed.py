@@ -1,0 +1,140 @@
+"""Product embeddings and head probabilities, streamed in batches; chunked on-disk stores that resume."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .bsonio import RecordReader
+from .dataset import ProductDataset, product_loader
+from .images import DecodeStats
+from .model import EmbeddingNet
+from .train import auto_precision
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProductOutputs:
+    """Per-product outputs of one batch: ``emb [P, D]`` unit-norm (zeros if no image), ``probs [P, C]``."""
+
+    rows: np.ndarray
+    emb: np.ndarray
+    probs: np.ndarray
+    n_images: np.ndarray
+    failed: np.ndarray
+
+
+@dataclass
+class Timer:
+    """Seconds spent per stage (wall clock, main process)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, stage: str, t0: float) -> float:
+        t = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + t - t0
+        return t
+
+
+def device_of(net: EmbeddingNet) -> torch.device:
+    return next(net.parameters()).device
+
+
+def autocast_for(device: torch.device):
+    if auto_precision() == "bf16-mixed" or (device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def embed_images(net: EmbeddingNet, images: torch.Tensor, owner: torch.Tensor, n_products: int,
+                 tta_flip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 ``images [N, 3, S, S]`` of ``n_products`` -> (``emb [P, D]``, ``probs [P, C]``) product means."""
+    dev = device_of(net)
+    x = images.to(dev, non_blocking=True)
+    owner = owner.to(dev)
+    with autocast_for(dev):
+        emb, logits, _ = net(x)
+        probs = logits.float().softmax(-1)
+        if tta_flip:
+            e2, l2, _ = net(x.flip(-1))
+            emb, probs = emb + e2, (probs + l2.float().softmax(-1)) / 2
+    emb = F.normalize(emb.float(), dim=-1)
+    counts = torch.bincount(owner, minlength=n_products).clamp(min=1).unsqueeze(1).float()
+    p_emb = torch.zeros(n_products, emb.shape[1], device=dev).index_add_(0, owner, emb)
+    p_probs = torch.zeros(n_products, probs.shape[1], device=dev).index_add_(0, owner, probs) / counts
+    return F.normalize(p_emb, dim=-1), p_probs
+
+
+def embed_products(net: EmbeddingNet, reader: RecordReader, rows: np.ndarray, batch_images: int = 128,
+                   workers: int = 2, tta_flip: bool = False, stats: DecodeStats | None = None,
+                   timer: Timer | None = None) -> Iterator[ProductOutputs]:
+    """Stream ``rows`` (offset-table rows, in order) through the network, a batch of products at a time."""
+    net.eval()
+    loader = product_loader(ProductDataset(reader, rows, net.cfg.image_size), batch_images, workers)
+    t = time.perf_counter()
+    for b in loader:
+        if timer:
+            t = timer.add("read+decode", t)
+        n = len(b.rows)
+        n_img = torch.bincount(b.owner, minlength=n).numpy()
+        if len(b.images):
+            emb, probs = embed_images(net, b.images, b.owner, n, tta_flip)
+            emb, probs = emb.cpu().numpy(), probs.cpu().numpy()
+        else:
+            emb = np.zeros((n, net.cfg.embed_dim), np.float32)
+            probs = np.zeros((n, net.cfg.n_classes), np.float32)
+        if stats is not None:
+            stats.decoded += int(n_img.sum())
+            stats.failed += int(b.failed.sum())
+            stats.products_without_image += int((n_img == 0).sum())
+        if timer:
+            t = timer.add("model", t)
+        yield ProductOutputs(b.rows.numpy(), emb, probs, n_img, b.failed.numpy())
+        t = time.perf_counter()
+
+
+class ChunkStore:
+    """Numbered ``part_XXXXX.npz`` files written atomically; a run started again skips finished parts.
+
+    ``key`` (e.g. model hash + rows) is saved in ``store.json``; a store made for another key is refused.
+    """
+
+    def __init__(self, folder: str | Path, key: dict) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        meta = self.folder / "store.json"
+        if meta.exists():
+            old = json.loads(meta.read_text())
+            if old != key:
+                raise ValueError(f"{self.folder} holds parts of another run ({old}); delete it or use another output")
+        else:
+            meta.write_text(json.dumps(key))
+
+    def path(self, i: int) -> Path:
+        return self.folder / f"part_{i:05d}.npz"
+
+    def done(self, i: int) -> bool:
+        return self.path(i).exists()
+
+    def write(self, i: int, **arrays: np.ndarray) -> None:
+        tmp = self.folder / f".part_{i:05d}.tmp.npz"
+        np.savez(tmp, **arrays)
+        os.replace(tmp, self.path(i))
+
+    def read(self, i: int) -> dict[str, np.ndarray]:
+        with np.load(self.path(i)) as z:
+            return {k: z[k] for k in z.files}
+
+    def parts(self) -> list[int]:
+        return sorted(int(p.stem.split("_")[1]) for p in self.folder.glob("part_*.npz"))
