@@ -134,5 +134,58 @@ def add_to_index(new_file: Path, index: Path = typer.Option(..., help="index fol
     typer.echo(f"added {added} products; {len(dups)} already indexed" + (f" (e.g. {dups[:5]})" if dups else ""))
 
 
+@app.command()
+def predict(test_file: Path, index: Path = typer.Option(..., help="index folder (build-index --split all)"),
+            out: Path = typer.Option(Path("submission.csv"), help="submission CSV"),
+            alpha: Optional[float] = typer.Option(None, help="weight of the head (default: calibration, else 0.5)"),
+            k: Optional[int] = typer.Option(None, "--k", "-k", help="neighbours (default: calibration, else 20)"),
+            tau: Optional[float] = typer.Option(None, help="vote temperature (default: calibration, else 0.07)"),
+            tta_flip: bool = False, top: int = typer.Option(0, help="with --scores-out: categories per product"),
+            scores_out: Optional[Path] = None, batch_size: int = 256, workers: int = 2) -> None:
+    """Predict a category for every product of TEST_FILE, in file order (resumes if interrupted)."""
+    from retrieval.predict import predict as _predict
+    _setup_logging()
+    if scores_out and top < 1:
+        top = 5
+    try:
+        r = _predict(test_file, index, out, alpha, k, tau, tta_flip, top, scores_out, batch_size, workers)
+    except USER_ERRORS as e:
+        _fail(e)
+    typer.echo(f"{r.products} rows written to {out} ({r.products / r.seconds:.0f} products/s); "
+               f"{r.without_image} products without a decodable image; alpha={r.params['alpha']} "
+               f"k={r.params['k']} tau={r.params['tau']}")
+
+
+@app.command()
+def evaluate(index: Path = typer.Option(..., help="index folder (build-index --split train)"),
+             val_file: Optional[Path] = typer.Argument(None, help="labelled BSON (default: the run's validation split)"),
+             out: Optional[Path] = typer.Option(None, help="folder for metrics.json and plots"),
+             batch_size: int = 256, workers: int = 2, max_products: int = 20000) -> None:
+    """Head, kNN and fused accuracy on held-out products; saves the best alpha, k, tau for predict."""
+    from retrieval.evaluate import evaluate as _evaluate
+    _setup_logging()
+    try:
+        m = _evaluate(index, val_file, out, batch_size, workers, max_products)
+    except USER_ERRORS as e:
+        _fail(e)
+    for key in ("products", "head_accuracy", "knn_accuracy", "fused_accuracy", "calibration", "fused_top5_accuracy",
+                "level1_accuracy", "level2_accuracy", "image_accuracy", "by_frequency", "plots"):
+        typer.echo(f"{key}: {m[key]}")
+
+
+@app.command()
+def demo(workdir: Path = typer.Option(Path("demo_work"), help="empty folder for everything the demo makes"),
+         products: int = 3000, categories: int = 30, epochs: int = 4, workers: int = 2) -> None:
+    """Run the whole system on generated data and print a summary."""
+    import json
+    from retrieval.demo import DemoConfig, run_demo
+    _setup_logging()
+    try:
+        s = run_demo(workdir, DemoConfig(products=products, categories=categories, epochs=epochs, workers=workers))
+    except USER_ERRORS as e:
+        _fail(e)
+    typer.echo(json.dumps(s, indent=1))
+
+
 if __name__ == "__main__":
     app()

@@ -32,6 +32,8 @@ class ProductOutputs:
     probs: np.ndarray
     n_images: np.ndarray
     failed: np.ndarray
+    image_pred: np.ndarray  # [N] head argmax per image
+    image_owner: np.ndarray  # [N] product index (in this batch) of each image
 
 
 @dataclass
@@ -58,8 +60,9 @@ def autocast_for(device: torch.device):
 
 @torch.no_grad()
 def embed_images(net: EmbeddingNet, images: torch.Tensor, owner: torch.Tensor, n_products: int,
-                 tta_flip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 ``images [N, 3, S, S]`` of ``n_products`` -> (``emb [P, D]``, ``probs [P, C]``) product means."""
+                 tta_flip: bool = False, per_image: bool = False):
+    """uint8 ``images [N, 3, S, S]`` of ``n_products`` -> (``emb [P, D]``, ``probs [P, C]``) product means
+    (and, with ``per_image``, the head's argmax ``[N]`` per image)."""
     dev = device_of(net)
     x = images.to(dev, non_blocking=True)
     owner = owner.to(dev)
@@ -73,6 +76,8 @@ def embed_images(net: EmbeddingNet, images: torch.Tensor, owner: torch.Tensor, n
     counts = torch.bincount(owner, minlength=n_products).clamp(min=1).unsqueeze(1).float()
     p_emb = torch.zeros(n_products, emb.shape[1], device=dev).index_add_(0, owner, emb)
     p_probs = torch.zeros(n_products, probs.shape[1], device=dev).index_add_(0, owner, probs) / counts
+    if per_image:
+        return F.normalize(p_emb, dim=-1), p_probs, probs.argmax(-1)
     return F.normalize(p_emb, dim=-1), p_probs
 
 
@@ -89,18 +94,19 @@ def embed_products(net: EmbeddingNet, reader: RecordReader, rows: np.ndarray, ba
         n = len(b.rows)
         n_img = torch.bincount(b.owner, minlength=n).numpy()
         if len(b.images):
-            emb, probs = embed_images(net, b.images, b.owner, n, tta_flip)
-            emb, probs = emb.cpu().numpy(), probs.cpu().numpy()
+            emb, probs, img_pred = embed_images(net, b.images, b.owner, n, tta_flip, per_image=True)
+            emb, probs, img_pred = emb.cpu().numpy(), probs.cpu().numpy(), img_pred.cpu().numpy()
         else:
             emb = np.zeros((n, net.cfg.embed_dim), np.float32)
             probs = np.zeros((n, net.cfg.n_classes), np.float32)
+            img_pred = np.zeros(0, np.int64)
         if stats is not None:
             stats.decoded += int(n_img.sum())
             stats.failed += int(b.failed.sum())
             stats.products_without_image += int((n_img == 0).sum())
         if timer:
             t = timer.add("model", t)
-        yield ProductOutputs(b.rows.numpy(), emb, probs, n_img, b.failed.numpy())
+        yield ProductOutputs(b.rows.numpy(), emb, probs, n_img, b.failed.numpy(), img_pred, b.owner.numpy())
         t = time.perf_counter()
 
 
