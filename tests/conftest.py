@@ -35,3 +35,24 @@ def small_data(tmp_path_factory) -> dict[str, Path]:
     """150 training + 30 test products, 6 categories, 32 px images."""
     return make_data(tmp_path_factory.mktemp("gen"), SynthConfig(products=150, categories=6, seed=1, image_size=32,
                                                                  test_fraction=0.2), progress=False)
+
+
+@pytest.fixture(scope="session")
+def trained_run(small_data, tmp_path_factory) -> Path:
+    """A tiny-tower run trained for a few epochs on ``small_data``."""
+    from retrieval.train import TrainConfig, train
+    run = tmp_path_factory.mktemp("trained")
+    train(small_data["train.bson"], run, TrainConfig(image_size=32, embed_dim=32, batch_size=16, workers=0,
+                                                     val_fraction=0.2, epochs=3, lr=3e-3),
+          small_data["category_names.csv"], progress=False)
+    return run
+
+
+@pytest.fixture(scope="session")
+def indexes(small_data, trained_run, tmp_path_factory) -> dict[str, Path]:
+    """A train-split index and an all-products index of ``small_data``."""
+    from retrieval.indexing import build_index
+    root = tmp_path_factory.mktemp("indexes")
+    for split in ("train", "all"):
+        build_index(small_data["train.bson"], trained_run, root / split, split, workers=0, chunk_products=40)
+    return {"train": root / "train", "all": root / "all"}

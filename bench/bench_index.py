@@ -1,0 +1,90 @@
+"""Index benchmark: Flat vs `auto` on 1M clustered vectors; build-index throughput vs forward-only; instance
+retrieval on generated data.
+
+    python bench/bench_index.py [--n 1000000] [--queries 10000] [--workdir bench_out/index]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import print_table
+
+from index import VectorIndex, choose_factory, exact_topk, recall_at_k
+
+
+def clustered(n: int, d: int, centres: int, seed: int, noise: float = 0.35) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    c = np.random.default_rng(12345).normal(size=(centres, d)).astype(np.float32)
+    x = c[rng.integers(0, centres, n)] + noise * rng.normal(size=(n, d)).astype(np.float32) * np.sqrt(1.0)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def index_rows(n: int, nq: int, d: int = 256) -> list[tuple]:
+    x = clustered(n, d, 10_000, 0)
+    q = clustered(nq, d, 10_000, 1)
+    tune_q = clustered(1000, d, 10_000, 2)
+    rows = []
+    t = time.perf_counter()
+    flat = VectorIndex.create(d, "Flat")
+    flat.add(x, np.zeros(n, np.int64))
+    t_build_flat = time.perf_counter() - t
+    t = time.perf_counter()
+    _, truth = flat.search(q, 10)
+    qps_flat = nq / (time.perf_counter() - t)
+    factory = choose_factory(n, d)
+    t = time.perf_counter()
+    auto = VectorIndex.create(d, factory)
+    auto.train(x[np.random.default_rng(0).choice(n, min(n, 200_000), replace=False)])
+    auto.add(x, np.zeros(n, np.int64))
+    _, tune_truth = exact_topk(tune_q, [x], 10)
+    auto.tune(tune_q, tune_truth, 0.95)
+    t_build_auto = time.perf_counter() - t
+    t = time.perf_counter()
+    _, found = auto.search(q, 10)
+    qps_auto = nq / (time.perf_counter() - t)
+    rec = recall_at_k(found, truth, 10)
+    with tempfile.TemporaryDirectory() as tmp:
+        flat.save(tmp)
+        bpv_flat = os.path.getsize(Path(tmp) / "index.faiss") / n
+        auto.save(tmp)
+        bpv_auto = os.path.getsize(Path(tmp) / "index.faiss") / n
+    rows.append(("Flat (exact)", f"{t_build_flat:.1f}", f"{bpv_flat:.0f}", f"{qps_flat:,.0f}", "1.000", "1.0x", ""))
+    ok = rec >= 0.95 and qps_auto >= 10 * qps_flat
+    rows.append((f"auto: {factory}, nprobe={auto.nprobe}", f"{t_build_auto:.1f}", f"{bpv_auto:.0f}", f"{qps_auto:,.0f}",
+                 f"{rec:.3f}", f"{qps_auto / qps_flat:.1f}x", "ok" if ok else "MISS (goal recall>=0.95 at >=10x)"))
+    # the next lower nprobe, to show the trade-off
+    if auto.ivf is not None and auto.nprobe > 1:
+        auto.nprobe //= 2
+        auto._apply()
+        t = time.perf_counter()
+        _, found = auto.search(q, 10)
+        qps2 = nq / (time.perf_counter() - t)
+        rows.append((f"  same, nprobe={auto.nprobe}", "", "", f"{qps2:,.0f}", f"{recall_at_k(found, truth, 10):.3f}",
+                     f"{qps2 / qps_flat:.1f}x", ""))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--queries", type=int, default=10_000)
+    ap.add_argument("--workdir", default="bench_out/index")
+    ap.add_argument("--skip-vectors", action="store_true")
+    a = ap.parse_args()
+    if not a.skip_vectors:
+        print(f"## FAISS on {a.n:,} clustered 256-d vectors, {a.queries:,} queries, k=10, {os.cpu_count()} cores\n")
+        print_table(index_rows(a.n, a.queries), ("index", "build s", "bytes/vector", "QPS", "recall@10", "QPS vs Flat", ""))
+    from pipeline_common import embedding_rows
+    print("\n## build-index embedding and instance retrieval (tiny tower, generated data)\n")
+    print_table(embedding_rows(Path(a.workdir)), ("measure", "value", "ratio", "goal", ""))
+
+
+if __name__ == "__main__":
+    main()

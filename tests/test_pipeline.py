@@ -1,0 +1,189 @@
+"""build-index, similar, add-to-index, predict and evaluate on a tiny trained run."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import bson
+import numpy as np
+import pytest
+
+import retrieval.predict as predict_mod
+from index import fuse, knn_vote
+from retrieval.bsonio import RecordReader, iter_products, load_offsets
+from retrieval.embed import embed_products
+from retrieval.evaluate import evaluate
+from retrieval.indexing import add_to_index, build_index, open_index
+from retrieval.predict import neighbour_labels, predict, read_submission, score_submission
+from retrieval.similar import similar
+
+
+def test_train_index_holds_only_training_products(indexes, trained_run, small_data):
+    b = open_index(indexes["train"])
+    split = np.load(trained_run / "split.npz")
+    assert set(b.product_ids) == set(split["train_ids"]) and not set(b.product_ids) & set(split["val_ids"])
+    m = b.manifest
+    assert m["backbone"] == "tiny" and m["dim"] == 32 and m["count"] == len(split["train_ids"])
+    assert m["factory"] == "Flat" and len(m["checkpoint_sha256"]) == 64
+    assert m["sources"][0]["fingerprint"]["size"] == small_data["train.bson"].stat().st_size
+    assert len(open_index(indexes["all"]).product_ids) == 150
+
+
+def test_interrupted_build_resumes_to_the_same_index(small_data, trained_run, indexes, tmp_path):
+    out = tmp_path / "idx"
+    build_index(small_data["train.bson"], trained_run, out, "all", workers=0, chunk_products=40)
+    first = (out / "embeddings" / "part_00000.npz").stat().st_mtime_ns
+    # an interruption after two parts: later parts and the index itself are missing
+    for p in ["part_00002.npz", "part_00003.npz"]:
+        (out / "embeddings" / p).unlink()
+    for f in ["faiss", "manifest.json", "product_ids.npy"]:
+        shutil.rmtree(out / f) if (out / f).is_dir() else (out / f).unlink()
+    build_index(small_data["train.bson"], trained_run, out, "all", workers=0, chunk_products=40)
+    assert (out / "embeddings" / "part_00000.npz").stat().st_mtime_ns == first  # not recomputed
+    a, b = open_index(indexes["all"]), open_index(out)
+    assert np.array_equal(a.product_ids, b.product_ids)
+    q = np.stack([a.vector(i) for i in range(0, 150, 7)])
+    assert np.array_equal(a.index.search(q, 5)[1], b.index.search(q, 5)[1])
+
+
+def test_mismatches_are_refused(small_data, trained_run, indexes, tmp_path):
+    with pytest.raises(ValueError, match="holds parts of another run"):
+        build_index(small_data["train.bson"], trained_run, indexes["all"], "train", workers=0, chunk_products=40)
+    with pytest.raises(ValueError, match="not the file run"):
+        build_index(small_data["test.bson"], trained_run, tmp_path / "x", "train", workers=0)
+    copy = tmp_path / "copy"
+    shutil.copytree(indexes["train"], copy)
+    ck = tmp_path / "ck.ckpt"
+    shutil.copy(open_index(copy).manifest["checkpoint"], ck)
+    man = json.loads((copy / "manifest.json").read_text())
+    man["checkpoint"] = str(ck)
+    (copy / "manifest.json").write_text(json.dumps(man))
+    open_index(copy)
+    with open(ck, "ab") as f:
+        f.write(b"changed")
+    with pytest.raises(ValueError, match="changed since the index was built"):
+        open_index(copy)
+
+
+def test_similar_by_id_by_images_and_by_category(indexes, small_data, tmp_path):
+    b = open_index(indexes["all"])
+    pid = int(b.product_ids[10])
+    found = similar(b, product_id=pid, k=5, sheet=tmp_path / "s.png")
+    assert found[0].product_id == pid and found[0].similarity == pytest.approx(1.0, abs=1e-4)
+    assert (tmp_path / "s.png").stat().st_size > 2000
+    prod = next(p for p in iter_products(small_data["train.bson"]) if p.product_id == pid)
+    files = []
+    for i, pic in enumerate(prod.images):
+        files.append(tmp_path / f"q{i}.jpg")
+        files[-1].write_bytes(pic)
+    by_img = similar(b, images=files, k=3)
+    assert by_img[0].product_id == pid and by_img[0].similarity > 0.99
+    other = next(c for c in b.categories.ids if c != prod.category_id)
+    assert all(n.category_id == other for n in similar(b, product_id=pid, k=4, category=other))
+    with pytest.raises(KeyError, match="not in the index"):
+        similar(b, product_id=-5)
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="bad.jpg"):
+        similar(b, images=[tmp_path / "bad.jpg"])
+
+
+def test_add_to_index_makes_new_products_findable(indexes, small_data, tmp_path):
+    idx = tmp_path / "grow"
+    shutil.copytree(indexes["train"], idx)
+    split_val = np.load(open_index(idx).manifest["run_dir"] + "/split.npz")["val_rows"]
+    reader = RecordReader(small_data["train.bson"])
+    docs = []
+    for r in split_val[:5].tolist() + [int(np.flatnonzero(~np.isin(np.arange(150), split_val))[0])]:
+        p = reader.read(r)
+        docs.append({"_id": p.product_id, "imgs": [{"picture": x} for x in p.images], "category_id": p.category_id})
+    new = tmp_path / "new.bson"
+    new.write_bytes(b"".join(bson.encode(d) for d in docs))
+    added, dups = add_to_index(idx, new, workers=0)
+    assert added == 5 and dups == [docs[-1]["_id"]]
+    b = open_index(idx)
+    assert len(b.product_ids) == len(set(b.product_ids.tolist()))
+    for d in docs[:5]:
+        assert similar(b, product_id=d["_id"], k=1)[0].product_id == d["_id"]
+    again, dups2 = add_to_index(idx, new, workers=0)
+    assert again == 0 and len(dups2) == 6
+
+
+def _bad_test_file(small_data, tmp_path):
+    docs = [{"_id": p.product_id, "imgs": [{"picture": x} for x in p.images]} for p in iter_products(small_data["test.bson"])]
+    docs.insert(3, {"_id": 999_001, "imgs": []})
+    docs.insert(7, {"_id": 999_002, "imgs": [{"picture": b"\xff\xd8 broken"}]})
+    path = tmp_path / "test_bad.bson"
+    path.write_bytes(b"".join(bson.encode(d) for d in docs))
+    return path, [d["_id"] for d in docs]
+
+
+def test_predict_one_row_per_product_in_order_even_for_bad_products(indexes, small_data, tmp_path):
+    path, ids = _bad_test_file(small_data, tmp_path)
+    rep = predict(path, indexes["all"], tmp_path / "sub.csv", workers=0, chunk_products=8, top=3,
+                  scores_out=tmp_path / "scores.jsonl")
+    sid, scat = read_submission(tmp_path / "sub.csv")
+    assert sid.tolist() == ids and rep.products == len(ids) and rep.without_image == 2
+    b = open_index(indexes["all"])
+    mode = np.bincount(b.index.labels).argmax()
+    assert scat[3] == scat[7] == b.categories.ids[mode]
+    lines = [json.loads(x) for x in (tmp_path / "scores.jsonl").read_text().splitlines()]
+    assert [x["_id"] for x in lines] == ids and all(len(x["top"]) == 3 for x in lines)
+    assert not (tmp_path / "sub.csv.parts").exists()
+
+
+def test_predict_resumes_after_interruption(indexes, small_data, tmp_path, monkeypatch):
+    full = tmp_path / "full.csv"
+    predict(small_data["test.bson"], indexes["all"], full, workers=0, chunk_products=8)
+    calls = {"n": 0}
+    real = predict_mod.embed_products
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(predict_mod, "embed_products", dying)
+    part = tmp_path / "part.csv"
+    with pytest.raises(KeyboardInterrupt):
+        predict(small_data["test.bson"], indexes["all"], part, workers=0, chunk_products=8)
+    assert not part.exists() and len(list((tmp_path / "part.csv.parts").glob("part_*.npz"))) == 2
+    monkeypatch.setattr(predict_mod, "embed_products", real)
+    predict(small_data["test.bson"], indexes["all"], part, workers=0, chunk_products=8)
+    assert part.read_text() == full.read_text()
+    assert score_submission(part, small_data["test_labels.csv"]) > 1 / 6
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_alpha_endpoints_are_knn_only_and_head_only(indexes, small_data, tmp_path, alpha):
+    predict(small_data["test.bson"], indexes["all"], tmp_path / "s.csv", alpha=alpha, k=5, tau=0.05, workers=0)
+    _, got = read_submission(tmp_path / "s.csv")
+    b = open_index(indexes["all"])
+    net, cats, _ = b.model
+    table = load_offsets(small_data["test.bson"])
+    outs = list(embed_products(net, RecordReader(small_data["test.bson"], table), np.arange(len(table)), workers=0))
+    emb, probs = np.concatenate([o.emb for o in outs]), np.concatenate([o.probs for o in outs])
+    sims, labels = neighbour_labels(b, emb, 5, np.ones(len(emb), bool))
+    p = probs if alpha == 1 else knn_vote(sims, labels, len(cats), 0.05)
+    assert np.array_equal(got, np.asarray(cats.ids)[p.argmax(1)])
+    assert np.array_equal(fuse(probs, knn_vote(sims, labels, len(cats), 0.05), alpha).argmax(1), p.argmax(1))
+
+
+def test_evaluate_refuses_indexes_holding_scored_products_and_calibrates(indexes, trained_run, small_data, tmp_path):
+    with pytest.raises(ValueError, match="contains the validation products"):
+        evaluate(indexes["all"], workers=0)
+    with pytest.raises(ValueError, match="contains .* of the products being scored"):
+        evaluate(indexes["train"], small_data["train.bson"], workers=0)
+    m = evaluate(indexes["train"], out_dir=tmp_path / "ev", workers=0)
+    n_val = len(np.load(trained_run / "split.npz")["val_ids"])
+    assert m["products"] == n_val
+    assert m["fused_accuracy"] >= max(m["head_accuracy"], m["knn_accuracy"]) - 1e-9
+    assert 0 <= m["level2_accuracy"] <= 1 and m["level1_accuracy"] >= m["level2_accuracy"] - 1e-9
+    assert m["fused_top5_accuracy"] >= m["fused_accuracy"]
+    assert sum(v["products"] for v in m["by_frequency"].values()) == n_val
+    assert (tmp_path / "ev" / "metrics.json").exists() and all((tmp_path / "ev" / p).exists() for p in
+                                                                ["accuracy_vs_alpha.png", "accuracy_by_frequency.png"])
+    cal = json.loads((trained_run / "calibration.json").read_text())
+    assert cal["alpha"] == m["calibration"]["alpha"]
+    rep = predict(small_data["test.bson"], indexes["all"], tmp_path / "s.csv", workers=0)
+    assert rep.params["alpha"] == cal["alpha"] and rep.params["k"] == cal["k"] and rep.params["tau"] == cal["tau"]
