@@ -1,0 +1,63 @@
+"""The typer CLI through CliRunner: the happy path end to end and clear errors for bad input."""
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_cli_happy_path(tmp_path):
+    d = tmp_path / "data"
+    r = run("make-data", d, "--products", 60, "--categories", 4, "--image-size", 32, "--seed", 2)
+    assert r.exit_code == 0, r.output
+    r = run("stats", d / "train.bson", "--categories", d / "category_names.csv", "--out", tmp_path / "plots")
+    assert r.exit_code == 0 and "products: 60" in r.output and (tmp_path / "plots" / "images_per_product.png").exists()
+    r = run("train", d / "train.bson", "--out", tmp_path / "run", "--categories", d / "category_names.csv",
+            "--image-size", 32, "--embed-dim", 16, "--max-steps", 6, "--batch-size", 16, "--workers", 0,
+            "--val-fraction", 0.2)
+    assert r.exit_code == 0, r.output
+    assert "best checkpoint" in r.output
+    for split in ("train", "all"):
+        r = run("build-index", d / "train.bson", "--model", tmp_path / "run", "--out", tmp_path / split,
+                "--split", split, "--workers", 0)
+        assert r.exit_code == 0, r.output
+    r = run("evaluate", "--index", tmp_path / "train", "--out", tmp_path / "ev", "--workers", 0)
+    assert r.exit_code == 0 and "fused_accuracy" in r.output, r.output
+    r = run("predict", d / "test.bson", "--index", tmp_path / "all", "--out", tmp_path / "sub.csv", "--workers", 0)
+    assert r.exit_code == 0, r.output
+    lines = (tmp_path / "sub.csv").read_text().splitlines()
+    assert lines[0] == "_id,category_id"
+    assert [x.split(",")[0] for x in lines[1:]] == [x.split(",")[0] for x in (d / "test_labels.csv").read_text().splitlines()[1:]]
+    r = run("similar", "--index", tmp_path / "all", "--product-id", _first_id(tmp_path / "all"), "-k", 3, "--json")
+    found = json.loads(r.output.strip().splitlines()[-1])
+    assert len(found) == 3 and found[0]["product_id"] == _first_id(tmp_path / "all") and found[0]["similarity"] > 0.999
+    r = run("add-to-index", d / "train.bson", "--index", tmp_path / "all", "--workers", 0)
+    assert r.exit_code == 0 and "added 0 products" in r.output
+
+
+def _first_id(index_dir):
+    import numpy as np
+    return int(np.load(index_dir / "product_ids.npy")[0])
+
+
+def test_cli_bad_inputs_give_clear_errors(tmp_path, small_data):
+    r = run("stats", tmp_path / "missing.bson")
+    assert r.exit_code == 2 and "missing.bson" in r.output
+    bad = tmp_path / "bad.bson"
+    bad.write_text("hello world, not bson at all")
+    r = run("stats", bad)
+    assert r.exit_code == 2 and "not a BSON file" in r.output and "byte offset 0" in r.output
+    r = run("train", small_data["train.bson"], "--out", tmp_path / "r", "--backbone", "nope", "--workers", 0)
+    assert r.exit_code == 2 and "unknown backbone 'nope'" in r.output and "RN50" in r.output
+    r = run("similar", "--index", tmp_path / "noindex", "--product-id", 1)
+    assert r.exit_code == 2 and "manifest.json" in r.output
+    r = run("predict", tmp_path / "missing.bson", "--index", tmp_path / "noindex")
+    assert r.exit_code == 2
