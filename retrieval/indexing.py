@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -105,20 +106,23 @@ def check_source(bundle: IndexBundle, source: int) -> str:
 
 
 def _embed_to_store(net, reader, rows, store: ChunkStore, first_part: int, chunk: int, batch: int, workers: int,
-                    tta: bool, stats: DecodeStats, desc: str) -> list[list[int]]:
-    parts = []
+                    tta: bool, stats: DecodeStats, desc: str) -> tuple[list[list[int]], float]:
+    """Embed ``rows`` into numbered parts; returns the parts and the seconds spent embedding."""
+    parts, seconds = [], 0.0
     bar = tqdm(total=len(rows), unit="products", desc=desc)
     for i, lo in enumerate(range(0, len(rows), chunk)):
         part, sub = first_part + i, rows[lo:lo + chunk]
         if not store.done(part):
+            t = time.perf_counter()
             out = [o for o in embed_products(net, reader, sub, batch, workers, tta, stats)]
             store.write(part, rows=np.concatenate([o.rows for o in out]), emb=np.concatenate([o.emb for o in out]))
+            seconds += time.perf_counter() - t
         else:
             log.info("part %d already embedded; resuming after it", part)
         parts.append([part, len(sub)])
         bar.update(len(sub))
     bar.close()
-    return parts
+    return parts, seconds
 
 
 def build_index(train_path: str | Path, run_dir: str | Path, out_dir: str | Path, split: str = "train",
@@ -146,8 +150,8 @@ def build_index(train_path: str | Path, run_dir: str | Path, out_dir: str | Path
     key = {"checkpoint_sha256": ck_hash, "data": fp, "split": split, "tta_flip": tta_flip, "chunk": chunk_products}
     store = ChunkStore(out / "embeddings", key)
     stats = DecodeStats()
-    parts = _embed_to_store(net, RecordReader(train_path, table), rows, store, 0, chunk_products, batch_size,
-                            workers, tta_flip, stats, "embedding")
+    parts, embed_s = _embed_to_store(net, RecordReader(train_path, table), rows, store, 0, chunk_products,
+                                     batch_size, workers, tta_flip, stats, "embedding")
     dim = net.cfg.embed_dim
     factory = choose_factory(len(rows), dim, memory_budget) if index_type == "auto" else index_type
     vi = VectorIndex.create(dim, factory)
@@ -170,7 +174,8 @@ def build_index(train_path: str | Path, run_dir: str | Path, out_dir: str | Path
         "run_dir": str(Path(run_dir).resolve()), "backbone": net.cfg.backbone, "image_size": net.cfg.image_size,
         "dim": dim, "metric": "inner_product (cosine on unit vectors)", "factory": factory, "count": len(rows),
         "split": split, "tta_flip": tta_flip, "tuned_recall_at_10": recall, "store_key": key, "parts": parts,
-        "sources": [{"path": str(train_path.resolve()), "fingerprint": fp}], "decode": stats.summary()}
+        "sources": [{"path": str(train_path.resolve()), "fingerprint": fp}], "decode": stats.summary(),
+        "embedding": {"seconds": round(embed_s, 3), "images": stats.decoded}}
     arrays = {"product_ids": table["product_id"][rows], "category_ids": table["category_id"][rows],
               "offsets": table["offset"][rows], "lengths": table["length"][rows].astype(np.int64),
               "sources": np.zeros(len(rows), np.int16)}
@@ -206,8 +211,8 @@ def add_to_index(index_dir: str | Path, new_path: str | Path, batch_size: int = 
     man = bundle.manifest
     store = ChunkStore(bundle.folder / "embeddings", man["store_key"])
     first_part = max(p for p, _ in man["parts"]) + 1
-    parts = _embed_to_store(net, RecordReader(new_path, table), rows, store, first_part, 10 ** 9, batch_size,
-                            workers, man["tta_flip"], DecodeStats(), "embedding new products")
+    parts, _ = _embed_to_store(net, RecordReader(new_path, table), rows, store, first_part, 10 ** 9, batch_size,
+                               workers, man["tta_flip"], DecodeStats(), "embedding new products")
     bundle.index.add(store.read(parts[0][0])["emb"], labels)
     src = len(man["sources"])
     man["sources"].append({"path": str(new_path.resolve()), "fingerprint": file_fingerprint(new_path)})

@@ -1,8 +1,8 @@
 """Generated Cdiscount-like data: a 3-level hierarchy drawn into the images, skewed sizes, 1-4 images.
 
 Level 1 sets the background colour, level 2 the shape, level 3 the shape's colour and count; each
-product has its own position, size and a small identity tag, shared by all its images (which differ
-by jitter, brightness and noise), so similar-product lookup can be scored.
+product has its own position, size, tints of both colours and an identity tag, shared by all its images
+(which differ by jitter, brightness, noise and an occasional mirror), so similar-product lookup can be scored.
 """
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ from .images import encode_jpeg
 
 log = logging.getLogger(__name__)
 
-_BG = np.array([[235, 225, 200], [200, 230, 235], [225, 205, 235], [210, 235, 205], [240, 210, 210],
-                [60, 60, 70], [150, 150, 150], [250, 245, 170], [170, 200, 250], [120, 90, 60],
-                [30, 80, 60], [90, 40, 90]], dtype=np.float32)
+# Background (level-1) colours: a {40, 130, 220}^3 grid, >= 90 apart and >= 60 from every shape colour.
+_BG = np.array([[220, 220, 130], [130, 220, 220], [220, 130, 220], [130, 130, 130], [40, 130, 130],
+                [220, 130, 130], [130, 220, 130], [130, 130, 220], [220, 220, 40], [40, 40, 130],
+                [130, 40, 40], [40, 220, 130]], dtype=np.float32)
 _FG = np.array([[220, 30, 30], [30, 160, 40], [30, 60, 220], [240, 160, 0], [150, 0, 180], [0, 190, 200],
                 [20, 20, 20], [255, 255, 255]], dtype=np.float32)
 _SHAPES = ("disk", "square", "triangle", "ring", "cross", "hbars", "diamond", "vbars")
@@ -88,15 +89,15 @@ def _render(code: tuple[int, int, int], ident: dict, s: int, rng: np.random.Gene
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
     jy, jx = rng.normal(0, 0.02 * s, 2)
     img = np.empty((s, s, 3), np.float32)
-    img[:] = _BG[a % len(_BG)] * (1 - 0.15 * yy[..., None] / s)
-    fg = _FG[c % len(_FG)]
+    img[:] = (_BG[a % len(_BG)] + ident["bg_shift"]) * (1 - 0.15 * yy[..., None] / s)
+    fg = np.clip(_FG[c % len(_FG)] + ident["fg_shift"], 0, 255)
     shape = _SHAPES[b % len(_SHAPES)]
     cy, cx, r = ident["cy"] * s + jy, ident["cx"] * s + jx, ident["r"] * s
     img[_mask(shape, yy, xx, cy, cx, r)] = fg
     if c // len(_FG) >= 1:  # level-3 "count": a second, smaller copy of the shape
         img[_mask(shape, yy, xx, s - cy, s - cx, 0.45 * r)] = fg
     ty, tx = int(ident["ty"] * s + jy), int(ident["tx"] * s + jx)
-    cell = max(1, s // 30)
+    cell = max(1, s // 20)
     for (i, j), on in np.ndenumerate(ident["tag"]):
         if on:
             img[max(0, ty + i * cell):max(0, ty + (i + 1) * cell), max(0, tx + j * cell):max(0, tx + (j + 1) * cell)] = ident["tag_rgb"]
@@ -109,8 +110,8 @@ def _render(code: tuple[int, int, int], ident: dict, s: int, rng: np.random.Gene
 
 def _identity(rng: np.random.Generator) -> dict:
     return {"cy": rng.uniform(0.38, 0.62), "cx": rng.uniform(0.38, 0.62), "r": rng.uniform(0.2, 0.3),
-            "ty": rng.choice([0.05, 0.8]), "tx": rng.uniform(0.05, 0.8), "tag": rng.random((3, 3)) < 0.5,
-            "tag_rgb": rng.uniform(0, 255, 3)}
+            "ty": rng.choice([0.04, 0.76]), "tx": rng.uniform(0.04, 0.76), "tag": rng.random((4, 4)) < 0.5,
+            "tag_rgb": rng.uniform(0, 255, 3), "bg_shift": rng.uniform(-20, 20, 3), "fg_shift": rng.uniform(-20, 20, 3)}
 
 
 def _sizes(n: int, n_cat: int, rng: np.random.Generator) -> np.ndarray:

@@ -1,0 +1,112 @@
+"""Pipeline benchmark: head/kNN/fused accuracy, predict throughput vs forward-only, stage shares, demo time.
+
+    python bench/bench_pipeline.py [--workdir bench_out/pipeline] [--skip-demo]
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import print_table
+from pipeline_common import forward_only, prepared
+
+from index import fuse, knn_vote
+from retrieval.bsonio import RecordReader, load_offsets
+from retrieval.dataset import _to_tensor
+from retrieval.embed import embed_images
+from retrieval.evaluate import evaluate
+from retrieval.images import decode_image
+from retrieval.indexing import build_index, open_index
+from retrieval.predict import neighbour_labels, predict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def stage_shares(test: Path, bundle, params: dict) -> dict[str, float]:
+    """Seconds per stage, each measured alone on the same test products."""
+    net, cats, _ = bundle.model
+    table = load_offsets(test, progress=False)
+    reader = RecordReader(test, table)
+    t = time.perf_counter()
+    prods = [reader.read(i) for i in range(len(table))]
+    s = {"read": time.perf_counter() - t}
+    t = time.perf_counter()
+    imgs, owner = [], []
+    for k, p in enumerate(prods):
+        for pic in p.images:
+            imgs.append(_to_tensor(decode_image(pic, min_size=net.cfg.image_size), net.cfg.image_size, False))
+            owner.append(k)
+    s["decode"] = time.perf_counter() - t
+    images, owner = torch.stack(imgs), torch.tensor(owner)
+    t = time.perf_counter()
+    embs, probs = [], []
+    for lo in range(0, len(prods), 146):  # ~256 images per batch
+        m = (owner >= lo) & (owner < lo + 146)
+        e, p = embed_images(net, images[m], owner[m] - lo, min(146, len(prods) - lo))
+        embs.append(e.numpy()), probs.append(p.numpy())
+    s["model"] = time.perf_counter() - t
+    emb, prob = np.concatenate(embs), np.concatenate(probs)
+    t = time.perf_counter()
+    sims, labels = neighbour_labels(bundle, emb, int(params["k"]), np.ones(len(emb), bool))
+    s["search"] = time.perf_counter() - t
+    t = time.perf_counter()
+    fuse(prob, knn_vote(sims, labels, len(cats), params["tau"]), params["alpha"]).argmax(1)
+    s["fusion"] = time.perf_counter() - t
+    s["_fwd_img_s"] = forward_only(net, images, owner)
+    return s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir", default="bench_out/pipeline")
+    ap.add_argument("--skip-demo", action="store_true")
+    ap.add_argument("--products", type=int, default=6000)
+    ap.add_argument("--categories", type=int, default=200)
+    ap.add_argument("--epochs", type=int, default=8)
+    a = ap.parse_args()
+    work = Path(a.workdir)
+    p = prepared(work, a.products, a.categories, a.epochs)
+    print(f"generated data: {a.products:,} products, {a.categories} categories, 64 px; tiny tower, {a.epochs} epochs\n")
+    train_bson, test_bson = p["data"] / "train.bson", p["data"] / "test.bson"
+    for split in ("train", "all"):
+        if not (work / f"index_{split}" / "manifest.json").exists():
+            build_index(train_bson, p["run"], work / f"index_{split}", split)
+    m = evaluate(work / "index_train", out_dir=work / "eval")
+    best_single = max(m["head_accuracy"], m["knn_accuracy"])
+    print("## Accuracy on the validation split (products), generated data, tiny tower\n")
+    print_table([("head only", f"{m['head_accuracy']:.4f}", ""),
+                 (f"kNN only (k={m['knn_best']['k']}, tau={m['knn_best']['tau']})", f"{m['knn_accuracy']:.4f}", ""),
+                 (f"fused (alpha={m['calibration']['alpha']}, k={m['calibration']['k']}, tau={m['calibration']['tau']})",
+                  f"{m['fused_accuracy']:.4f}", "ok" if m["fused_accuracy"] >= best_single else "MISS (goal >= best)")],
+                ("predictor", "product accuracy", ""))
+    rep = predict(test_bson, work / "index_all", work / "submission.csv")
+    bundle = open_index(work / "index_all")
+    s = stage_shares(test_bson, bundle, rep.params)
+    fwd = s.pop("_fwd_img_s")
+    e2e = rep.images / rep.seconds
+    print(f"\n## predict on {rep.products:,} test products ({rep.images:,} images)\n")
+    print_table([("model forward only", f"{fwd:,.0f} img/s", "reference", ""),
+                 ("predict end to end", f"{e2e:,.0f} img/s, {rep.products / rep.seconds:,.0f} products/s",
+                  f"{e2e / fwd:.2f}x forward", "ok" if e2e / fwd >= 0.8 else "MISS (goal >= 0.8x)"),
+                 ("implied real test set (3,095,080 images) at this rate", f"{3_095_080 / e2e / 3600:.1f} h", "", "")],
+                ("measure", "value", "ratio", ""))
+    total = sum(s.values())
+    print("\n## Share of time per stage (each measured alone on the same products)\n")
+    print_table([(k, f"{v:.2f}", f"{100 * v / total:.1f}%") for k, v in s.items()], ("stage", "seconds", "share"))
+    if not a.skip_demo:
+        with tempfile.TemporaryDirectory() as tmp:
+            t = time.perf_counter()
+            subprocess.run([sys.executable, str(ROOT / "cli.py"), "demo", "--workdir", tmp + "/demo"], check=True,
+                           capture_output=True)
+            print(f"\ndemo wall time: {time.perf_counter() - t:.0f} s (goal < 600 s on 2 cores)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Training benchmark: data-loader vs training-step throughput; accuracy of a short tiny-tower run; options.
+
+    python bench/bench_train.py [--workdir bench_out/train] [--budget-s 600]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import print_table
+
+from retrieval.dataset import CdiscountDataModule, DataConfig
+from retrieval.embed import autocast_for
+from retrieval.synth import SynthConfig, make_data
+from retrieval.train import RetrievalModule, TrainConfig, train
+from retrieval.model import EmbeddingNet, ModelConfig
+
+
+def loader_vs_step(data: Path, run: Path, backbone: str, size: int, batch: int, n_batches: int) -> tuple:
+    dm = CdiscountDataModule(DataConfig(str(data / "train.bson"), str(data / "category_names.csv"), 0.1, 0, batch, 2),
+                             run, size)
+    dl = dm.train_dataloader()
+    it = iter(dl)
+    next(it)  # start the workers
+    t = time.perf_counter()
+    for _ in range(n_batches):
+        b = next(it)
+    loader = n_batches * batch / (time.perf_counter() - t)
+    cfg = TrainConfig(backbone=backbone, image_size=size, embed_dim=256)
+    net = EmbeddingNet(ModelConfig(backbone, None, size, 256, len(dm.categories))).to(memory_format=torch.channels_last)
+    mod = RetrievalModule(net, cfg, dm.categories, {})
+    mod.log_dict = lambda *a, **k: None
+    opt = torch.optim.AdamW(mod.parameters(), 1e-3)
+    steps = 3 if backbone != "tiny" else 20
+    for i in range(steps + 1):
+        if i == 1:
+            t = time.perf_counter()
+        with autocast_for(torch.device("cpu")):
+            loss = mod.training_step(b, i)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    step = steps * batch / (time.perf_counter() - t)
+    return loader, step
+
+
+def val_curve(run: Path) -> list[float]:
+    with open(run / "logs" / "metrics.csv") as f:
+        return [float(r["val/product_acc"]) for r in csv.DictReader(f) if r.get("val/product_acc")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir", default="bench_out/train")
+    ap.add_argument("--epochs", type=int, default=6)
+    a = ap.parse_args()
+    work = Path(a.workdir)
+    small, big = work / "data64", work / "data180"
+    if not (small / "train.bson").exists():
+        make_data(small, SynthConfig(4000, 40, 0, 64), progress=False)
+    if not (big / "train.bson").exists():
+        make_data(big, SynthConfig(600, 40, 0, 180), progress=False)
+    print(f"## Loader vs training step ({os.cpu_count()} cores, 2 loader workers, bf16 where the CPU has it)\n")
+    rows = []
+    for backbone, size, data, batch, nb in (("tiny", 64, small, 64, 30), ("convnext_tiny", 180, big, 32, 6)):
+        ld, st = loader_vs_step(data, work / f"probe_{backbone}", backbone, size, batch, nb)
+        rows.append((f"{backbone} @ {size}px", f"{ld:,.0f}", f"{st:,.1f}", f"{ld / st:.1f}x", ">= 5x",
+                     "ok" if ld / st >= 5 else "MISS"))
+    print_table(rows, ("backbone", "loader img/s", "train step img/s", "loader / step", "goal", ""))
+
+    print(f"\n## Tiny tower on generated data (4,000 products, 40 categories, 64 px), {a.epochs} epochs\n")
+    rows = []
+    variants = [("default (MultiSimilarity, full softmax)", {}),
+                ("+ level-1/level-2 auxiliary heads", {"hier_heads": True}),
+                ("sampled softmax, 8 negatives", {"sampled_negatives": 8}),
+                ("SubCenterArcFace instead of MultiSimilarity", {"metric_loss": "subcenter_arcface"}),
+                ("no metric loss", {"metric_loss": "none"})]
+    for name, kw in variants:
+        run = work / ("run_" + "_".join(f"{k}{v}" for k, v in kw.items()) if kw else work / "run_default")
+        shutil.rmtree(run, ignore_errors=True)
+        t = time.perf_counter()
+        train(small / "train.bson", run, TrainConfig(image_size=64, embed_dim=128, epochs=a.epochs, val_fraction=0.1,
+                                                    **kw), small / "category_names.csv", progress=False)
+        sec = time.perf_counter() - t
+        curve = val_curve(run)
+        rows.append((name, f"{sec:.0f}", f"{curve[0]:.3f}", f"{curve[-1]:.3f}", f"{max(curve):.3f}",
+                     "ok" if max(curve) >= 0.9 and sec <= 600 else "MISS"))
+    print_table(rows, ("variant", "train s", "val product acc, epoch 1", "last epoch", "best", "goal >= 0.90 in <= 600 s"))
+
+
+if __name__ == "__main__":
+    main()
