@@ -26,12 +26,15 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, Runtime
 @app.command("make-data")
 def make_data(out_dir: Path, products: int = typer.Option(2000, help="training + test products"),
               categories: int = 40, seed: int = 0, image_size: int = 180,
-              test_fraction: float = 0.2) -> None:
+              test_fraction: float = 0.2,
+              relist_fraction: float = typer.Option(0.25, help="share of products re-listing an earlier item"),
+              colour_jitter: float = typer.Option(45.0, help="per-product colour shift; larger is harder")) -> None:
     """Generate train.bson, test.bson, test_labels.csv and category_names.csv in the Kaggle layout."""
     from retrieval.synth import SynthConfig, make_data as _make
     _setup_logging()
     try:
-        paths = _make(out_dir, SynthConfig(products, categories, seed, image_size, test_fraction))
+        paths = _make(out_dir, SynthConfig(products, categories, seed, image_size, test_fraction,
+                                           relist_fraction=relist_fraction, colour_jitter=colour_jitter))
     except USER_ERRORS as e:
         _fail(e)
     for p in paths.values():
@@ -158,7 +161,8 @@ def predict(test_file: Path, index: Path = typer.Option(..., help="index folder 
 
 @app.command()
 def evaluate(index: Path = typer.Option(..., help="index folder (build-index --split train)"),
-             val_file: Optional[Path] = typer.Argument(None, help="labelled BSON (default: the run's validation split)"),
+             val_file: Optional[Path] = typer.Argument(
+                 None, help="labelled BSON (default: the run's validation split)"),
              out: Optional[Path] = typer.Option(None, help="folder for metrics.json and plots"),
              batch_size: int = 256, workers: int = 2, max_products: int = 20000) -> None:
     """Head, kNN and fused accuracy on held-out products; saves the best alpha, k, tau for predict."""
@@ -175,7 +179,7 @@ def evaluate(index: Path = typer.Option(..., help="index folder (build-index --s
 
 @app.command()
 def demo(workdir: Path = typer.Option(Path("demo_work"), help="empty folder for everything the demo makes"),
-         products: int = 3000, categories: int = 30, epochs: int = 4, workers: int = 2) -> None:
+         products: int = 4000, categories: int = 200, epochs: int = 5, workers: int = 2) -> None:
     """Run the whole system on generated data and print a summary."""
     import json
     from retrieval.demo import DemoConfig, run_demo

@@ -17,21 +17,24 @@ from PIL import Image
 
 from common import best_time, print_table
 
-from retrieval.bsonio import RecordReader, iter_products, scan_offsets
+from retrieval.bsonio import iter_products
+from retrieval.offsets import RecordReader, scan_offsets
 from retrieval.images import decode_image
 from retrieval.synth import SynthConfig, make_data
 
+# Peak RSS is read from VmHWM: unlike getrusage's ru_maxrss it starts afresh at exec, so the child does not
+# inherit the (large) parent's high-water mark.
 RSS_SCRIPT = """
-import resource, sys
+import sys
 sys.path.insert(0, {root!r})
 from retrieval.bsonio import iter_products
-def rss_kb():
+def status_kb(key):
     for line in open('/proc/self/status'):
-        if line.startswith('VmRSS'):
+        if line.startswith(key):
             return int(line.split()[1])
-base = rss_kb()
+base = status_kb('VmRSS')
 n = sum(len(p.images) for p in iter_products({path!r}))
-print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, n)
+print(base, status_kb('VmHWM'), n)
 """
 
 

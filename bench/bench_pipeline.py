@@ -18,8 +18,8 @@ from common import print_table
 from pipeline_common import forward_only, prepared
 
 from index import fuse, knn_vote
-from retrieval.bsonio import RecordReader, load_offsets
-from retrieval.dataset import _to_tensor
+from retrieval.offsets import RecordReader, load_offsets
+from retrieval.dataset import to_model_input
 from retrieval.embed import embed_images
 from retrieval.evaluate import evaluate
 from retrieval.images import decode_image
@@ -41,7 +41,7 @@ def stage_shares(test: Path, bundle, params: dict) -> dict[str, float]:
     imgs, owner = [], []
     for k, p in enumerate(prods):
         for pic in p.images:
-            imgs.append(_to_tensor(decode_image(pic, min_size=net.cfg.image_size), net.cfg.image_size, False))
+            imgs.append(to_model_input(decode_image(pic, min_size=net.cfg.image_size), net.cfg.image_size, False))
             owner.append(k)
     s["decode"] = time.perf_counter() - t
     images, owner = torch.stack(imgs), torch.tensor(owner)
@@ -70,10 +70,12 @@ def main() -> None:
     ap.add_argument("--products", type=int, default=6000)
     ap.add_argument("--categories", type=int, default=200)
     ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--colour-jitter", type=float, default=75.0)
     a = ap.parse_args()
     work = Path(a.workdir)
-    p = prepared(work, a.products, a.categories, a.epochs)
-    print(f"generated data: {a.products:,} products, {a.categories} categories, 64 px; tiny tower, {a.epochs} epochs\n")
+    p = prepared(work, a.products, a.categories, a.epochs, a.colour_jitter)
+    print(f"generated data: {a.products:,} products, {a.categories} categories, colour jitter {a.colour_jitter}, "
+          f"64 px; tiny tower, {a.epochs} epochs\n")
     train_bson, test_bson = p["data"] / "train.bson", p["data"] / "test.bson"
     for split in ("train", "all"):
         if not (work / f"index_{split}" / "manifest.json").exists():

@@ -11,7 +11,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from common import print_table
@@ -62,9 +61,11 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6)
     a = ap.parse_args()
     work = Path(a.workdir)
-    small, big = work / "data64", work / "data180"
+    small, big, hard = work / "data64", work / "data180", work / "data64_hard"
     if not (small / "train.bson").exists():
         make_data(small, SynthConfig(4000, 40, 0, 64), progress=False)
+    if not (hard / "train.bson").exists():
+        make_data(hard, SynthConfig(4000, 200, 0, 64, colour_jitter=75.0), progress=False)
     if not (big / "train.bson").exists():
         make_data(big, SynthConfig(600, 40, 0, 180), progress=False)
     print(f"## Loader vs training step ({os.cpu_count()} cores, 2 loader workers, bf16 where the CPU has it)\n")
@@ -75,24 +76,29 @@ def main() -> None:
                      "ok" if ld / st >= 5 else "MISS"))
     print_table(rows, ("backbone", "loader img/s", "train step img/s", "loader / step", "goal", ""))
 
-    print(f"\n## Tiny tower on generated data (4,000 products, 40 categories, 64 px), {a.epochs} epochs\n")
-    rows = []
-    variants = [("default (MultiSimilarity, full softmax)", {}),
-                ("+ level-1/level-2 auxiliary heads", {"hier_heads": True}),
-                ("sampled softmax, 8 negatives", {"sampled_negatives": 8}),
-                ("SubCenterArcFace instead of MultiSimilarity", {"metric_loss": "subcenter_arcface"}),
-                ("no metric loss", {"metric_loss": "none"})]
-    for name, kw in variants:
-        run = work / ("run_" + "_".join(f"{k}{v}" for k, v in kw.items()) if kw else work / "run_default")
-        shutil.rmtree(run, ignore_errors=True)
-        t = time.perf_counter()
-        train(small / "train.bson", run, TrainConfig(image_size=64, embed_dim=128, epochs=a.epochs, val_fraction=0.1,
-                                                    **kw), small / "category_names.csv", progress=False)
-        sec = time.perf_counter() - t
-        curve = val_curve(run)
-        rows.append((name, f"{sec:.0f}", f"{curve[0]:.3f}", f"{curve[-1]:.3f}", f"{max(curve):.3f}",
-                     "ok" if max(curve) >= 0.9 and sec <= 600 else "MISS"))
-    print_table(rows, ("variant", "train s", "val product acc, epoch 1", "last epoch", "best", "goal >= 0.90 in <= 600 s"))
+    print(f"\n## Tiny tower, 4,000 products, 40 categories, 64 px: the goal run ({a.epochs} epochs)\n")
+    print_table([run_variant(work, small, "goal", {}, a.epochs)],
+                ("variant", "train s", "val product acc, epoch 1", "last epoch", "best", "goal >= 0.90 in <= 600 s"))
+    print(f"\n## Options on a harder set: 4,000 products, 200 categories, colour jitter 75 ({a.epochs} epochs each)\n")
+    rows = [run_variant(work, hard, name, kw, a.epochs) for name, kw in (
+        ("default (MultiSimilarity, full softmax)", {}),
+        ("+ level-1/level-2 auxiliary heads", {"hier_heads": True}),
+        ("sampled softmax, 32 negatives", {"sampled_negatives": 32}),
+        ("SubCenterArcFace instead of MultiSimilarity", {"metric_loss": "subcenter_arcface"}),
+        ("no metric loss", {"metric_loss": "none"}))]
+    print_table(rows, ("variant", "train s", "val product acc, epoch 1", "last epoch", "best", ""))
+
+
+def run_variant(work: Path, data: Path, name: str, kw: dict, epochs: int) -> tuple:
+    run = work / f"run_{data.name}_{abs(hash(name)) % 10 ** 8}"
+    shutil.rmtree(run, ignore_errors=True)
+    t = time.perf_counter()
+    train(data / "train.bson", run, TrainConfig(image_size=64, embed_dim=128, epochs=epochs, val_fraction=0.1, **kw),
+          data / "category_names.csv", progress=False)
+    sec = time.perf_counter() - t
+    curve = val_curve(run)
+    return (name, f"{sec:.0f}", f"{curve[0]:.3f}", f"{curve[-1]:.3f}", f"{max(curve):.3f}",
+            "ok" if max(curve) >= 0.9 and sec <= 600 else "below 0.90")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ import common  # noqa: F401  (puts the repository on sys.path)
 import numpy as np
 import torch
 
-from retrieval.bsonio import RecordReader, load_offsets
-from retrieval.dataset import _to_tensor
+from retrieval.offsets import RecordReader, load_offsets
+from retrieval.dataset import to_model_input
 from retrieval.embed import embed_images
 from retrieval.images import decode_image
 from retrieval.indexing import build_index, open_index
@@ -18,11 +18,13 @@ from retrieval.synth import SynthConfig, make_data
 from retrieval.train import TrainConfig, train
 
 
-def prepared(work: Path, products: int = 4000, categories: int = 40, epochs: int = 5) -> dict:
-    """Generated data, a trained run and a train-split index under ``work`` (made once)."""
+def prepared(work: Path, products: int = 4000, categories: int = 40, epochs: int = 5,
+             colour_jitter: float = 45.0) -> dict:
+    """Generated data and a trained tiny-tower run under ``work`` (made once)."""
     data = work / "data"
     if not (data / "train.bson").exists():
-        make_data(data, SynthConfig(products, categories, seed=0, image_size=64), progress=False)
+        make_data(data, SynthConfig(products, categories, seed=0, image_size=64, colour_jitter=colour_jitter),
+                  progress=False)
     run = work / "run"
     if not (run / "checkpoints" / "last.ckpt").exists():
         shutil.rmtree(run, ignore_errors=True)
@@ -36,7 +38,7 @@ def decoded_images(path: Path, rows: np.ndarray, size: int) -> tuple[torch.Tenso
     imgs, owner = [], []
     for k, r in enumerate(rows):
         for pic in reader.read(int(r)).images:
-            imgs.append(_to_tensor(decode_image(pic, min_size=size), size, train=False))
+            imgs.append(to_model_input(decode_image(pic, min_size=size), size, train=False))
             owner.append(k)
     return torch.stack(imgs), torch.tensor(owner)
 

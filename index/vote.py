@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 
-def knn_vote(sims: np.ndarray, labels: np.ndarray, n_classes: int, tau: float = 0.07, k: int | None = None) -> np.ndarray:
+def knn_vote(sims: np.ndarray, labels: np.ndarray, n_classes: int, tau: float = 0.07,
+             k: int | None = None) -> np.ndarray:
     """Category distribution ``[Q, C]`` from neighbours ``sims [Q, K]`` / ``labels [Q, K]`` (class index, -1 = none).
 
     Weights are ``exp(sim / tau)`` over the first ``k`` neighbours, normalised per query; a query with no

@@ -114,7 +114,8 @@ class CategoryTable:
         if bad.size:
             i = int(bad[0])
             who = f"product _id {int(product_ids[i])}" if product_ids is not None else f"row {i}"
-            raise ValueError(f"{source + ': ' if source else ''}{who} has category_id {int(cats[i])}, which is not in the "
+            where = f"{source}: " if source else ""
+            raise ValueError(f"{where}{who} has category_id {int(cats[i])}, which is not in the "
                              f"category table ({bad.size} such rows in all)")
         return idx
 

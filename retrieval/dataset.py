@@ -13,14 +13,14 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, Dataset
 
-from .bsonio import RecordReader, file_fingerprint, load_offsets
+from .offsets import RecordReader, file_fingerprint, load_offsets
 from .categories import CategoryTable
 from .images import ImageDecodeError, decode_image
 
 log = logging.getLogger(__name__)
 
 
-def _to_tensor(rgb: np.ndarray, size: int, train: bool, rng: np.random.Generator | None = None) -> torch.Tensor:
+def to_model_input(rgb: np.ndarray, size: int, train: bool, rng: np.random.Generator | None = None) -> torch.Tensor:
     """RGB ``[H, W, 3]`` uint8 -> ``[3, size, size]`` uint8; train mode: mild random resized crop + h-flip."""
     t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
     h, w = t.shape[1:]
@@ -65,7 +65,7 @@ class ImageDataset(Dataset):
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -100, -100, -100
         l1 = int(self.level1[y]) if len(self.level1) > 1 else 0
         l2 = int(self.level2[y]) if len(self.level2) > 1 else 0
-        return _to_tensor(rgb, self.size, train=True), y, l1, l2
+        return to_model_input(rgb, self.size, train=True), y, l1, l2
 
 
 @dataclass
@@ -98,7 +98,7 @@ class ProductDataset(Dataset):
         imgs, failed = [], 0
         for j, pic in enumerate(prod.images):
             try:
-                imgs.append(_to_tensor(decode_image(pic, min_size=self.size), self.size, train=False))
+                imgs.append(to_model_input(decode_image(pic, min_size=self.size), self.size, train=False))
             except ImageDecodeError as e:
                 failed += 1
                 log.warning("%s, product _id %d, image %d skipped: %s", self.reader.path, prod.product_id, j, e)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .bsonio import RecordReader
+from .offsets import RecordReader
 from .dataset import ProductDataset, product_loader
 from .images import DecodeStats
 from .model import EmbeddingNet

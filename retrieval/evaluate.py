@@ -9,7 +9,7 @@ import numpy as np
 
 from index import fuse, knn_vote
 
-from .bsonio import RecordReader, file_fingerprint, load_offsets
+from .offsets import RecordReader, file_fingerprint, load_offsets
 from .embed import embed_products
 from .images import DecodeStats
 from .indexing import open_index
@@ -86,12 +86,13 @@ def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir:
     top5 = np.argsort(-p_best, 1)[:, :5]
     l1, l2 = cats.parents()
     knn_only = max((g for g in grid if g["alpha"] == 0), key=lambda g: g["accuracy"])
+    head_pred = np.where(has, p_head.argmax(1), default)
     counts = np.bincount(bundle.index.labels[bundle.index.labels >= 0], minlength=len(cats))[y]
     buckets = {}
     for lo, hi, name in BUCKETS:
         m = (counts >= lo) & (counts < hi)
         if m.any():
-            buckets[name] = {"products": int(m.sum()), "head": float((np.where(has, p_head.argmax(1), default) == y)[m].mean()),
+            buckets[name] = {"products": int(m.sum()), "head": float((head_pred == y)[m].mean()),
                              "knn": float((knn_cache[(knn_only["k"], knn_only["tau"])].argmax(1) == y)[m].mean()),
                              "fused": float((pred == y)[m].mean())}
     img_ok = np.concatenate(img_ok)

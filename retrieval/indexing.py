@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from index import VectorIndex, choose_factory, exact_topk
 
-from .bsonio import RecordReader, file_fingerprint, load_offsets
+from .offsets import RecordReader, file_fingerprint, load_offsets
 from .categories import CategoryTable
 from .embed import ChunkStore, embed_products
 from .images import DecodeStats

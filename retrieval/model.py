@@ -48,7 +48,8 @@ class ModelConfig:
         return cls(**d)
 
 
-def create_backbone(name: str, pretrained: str | None = None, image_size: int = 224) -> tuple[nn.Module, int, tuple, tuple]:
+def create_backbone(name: str, pretrained: str | None = None, image_size: int = 224
+                    ) -> tuple[nn.Module, int, tuple, tuple]:
     """An open_clip image tower by name: ``(module, output dim, mean, std)``.
 
     ``pretrained`` is an open_clip tag (needs the network) or a local weights file.

@@ -14,13 +14,14 @@ from tqdm import tqdm
 
 from index import fuse, knn_vote
 
-from .bsonio import RecordReader, file_fingerprint, load_offsets
+from .offsets import RecordReader, file_fingerprint, load_offsets
 from .embed import ChunkStore, Timer, embed_products
 from .images import DecodeStats
 from .indexing import IndexBundle, open_index
 
 log = logging.getLogger(__name__)
 DEFAULTS = {"alpha": 0.5, "k": 20, "tau": 0.07}  # documented defaults when no calibration exists
+SEARCH_BATCH = 2048  # faiss uses BLAS only for large query batches (~500+ at d=256)
 
 
 @dataclass
@@ -84,23 +85,8 @@ def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path, a
     for part in range(n_parts):
         rows = np.arange(part * chunk_products, min(len(table), (part + 1) * chunk_products))
         if not store.done(part):
-            preds, tops, scores = [], [], []
-            for o in embed_products(net, reader, rows, batch_size, workers, tta_flip, stats, timer):
-                t = time.perf_counter()
-                has = o.n_images > 0
-                sims, labels = neighbour_labels(bundle, o.emb, int(params["k"]), has)
-                t = timer.add("search", t)
-                p = fuse(o.probs, knn_vote(sims, labels, len(cats), params["tau"]), params["alpha"])
-                pred = np.where(has, p.argmax(1), default)
-                preds.append(pred)
-                if top:
-                    order = np.argsort(-p, axis=1)[:, :top]
-                    tops.append(order)
-                    scores.append(np.take_along_axis(p, order, 1))
-                timer.add("fusion", t)
-            arrays = {"pred": np.concatenate(preds)}
-            if top:
-                arrays.update(top=np.concatenate(tops), scores=np.concatenate(scores))
+            arrays = _predict_rows(bundle, net, reader, rows, params, default, top, batch_size, workers, tta_flip,
+                                   stats, timer)
             store.write(part, **arrays)
         bar.update(len(rows))
     bar.close()
@@ -117,6 +103,38 @@ def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path, a
                     report.without_image, ids_of[default])
     log.info("predicted %d products in %.1f s; %s", len(table), report.seconds, stats.summary())
     return report
+
+
+def _decide(bundle: IndexBundle, outs: list, params: dict, n_classes: int, default: int, top: int,
+            timer: Timer) -> dict[str, np.ndarray]:
+    """Fused argmax (and top-N classes with scores) for a list of embedded batches, with one search."""
+    t = time.perf_counter()
+    emb, probs = np.concatenate([o.emb for o in outs]), np.concatenate([o.probs for o in outs])
+    has = np.concatenate([o.n_images for o in outs]) > 0
+    sims, labels = neighbour_labels(bundle, emb, int(params["k"]), has)
+    t = timer.add("search", t)
+    p = fuse(probs, knn_vote(sims, labels, n_classes, params["tau"]), params["alpha"])
+    out = {"pred": np.where(has, p.argmax(1), default)}
+    if top:
+        order = np.argsort(-p, axis=1)[:, :top]
+        out.update(top=order, scores=np.take_along_axis(p, order, 1))
+    timer.add("fusion", t)
+    return out
+
+
+def _predict_rows(bundle: IndexBundle, net, reader: RecordReader, rows: np.ndarray, params: dict, default: int,
+                  top: int, batch_size: int, workers: int, tta_flip: bool, stats: DecodeStats,
+                  timer: Timer) -> dict[str, np.ndarray]:
+    """Predictions for ``rows``; searches are buffered to >= SEARCH_BATCH products (FAISS's BLAS path)."""
+    results, pending = [], []
+    for o in embed_products(net, reader, rows, batch_size, workers, tta_flip, stats, timer):
+        pending.append(o)
+        if sum(len(x.rows) for x in pending) >= SEARCH_BATCH:
+            results.append(_decide(bundle, pending, params, net.cfg.n_classes, default, top, timer))
+            pending = []
+    if pending:
+        results.append(_decide(bundle, pending, params, net.cfg.n_classes, default, top, timer))
+    return {k: np.concatenate([r[k] for r in results]) for k in results[0]}
 
 
 def _assemble(store: ChunkStore, n_parts: int, product_ids: np.ndarray, ids_of: np.ndarray, out_csv: Path,

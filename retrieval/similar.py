@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bsonio import RecordReader
-from .dataset import _to_tensor
+from .offsets import RecordReader
+from .dataset import to_model_input
 from .embed import embed_images
 from .images import ImageDecodeError, decode_image
 from .indexing import IndexBundle, check_source, open_index
@@ -53,7 +53,7 @@ def query_vector(bundle: IndexBundle, product_id: int | None = None, images: lis
             pics.append(decode_image(p.read_bytes()))
         except ImageDecodeError as e:
             raise ValueError(f"{p}: {e}") from None
-    x = torch.stack([_to_tensor(rgb, net.cfg.image_size, train=False) for rgb in pics])
+    x = torch.stack([to_model_input(rgb, net.cfg.image_size, train=False) for rgb in pics])
     emb, _ = embed_images(net, x, torch.zeros(len(x), dtype=torch.long), 1)
     return emb[0].cpu().numpy(), pics
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bsonio import load_offsets
+from .offsets import load_offsets
 from .categories import CategoryTable
 
 log = logging.getLogger(__name__)

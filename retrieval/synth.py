@@ -3,6 +3,8 @@
 Level 1 sets the background colour, level 2 the shape, level 3 the shape's colour and count; each
 product has its own position, size, tints of both colours and an identity tag, shared by all its images
 (which differ by jitter, brightness, noise and an occasional mirror), so similar-product lookup can be scored.
+Like the real catalogue, some products re-list an earlier item (same look, same category), and a wide
+per-product colour jitter makes sibling level-3 categories hard to tell apart by the head alone.
 """
 from __future__ import annotations
 
@@ -41,6 +43,8 @@ class SynthConfig:
     image_size: int = 180
     test_fraction: float = 0.2
     quality: int = 90
+    relist_fraction: float = 0.25  # share of products that re-list an earlier product of their category
+    colour_jitter: float = 45.0    # per-product shift of the shape colour (level-3 cue); larger is harder
 
 
 def _hierarchy(n_cat: int) -> list[tuple[int, int, int]]:
@@ -100,7 +104,8 @@ def _render(code: tuple[int, int, int], ident: dict, s: int, rng: np.random.Gene
     cell = max(1, s // 20)
     for (i, j), on in np.ndenumerate(ident["tag"]):
         if on:
-            img[max(0, ty + i * cell):max(0, ty + (i + 1) * cell), max(0, tx + j * cell):max(0, tx + (j + 1) * cell)] = ident["tag_rgb"]
+            y0, x0 = max(0, ty + i * cell), max(0, tx + j * cell)
+            img[y0:max(0, ty + (i + 1) * cell), x0:max(0, tx + (j + 1) * cell)] = ident["tag_rgb"]
     img *= rng.uniform(0.9, 1.1)
     img += rng.normal(0, 3, img.shape).astype(np.float32)
     if rng.random() < 0.25:
@@ -108,10 +113,11 @@ def _render(code: tuple[int, int, int], ident: dict, s: int, rng: np.random.Gene
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _identity(rng: np.random.Generator) -> dict:
+def _identity(rng: np.random.Generator, colour_jitter: float) -> dict:
     return {"cy": rng.uniform(0.38, 0.62), "cx": rng.uniform(0.38, 0.62), "r": rng.uniform(0.2, 0.3),
             "ty": rng.choice([0.04, 0.76]), "tx": rng.uniform(0.04, 0.76), "tag": rng.random((4, 4)) < 0.5,
-            "tag_rgb": rng.uniform(0, 255, 3), "bg_shift": rng.uniform(-20, 20, 3), "fg_shift": rng.uniform(-20, 20, 3)}
+            "tag_rgb": rng.uniform(0, 255, 3), "bg_shift": rng.uniform(-20, 20, 3),
+            "fg_shift": rng.uniform(-colour_jitter, colour_jitter, 3)}
 
 
 def _sizes(n: int, n_cat: int, rng: np.random.Generator) -> np.ndarray:
@@ -146,8 +152,14 @@ def make_data(out_dir: str | Path, cfg: SynthConfig, progress: bool = True) -> d
             open(paths["test_labels.csv"], "w", newline="") as flab:
         lab = csv.writer(flab)
         lab.writerow(["_id", "category_id"])
+        seen: dict[int, list[dict]] = {}
         for i in tqdm(range(n_all), desc="generating products", disable=not progress):
-            ident = _identity(rng)
+            earlier = seen.setdefault(int(cats[i]), [])
+            if earlier and rng.random() < cfg.relist_fraction:  # the same item, listed again
+                ident = earlier[int(rng.integers(len(earlier)))]
+            else:
+                ident = _identity(rng, cfg.colour_jitter)
+                earlier.append(ident)
             pics = [{"picture": encode_jpeg(_render(codes[cats[i]], ident, cfg.image_size, rng), cfg.quality)}
                     for _ in range(n_imgs[i])]
             cid = table.ids[cats[i]]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
-from .bsonio import file_fingerprint
+from .offsets import file_fingerprint
 from .categories import CategoryTable
 from .dataset import CdiscountDataModule, DataConfig, ProductBatch
 from .losses import DEFAULT_METRIC_LOSS, MetricLoss, sampled_softmax_loss
@@ -75,7 +75,8 @@ class RetrievalModule(pl.LightningModule):
         if self.cfg.sampled_negatives > 0:
             ce = sampled_softmax_loss(z, self.net.head, y, self.cfg.sampled_negatives, self.cfg.label_smoothing)
         else:
-            ce = F.cross_entropy(self.net.head(z).float(), y, label_smoothing=self.cfg.label_smoothing, ignore_index=-100)
+            ce = F.cross_entropy(self.net.head(z).float(), y, label_smoothing=self.cfg.label_smoothing,
+                                 ignore_index=-100)
         loss = ce + self.cfg.metric_weight * self.metric(emb, y)
         for head, target in ((self.net.head_l1, y1), (self.net.head_l2, y2)):
             if head is not None:

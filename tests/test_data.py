@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval.bsonio import BsonFormatError, RecordReader, iter_products, load_offsets, scan_offsets
+from retrieval.bsonio import BsonFormatError, iter_products
+from retrieval.offsets import RecordReader, load_offsets, scan_offsets
 from retrieval.categories import CategoryTable
 from retrieval.images import ImageDecodeError, decode_image, encode_jpeg
 from retrieval.synth import SynthConfig, make_data
@@ -89,11 +90,10 @@ def test_random_access_reader_matches_stream_and_pickles(small_data):
         assert got.product_id == stream[row].product_id and got.images == stream[row].images
 
 
-def test_stream_crosses_chunk_boundaries(small_data, monkeypatch):
-    import retrieval.bsonio as bio
-    whole = [p.product_id for p in iter_products(small_data["train.bson"])]
-    monkeypatch.setattr(bio, "CHUNK_BYTES", 1000)  # smaller than one record
-    assert [p.product_id for p in iter_products(small_data["train.bson"])] == whole
+def test_offset_scan_blocks_join_exactly(small_data):
+    whole = scan_offsets(small_data["train.bson"], progress=False)
+    tiny_blocks = scan_offsets(small_data["train.bson"], progress=False, block_bytes=1000)  # < one record
+    assert np.array_equal(whole, tiny_blocks) and len(whole) == 150
 
 
 def test_grayscale_and_cmyk_decode_to_rgb():

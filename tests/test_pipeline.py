@@ -10,7 +10,8 @@ import pytest
 
 import retrieval.predict as predict_mod
 from index import fuse, knn_vote
-from retrieval.bsonio import RecordReader, iter_products, load_offsets
+from retrieval.bsonio import iter_products
+from retrieval.offsets import RecordReader, load_offsets
 from retrieval.embed import embed_products
 from retrieval.evaluate import evaluate
 from retrieval.indexing import add_to_index, build_index, open_index
