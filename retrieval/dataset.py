@@ -49,8 +49,7 @@ class ImageDataset(Dataset):
         self.rows = np.repeat(rows, n).astype(np.int64)
         self.img = (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)).astype(np.int16)
         self.labels = np.repeat(labels, n)
-        self.level1 = level1 if level1 is not None else np.zeros(1, np.int64)
-        self.level2 = level2 if level2 is not None else np.zeros(1, np.int64)
+        self.level1, self.level2 = level1, level2  # [C] parent class of each category, or None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -63,8 +62,8 @@ class ImageDataset(Dataset):
         except ImageDecodeError as e:
             log.debug("product %s image %d skipped: %s", prod.product_id, self.img[i], e)
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -100, -100, -100
-        l1 = int(self.level1[y]) if len(self.level1) > 1 else 0
-        l2 = int(self.level2[y]) if len(self.level2) > 1 else 0
+        l1 = int(self.level1[y]) if self.level1 is not None else 0
+        l2 = int(self.level2[y]) if self.level2 is not None else 0
         return to_model_input(rgb, self.size, train=True), y, l1, l2
 
 

@@ -1,6 +1,7 @@
 """Training with PyTorch Lightning: the LightningModule, the run folder, checkpoints and resume."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import logging
@@ -49,6 +50,7 @@ class TrainConfig:
     precision: str = "auto"
 
 
+@functools.lru_cache(maxsize=1)
 def auto_precision() -> str:
     """bf16 autocast where the device does bf16 fast (CUDA, or a CPU with AMX / AVX512-BF16), else fp32."""
     if torch.cuda.is_available():

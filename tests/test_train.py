@@ -111,3 +111,31 @@ def test_bad_arguments(small_data, tmp_path):
         create_backbone("tiny", pretrained=str(tmp_path / "no_weights.bin"), image_size=32)
     with pytest.raises(ValueError, match="at least one class"):
         EmbeddingNet(ModelConfig(n_classes=0))
+
+
+def test_options_train_on_a_file_with_a_corrupt_picture(small_data, tmp_path):
+    import bson
+
+    from retrieval.bsonio import iter_products
+    docs = [{"_id": p.product_id, "imgs": [{"picture": x} for x in p.images], "category_id": p.category_id}
+            for p in iter_products(small_data["train.bson"])]
+    docs[0]["imgs"].insert(0, {"picture": b"\xff\xd8 corrupt"})
+    path = tmp_path / "train.bson"
+    path.write_bytes(b"".join(bson.encode(d) for d in docs))
+    cfg = TrainConfig(max_steps=4, hier_heads=True, sampled_negatives=2, metric_loss="subcenter_arcface", **FAST)
+    res = train(path, tmp_path / "run", cfg, small_data["category_names.csv"], progress=False)
+    net, cats, _ = load_checkpoint(res.last)
+    assert net.head_l1.out_features == cats.n_level1 and net.head_l2.out_features == cats.n_level2
+    assert torch.load(res.last, weights_only=False)["global_step"] == 4
+    # the corrupt picture is sample 0 of product row 0: labelled -100, and ignored by every loss term
+    from retrieval.dataset import ImageDataset
+    from retrieval.offsets import RecordReader
+    from retrieval.train import RetrievalModule
+    reader = RecordReader(path)
+    l1, l2 = cats.parents()
+    ds = ImageDataset(reader, np.arange(20), cats.encode(reader.table["category_id"][:20]), 32, l1, l2)
+    assert ds[0][1:] == (-100, -100, -100) and ds[1][1] >= 0
+    batch = [torch.stack([ds[i][0] for i in range(8)])] + [torch.tensor([ds[i][j] for i in range(8)]) for j in (1, 2, 3)]
+    module = RetrievalModule(net.train(), cfg, cats, {})
+    module.log_dict = lambda *a, **k: None
+    assert torch.isfinite(module.training_step(batch, 0))
