@@ -59,6 +59,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", default="bench_out/train")
     ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--throughput-only", action="store_true")
     a = ap.parse_args()
     work = Path(a.workdir)
     small, big, hard = work / "data64", work / "data180", work / "data64_hard"
@@ -75,9 +76,13 @@ def main() -> None:
         rows.append((f"{backbone} @ {size}px", f"{ld:,.0f}", f"{st:,.1f}", f"{ld / st:.1f}x", ">= 5x",
                      "ok" if ld / st >= 5 else "MISS"))
     print_table(rows, ("backbone", "loader img/s", "train step img/s", "loader / step", "goal", ""))
+    if a.throughput_only:
+        return
 
     print(f"\n## Tiny tower, 4,000 products, 40 categories, 64 px: the goal run ({a.epochs} epochs)\n")
-    print_table([run_variant(work, small, "goal", {}, a.epochs)],
+    goal = run_variant(work, small, "default settings", {}, a.epochs)
+    ok = float(goal[4]) >= 0.9 and float(goal[1]) <= 600
+    print_table([goal + ("ok" if ok else "MISS",)],
                 ("variant", "train s", "val product acc, epoch 1", "last epoch", "best", "goal >= 0.90 in <= 600 s"))
     print(f"\n## Options on a harder set: 4,000 products, 200 categories, colour jitter 75 ({a.epochs} epochs each)\n")
     rows = [run_variant(work, hard, name, kw, a.epochs) for name, kw in (
@@ -86,7 +91,7 @@ def main() -> None:
         ("sampled softmax, 32 negatives", {"sampled_negatives": 32}),
         ("SubCenterArcFace instead of MultiSimilarity", {"metric_loss": "subcenter_arcface"}),
         ("no metric loss", {"metric_loss": "none"}))]
-    print_table(rows, ("variant", "train s", "val product acc, epoch 1", "last epoch", "best", ""))
+    print_table(rows, ("variant", "train s", "val product acc, epoch 1", "last epoch", "best"))
 
 
 def run_variant(work: Path, data: Path, name: str, kw: dict, epochs: int) -> tuple:
@@ -97,8 +102,7 @@ def run_variant(work: Path, data: Path, name: str, kw: dict, epochs: int) -> tup
           data / "category_names.csv", progress=False)
     sec = time.perf_counter() - t
     curve = val_curve(run)
-    return (name, f"{sec:.0f}", f"{curve[0]:.3f}", f"{curve[-1]:.3f}", f"{max(curve):.3f}",
-            "ok" if max(curve) >= 0.9 and sec <= 600 else "below 0.90")
+    return (name, f"{sec:.0f}", f"{curve[0]:.3f}", f"{curve[-1]:.3f}", f"{max(curve):.3f}")
 
 
 if __name__ == "__main__":
