@@ -19,12 +19,12 @@ from retrieval.train import TrainConfig, train
 
 
 def prepared(work: Path, products: int = 4000, categories: int = 40, epochs: int = 5,
-             colour_jitter: float = 45.0) -> dict:
+             colour_jitter: float = 45.0, relist_fraction: float = 0.25) -> dict:
     """Generated data and a trained tiny-tower run under ``work`` (made once)."""
     data = work / "data"
     if not (data / "train.bson").exists():
-        make_data(data, SynthConfig(products, categories, seed=0, image_size=64, colour_jitter=colour_jitter),
-                  progress=False)
+        make_data(data, SynthConfig(products, categories, seed=0, image_size=64, colour_jitter=colour_jitter,
+                                    relist_fraction=relist_fraction), progress=False)
     run = work / "run"
     if not (run / "checkpoints" / "last.ckpt").exists():
         shutil.rmtree(run, ignore_errors=True)
@@ -102,7 +102,7 @@ def embedding_rows(work: Path) -> list[tuple]:
     out_rows = []
     row, *_ = throughput(work, prepared_convnext(work), "convnext_tiny")
     out_rows.append(row)
-    p = prepared(work)
+    p = prepared(work, relist_fraction=0.0)  # no re-listed twins: rank 1 must be the product itself
     row, bundle, rows, images, owner = throughput(work, p, "tiny")
     out_rows.append(row)
     table = load_offsets(p["data"] / "train.bson", progress=False)

@@ -4,13 +4,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-import torchvision.transforms.v2.functional as TF
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .offsets import RecordReader, file_fingerprint, load_offsets
@@ -20,23 +21,26 @@ from .images import ImageDecodeError, decode_image
 log = logging.getLogger(__name__)
 
 
-def to_model_input(rgb: np.ndarray, size: int, train: bool, rng: np.random.Generator | None = None) -> torch.Tensor:
-    """RGB ``[H, W, 3]`` uint8 -> ``[3, size, size]`` uint8; train mode: mild random resized crop + h-flip."""
-    t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
-    h, w = t.shape[1:]
+def to_model_input(rgb: np.ndarray, size: int, train: bool) -> torch.Tensor:
+    """RGB ``[H, W, 3]`` uint8 -> ``[3, size, size]`` uint8; train mode: mild random resized crop + h-flip.
+
+    Crop and resize are one Pillow call (bilinear, antialiased when shrinking). Randomness comes from
+    Python's ``random``, which PyTorch reseeds in every DataLoader worker (and which costs nanoseconds,
+    where building a numpy Generator per sample cost more than the decode).
+    """
+    h, w = rgb.shape[:2]
+    box = (0, 0, w, h)
     if train:
-        rng = rng or np.random.default_rng()
-        scale, ratio = rng.uniform(0.8, 1.0), math.exp(rng.uniform(math.log(0.9), math.log(1.1)))
+        scale, ratio = random.uniform(0.8, 1.0), math.exp(random.uniform(math.log(0.9), math.log(1.1)))
         ch = min(h, int(round(math.sqrt(scale * h * w / ratio))))
         cw = min(w, int(round(math.sqrt(scale * h * w * ratio))))
-        top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-        t = TF.resized_crop(t, top, left, ch, cw, [size, size], antialias=True)
-        if rng.random() < 0.5:
-            t = t.flip(-1)
-        return t
-    if (h, w) != (size, size):
-        t = TF.resize(t, [size, size], antialias=True)
-    return t
+        top, left = random.randint(0, h - ch), random.randint(0, w - cw)
+        box = (left, top, left + cw, top + ch)
+    if box != (0, 0, size, size) or (h, w) != (size, size):
+        rgb = np.array(Image.fromarray(rgb).resize((size, size), Image.BILINEAR, box=box))
+    if train and random.random() < 0.5:
+        rgb = rgb[:, ::-1]
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
 
 
 class ImageDataset(Dataset):
