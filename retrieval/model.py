@@ -48,6 +48,14 @@ class ModelConfig:
         return cls(**d)
 
 
+class _QuietOpenClip(logging.Filter):
+    """Drops open_clip's chatter (logged on the root logger) while a tower is built without weights,
+    e.g. "No pretrained weights loaded", which is misleading when a checkpoint's weights follow."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not ("open_clip" in record.pathname and record.levelno <= logging.WARNING)
+
+
 def create_backbone(name: str, pretrained: str | None = None, image_size: int = 224
                     ) -> tuple[nn.Module, int, tuple, tuple]:
     """An open_clip image tower by name: ``(module, output dim, mean, std)``.
@@ -58,6 +66,9 @@ def create_backbone(name: str, pretrained: str | None = None, image_size: int = 
         raise ValueError(f"unknown backbone {name!r}; valid backbones: {', '.join(BACKBONES)}")
     if image_size < 16:
         raise ValueError(f"image size {image_size} is too small (minimum 16)")
+    quiet = _QuietOpenClip()
+    if not pretrained:
+        logging.getLogger().addFilter(quiet)
     try:
         model = open_clip.create_model(name, pretrained=pretrained or None, force_image_size=image_size)
     except Exception as e:
@@ -68,6 +79,8 @@ def create_backbone(name: str, pretrained: str | None = None, image_size: int = 
             f"could not load weights {pretrained!r} for backbone {name} ({type(e).__name__}: {e}). Known tags for "
             f"{name}: {', '.join(tags) or 'none'}. Without network access, download the weights file elsewhere and "
             f"pass its path: --pretrained /path/to/open_clip_{name}.bin") from e
+    finally:
+        logging.getLogger().removeFilter(quiet)
     visual = model.visual
     dim = int(open_clip.get_model_config(name)["embed_dim"])
     mean = tuple(getattr(visual, "image_mean", None) or OPENAI_DATASET_MEAN)
