@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .evaluate import evaluate
 from .indexing import build_index
+from .offsets import load_offsets
 from .predict import predict, score_submission
 from .similar import similar
 from .synth import SynthConfig, make_data
@@ -32,6 +33,9 @@ class DemoConfig:
 def run_demo(workdir: str | Path, cfg: DemoConfig = DemoConfig()) -> dict:
     """Run every stage and return accuracies, timings and artefact paths."""
     work = Path(workdir)
+    run = work / "run"
+    if (run / "checkpoints").exists():
+        raise FileExistsError(f"{work} already holds a demo run; choose an empty --workdir")
     t0 = time.perf_counter()
     times: dict[str, float] = {}
 
@@ -41,11 +45,8 @@ def run_demo(workdir: str | Path, cfg: DemoConfig = DemoConfig()) -> dict:
     data = make_data(work / "data", SynthConfig(cfg.products, cfg.categories, cfg.seed, cfg.image_size,
                                                 colour_jitter=cfg.colour_jitter))
     lap("make-data")
-    run = work / "run"
     tcfg = TrainConfig(image_size=cfg.image_size, embed_dim=128, epochs=cfg.epochs, batch_size=64,
                        workers=cfg.workers, val_fraction=0.1, seed=cfg.seed)
-    if (run / "checkpoints").exists():
-        raise FileExistsError(f"{work} already holds a demo run; choose an empty --workdir")
     res = train(data["train.bson"], run, tcfg, data["category_names.csv"])
     lap("train")
     build_index(data["train.bson"], run, work / "index_train", "train", workers=cfg.workers)
@@ -75,7 +76,6 @@ def run_demo(workdir: str | Path, cfg: DemoConfig = DemoConfig()) -> dict:
 
 
 def _some_train_id(path: Path) -> int:
-    from .offsets import load_offsets
     table = load_offsets(path, progress=False)
     multi = table["product_id"][table["n_images"] >= 2]
     return int(multi[0] if len(multi) else table["product_id"][0])

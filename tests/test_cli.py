@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -61,3 +62,20 @@ def test_cli_bad_inputs_give_clear_errors(tmp_path, small_data):
     assert r.exit_code == 2 and "manifest.json" in r.output
     r = run("predict", tmp_path / "missing.bson", "--index", tmp_path / "noindex")
     assert r.exit_code == 2
+
+
+def test_demo_runs_every_stage_and_refuses_a_used_folder(tmp_path):
+    from retrieval.predict import score_submission
+    r = run("demo", "--workdir", tmp_path / "d", "--products", 120, "--categories", 4, "--epochs", 1, "--workers", 0)
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output[r.output.index("{"):])
+    for key in ("val_head_accuracy", "val_knn_accuracy", "val_fused_accuracy", "test_accuracy"):
+        assert 0 <= summary[key] <= 1
+    assert summary["val_fused_accuracy"] >= max(summary["val_head_accuracy"], summary["val_knn_accuracy"]) - 1e-9
+    art = summary["artefacts"]
+    assert summary["test_accuracy"] == score_submission(art["submission"], tmp_path / "d" / "data" / "test_labels.csv")
+    for key in ("checkpoint", "evaluation", "submission", "contact_sheet"):
+        assert Path(art[key]).exists()
+    assert summary["similar_top"][0][0] == summary["similar_query"]
+    r = run("demo", "--workdir", tmp_path / "d", "--products", 120, "--categories", 4, "--epochs", 1, "--workers", 0)
+    assert r.exit_code == 2 and "already holds a demo run" in r.output
