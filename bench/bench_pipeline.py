@@ -107,12 +107,15 @@ def main() -> None:
     s = stage_shares(test_bson, bundle, rep.params)
     fwd = s.pop("_fwd_img_s")
     e2e = rep.images / rep.seconds
+    loop = rep.images / sum(rep.stages.values())  # read, decode, model, search, fusion: no start-up
     cx = convnext_predict(work)
     print(f"\n## predict end to end vs model forward only on the same images ({rep.images:,} tiny, {cx[2]:,} convnext)\n")
     print_table([("tiny @ 64px: forward only", f"{fwd:,.0f} img/s", "reference", ""),
                  ("tiny @ 64px: predict end to end (whole command)",
                   f"{e2e:,.0f} img/s, {rep.products / rep.seconds:,.0f} products/s",
                   f"{e2e / fwd:.2f}x forward", "ok" if e2e / fwd >= 0.8 else "MISS (goal >= 0.8x)"),
+                 ("tiny @ 64px: predict, product loop", f"{loop:,.0f} img/s", f"{loop / fwd:.2f}x forward",
+                  "ok" if loop / fwd >= 0.8 else "MISS (goal >= 0.8x)"),
                  ("convnext_tiny @ 180px: forward only", f"{cx[1]:,.1f} img/s", "reference", ""),
                  ("convnext_tiny @ 180px: predict, product loop", f"{cx[0]:,.1f} img/s", f"{cx[0] / cx[1]:.2f}x forward",
                   "ok" if cx[0] / cx[1] >= 0.8 else "MISS (goal >= 0.8x)"),
