@@ -89,6 +89,15 @@ def _to_product(path: str, doc: dict, offset: int, record: int) -> Product:
     return Product(pid, cat, pictures, offset)
 
 
+def decode_record(path: str, buf: bytes, offset: int, record: int) -> Product:
+    """One document's bytes -> :class:`Product`; damage raises :class:`BsonFormatError` with its position."""
+    try:
+        doc = bson.decode(buf)
+    except Exception as e:
+        raise BsonFormatError(path, f"invalid BSON document ({e})", offset, record, _partial_id(buf)) from e
+    return _to_product(path, doc, offset, record)
+
+
 def _check_length(path: str, n: int, offset: int, record: int, size: int, head: bytes | memoryview) -> None:
     if n < _MIN_DOC or n > _MAX_DOC:
         what = "not a BSON file" if record == 0 else "corrupt record"
@@ -114,7 +123,7 @@ def iter_products(path: str | os.PathLike, progress: bool = False) -> Iterator[P
     path = str(path)
     size = _open_checked(path)
     bar = tqdm(total=size, unit="B", unit_scale=True, desc=Path(path).name, disable=not progress)
-    decode, unpack = bson.decode, _INT32.unpack
+    unpack = _INT32.unpack
     offset, record, shown = 0, 0, 0
     with open(path, "rb", buffering=1 << 20) as f:
         while True:
@@ -126,12 +135,7 @@ def iter_products(path: str | os.PathLike, progress: bool = False) -> Iterator[P
             n = unpack(head)[0]
             if n < _MIN_DOC or n > _MAX_DOC or offset + n > size:
                 _check_length(path, n, offset, record, size, head + f.read(16))
-            data = head + f.read(n - 4)
-            try:
-                doc = decode(data)
-            except Exception as e:
-                raise BsonFormatError(path, f"invalid BSON document ({e})", offset, record, _partial_id(data)) from e
-            yield _to_product(path, doc, offset, record)
+            yield decode_record(path, head + f.read(n - 4), offset, record)
             offset += n
             record += 1
             if offset - shown > CHUNK_BYTES:
@@ -142,9 +146,5 @@ def iter_products(path: str | os.PathLike, progress: bool = False) -> Iterator[P
 
 
 def _scan_slow(path: str, mm: mmap.mmap, off: int, n: int, record: int) -> tuple[int, int, int]:
-    try:
-        doc = bson.decode(mm[off:off + n])
-    except Exception as e:
-        raise BsonFormatError(path, f"invalid BSON document ({e})", off, record, _partial_id(mm[off:off + 20])) from e
-    p = _to_product(path, doc, off, record)
+    p = decode_record(path, mm[off:off + n], off, record)
     return p.product_id, -1 if p.category_id is None else p.category_id, len(p.images)

@@ -8,12 +8,11 @@ import mmap
 import os
 from pathlib import Path
 
-import bson
 import numpy as np
 from tqdm import tqdm
 
 from .bsonio import (_INT32, _MAX_DOC, _MIN_DOC, BsonFormatError, Product, _check_length, _open_checked,
-                     _partial_id, _scan_slow, _to_product)
+                     _scan_slow, decode_record)
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +20,6 @@ log = logging.getLogger(__name__)
 TABLE_DTYPE = np.dtype(
     [("product_id", "<i8"), ("category_id", "<i8"), ("offset", "<i8"), ("length", "<i4"), ("n_images", "<i2")]
 )
-
 
 
 def _walk(mm: mmap.mmap, start: int, stop: int, size: int) -> tuple[list[int], int]:
@@ -195,11 +193,7 @@ class RecordReader:
         if len(buf) != length:
             raise BsonFormatError(self.path, "file shorter than its offset table (changed since indexing?)",
                                   offset, record)
-        try:
-            doc = bson.decode(buf)
-        except Exception as e:
-            raise BsonFormatError(self.path, f"invalid BSON document ({e})", offset, record, _partial_id(buf)) from e
-        return _to_product(self.path, doc, offset, record)
+        return decode_record(self.path, buf, offset, record)
 
     def read(self, row: int) -> Product:
         """The product at row ``row`` of the table."""
