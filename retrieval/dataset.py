@@ -86,6 +86,13 @@ class ProductBatch:
                             self.labels.to(device), self.failed)
 
 
+def product_mean(values: torch.Tensor, owner: torch.Tensor, n_products: int) -> torch.Tensor:
+    """Per-image ``values [N, K]`` -> per-product means ``[P, K]`` (``owner [N]``; zeros for imageless products)."""
+    counts = torch.bincount(owner, minlength=n_products).clamp(min=1).unsqueeze(1)
+    return torch.zeros(n_products, values.shape[1], device=values.device, dtype=values.dtype).index_add_(
+        0, owner, values) / counts
+
+
 class ProductDataset(Dataset):
     """Whole products (all decodable images, resized), for validation, embedding and prediction."""
 

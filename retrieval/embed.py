@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .offsets import RecordReader
-from .dataset import ProductDataset, product_loader
+from .dataset import ProductDataset, product_loader, product_mean
 from .images import DecodeStats
 from .model import EmbeddingNet
 from .train import auto_precision
@@ -72,10 +72,8 @@ def embed_images(net: EmbeddingNet, images: torch.Tensor, owner: torch.Tensor, n
         if tta_flip:
             e2, l2, _ = net(x.flip(-1))
             emb, probs = emb + e2, (probs + l2.float().softmax(-1)) / 2
-    emb = F.normalize(emb.float(), dim=-1)
-    counts = torch.bincount(owner, minlength=n_products).clamp(min=1).unsqueeze(1).float()
-    p_emb = torch.zeros(n_products, emb.shape[1], device=dev).index_add_(0, owner, emb)
-    p_probs = torch.zeros(n_products, probs.shape[1], device=dev).index_add_(0, owner, probs) / counts
+    p_emb = product_mean(F.normalize(emb.float(), dim=-1), owner, n_products)
+    p_probs = product_mean(probs, owner, n_products)
     if per_image:
         return F.normalize(p_emb, dim=-1), p_probs, probs.argmax(-1)
     return F.normalize(p_emb, dim=-1), p_probs
@@ -141,6 +139,3 @@ class ChunkStore:
     def read(self, i: int) -> dict[str, np.ndarray]:
         with np.load(self.path(i)) as z:
             return {k: z[k] for k in z.files}
-
-    def parts(self) -> list[int]:
-        return sorted(int(p.stem.split("_")[1]) for p in self.folder.glob("part_*.npz"))

@@ -16,7 +16,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 from .offsets import file_fingerprint
 from .categories import CategoryTable
-from .dataset import CdiscountDataModule, DataConfig, ProductBatch
+from .dataset import CdiscountDataModule, DataConfig, ProductBatch, product_mean
 from .losses import DEFAULT_METRIC_LOSS, MetricLoss, sampled_softmax_loss
 from .model import EmbeddingNet, ModelConfig, list_backbones
 
@@ -94,7 +94,7 @@ class RetrievalModule(pl.LightningModule):
         probs = logits.float().softmax(-1)
         y_img = batch.labels[batch.owner]
         has = torch.bincount(batch.owner, minlength=len(batch.labels)) > 0
-        prod = torch.zeros(len(batch.labels), probs.shape[1], device=probs.device).index_add_(0, batch.owner, probs)
+        prod = product_mean(probs, batch.owner, len(batch.labels))
         acc_img = (probs.argmax(-1) == y_img).float().mean()
         acc_prod = (prod.argmax(-1) == batch.labels)[has].float().mean()
         self.log("val/image_acc", acc_img, batch_size=len(y_img), sync_dist=True, prog_bar=True)
