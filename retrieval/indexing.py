@@ -19,7 +19,7 @@ from .offsets import RecordReader, file_fingerprint, load_offsets
 from .categories import CategoryTable
 from .embed import ChunkStore, embed_products
 from .images import DecodeStats
-from .model import EmbeddingNet, load_checkpoint
+from .model import EmbeddingNet, load_checkpoint, net_from_checkpoint, read_checkpoint
 from .train import best_checkpoint
 
 log = logging.getLogger(__name__)
@@ -34,10 +34,14 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _on_device(loaded: tuple[EmbeddingNet, CategoryTable, dict]) -> tuple[EmbeddingNet, CategoryTable, dict]:
+    net, cats, info = loaded
+    return (net.cuda() if torch.cuda.is_available() else net), cats, info
+
+
 def load_model(checkpoint: str | Path) -> tuple[EmbeddingNet, CategoryTable, dict]:
     """The checkpoint's network on the best available device."""
-    net, cats, info = load_checkpoint(checkpoint)
-    return (net.cuda() if torch.cuda.is_available() else net), cats, info
+    return _on_device(load_checkpoint(checkpoint))
 
 
 @dataclass
@@ -54,13 +58,16 @@ class IndexBundle:
         return self.arrays["product_ids"]
 
     @cached_property
+    def _checkpoint(self) -> dict:
+        return read_checkpoint(self.manifest["checkpoint"])  # read once for both the model and the categories
+
+    @cached_property
     def model(self) -> tuple[EmbeddingNet, CategoryTable, dict]:
-        return load_model(self.manifest["checkpoint"])
+        return _on_device(net_from_checkpoint(self._checkpoint, self.manifest["checkpoint"]))
 
     @cached_property
     def categories(self) -> CategoryTable:
-        return CategoryTable.from_dict(torch.load(self.manifest["checkpoint"], map_location="cpu",
-                                                  weights_only=False)["categories"])
+        return CategoryTable.from_dict(self._checkpoint["categories"])
 
     def vector(self, position: int) -> np.ndarray:
         """The stored embedding ``[D]`` of the product at ``position``."""

@@ -124,20 +124,29 @@ class EmbeddingNet(nn.Module):
         return F.normalize(z.float(), dim=-1), self.head(z), aux
 
 
-def load_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[EmbeddingNet, CategoryTable, dict]:
-    """Rebuild the network from a checkpoint written by training (no Lightning needed).
-
-    Returns the network in eval mode, the category table and the checkpoint's extra metadata.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: no such checkpoint")
-    ckpt = torch.load(p, map_location=map_location, weights_only=False)
+def net_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> tuple[EmbeddingNet, CategoryTable, dict]:
+    """Rebuild the network from an already loaded checkpoint dict (see :func:`load_checkpoint`)."""
     if "model_config" not in ckpt or "categories" not in ckpt:
-        raise ValueError(f"{p}: not a checkpoint of this project (no model_config/categories)")
+        raise ValueError(f"{source}: not a checkpoint of this project (no model_config/categories)")
     cfg = replace(ModelConfig.from_dict(ckpt["model_config"]), pretrained=None)
     net = EmbeddingNet(cfg)
     state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     net.load_state_dict(state)
     net.eval().to(memory_format=torch.channels_last)
     return net, CategoryTable.from_dict(ckpt["categories"]), ckpt.get("run_info", {})
+
+
+def read_checkpoint(path: str | Path, map_location: str = "cpu") -> dict:
+    """The raw checkpoint dict written by training."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such checkpoint")
+    return torch.load(p, map_location=map_location, weights_only=False)
+
+
+def load_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[EmbeddingNet, CategoryTable, dict]:
+    """Rebuild the network from a checkpoint written by training (no Lightning needed).
+
+    Returns the network in eval mode, the category table and the checkpoint's extra metadata.
+    """
+    return net_from_checkpoint(read_checkpoint(path, map_location), str(path))
