@@ -168,14 +168,22 @@ def build_index(train_path: str | Path, run_dir: str | Path, out_dir: str | Path
         sample = np.concatenate([b[rng.random(len(b)) < min(1.0, 200_000 / len(rows))] for b in blocks()])
         vi.train(sample)
     labels = cats.encode(table["category_id"][rows])
-    start = 0
-    for b in tqdm(blocks(), total=len(parts), desc="adding to index", unit="parts"):
-        vi.add(b, labels[start:start + len(b)])
-        start += len(b)
+
+    def added_blocks():  # each part is read once here: added to the index, then scored exactly for tuning
+        start = 0
+        for b in tqdm(blocks(), total=len(parts), desc="adding to index", unit="parts"):
+            vi.add(b, labels[start:start + len(b)])
+            start += len(b)
+            yield b
+
     recall = 1.0
     if vi.ivf is not None or vi.hnsw is not None:
         q = store.read(parts[0][0])["emb"][:1000]
-        recall = vi.tune(q, exact_topk(q, blocks(), 10)[1], target_recall)
+        truth = exact_topk(q, added_blocks(), 10)[1]
+        recall = vi.tune(q, truth, target_recall)
+    else:
+        for _ in added_blocks():
+            pass
     manifest = {
         "version": 1, "checkpoint": str(ckpt.resolve()), "checkpoint_sha256": ck_hash,
         "run_dir": str(Path(run_dir).resolve()), "backbone": net.cfg.backbone, "image_size": net.cfg.image_size,
