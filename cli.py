@@ -1,193 +1,261 @@
-"""Command line: a thin typer layer over the `retrieval` library. Run as ``python cli.py COMMAND``."""
+"""Command line: a thin typer layer over the `retrieval` library. Run as ``python cli.py COMMAND`` (or ``cdiscount``)."""
 from __future__ import annotations
 
+import functools
 import logging
+import sys
+import warnings
+from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
+from retrieval.errors import UserError
+from retrieval.model.registry import list_backbones
+from retrieval.train.config import METRIC_LOSSES
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Cdiscount product classification and similar-product retrieval.")
+Backbone = Enum("Backbone", {n: n for n in list_backbones()}, type=str)
+MetricLoss = Enum("MetricLoss", {n: n for n in METRIC_LOSSES}, type=str)
+RESUMABLE = {"train": "train ... --resume", "build-index": "build-index", "predict": "predict"}
+QUIET_WARNINGS = (r".*does not have many workers.*", r".*could not find the monitored key.*",
+                  r".*exists and is not empty.*", r".*ended before the epoch ended.*",
+                  r".*is a weak reference.*", r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*")
+
+
+class _Chatter(logging.Filter):
+    """Drops other libraries' chatter: open_clip's root-logger notes and Lightning's adverts."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if "open_clip" in record.pathname and (record.levelno < logging.WARNING or "No pretrained weights" in msg):
+            return False
+        return not ("litmodels" in msg or "Tip:" in msg)
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (test runners swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
 
 
 def _setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    handler = _Stderr()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_Chatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
 
 
-def _fail(e: Exception) -> None:
-    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+def command(name: str | None = None):
+    """Register a command: logging set up once; user errors print one line (exit 2); Ctrl-C says how to resume."""
+    def wrap(fn):
+        cmd = name or fn.__name__.replace("_", "-")
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            _setup_logging()
+            try:
+                return fn(*args, **kwargs)
+            except (UserError, OSError) as e:
+                typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+                raise typer.Exit(2)
+            except KeyboardInterrupt:
+                again = f"; run `{RESUMABLE[cmd]}` again to resume where it stopped" if cmd in RESUMABLE else ""
+                typer.secho(f"interrupted{again}", fg=typer.colors.YELLOW, err=True)
+                raise typer.Exit(130)
+        return app.command(cmd)(run)
+    return wrap
 
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError)
+WORKERS = typer.Option(2, min=0, help="DataLoader worker processes")
+BATCH = typer.Option(256, min=1, help="images per model batch")
 
 
-@app.command("make-data")
-def make_data(out_dir: Path, products: int = typer.Option(2000, help="training + test products"),
-              categories: int = 40, seed: int = 0, image_size: int = 180,
-              test_fraction: float = 0.2,
-              relist_fraction: float = typer.Option(0.25, help="share of products re-listing an earlier item"),
-              colour_jitter: float = typer.Option(45.0, help="per-product colour shift; larger is harder")) -> None:
+@command("make-data")
+def make_data(out_dir: Path = typer.Argument(..., help="folder to write the data set into"),
+              products: int = typer.Option(2000, min=2, help="training products (test products come on top)"),
+              n_categories: int = typer.Option(40, min=1, help="number of categories to generate"),
+              seed: int = typer.Option(0, help="random seed"),
+              image_size: int = typer.Option(180, min=16, help="picture side in pixels"),
+              test_fraction: float = typer.Option(0.2, min=0.0, max=1.0, help="test products per training product"),
+              relist_fraction: float = typer.Option(0.25, min=0.0, max=1.0,
+                                                    help="share of products re-listing an earlier item"),
+              colour_jitter: float = typer.Option(45.0, min=0.0, help="per-product colour shift; larger is harder"),
+              overwrite: bool = typer.Option(False, help="replace data already in OUT_DIR")) -> None:
     """Generate train.bson, test.bson, test_labels.csv and category_names.csv in the Kaggle layout."""
-    from retrieval.synth import SynthConfig, make_data as _make
-    _setup_logging()
-    try:
-        paths = _make(out_dir, SynthConfig(products, categories, seed, image_size, test_fraction,
-                                           relist_fraction=relist_fraction, colour_jitter=colour_jitter))
-    except USER_ERRORS as e:
-        _fail(e)
+    from retrieval.data.synth import SynthConfig, make_data as _make
+    paths = _make(out_dir, SynthConfig(products, n_categories, seed, image_size, test_fraction,
+                                       relist_fraction=relist_fraction, colour_jitter=colour_jitter), overwrite=overwrite)
     for p in paths.values():
         typer.echo(str(p))
 
 
-@app.command()
-def stats(file: Path, categories: Optional[Path] = typer.Option(None, help="category_names.csv"),
+@command()
+def stats(file: Path = typer.Argument(..., help="BSON file"),
+          categories: Optional[Path] = typer.Option(None, help="category_names.csv, for names and levels"),
           out: Path = typer.Option(Path("stats_out"), help="folder for the PNG plots")) -> None:
     """Count products, images and categories of a BSON file and plot their distributions."""
-    from retrieval.categories import CategoryTable
-    from retrieval.stats import file_stats
-    _setup_logging()
-    try:
-        table = CategoryTable.from_csv(categories) if categories else None
-        typer.echo(file_stats(file, table, out).report())
-    except USER_ERRORS as e:
-        _fail(e)
+    from retrieval.data.categories import CategoryTable
+    from retrieval.data.stats import file_stats
+    table = CategoryTable.from_csv(categories) if categories else None
+    typer.echo(file_stats(file, table, out).report())
 
 
-@app.command()
-def train(train_file: Path, out: Path = typer.Option(..., "--out", help="run folder"),
+@command()
+def train(train_file: Path = typer.Argument(..., help="training BSON file"),
+          out: Path = typer.Option(..., "--out", help="run folder"),
           categories: Optional[Path] = typer.Option(None, help="category_names.csv (default: ids seen in training)"),
-          backbone: str = typer.Option("tiny", help="tiny, RN50, RN101, convnext_tiny, convnext_small, convnext_base"),
-          pretrained: Optional[str] = typer.Option(None, help="open_clip pretrained tag, or a local weights file"),
-          image_size: int = 64, embed_dim: int = 512,
-          metric_loss: str = typer.Option("multisimilarity", help="multisimilarity, subcenter_arcface or none"),
-          metric_weight: float = 0.5, hier_heads: bool = typer.Option(False, help="auxiliary level-1/2 heads"),
-          sampled_negatives: int = typer.Option(0, help="> 0: sampled softmax with this many negatives"),
-          epochs: int = 5, max_steps: int = typer.Option(-1, help="stop after this many steps (overrides epochs)"),
-          batch_size: int = 64, lr: float = 2e-3, devices: str = typer.Option("auto", help="Lightning devices"),
-          num_nodes: int = 1, workers: int = 2, precision: str = "auto", resume: bool = False,
-          val_fraction: float = 0.05, seed: int = 0) -> None:
+          backbone: Optional[Backbone] = typer.Option(None, help="image tower [default: tiny]"),
+          pretrained: Optional[str] = typer.Option(
+              None, help="imagenet (offline EfficientNet-Lite weights), an open_clip tag, or a weights file"),
+          image_size: Optional[int] = typer.Option(None, min=16, help="input side in pixels [default: 64]"),
+          embed_dim: Optional[int] = typer.Option(None, min=2, help="embedding size [default: 512]"),
+          metric_loss: Optional[MetricLoss] = typer.Option(None, help="metric-learning loss [default: multisimilarity]"),
+          metric_weight: Optional[float] = typer.Option(None, min=0.0, help="weight of the metric loss [default: 0.5]"),
+          hier_heads: Optional[bool] = typer.Option(None, help="auxiliary level-1/2 heads [default: off]"),
+          sampled_negatives: Optional[int] = typer.Option(None, min=0, help="> 0: sampled softmax with N negatives"),
+          m_per_class: Optional[int] = typer.Option(None, min=0, help="> 0: batches of classes with M images each"),
+          epochs: Optional[int] = typer.Option(None, min=1, help="epochs [default: 5]"),
+          max_steps: Optional[int] = typer.Option(None, min=1, help="stop after this many steps (overrides epochs)"),
+          checkpoint_every: Optional[int] = typer.Option(None, min=0, help="also save last.ckpt every N steps"),
+          batch_size: Optional[int] = typer.Option(None, min=1, help="images per batch [default: 64]"),
+          lr: Optional[float] = typer.Option(None, min=0.0, help="learning rate of the new layers [default: 2e-3]"),
+          backbone_lr_mult: Optional[float] = typer.Option(None, min=0.0, help="backbone lr = lr x this [default: 1]"),
+          devices: str = typer.Option("auto", help="Lightning devices: auto, a count, or a list like 0,1"),
+          num_nodes: int = typer.Option(1, min=1, help="machines for DDP"),
+          workers: int = WORKERS,
+          precision: Optional[str] = typer.Option(None, help="Lightning precision, e.g. bf16-mixed [default: auto]"),
+          resume: bool = typer.Option(False, help="continue the run in --out from its last checkpoint"),
+          val_fraction: Optional[float] = typer.Option(None, min=0.0, max=0.99, help="validation share [default: 0.05]"),
+          seed: Optional[int] = typer.Option(None, help="random seed [default: 0]")) -> None:
     """Fine-tune an open_clip backbone with a metric-learning loss plus a classification head."""
-    from retrieval.train import TrainConfig, train as _train
-    _setup_logging()
-    cfg = TrainConfig(backbone=backbone, pretrained=pretrained, image_size=image_size, embed_dim=embed_dim,
-                      metric_loss=metric_loss, metric_weight=metric_weight, hier_heads=hier_heads,
-                      sampled_negatives=sampled_negatives, lr=lr, epochs=epochs, max_steps=max_steps,
-                      batch_size=batch_size, val_fraction=val_fraction, seed=seed, workers=workers,
-                      devices=int(devices) if devices.isdigit() else devices, num_nodes=num_nodes, precision=precision)
-    try:
-        res = _train(train_file, out, cfg, categories, resume=resume)
-    except USER_ERRORS as e:
-        _fail(e)
-    typer.echo(f"best checkpoint: {res.best}")
+    from retrieval.train.run import resolve_config, train as _train
+    given = {"backbone": backbone.value if backbone else None, "pretrained": pretrained, "image_size": image_size,
+             "embed_dim": embed_dim, "metric_loss": metric_loss.value if metric_loss else None,
+             "metric_weight": metric_weight, "hier_heads": hier_heads, "sampled_negatives": sampled_negatives,
+             "m_per_class": m_per_class, "epochs": epochs, "max_steps": max_steps,
+             "checkpoint_every_steps": checkpoint_every, "batch_size": batch_size, "lr": lr,
+             "backbone_lr_mult": backbone_lr_mult, "val_fraction": val_fraction, "seed": seed, "precision": precision,
+             "devices": int(devices) if devices.isdigit() else devices, "num_nodes": num_nodes, "workers": workers}
+    cfg = resolve_config(out, resume, **{k: v for k, v in given.items() if v is not None})
+    res = _train(train_file, out, cfg, categories, resume=resume)
+    acc = "no validation split" if res.best_val_accuracy is None else f"{res.best_val_accuracy:.4f}"
+    typer.echo(f"best validation product accuracy: {acc}\nmodel: {res.model_file}\n"
+               f"next: python cli.py build-index {train_file} --model {out} --out {out}_index --split train")
 
 
-@app.command("build-index")
-def build_index(train_file: Path, model: Path = typer.Option(..., help="run folder of `train`"),
+@command("build-index")
+def build_index(train_file: Path = typer.Argument(..., help="labelled BSON file to index"),
+                model: Path = typer.Option(..., help="run folder of `train`"),
                 out: Path = typer.Option(..., help="index folder"),
                 split: str = typer.Option("train", help="train: the run's training split; all: every product"),
                 index_type: str = typer.Option("auto", help="auto or a FAISS factory string"),
-                batch_size: int = 256, tta_flip: bool = False, workers: int = 2,
-                memory_budget_gb: float = 8.0) -> None:
+                batch_size: int = BATCH, tta_flip: bool = typer.Option(
+                    False, help="average each image with its mirror (then used by predict, evaluate, similar)"),
+                workers: int = WORKERS,
+                memory_budget_gb: float = typer.Option(8.0, min=0.01, help="RAM the index may use (chooses its type)"),
+                restart: bool = typer.Option(False, help="discard unfinished parts made with other settings")) -> None:
     """Embed every product and build a FAISS index (resumes an interrupted build)."""
-    from retrieval.indexing import build_index as _build
-    _setup_logging()
-    try:
-        man = _build(train_file, model, out, split, index_type, batch_size, tta_flip, workers,
-                     memory_budget=memory_budget_gb * 1e9)
-    except USER_ERRORS as e:
-        _fail(e)
-    typer.echo(f"indexed {man['count']} products with {man['factory']} into {out}")
+    from retrieval.serve.indexing import build_index as _build
+    man = _build(train_file, model, out, split, index_type, batch_size, tta_flip, workers,
+                 memory_budget=memory_budget_gb * 1e9, restart=restart)
+    typer.echo(f"indexed {man.count:,} products with {man.factory} into {out}")
 
 
-@app.command()
+@command()
 def similar(index: Path = typer.Option(..., help="index folder"),
             product_id: Optional[int] = typer.Option(None, help="query by an indexed product id"),
-            image: Optional[List[Path]] = typer.Option(None, help="query image file(s); several are averaged"),
-            k: int = typer.Option(10, "-k", "--k"), category: Optional[int] = None, json_out: bool = typer.Option(
-                False, "--json", help="machine-readable output"), sheet: Optional[Path] = None) -> None:
+            image: Optional[List[Path]] = typer.Option(None, help="query image file; repeat --image to average several"),
+            k: int = typer.Option(10, "-k", "--k", min=1, help="neighbours to list"),
+            category: Optional[int] = typer.Option(None, help="only products of this category id"),
+            json_out: bool = typer.Option(False, "--json", help="machine-readable output"),
+            sheet: Optional[Path] = typer.Option(None, help="also draw a contact sheet PNG here")) -> None:
     """The k products most similar to an indexed product or to image files."""
     import json
-    from retrieval.similar import similar as _similar
-    _setup_logging()
-    try:
-        found = _similar(index, product_id, image or None, k, category, sheet)
-    except USER_ERRORS as e:
-        _fail(e)
+    from retrieval.serve.similar import similar as _similar
+    found = _similar(index, product_id, image or None, k, category, sheet)
     if json_out:
         typer.echo(json.dumps([n.to_dict() for n in found]))
         return
-    for n in found:
-        typer.echo(f"{n.product_id:>12}  {n.similarity:.4f}  {n.category_id}  {n.level1} > {n.level2} > {n.level3}")
+    typer.echo(f"{'rank':>4}  {'product _id':>12}  {'similarity':>10}  {'category_id':>11}  category")
+    for i, n in enumerate(found, 1):
+        typer.echo(f"{i:>4}  {n.product_id:>12}  {n.similarity:>10.4f}  {n.category_id:>11}  {n.path}")
     if sheet:
         typer.echo(f"contact sheet: {sheet}")
 
 
-@app.command("add-to-index")
-def add_to_index(new_file: Path, index: Path = typer.Option(..., help="index folder"), batch_size: int = 256,
-                 workers: int = 2) -> None:
+@command("add-to-index")
+def add_to_index(new_file: Path = typer.Argument(..., help="BSON file of new products"),
+                 index: Path = typer.Option(..., help="index folder"), batch_size: int = BATCH,
+                 workers: int = WORKERS) -> None:
     """Append new products to an index without retraining or rebuilding."""
-    from retrieval.indexing import add_to_index as _add
-    _setup_logging()
-    try:
-        added, dups = _add(index, new_file, batch_size, workers)
-    except USER_ERRORS as e:
-        _fail(e)
+    from retrieval.serve.indexing import add_to_index as _add
+    added, dups = _add(index, new_file, batch_size, workers)
     typer.echo(f"added {added} products; {len(dups)} already indexed" + (f" (e.g. {dups[:5]})" if dups else ""))
 
 
-@app.command()
-def predict(test_file: Path, index: Path = typer.Option(..., help="index folder (build-index --split all)"),
+@command()
+def predict(test_file: Path = typer.Argument(..., help="BSON file to classify"),
+            index: Path = typer.Option(..., help="index folder (build-index --split all)"),
             out: Path = typer.Option(Path("submission.csv"), help="submission CSV"),
-            alpha: Optional[float] = typer.Option(None, help="weight of the head (default: calibration, else 0.5)"),
-            k: Optional[int] = typer.Option(None, "--k", "-k", help="neighbours (default: calibration, else 20)"),
-            tau: Optional[float] = typer.Option(None, help="vote temperature (default: calibration, else 0.07)"),
-            tta_flip: bool = False, top: int = typer.Option(0, help="with --scores-out: categories per product"),
-            scores_out: Optional[Path] = None, batch_size: int = 256, workers: int = 2) -> None:
+            alpha: Optional[float] = typer.Option(None, min=0.0, max=1.0,
+                                                  help="weight of the head (default: calibration, else 0.5)"),
+            k: Optional[int] = typer.Option(None, "--k", "-k", min=1, help="neighbours (default: calibration, else 20)"),
+            tau: Optional[float] = typer.Option(None, min=1e-6, help="vote temperature (default: calibration, else 0.07)"),
+            top: int = typer.Option(5, min=1, max=20, help="categories per product in --scores-out"),
+            scores_out: Optional[Path] = typer.Option(
+                None, help="also write the top categories with scores, one JSON object per line (JSON Lines)"),
+            batch_size: int = BATCH, workers: int = WORKERS,
+            restart: bool = typer.Option(False, help="discard unfinished parts made with other settings")) -> None:
     """Predict a category for every product of TEST_FILE, in file order (resumes if interrupted)."""
-    from retrieval.predict import predict as _predict
-    _setup_logging()
-    if scores_out and top < 1:
-        top = 5
-    try:
-        r = _predict(test_file, index, out, alpha, k, tau, tta_flip, top, scores_out, batch_size, workers)
-    except USER_ERRORS as e:
-        _fail(e)
-    typer.echo(f"{r.products} rows written to {out} ({r.products / r.seconds:.0f} products/s); "
-               f"{r.without_image} products without a decodable image; alpha={r.params['alpha']} "
-               f"k={r.params['k']} tau={r.params['tau']}")
+    from retrieval.serve.predict import predict as _predict
+    r = _predict(test_file, index, out, alpha, k, tau, top if scores_out else 0, scores_out, batch_size, workers,
+                 restart=restart)
+    resumed = r.products - r.computed
+    typer.echo(f"{r.products:,} rows written to {out}; {r.computed:,} predicted now ({r.rate:.0f} products/s)"
+               + (f", {resumed:,} resumed from earlier parts" if resumed else "")
+               + f"; {r.without_image} without a decodable image; alpha={r.params['alpha']} k={r.params['k']} "
+                 f"tau={r.params['tau']}")
 
 
-@app.command()
+@command()
 def evaluate(index: Path = typer.Option(..., help="index folder (build-index --split train)"),
              val_file: Optional[Path] = typer.Argument(
                  None, help="labelled BSON (default: the run's validation split)"),
-             out: Optional[Path] = typer.Option(None, help="folder for metrics.json and plots"),
-             batch_size: int = 256, workers: int = 2, max_products: int = 20000) -> None:
+             out: Optional[Path] = typer.Option(None, help="folder for metrics.json and plots (default: RUN/eval)"),
+             batch_size: int = BATCH, workers: int = WORKERS,
+             max_products: Optional[int] = typer.Option(None, min=1, help="score a random sample of this many")) -> None:
     """Head, kNN and fused accuracy on held-out products; saves the best alpha, k, tau for predict."""
-    from retrieval.evaluate import evaluate as _evaluate
-    _setup_logging()
-    try:
-        m = _evaluate(index, val_file, out, batch_size, workers, max_products)
-    except USER_ERRORS as e:
-        _fail(e)
-    for key in ("products", "head_accuracy", "knn_accuracy", "fused_accuracy", "calibration", "fused_top5_accuracy",
-                "level1_accuracy", "level2_accuracy", "image_accuracy", "by_frequency", "plots"):
-        typer.echo(f"{key}: {m[key]}")
+    from retrieval.serve.evaluate import evaluate as _evaluate, metrics_table
+    m = _evaluate(index, val_file, out, batch_size, workers, max_products)
+    typer.echo(metrics_table(m))
+    typer.echo("\nplots: " + ", ".join(m["plots"]))
 
 
-@app.command()
+@command()
 def demo(workdir: Path = typer.Option(Path("demo_work"), help="empty folder for everything the demo makes"),
-         products: int = 4000, categories: int = 200, epochs: int = 5, workers: int = 2) -> None:
+         products: int = typer.Option(4000, min=20, help="training products to generate"),
+         n_categories: int = typer.Option(200, min=2, help="categories to generate"),
+         epochs: int = typer.Option(5, min=1, help="training epochs"), workers: int = WORKERS) -> None:
     """Run the whole system on generated data and print a summary."""
     import json
     from retrieval.demo import DemoConfig, run_demo
-    _setup_logging()
-    try:
-        s = run_demo(workdir, DemoConfig(products=products, categories=categories, epochs=epochs, workers=workers))
-    except USER_ERRORS as e:
-        _fail(e)
+    s = run_demo(workdir, DemoConfig(products=products, categories=n_categories, epochs=epochs, workers=workers))
     typer.echo(json.dumps(s, indent=1))
 
 

@@ -17,17 +17,17 @@ from PIL import Image
 
 from common import best_time, print_table
 
-from retrieval.bsonio import iter_products
-from retrieval.offsets import RecordReader, scan_offsets
-from retrieval.images import decode_image
-from retrieval.synth import SynthConfig, make_data
+from retrieval.data.bsonio import iter_products
+from retrieval.data.offsets import RecordReader, scan_offsets
+from retrieval.data.images import decode_image
+from retrieval.data.synth import SynthConfig, make_data
 
 # Peak RSS is read from VmHWM: unlike getrusage's ru_maxrss it starts afresh at exec, so the child does not
 # inherit the (large) parent's high-water mark.
 RSS_SCRIPT = """
 import sys
 sys.path.insert(0, {root!r})
-from retrieval.bsonio import iter_products
+from retrieval.data.bsonio import iter_products
 def status_kb(key):
     for line in open('/proc/self/status'):
         if line.startswith(key):

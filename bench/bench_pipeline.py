@@ -18,13 +18,13 @@ from common import print_table
 from pipeline_common import decoded_images, forward_only, prepared, prepared_convnext
 
 from index import fuse, knn_vote
-from retrieval.offsets import RecordReader, load_offsets
-from retrieval.dataset import to_model_input
-from retrieval.embed import embed_images
-from retrieval.evaluate import evaluate
-from retrieval.images import decode_image
-from retrieval.indexing import build_index, open_index
-from retrieval.predict import neighbour_labels, predict
+from retrieval.data.offsets import RecordReader, load_offsets
+from retrieval.data.datasets import to_model_input
+from retrieval.serve.embed import embed_images
+from retrieval.serve.evaluate import evaluate
+from retrieval.data.images import decode_image
+from retrieval.serve.indexing import build_index, open_index
+from retrieval.serve.predict import neighbour_labels, predict
 
 ROOT = Path(__file__).resolve().parents[1]
 

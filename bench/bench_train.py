@@ -15,10 +15,10 @@ import torch
 
 from common import print_table
 
-from retrieval.dataset import CdiscountDataModule, DataConfig
-from retrieval.embed import autocast_for
-from retrieval.synth import SynthConfig, make_data
-from retrieval.train import RetrievalModule, TrainConfig, train
+from retrieval.data.datasets import CdiscountDataModule, DataConfig
+from retrieval.serve.embed import autocast_for
+from retrieval.data.synth import SynthConfig, make_data
+from retrieval.train.run import RetrievalModule, TrainConfig, train
 from retrieval.model import EmbeddingNet, ModelConfig
 
 

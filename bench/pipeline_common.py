@@ -9,13 +9,13 @@ import common  # noqa: F401  (puts the repository on sys.path)
 import numpy as np
 import torch
 
-from retrieval.offsets import RecordReader, load_offsets
-from retrieval.dataset import to_model_input
-from retrieval.embed import embed_images
-from retrieval.images import decode_image
-from retrieval.indexing import build_index, open_index
-from retrieval.synth import SynthConfig, make_data
-from retrieval.train import TrainConfig, train
+from retrieval.data.offsets import RecordReader, load_offsets
+from retrieval.data.datasets import to_model_input
+from retrieval.serve.embed import embed_images
+from retrieval.data.images import decode_image
+from retrieval.serve.indexing import build_index, open_index
+from retrieval.data.synth import SynthConfig, make_data
+from retrieval.train.run import TrainConfig, train
 
 
 def prepared(work: Path, products: int = 4000, categories: int = 40, epochs: int = 5,

@@ -14,9 +14,10 @@ def knn_vote(sims: np.ndarray, labels: np.ndarray, n_classes: int, tau: float = 
     if tau <= 0:
         raise ValueError(f"tau must be positive, got {tau}")
     sims, labels = np.asarray(sims, np.float32)[:, :k], np.asarray(labels, np.int64)[:, :k]
-    valid = labels >= 0
+    valid = (labels >= 0) & np.isfinite(sims) & (sims > -1e30)  # FAISS pads missing neighbours with -FLT_MAX
     top = np.where(valid, sims, -np.inf).max(axis=1, keepdims=True)
-    w = np.where(valid, np.exp((sims - np.where(np.isfinite(top), top, 0)) / tau), 0.0)
+    top = np.where(np.isfinite(top), top, 0.0)
+    w = np.where(valid, np.exp((np.where(valid, sims, top) - top) / tau), 0.0)  # masked before exp: no overflow
     out = np.zeros((len(sims), n_classes), np.float32)
     rows = np.repeat(np.arange(len(sims)), sims.shape[1])
     np.add.at(out, (rows[valid.ravel()], labels.ravel()[valid.ravel()]), w.ravel()[valid.ravel()])

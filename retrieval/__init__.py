@@ -1,1 +1,7 @@
-"""Cdiscount product classification and similar-product retrieval (learning side)."""
+"""Cdiscount product classification and similar-product retrieval.
+
+Sub-packages by role: ``data`` (read BSON, decode, categories, datasets, generated data), ``model`` (the
+network, its config, runtime and exported model file), ``train`` (the only user of Lightning), ``serve``
+(embedding, index folders, fused classification, predict, evaluate, similar; never imports ``train``).
+The FAISS layer is the separate top-level package ``index`` (numpy + faiss only).
+"""

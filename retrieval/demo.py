@@ -6,13 +6,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .evaluate import evaluate
-from .indexing import build_index
-from .offsets import load_offsets
-from .predict import predict, score_submission
-from .similar import similar
-from .synth import SynthConfig, make_data
-from .train import TrainConfig, train
+from .data.offsets import load_offsets
+from .data.synth import SynthConfig, make_data
+from .errors import UserError
+from .serve.evaluate import evaluate
+from .serve.indexing import build_index
+from .serve.predict import predict, score_submission
+from .serve.similar import similar
+from .train.config import TrainConfig
+from .train.run import train
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +36,10 @@ def run_demo(workdir: str | Path, cfg: DemoConfig = DemoConfig()) -> dict:
     """Run every stage and return accuracies, timings and artefact paths."""
     work = Path(workdir)
     run = work / "run"
-    if (run / "checkpoints").exists():
-        raise FileExistsError(f"{work} already holds a demo run; choose an empty --workdir")
+    if cfg.products < 20 or cfg.categories < 2 or cfg.epochs < 1:
+        raise UserError("the demo needs at least 20 products, 2 categories and 1 epoch")
+    if work.exists() and any(work.iterdir()):
+        raise FileExistsError(f"{work} already holds files (a demo run?); choose an empty --workdir")
     t0 = time.perf_counter()
     times: dict[str, float] = {}
 
@@ -45,8 +49,8 @@ def run_demo(workdir: str | Path, cfg: DemoConfig = DemoConfig()) -> dict:
     data = make_data(work / "data", SynthConfig(cfg.products, cfg.categories, cfg.seed, cfg.image_size,
                                                 colour_jitter=cfg.colour_jitter))
     lap("make-data")
-    tcfg = TrainConfig(image_size=cfg.image_size, embed_dim=128, epochs=cfg.epochs, batch_size=64,
-                       workers=cfg.workers, val_fraction=0.1, seed=cfg.seed)
+    tcfg = TrainConfig.build(image_size=cfg.image_size, embed_dim=128, epochs=cfg.epochs, batch_size=64,
+                             workers=cfg.workers, val_fraction=0.1, seed=cfg.seed)
     res = train(data["train.bson"], run, tcfg, data["category_names.csv"])
     lap("train")
     build_index(data["train.bson"], run, work / "index_train", "train", workers=cfg.workers)
@@ -64,10 +68,10 @@ def run_demo(workdir: str | Path, cfg: DemoConfig = DemoConfig()) -> dict:
     return {
         "val_head_accuracy": metrics["head_accuracy"], "val_knn_accuracy": metrics["knn_accuracy"],
         "val_fused_accuracy": metrics["fused_accuracy"], "calibration": metrics["calibration"],
-        "test_accuracy": test_acc, "predict_products_per_s": report.products / report.seconds,
+        "test_accuracy": test_acc, "predict_products_per_s": report.rate,
         "similar_query": query, "similar_top": [(n.product_id, round(n.similarity, 3)) for n in found[:3]],
         "seconds": times, "total_seconds": round(time.perf_counter() - t0, 1),
-        "artefacts": {"data": str(work / "data"), "checkpoint": str(res.best),
+        "artefacts": {"data": str(work / "data"), "model": str(res.model_file), "checkpoint": str(res.best),
                       "metrics": str(run / "logs" / "metrics.csv"),
                       "evaluation": str(work / "eval" / "metrics.json"), "eval_plots": metrics["plots"],
                       "index_train": str(work / "index_train"), "index_all": str(work / "index_all"),

@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-SHARED = ROOT.parent / "shared" / "data"
+from retrieval.data.synth import SynthConfig, make_data
 
-from retrieval.synth import SynthConfig, make_data  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
 
 
 @pytest.fixture(autouse=True)
@@ -40,10 +38,11 @@ def small_data(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def trained_run(small_data, tmp_path_factory) -> Path:
     """A tiny-tower run trained for a few epochs on ``small_data``."""
-    from retrieval.train import TrainConfig, train
+    from retrieval.train.config import TrainConfig
+    from retrieval.train.run import train
     run = tmp_path_factory.mktemp("trained")
-    train(small_data["train.bson"], run, TrainConfig(image_size=32, embed_dim=32, batch_size=16, workers=0,
-                                                     val_fraction=0.2, epochs=3, lr=3e-3),
+    train(small_data["train.bson"], run, TrainConfig.build(image_size=32, embed_dim=32, batch_size=16, workers=0,
+                                                           val_fraction=0.2, epochs=3, lr=3e-3),
           small_data["category_names.csv"], progress=False)
     return run
 
@@ -51,7 +50,7 @@ def trained_run(small_data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def indexes(small_data, trained_run, tmp_path_factory) -> dict[str, Path]:
     """A train-split index and an all-products index of ``small_data``."""
-    from retrieval.indexing import build_index
+    from retrieval.serve.indexing import build_index
     root = tmp_path_factory.mktemp("indexes")
     for split in ("train", "all"):
         build_index(small_data["train.bson"], trained_run, root / split, split, workers=0, chunk_products=40)

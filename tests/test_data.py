@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval.bsonio import BsonFormatError, iter_products
-from retrieval.offsets import RecordReader, load_offsets, scan_offsets
-from retrieval.categories import CategoryTable
-from retrieval.images import ImageDecodeError, decode_image, encode_jpeg
-from retrieval.synth import SynthConfig, make_data
+from retrieval.data.bsonio import BsonFormatError, iter_products
+from retrieval.data.offsets import RecordReader, load_offsets, scan_offsets
+from retrieval.data.categories import CategoryTable
+from retrieval.data.images import ImageDecodeError, decode_image, encode_jpeg
+from retrieval.data.synth import SynthConfig, make_data
 from tests.conftest import shared_file
 
 
@@ -227,7 +227,7 @@ def test_generated_data_layout_and_determinism(tmp_path):
 
 
 def test_stats_on_real_example(tmp_path):
-    from retrieval.stats import file_stats
+    from retrieval.data.stats import file_stats
     st = file_stats(shared_file("train_example.bson"), CategoryTable.from_csv(shared_file("category_names.csv")),
                     tmp_path / "plots", progress=False)
     assert (st.products, st.images, st.categories["id"]) == (82, 110, 36)

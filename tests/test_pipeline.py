@@ -8,15 +8,17 @@ import bson
 import numpy as np
 import pytest
 
-import retrieval.predict as predict_mod
+import retrieval.serve.predict as predict_mod
 from index import fuse, knn_vote
-from retrieval.bsonio import iter_products
-from retrieval.offsets import RecordReader, load_offsets
-from retrieval.embed import embed_products
-from retrieval.evaluate import evaluate
-from retrieval.indexing import add_to_index, build_index, open_index
-from retrieval.predict import neighbour_labels, predict, read_submission, score_submission
-from retrieval.similar import similar
+from retrieval.data.bsonio import iter_products
+from retrieval.data.offsets import RecordReader, load_offsets
+from retrieval.serve.embed import embed_products
+from retrieval.serve.evaluate import evaluate
+from retrieval.serve.indexing import add_to_index, build_index, open_index
+from retrieval.errors import UserError
+from retrieval.serve.fused import neighbour_labels
+from retrieval.serve.predict import predict, read_submission, score_submission
+from retrieval.serve.similar import similar
 
 
 def test_train_index_holds_only_training_products(indexes, trained_run, small_data):
@@ -24,9 +26,9 @@ def test_train_index_holds_only_training_products(indexes, trained_run, small_da
     split = np.load(trained_run / "split.npz")
     assert set(b.product_ids) == set(split["train_ids"]) and not set(b.product_ids) & set(split["val_ids"])
     m = b.manifest
-    assert m["backbone"] == "tiny" and m["dim"] == 32 and m["count"] == len(split["train_ids"])
-    assert m["factory"] == "Flat" and len(m["checkpoint_sha256"]) == 64
-    assert m["sources"][0]["fingerprint"]["size"] == small_data["train.bson"].stat().st_size
+    assert m.backbone == "tiny" and m.dim == 32 and m.count == len(split["train_ids"])
+    assert m.factory == "Flat" and len(m.model_sha256) == 64
+    assert m.sources[0].fingerprint["size"] == small_data["train.bson"].stat().st_size
     assert len(open_index(indexes["all"]).product_ids) == 150
 
 
@@ -48,16 +50,16 @@ def test_interrupted_build_resumes_to_the_same_index(small_data, trained_run, in
 
 
 def test_mismatches_are_refused(small_data, trained_run, indexes, tmp_path):
-    with pytest.raises(ValueError, match="holds parts of another run"):
+    with pytest.raises(UserError, match="holds unfinished work made with other settings.*split all -> train"):
         build_index(small_data["train.bson"], trained_run, indexes["all"], "train", workers=0, chunk_products=40)
     with pytest.raises(ValueError, match="not the file run"):
         build_index(small_data["test.bson"], trained_run, tmp_path / "x", "train", workers=0)
     copy = tmp_path / "copy"
     shutil.copytree(indexes["train"], copy)
-    ck = tmp_path / "ck.ckpt"
-    shutil.copy(open_index(copy).manifest["checkpoint"], ck)
+    ck = tmp_path / "model.pt"
+    shutil.copy(open_index(copy).manifest.model_file, ck)
     man = json.loads((copy / "manifest.json").read_text())
-    man["checkpoint"] = str(ck)
+    man["model_file"] = str(ck)
     (copy / "manifest.json").write_text(json.dumps(man))
     open_index(copy)
     with open(ck, "ab") as f:
@@ -81,7 +83,7 @@ def test_similar_by_id_by_images_and_by_category(indexes, small_data, tmp_path):
     assert by_img[0].product_id == pid and by_img[0].similarity > 0.99
     other = next(c for c in b.categories.ids if c != prod.category_id)
     assert all(n.category_id == other for n in similar(b, product_id=pid, k=4, category=other))
-    with pytest.raises(KeyError, match="not in the index"):
+    with pytest.raises(UserError, match="not in the index"):
         similar(b, product_id=-5)
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="bad.jpg"):
@@ -91,7 +93,7 @@ def test_similar_by_id_by_images_and_by_category(indexes, small_data, tmp_path):
 def test_add_to_index_makes_new_products_findable(indexes, small_data, tmp_path):
     idx = tmp_path / "grow"
     shutil.copytree(indexes["train"], idx)
-    split_val = np.load(open_index(idx).manifest["run_dir"] + "/split.npz")["val_rows"]
+    split_val = np.load(open_index(idx).manifest.run_dir + "/split.npz")["val_rows"]
     reader = RecordReader(small_data["train.bson"])
     docs = []
     for r in split_val[:5].tolist() + [int(np.flatnonzero(~np.isin(np.arange(150), split_val))[0])]:
@@ -160,11 +162,11 @@ def test_alpha_endpoints_are_knn_only_and_head_only(indexes, small_data, tmp_pat
     predict(small_data["test.bson"], indexes["all"], tmp_path / "s.csv", alpha=alpha, k=5, tau=0.05, workers=0)
     _, got = read_submission(tmp_path / "s.csv")
     b = open_index(indexes["all"])
-    net, cats, _ = b.model
+    net, cats = b.net, b.categories
     table = load_offsets(small_data["test.bson"])
     outs = list(embed_products(net, RecordReader(small_data["test.bson"], table), np.arange(len(table)), workers=0))
     emb, probs = np.concatenate([o.emb for o in outs]), np.concatenate([o.probs for o in outs])
-    sims, labels = neighbour_labels(b, emb, 5, np.ones(len(emb), bool))
+    sims, labels = neighbour_labels(b.index, emb, 5, np.ones(len(emb), bool))
     p = probs if alpha == 1 else knn_vote(sims, labels, len(cats), 0.05)
     assert np.array_equal(got, np.asarray(cats.ids)[p.argmax(1)])
     assert np.array_equal(fuse(probs, knn_vote(sims, labels, len(cats), 0.05), alpha).argmax(1), p.argmax(1))
@@ -178,7 +180,6 @@ def test_evaluate_refuses_indexes_holding_scored_products_and_calibrates(indexes
     m = evaluate(indexes["train"], out_dir=tmp_path / "ev", workers=0)
     n_val = len(np.load(trained_run / "split.npz")["val_ids"])
     assert m["products"] == n_val
-    assert m["fused_accuracy"] >= max(m["head_accuracy"], m["knn_accuracy"]) - 1e-9
     assert 0 <= m["level2_accuracy"] <= 1 and m["level1_accuracy"] >= m["level2_accuracy"] - 1e-9
     assert m["fused_top5_accuracy"] >= m["fused_accuracy"]
     assert sum(v["products"] for v in m["by_frequency"].values()) == n_val

@@ -8,10 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from retrieval.dataset import make_split
-from retrieval.losses import MetricLoss, sampled_softmax_loss
-from retrieval.model import EmbeddingNet, ModelConfig, create_backbone, list_backbones, load_checkpoint
-from retrieval.train import TrainConfig, train
+from retrieval.data.datasets import make_split
+from retrieval.train.losses import MetricLoss, sampled_softmax_loss
+from retrieval.errors import UserError
+from retrieval.model.config import ModelConfig
+from retrieval.model.export import load_model_file
+from retrieval.model.network import EmbeddingNet, create_backbone
+from retrieval.model.registry import list_backbones
+from retrieval.train.config import LossSettings, TrainConfig
+from retrieval.train.run import resolve_config, train
 
 FAST = dict(image_size=32, embed_dim=32, batch_size=16, workers=0, val_fraction=0.2, lr=3e-3)
 
@@ -19,7 +24,7 @@ FAST = dict(image_size=32, embed_dim=32, batch_size=16, workers=0, val_fraction=
 @pytest.fixture(scope="module")
 def trained(small_data, tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
-    res = train(small_data["train.bson"], run, TrainConfig(epochs=4, **FAST), small_data["category_names.csv"],
+    res = train(small_data["train.bson"], run, TrainConfig.build(epochs=4, **FAST), small_data["category_names.csv"],
                 progress=False)
     return run, res
 
@@ -45,7 +50,8 @@ def test_checkpoint_reloads_to_identical_embeddings(trained, small_data):
     mem = res.module.net.eval()
     with torch.no_grad():
         e_mem, l_mem, _ = mem(x)
-    net, cats, info = load_checkpoint(res.last)
+    loaded = load_model_file(res.model_file)
+    net, cats, info = loaded.net, loaded.categories, loaded.info
     with torch.no_grad():
         e_ck, l_ck, _ = net(x)
     assert torch.equal(e_mem, e_ck) and torch.equal(l_mem, l_ck)
@@ -55,12 +61,12 @@ def test_checkpoint_reloads_to_identical_embeddings(trained, small_data):
 
 
 def test_resume_continues_step_count(small_data, tmp_path):
-    cfg = TrainConfig(max_steps=4, **FAST)
+    cfg = TrainConfig.build(max_steps=4, **FAST)
     train(small_data["train.bson"], tmp_path, cfg, small_data["category_names.csv"], progress=False)
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
     with pytest.raises(FileExistsError, match="--resume"):
         train(small_data["train.bson"], tmp_path, cfg, small_data["category_names.csv"], progress=False)
-    train(small_data["train.bson"], tmp_path, TrainConfig(max_steps=7, **FAST), resume=True, progress=False)
+    train(small_data["train.bson"], tmp_path, TrainConfig.build(max_steps=7, **FAST), resume=True, progress=False)
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 7
 
 
@@ -87,7 +93,7 @@ def test_sampled_softmax_equals_full_softmax_when_all_classes_sampled():
 @pytest.mark.parametrize("name", ["multisimilarity", "subcenter_arcface"])
 def test_metric_losses_prefer_clustered_embeddings(name):
     torch.manual_seed(0)
-    loss = MetricLoss(name, n_classes=3, dim=16)
+    loss = MetricLoss(LossSettings(metric_loss=name), n_classes=3, dim=16)
     y = torch.arange(3).repeat(4)
     centers = F.normalize(torch.randn(3, 16), dim=-1)
     if name == "subcenter_arcface":  # its class weights are learnt: point them at the centres
@@ -99,15 +105,15 @@ def test_metric_losses_prefer_clustered_embeddings(name):
 
 def test_bad_arguments(small_data, tmp_path):
     with pytest.raises(ValueError, match="unknown backbone 'resnet9000'.*convnext_tiny"):
-        train(small_data["train.bson"], tmp_path / "a", TrainConfig(backbone="resnet9000", **FAST))
+        train(small_data["train.bson"], tmp_path / "a", TrainConfig.build(backbone="resnet9000", **FAST))
     with pytest.raises(FileNotFoundError, match="missing.bson"):
-        train(tmp_path / "missing.bson", tmp_path / "b", TrainConfig(**FAST))
+        train(tmp_path / "missing.bson", tmp_path / "b", TrainConfig.build(**FAST))
     with pytest.raises(ValueError, match="no product has a category_id"):
-        train(small_data["test.bson"], tmp_path / "c", TrainConfig(**FAST))
-    with pytest.raises(ValueError, match=r"unknown metric loss 'triplet'"):
-        MetricLoss("triplet", 3, 8)
+        train(small_data["test.bson"], tmp_path / "c", TrainConfig.build(**FAST))
+    with pytest.raises(UserError, match=r"unknown metric loss 'triplet'"):
+        TrainConfig.build(metric_loss="triplet")
     assert {"tiny", "RN50", "convnext_tiny", "convnext_small", "convnext_base"} <= set(list_backbones())
-    with pytest.raises(RuntimeError, match=r"--pretrained /path/to/"):
+    with pytest.raises(UserError, match=r"--pretrained /path/to/"):
         create_backbone("tiny", pretrained=str(tmp_path / "no_weights.bin"), image_size=32)
     with pytest.raises(ValueError, match="at least one class"):
         EmbeddingNet(ModelConfig(n_classes=0))
@@ -116,21 +122,22 @@ def test_bad_arguments(small_data, tmp_path):
 def test_options_train_on_a_file_with_a_corrupt_picture(small_data, tmp_path):
     import bson
 
-    from retrieval.bsonio import iter_products
+    from retrieval.data.bsonio import iter_products
     docs = [{"_id": p.product_id, "imgs": [{"picture": x} for x in p.images], "category_id": p.category_id}
             for p in iter_products(small_data["train.bson"])]
     docs[0]["imgs"].insert(0, {"picture": b"\xff\xd8 corrupt"})
     path = tmp_path / "train.bson"
     path.write_bytes(b"".join(bson.encode(d) for d in docs))
-    cfg = TrainConfig(max_steps=4, hier_heads=True, sampled_negatives=2, metric_loss="subcenter_arcface", **FAST)
+    cfg = TrainConfig.build(max_steps=4, hier_heads=True, sampled_negatives=2, metric_loss="subcenter_arcface", **FAST)
     res = train(path, tmp_path / "run", cfg, small_data["category_names.csv"], progress=False)
-    net, cats, _ = load_checkpoint(res.last)
+    loaded = load_model_file(res.model_file)
+    net, cats = loaded.net, loaded.categories
     assert net.head_l1.out_features == cats.n_level1 and net.head_l2.out_features == cats.n_level2
     assert torch.load(res.last, weights_only=False)["global_step"] == 4
     # the corrupt picture is sample 0 of product row 0: labelled -100, and ignored by every loss term
-    from retrieval.dataset import ImageDataset
-    from retrieval.offsets import RecordReader
-    from retrieval.train import RetrievalModule
+    from retrieval.data.datasets import ImageDataset
+    from retrieval.data.offsets import RecordReader
+    from retrieval.train.module import RetrievalModule
     reader = RecordReader(path)
     l1, l2 = cats.parents()
     ds = ImageDataset(reader, np.arange(20), cats.encode(reader.table["category_id"][:20]), 32, l1, l2)

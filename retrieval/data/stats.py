@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .offsets import load_offsets
 from .categories import CategoryTable
+from .offsets import load_offsets
 
 log = logging.getLogger(__name__)
 
@@ -37,23 +37,39 @@ class FileStats:
         return "\n".join(lines)
 
 
-def _hist(counts: np.ndarray, title: str, path: Path, log_x: bool = True) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if log_x and counts.max() > 1:
-        bins = np.logspace(0, np.log10(counts.max() + 1), 30)
-        ax.set_xscale("log")
-    else:
-        bins = np.arange(counts.min(), counts.max() + 2) - 0.5
+def _hist(counts: np.ndarray, title: str, xlabel: str, path: Path) -> Path:
+    """A log-log histogram (log-spaced bins, plain-number ticks)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import LogFormatter
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    bins = np.logspace(0, np.log10(counts.max() + 1), 30) if counts.max() > 1 else np.array([0.5, 1.5])
     ax.hist(counts, bins=bins)
+    ax.set_xscale("log")
     ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
     ax.set_title(title)
-    ax.set_ylabel("count (log)")
+    ax.set_xlabel(xlabel + " (log scale)")
+    ax.set_ylabel("number of categories (log scale)")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.close(fig)
+    return path
+
+
+def _bars(per: dict[int, int], path: Path) -> Path:
+    """Images per product as a plain bar chart."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
+    keys = sorted(per)
+    ax.bar(keys, [per[k] for k in keys])
+    ax.set_xticks(keys)
+    ax.set_title("images per product")
+    ax.set_xlabel("images in the product")
+    ax.set_ylabel("products")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
     return path
 
 
@@ -87,6 +103,6 @@ def file_stats(path: str | Path, categories: CategoryTable | None = None, out_di
         for k, v in levels.items():
             if v:
                 st.plots.append(_hist(np.array(list(v.values())), f"products per category ({k})",
-                                      out / f"products_per_category_{k}.png"))
-        st.plots.append(_hist(n_img, "images per product", out / "images_per_product.png", log_x=False))
+                                      "products in the category", out / f"products_per_category_{k}.png"))
+        st.plots.append(_bars(dict(per), out / "images_per_product.png"))
     return st

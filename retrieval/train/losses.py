@@ -6,27 +6,22 @@ import torch.nn.functional as F
 from pytorch_metric_learning import losses, miners
 from torch import nn
 
-METRIC_LOSSES = ("multisimilarity", "subcenter_arcface", "none")
-DEFAULT_METRIC_LOSS = "multisimilarity"
+from .config import LossSettings
 
 
 class MetricLoss(nn.Module):
     """``loss(embeddings [B, D], labels [B]) -> scalar``; rows with label < 0 are ignored."""
 
-    def __init__(self, name: str, n_classes: int, dim: int) -> None:
+    def __init__(self, cfg: LossSettings, n_classes: int, dim: int) -> None:
         super().__init__()
-        if name not in METRIC_LOSSES:
-            raise ValueError(f"unknown metric loss {name!r}; valid: {', '.join(METRIC_LOSSES)}")
-        self.name = name
-        self.miner = None
-        if name == "multisimilarity":
-            self.loss = losses.MultiSimilarityLoss(alpha=2.0, beta=50.0, base=0.5)
-            self.miner = miners.MultiSimilarityMiner(epsilon=0.1)
-        elif name == "subcenter_arcface":
-            self.loss = losses.SubCenterArcFaceLoss(num_classes=n_classes, embedding_size=dim, margin=28.6,
-                                                   scale=30, sub_centers=3)
-        else:
-            self.loss = None
+        self.name, self.miner, self.loss = cfg.metric_loss, None, None
+        if cfg.metric_loss == "multisimilarity":
+            self.loss = losses.MultiSimilarityLoss(alpha=cfg.ms_alpha, beta=cfg.ms_beta, base=cfg.ms_base)
+            self.miner = miners.MultiSimilarityMiner(epsilon=cfg.ms_epsilon)
+        elif cfg.metric_loss == "subcenter_arcface":
+            self.loss = losses.SubCenterArcFaceLoss(num_classes=n_classes, embedding_size=dim,
+                                                   margin=cfg.arcface_margin, scale=cfg.arcface_scale,
+                                                   sub_centers=cfg.arcface_sub_centers)
 
     def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         keep = labels >= 0

@@ -3,7 +3,7 @@
 A file is a plain concatenation of BSON documents ``{_id, imgs: [{picture}], category_id}``.
 Structural damage (bad lengths, missing fields) raises :class:`BsonFormatError` naming the file,
 record number, byte offset and product id where known. Image-level damage is not handled here:
-pictures are returned as raw bytes and decoded (or skipped and counted) by :mod:`retrieval.images`.
+pictures are returned as raw bytes and decoded (or skipped and counted) by :mod:`retrieval.data.images`.
 """
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from typing import Iterator, NamedTuple
 import bson
 from tqdm import tqdm
 
+from ..errors import UserError
+
 log = logging.getLogger(__name__)
 
 _INT32 = struct.Struct("<i")
@@ -25,7 +27,8 @@ _MIN_DOC = 5
 _MAX_DOC = 16 * 1024 * 1024 * 4  # far above any real product (4 JPEGs of ~10 KB)
 CHUNK_BYTES = 16 * 1024 * 1024
 
-class BsonFormatError(ValueError):
+
+class BsonFormatError(UserError):
     """A BSON file that cannot be read; the message names file, record, offset and product id."""
 
     def __init__(self, path: str | os.PathLike, reason: str, offset: int | None = None,

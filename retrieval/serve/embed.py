@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -14,11 +14,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .offsets import RecordReader
-from .dataset import ProductDataset, product_loader, product_mean
-from .images import DecodeStats
-from .model import EmbeddingNet
-from .train import auto_precision
+from ..data.datasets import ProductDataset, product_loader
+from ..data.images import DecodeStats
+from ..data.offsets import RecordReader
+from ..errors import UserError
+from ..model.network import EmbeddingNet, product_mean
+from ..model.runtime import autocast_for, device_of
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +47,6 @@ class Timer:
         t = time.perf_counter()
         self.seconds[stage] = self.seconds.get(stage, 0.0) + t - t0
         return t
-
-
-def device_of(net: EmbeddingNet) -> torch.device:
-    return next(net.parameters()).device
-
-
-def autocast_for(device: torch.device):
-    if auto_precision() == "bf16-mixed" or (device.type == "cuda" and torch.cuda.is_bf16_supported()):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
 
 
 @torch.no_grad()
@@ -108,21 +99,40 @@ def embed_products(net: EmbeddingNet, reader: RecordReader, rows: np.ndarray, ba
         t = time.perf_counter()
 
 
+def _differences(old: dict, new: dict) -> str:
+    """The settings that differ between two store keys, in words."""
+    diffs = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = _differences(a, b)
+            diffs += [f"{k}.{d}" for d in inner.split("; ")] if inner else []
+        elif a != b:
+            diffs.append(f"{k} {a} -> {b}")
+    return "; ".join(diffs)
+
+
 class ChunkStore:
     """Numbered ``part_XXXXX.npz`` files written atomically; a run started again skips finished parts.
 
-    ``key`` (e.g. model hash + rows) is saved in ``store.json``; a store made for another key is refused.
+    ``key`` (the settings the parts depend on) is saved in ``store.json``. A store made with another key
+    is refused with the differing settings named, or wiped first with ``restart``.
     """
 
-    def __init__(self, folder: str | Path, key: dict) -> None:
+    def __init__(self, folder: str | Path, key: dict, restart: bool = False) -> None:
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
         meta = self.folder / "store.json"
         if meta.exists():
             old = json.loads(meta.read_text())
             if old != key:
-                raise ValueError(f"{self.folder} holds parts of another run ({old}); delete it or use another output")
-        else:
+                if not restart:
+                    raise UserError(f"{self.folder} holds unfinished work made with other settings "
+                                    f"({_differences(old, key)}); pass --restart to discard it, or choose another "
+                                    "output")
+                log.warning("discarding %s (made with other settings)", self.folder)
+                shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if not meta.exists():
             meta.write_text(json.dumps(key))
 
     def path(self, i: int) -> Path:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -9,6 +10,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from ..errors import UserError
 
 CSV_HEADER = ["category_id", "category_level1", "category_level2", "category_level3"]
 
@@ -40,7 +43,7 @@ class CategoryTable:
         rows = sorted(rows)
         ids = [r[0] for r in rows]
         if len(set(ids)) != len(ids):
-            raise ValueError("category table has duplicate category ids")
+            raise UserError("category table has duplicate category ids")
         l1 = sorted({r[1] for r in rows})
         l2 = sorted({r[2] for r in rows})  # by name: a few level-2 names sit under two level-1 parents
         l1i = {n: i for i, n in enumerate(l1)}
@@ -50,25 +53,36 @@ class CategoryTable:
 
     @classmethod
     def from_csv(cls, path: str | os.PathLike) -> "CategoryTable":
-        """Parse Kaggle's ``category_names.csv`` (quoted fields and trailing spaces kept verbatim)."""
+        """Parse Kaggle's ``category_names.csv`` (quoted fields and trailing spaces kept verbatim; a UTF-8
+        byte-order mark is accepted). Bad encoding, fields or duplicate ids raise naming the file and line."""
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"{p}: no such category file")
-        with open(p, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            if header is None or [h.strip() for h in header] != CSV_HEADER:
-                raise ValueError(f"{p}: expected header {','.join(CSV_HEADER)}, got {header}")
-            rows = []
-            for line, r in enumerate(reader, start=2):
-                if len(r) != 4:
-                    raise ValueError(f"{p}, line {line}: expected 4 fields, got {len(r)}")
-                try:
-                    rows.append((int(r[0]), r[1], r[2], r[3]))
-                except ValueError:
-                    raise ValueError(f"{p}, line {line}: category_id {r[0]!r} is not an integer") from None
+        raw = p.read_bytes()
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            raise UserError(f"{p}, line {line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header = next(reader, None)
+        if header is None or [h.strip() for h in header] != CSV_HEADER:
+            raise UserError(f"{p}: expected header {','.join(CSV_HEADER)}, got {header}")
+        rows, seen = [], {}
+        for r in reader:
+            line = reader.line_num
+            if len(r) != 4:
+                raise UserError(f"{p}, line {line}: expected 4 fields, got {len(r)}")
+            try:
+                cid = int(r[0])
+            except ValueError:
+                raise UserError(f"{p}, line {line}: category_id {r[0]!r} is not an integer") from None
+            if cid in seen:
+                raise UserError(f"{p}, line {line}: category_id {cid} repeats line {seen[cid]}")
+            seen[cid] = line
+            rows.append((cid, r[1], r[2], r[3]))
         if not rows:
-            raise ValueError(f"{p}: no categories")
+            raise UserError(f"{p}: no categories")
         return cls.from_rows(rows)
 
     @classmethod
@@ -76,7 +90,7 @@ class CategoryTable:
         """A flat table (no names, one level-1/level-2 group) from the category ids seen in training data."""
         uniq = sorted({int(i) for i in ids if int(i) >= 0})
         if not uniq:
-            raise ValueError("no category ids to build a category table from")
+            raise UserError("no category ids to build a category table from")
         return cls.from_rows([(i, "", "", str(i)) for i in uniq])
 
     def to_csv(self, path: str | os.PathLike) -> None:
@@ -115,7 +129,7 @@ class CategoryTable:
             i = int(bad[0])
             who = f"product _id {int(product_ids[i])}" if product_ids is not None else f"row {i}"
             where = f"{source}: " if source else ""
-            raise ValueError(f"{where}{who} has category_id {int(cats[i])}, which is not in the "
+            raise UserError(f"{where}{who} has category_id {int(cats[i])}, which is not in the "
                              f"category table ({bad.size} such rows in all)")
         return idx
 

@@ -1,22 +1,19 @@
-"""Datasets over the offset table (random access in DataLoader workers), the product split, the DataModule."""
+"""Datasets over the offset table (random access in DataLoader workers), product batches and the split."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .offsets import RecordReader, file_fingerprint, load_offsets
-from .categories import CategoryTable
+from ..errors import UserError
 from .images import ImageDecodeError, decode_image
+from .offsets import RecordReader
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +83,6 @@ class ProductBatch:
                             self.labels.to(device), self.failed)
 
 
-def product_mean(values: torch.Tensor, owner: torch.Tensor, n_products: int) -> torch.Tensor:
-    """Per-image ``values [N, K]`` -> per-product means ``[P, K]`` (``owner [N]``; zeros for imageless products)."""
-    counts = torch.bincount(owner, minlength=n_products).clamp(min=1).unsqueeze(1)
-    return torch.zeros(n_products, values.shape[1], device=values.device, dtype=values.dtype).index_add_(
-        0, owner, values) / counts
-
-
 class ProductDataset(Dataset):
     """Whole products (all decodable images, resized), for validation, embedding and prediction."""
 
@@ -116,10 +106,10 @@ class ProductDataset(Dataset):
 
 
 def collate_products(items: list) -> ProductBatch:
+    """Products ``(images, row, label, failed)`` -> one :class:`ProductBatch`; products may have no image."""
     imgs = [im for it in items for im in it[0]]
     owner = torch.tensor([k for k, it in enumerate(items) for _ in it[0]], dtype=torch.long)
-    size = items[0][0][0].shape[-1] if imgs else 1
-    images = torch.stack(imgs) if imgs else torch.zeros(0, 3, size, size, dtype=torch.uint8)
+    images = torch.stack(imgs) if imgs else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
     return ProductBatch(images, owner, torch.tensor([it[1] for it in items]), torch.tensor([it[2] for it in items]),
                         torch.tensor([it[3] for it in items]))
 
@@ -136,7 +126,7 @@ def make_split(labels: np.ndarray, val_fraction: float, seed: int, min_per_class
     """Boolean ``[N]`` mask of validation products: stratified by class for classes with at least
     ``min_per_class`` products (smaller classes stay in training), deterministic by seed."""
     if not 0 <= val_fraction < 1:
-        raise ValueError(f"val fraction must be in [0, 1), got {val_fraction}")
+        raise UserError(f"val fraction must be in [0, 1), got {val_fraction}")
     rng = np.random.default_rng(seed)
     val = np.zeros(len(labels), bool)
     if val_fraction == 0:
@@ -148,71 +138,3 @@ def make_split(labels: np.ndarray, val_fraction: float, seed: int, min_per_class
             k = max(1, int(round(len(members) * val_fraction)))
             val[rng.choice(members, k, replace=False)] = True
     return val
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Where training data comes from and how it is split and loaded."""
-
-    train_path: str
-    categories_csv: str | None = None
-    val_fraction: float = 0.05
-    seed: int = 0
-    batch_size: int = 64
-    workers: int = 2
-    hier: bool = False
-
-
-class CdiscountDataModule(pl.LightningDataModule):
-    """Reads the offset table, the category table and the product split (saved in ``run_dir``)."""
-
-    def __init__(self, cfg: DataConfig, run_dir: str | Path, image_size: int) -> None:
-        super().__init__()
-        self.cfg, self.run_dir, self.image_size = cfg, Path(run_dir), image_size
-        self.table = load_offsets(cfg.train_path)
-        if len(self.table) == 0:
-            raise ValueError(f"{cfg.train_path}: empty training set (no products)")
-        labelled = self.table["category_id"] >= 0
-        if not labelled.any():
-            raise ValueError(f"{cfg.train_path}: no product has a category_id (is this a test file?)")
-        self.categories = (CategoryTable.from_csv(cfg.categories_csv) if cfg.categories_csv
-                           else CategoryTable.from_ids(self.table["category_id"]))
-        self.labelled_rows = np.flatnonzero(labelled)
-        self.labels = self.categories.encode(self.table["category_id"][labelled], self.table["product_id"][labelled],
-                                             source=cfg.train_path)
-        if int(self.table["n_images"][self.labelled_rows].sum()) == 0:
-            raise ValueError(f"{cfg.train_path}: empty training set (no images)")
-        self.train_rows, self.val_rows = self._split()
-        self.reader = RecordReader(cfg.train_path, self.table)
-
-    def _split(self) -> tuple[np.ndarray, np.ndarray]:
-        path = self.run_dir / "split.npz"
-        fp = json.dumps({**file_fingerprint(self.cfg.train_path), "val_fraction": self.cfg.val_fraction,
-                         "seed": self.cfg.seed})
-        if path.exists():
-            z = np.load(path)
-            if str(z["fingerprint"]) == fp:
-                return z["train_rows"], z["val_rows"]
-            log.warning("%s was made for other data or settings; making a new split", path)
-        val = make_split(self.labels, self.cfg.val_fraction, self.cfg.seed)
-        train_rows, val_rows = self.labelled_rows[~val], self.labelled_rows[val]
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        np.savez(path, train_rows=train_rows, val_rows=val_rows, fingerprint=fp,
-                 train_ids=self.table["product_id"][train_rows], val_ids=self.table["product_id"][val_rows])
-        return train_rows, val_rows
-
-    def class_of(self, rows: np.ndarray) -> np.ndarray:
-        return self.categories.encode(self.table["category_id"][rows])
-
-    def train_dataloader(self) -> DataLoader:
-        l1, l2 = self.categories.parents() if self.cfg.hier else (None, None)
-        ds = ImageDataset(self.reader, self.train_rows, self.class_of(self.train_rows), self.image_size, l1, l2)
-        return DataLoader(ds, batch_size=self.cfg.batch_size, shuffle=True, num_workers=self.cfg.workers,
-                          drop_last=len(ds) > self.cfg.batch_size, persistent_workers=self.cfg.workers > 0,
-                          pin_memory=torch.cuda.is_available())
-
-    def val_dataloader(self) -> DataLoader | list:
-        if len(self.val_rows) == 0:
-            return []
-        ds = ProductDataset(self.reader, self.val_rows, self.image_size, self.class_of(self.val_rows))
-        return product_loader(ds, self.cfg.batch_size, self.cfg.workers)

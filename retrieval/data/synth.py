@@ -18,6 +18,7 @@ import bson
 import numpy as np
 from tqdm import tqdm
 
+from ..errors import UserError
 from .categories import CategoryTable
 from .images import encode_jpeg
 
@@ -128,13 +129,20 @@ def _sizes(n: int, n_cat: int, rng: np.random.Generator) -> np.ndarray:
     return base + rng.multinomial(n - base * n_cat, w / w.sum())
 
 
-def make_data(out_dir: str | Path, cfg: SynthConfig, progress: bool = True) -> dict[str, Path]:
-    """Write train.bson, test.bson, test_labels.csv and category_names.csv into ``out_dir``."""
+def make_data(out_dir: str | Path, cfg: SynthConfig, progress: bool = True, overwrite: bool = False
+              ) -> dict[str, Path]:
+    """Write train.bson, test.bson, test_labels.csv and category_names.csv into ``out_dir`` (refusing to
+    replace existing files unless ``overwrite``). ``cfg.products`` training products, plus
+    ``test_fraction`` x as many test products."""
     if cfg.products < 2 or cfg.categories < 1:
-        raise ValueError("need at least 2 products and 1 category")
+        raise UserError("need at least 2 products and 1 category")
     if cfg.image_size < 16:
-        raise ValueError("image size must be at least 16 pixels")
+        raise UserError("image size must be at least 16 pixels")
     out = Path(out_dir)
+    paths = {k: out / k for k in ("train.bson", "test.bson", "test_labels.csv", "category_names.csv")}
+    existing = [p.name for p in paths.values() if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{out} already holds {', '.join(existing)}; pass --overwrite to replace them")
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
     table, codes = category_table(cfg.categories)
@@ -146,7 +154,6 @@ def make_data(out_dir: str | Path, cfg: SynthConfig, progress: bool = True) -> d
     is_test = np.zeros(n_all, bool)
     is_test[rng.choice(n_all, n_test, replace=False)] = True
     n_imgs = rng.choice(4, n_all, p=IMAGES_PER_PRODUCT_P) + 1
-    paths = {k: out / k for k in ("train.bson", "test.bson", "test_labels.csv", "category_names.csv")}
     table.to_csv(paths["category_names.csv"])
     with open(paths["train.bson"], "wb") as ftr, open(paths["test.bson"], "wb") as fte, \
             open(paths["test_labels.csv"], "w", newline="") as flab:

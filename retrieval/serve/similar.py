@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .offsets import RecordReader
-from .dataset import to_model_input
+from ..data.datasets import to_model_input
+from ..data.images import ImageDecodeError, decode_image
+from ..data.offsets import RecordReader
+from ..errors import UserError
 from .embed import embed_images
-from .images import ImageDecodeError, decode_image
 from .indexing import IndexBundle, check_source, open_index
 
 log = logging.getLogger(__name__)
@@ -31,19 +32,25 @@ class Neighbour:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def path(self) -> str:
+        """``level1 > level2 > level3``, or "unknown" for a category the model does not know."""
+        names = [n for n in (self.level1, self.level2, self.level3) if n]
+        return " > ".join(names) if names else "unknown"
+
 
 def query_vector(bundle: IndexBundle, product_id: int | None = None, images: list[str | Path] | None = None
                  ) -> tuple[np.ndarray, list[np.ndarray]]:
     """The query embedding ``[D]`` and the query pictures (RGB arrays) for the sheet."""
     if (product_id is None) == (not images):
-        raise ValueError("give exactly one of a product id or image files")
+        raise UserError("give exactly one of a product id or image files")
     if product_id is not None:
         hit = np.flatnonzero(bundle.product_ids == product_id)
         if len(hit) == 0:
-            raise KeyError(f"product _id {product_id} is not in the index {bundle.folder}")
+            raise UserError(f"product _id {product_id} is not in the index {bundle.folder}")
         pos = int(hit[0])
         return bundle.vector(pos), [_first_picture(bundle, pos)]
-    net, _, _ = bundle.model
+    net = bundle.net
     pics = []
     for f in images:
         p = Path(f)
@@ -52,9 +59,9 @@ def query_vector(bundle: IndexBundle, product_id: int | None = None, images: lis
         try:
             pics.append(decode_image(p.read_bytes()))
         except ImageDecodeError as e:
-            raise ValueError(f"{p}: {e}") from None
+            raise UserError(f"{p}: {e}") from None
     x = torch.stack([to_model_input(rgb, net.cfg.image_size, train=False) for rgb in pics])
-    emb, _ = embed_images(net, x, torch.zeros(len(x), dtype=torch.long), 1)
+    emb, _ = embed_images(net, x, torch.zeros(len(x), dtype=torch.long), 1, tta_flip=bundle.manifest.tta_flip)
     return emb[0].cpu().numpy(), pics
 
 
@@ -74,13 +81,13 @@ def similar(index_dir: str | Path | IndexBundle, product_id: int | None = None,
     """The ``k`` products most similar to a product or to images, optionally within one category id."""
     bundle = index_dir if isinstance(index_dir, IndexBundle) else open_index(index_dir)
     if k < 1:
-        raise ValueError("k must be at least 1")
+        raise UserError(f"k must be at least 1, got {k}")
     vec, pics = query_vector(bundle, product_id, images)
     cats = bundle.categories
     allowed = None
     if category is not None:
         if category not in cats.ids:
-            raise ValueError(f"category {category} is not in the model's category table")
+            raise UserError(f"category {category} is not in the model's category table")
         allowed = [int(cats.encode([category])[0])]
     sims, pos = bundle.index.search(vec[None], k, allowed)
     out = []
@@ -99,12 +106,11 @@ def similar(index_dir: str | Path | IndexBundle, product_id: int | None = None,
 def contact_sheet(bundle: IndexBundle, query: list[np.ndarray], found: list[Neighbour], positions: np.ndarray,
                   path: str | Path) -> Path:
     """A PNG: the query pictures on the first row, then each neighbour's first picture with score and name."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     cols = max(5, len(query))
     rows = 1 + int(np.ceil(len(found) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.5 * rows), squeeze=False)
+    fig = Figure(figsize=(2.2 * cols, 2.5 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for j, pic in enumerate(query):
@@ -119,5 +125,4 @@ def contact_sheet(bundle: IndexBundle, query: list[np.ndarray], found: list[Neig
         ax.set_title(f"{nb.product_id}  {nb.similarity:.3f}\n{nb.level3[:28]}", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.close(fig)
     return Path(path)

@@ -1,0 +1,1 @@
+"""Reading Cdiscount BSON files, decoding pictures, the category table, datasets and generated data."""

@@ -1,0 +1,1 @@
+"""The network (open_clip image tower -> projection -> unit embedding + heads), its config, runtime and files."""

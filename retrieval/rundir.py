@@ -1,0 +1,109 @@
+"""The run folder and every file in it, owned in one place (train writes it; serve reads it)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class Split:
+    """Offset-table rows of the training and validation products, and what the split was made from."""
+
+    train_rows: np.ndarray
+    val_rows: np.ndarray
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """``RUN/``: run_config.json, categories.json, split.npz, checkpoints/, model.pt, calibration.json, logs/."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / "run_config.json"
+
+    @property
+    def categories_file(self) -> Path:
+        return self.path / "categories.json"
+
+    @property
+    def split_file(self) -> Path:
+        return self.path / "split.npz"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / "last.ckpt"
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.checkpoints / "best.ckpt"
+
+    @property
+    def model_file(self) -> Path:
+        return self.path / "model.pt"
+
+    @property
+    def calibration_file(self) -> Path:
+        return self.path / "calibration.json"
+
+    @property
+    def logs(self) -> Path:
+        return self.path / "logs"
+
+    def model(self) -> Path:
+        """The exported model file; an error says to train first."""
+        if not self.model_file.exists():
+            raise FileNotFoundError(f"{self.path}: no model.pt (not a finished run; run `train` first)")
+        return self.model_file
+
+    def read_config(self) -> dict:
+        if not self.config_file.exists():
+            raise FileNotFoundError(f"{self.config_file}: no run config (not a run folder?)")
+        return json.loads(self.config_file.read_text())
+
+    def write_config(self, config: dict) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.config_file.write_text(json.dumps(config, indent=1))
+
+    def read_split(self) -> Split | None:
+        if not self.split_file.exists():
+            return None
+        with np.load(self.split_file) as z:
+            return Split(z["train_rows"], z["val_rows"], str(z["fingerprint"]))
+
+    def write_split(self, split: Split, product_ids: np.ndarray) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        np.savez(self.split_file, train_rows=split.train_rows, val_rows=split.val_rows, fingerprint=split.fingerprint,
+                 train_ids=product_ids[split.train_rows], val_ids=product_ids[split.val_rows])
+
+    def split(self) -> Split:
+        s = self.read_split()
+        if s is None:
+            raise FileNotFoundError(f"{self.split_file}: the run has no split (train first)")
+        return s
+
+    def read_calibration(self) -> dict | None:
+        """alpha, k, tau chosen by ``evaluate``, or None."""
+        if not self.calibration_file.exists():
+            return None
+        try:
+            return json.loads(self.calibration_file.read_text())
+        except ValueError:
+            raise UserError(f"{self.calibration_file}: unreadable calibration; delete it or rerun evaluate") from None
+
+    def write_calibration(self, calibration: dict) -> None:
+        self.calibration_file.write_text(json.dumps(calibration))

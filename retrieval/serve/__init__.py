@@ -1,0 +1,1 @@
+"""Serving: embedding, index folders, the fused classifier, predict, evaluate, similar. Never imports ``train``."""

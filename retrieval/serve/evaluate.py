@@ -1,0 +1,153 @@
+"""Evaluation on held-out products: head, kNN and fused accuracy over a grid; saves the calibration.
+
+Streams: each product keeps only its candidate classes (:class:`Candidates`), never a dense ``[N, C]`` row,
+so the whole validation split can be scored at 5,270 classes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ..data.images import DecodeStats
+from ..data.offsets import RecordReader, file_fingerprint, load_offsets
+from ..errors import UserError
+from .embed import embed_products
+from .fused import Candidates, FusedClassifier, neighbour_labels
+from .indexing import IndexBundle, open_index
+from .plots import evaluation_plots
+
+log = logging.getLogger(__name__)
+ALPHAS = tuple(round(a, 2) for a in np.linspace(0, 1, 11))
+KS = (5, 10, 20, 50)
+TAUS = (0.02, 0.05, 0.07, 0.1)
+BUCKETS = ((1, 10, "1-9"), (10, 100, "10-99"), (100, 1000, "100-999"), (1000, 10 ** 12, "1000+"))
+BLOCK = 2048  # products per search and per scoring block
+
+
+def _eval_rows(bundle: IndexBundle, val_path: str | Path | None) -> tuple[Path, np.ndarray, np.ndarray]:
+    """(data file, offset table, rows to score); refuses rows whose products are in the index."""
+    if val_path is None:
+        if bundle.manifest.split != "train":
+            raise UserError(f"{bundle.folder} was built with --split {bundle.manifest.split}: it contains the "
+                            "validation products. Build an evaluation index with --split train")
+        path = Path(bundle.run.read_config()["train_path"])
+        if file_fingerprint(path) != bundle.manifest.sources[0].fingerprint:
+            raise UserError(f"{path} changed since the index was built; rebuild the index")
+        table, rows = load_offsets(path), bundle.run.split().val_rows
+    else:
+        path = Path(val_path)
+        table = load_offsets(path)
+        rows = np.flatnonzero(table["category_id"] >= 0)
+    if len(rows) == 0:
+        raise UserError(f"{path}: no labelled products to evaluate")
+    overlap = np.isin(table["product_id"][rows], bundle.product_ids)
+    if overlap.any():
+        raise UserError(f"the index {bundle.folder} contains {int(overlap.sum())} of the products being scored "
+                        f"(e.g. _id {int(table['product_id'][rows][overlap][0])}); evaluate with an index of "
+                        "training products only (build-index --split train)")
+    return path, table, rows
+
+
+def _candidates(bundle: IndexBundle, path: Path, table: np.ndarray, rows: np.ndarray, y: np.ndarray,
+                batch_size: int, workers: int, stats: DecodeStats) -> tuple[Candidates, np.ndarray, np.ndarray]:
+    """Embed ``rows``; returns candidates, the head's argmax ``[N]`` and per-image correctness."""
+    cands, head_pred, img_ok, pending, start = [], [], [], [], 0
+
+    def flush() -> None:
+        emb, probs = np.concatenate([o.emb for o in pending]), np.concatenate([o.probs for o in pending])
+        has = np.concatenate([o.n_images for o in pending]) > 0
+        sims, labels = neighbour_labels(bundle.index, emb, max(KS), has)
+        cands.append(Candidates.build(probs, sims, labels, has))
+        head_pred.append(probs.argmax(1))
+        pending.clear()
+
+    for o in embed_products(bundle.net, RecordReader(path, table), rows, batch_size, workers,
+                            bundle.manifest.tta_flip, stats):
+        img_ok.append(o.image_pred == y[start + o.image_owner])
+        start += len(o.rows)
+        pending.append(o)
+        if sum(len(x.rows) for x in pending) >= BLOCK:
+            flush()
+    if pending:
+        flush()
+    return Candidates.concat(cands), np.concatenate(head_pred), np.concatenate(img_ok)
+
+
+def _grid(c: Candidates, y: np.ndarray, fallback: int) -> list[dict]:
+    """Accuracy of every (alpha, k, tau), scored block by block."""
+    correct = {(a, k, t): 0 for k in KS for t in TAUS for a in ALPHAS}
+    for lo in range(0, len(c), BLOCK):
+        block, yb = c.rows(slice(lo, lo + BLOCK)), y[lo:lo + BLOCK]
+        for k in KS:
+            for t in TAUS:
+                votes = FusedClassifier(0.5, k, t, fallback).candidate_votes(block)  # shared by every alpha
+                for a in ALPHAS:
+                    pred = FusedClassifier(a, k, t, fallback).predict_candidates(block, 1, votes)[0][:, 0]
+                    correct[(a, k, t)] += int((pred == yb).sum())
+    return [{"alpha": a, "k": k, "tau": t, "accuracy": n / len(y)} for (a, k, t), n in correct.items()]
+
+
+def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir: str | Path | None = None,
+             batch_size: int = 256, workers: int = 2, max_products: int | None = None, seed: int = 0) -> dict:
+    """Score the run's validation split (or a labelled file); write metrics.json, plots and calibration.json."""
+    if batch_size < 1 or (max_products is not None and max_products < 1):
+        raise UserError("batch size and max products must be at least 1")
+    bundle = open_index(index_dir)
+    cats = bundle.categories
+    path, table, rows = _eval_rows(bundle, val_path)
+    if max_products is not None and len(rows) > max_products:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, max_products, replace=False))
+    y = cats.encode(table["category_id"][rows])
+    stats = DecodeStats()
+    c, head_pred, img_ok = _candidates(bundle, path, table, rows, y, batch_size, workers, stats)
+    fallback = bundle.fallback_class
+    head_pred = np.where(c.has_image, head_pred, fallback)
+    grid = _grid(c, y, fallback)
+    best = max(grid, key=lambda g: g["accuracy"])
+    knn_only = max((g for g in grid if g["alpha"] == 0), key=lambda g: g["accuracy"])
+    clf = FusedClassifier(best["alpha"], best["k"], best["tau"], fallback)
+    top5, _ = clf.predict_candidates(c, 5)
+    pred = top5[:, 0]
+    knn_pred = FusedClassifier(0.0, knn_only["k"], knn_only["tau"], fallback).predict_candidates(c)[0][:, 0]
+    l1, l2 = cats.parents()
+    counts = np.bincount(bundle.index.labels[bundle.index.labels >= 0], minlength=len(cats))[y]
+    buckets = {}
+    for lo, hi, name in BUCKETS:
+        m = (counts >= lo) & (counts < hi)
+        if m.any():
+            buckets[name] = {"products": int(m.sum()), "head": float((head_pred == y)[m].mean()),
+                             "knn": float((knn_pred == y)[m].mean()), "fused": float((pred == y)[m].mean())}
+    metrics = {
+        "products": int(len(rows)), "images": int(stats.decoded), "source": str(path),
+        "head_accuracy": float((head_pred == y).mean()), "knn_accuracy": knn_only["accuracy"],
+        "knn_best": {"k": knn_only["k"], "tau": knn_only["tau"]}, "fused_accuracy": best["accuracy"],
+        "calibration": clf.params(), "fused_top5_accuracy": float((top5 == y[:, None]).any(1).mean()),
+        "level1_accuracy": float((l1[pred] == l1[y]).mean()), "level2_accuracy": float((l2[pred] == l2[y]).mean()),
+        "image_accuracy": float(img_ok.mean()) if len(img_ok) else 0.0, "by_frequency": buckets,
+        "tta_flip": bundle.manifest.tta_flip, "decode": stats.summary(), "grid": grid}
+    bundle.run.write_calibration({**clf.params(), "val_fused_accuracy": best["accuracy"]})
+    out = Path(out_dir) if out_dir else bundle.run.path / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    metrics["plots"] = evaluation_plots(metrics, out)
+    log.info("head %.4f, kNN %.4f, fused %.4f (alpha=%s, k=%s, tau=%s)", metrics["head_accuracy"],
+             metrics["knn_accuracy"], best["accuracy"], clf.alpha, clf.k, clf.tau)
+    return metrics
+
+
+def metrics_table(m: dict) -> str:
+    """The headline metrics as an aligned text table."""
+    cal = m["calibration"]
+    rows = [("products", f"{m['products']:,}"), ("head accuracy", f"{m['head_accuracy']:.4f}"),
+            ("kNN accuracy", f"{m['knn_accuracy']:.4f}  (k={m['knn_best']['k']}, tau={m['knn_best']['tau']})"),
+            ("fused accuracy", f"{m['fused_accuracy']:.4f}  (alpha={cal['alpha']}, k={cal['k']}, tau={cal['tau']})"),
+            ("fused top-5", f"{m['fused_top5_accuracy']:.4f}"), ("level-1 accuracy", f"{m['level1_accuracy']:.4f}"),
+            ("level-2 accuracy", f"{m['level2_accuracy']:.4f}"), ("per-image (head)", f"{m['image_accuracy']:.4f}")]
+    lines = [f"{k:<18} {v}" for k, v in rows]
+    lines += ["", f"{'products in category':<22}{'products':>9}{'head':>8}{'kNN':>8}{'fused':>8}"]
+    for name, b in m["by_frequency"].items():
+        lines.append(f"{name:<22}{b['products']:>9,}{b['head']:>8.3f}{b['knn']:>8.3f}{b['fused']:>8.3f}")
+    return "\n".join(lines)

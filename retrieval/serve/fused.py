@@ -1,0 +1,142 @@
+"""The fused classifier: the head's probabilities mixed with a kNN vote over the index (one rule everywhere)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from index import VectorIndex, fuse, knn_vote
+
+from ..errors import UserError
+from ..rundir import RunDir
+
+
+HEAD_TOP = 20  # head classes kept per product besides the neighbours' classes
+
+
+@dataclass
+class Candidates:
+    """Per product, the only classes the fused rule can rank first: the head's top ``m`` plus the neighbours'
+    classes (sorted, deduplicated, -1 padded), with the head's exact probability for each. Fused scores over
+    these equal the dense ``[P, C]`` ones, so the top-m ranking never needs all C classes in memory."""
+
+    classes: np.ndarray    # [P, W] int32 class index, -1 = padding
+    head: np.ndarray       # [P, W] float32 head probability of each candidate
+    sims: np.ndarray       # [P, K] neighbour similarities
+    labels: np.ndarray     # [P, K] neighbour class, -1 = none
+    has_image: np.ndarray  # [P] bool
+
+    @classmethod
+    def build(cls, p_head: np.ndarray, sims: np.ndarray, labels: np.ndarray, has_image: np.ndarray,
+              m: int = HEAD_TOP) -> "Candidates":
+        """From dense head probabilities ``[P, C]`` and neighbours ``[P, K]``."""
+        m = min(m, p_head.shape[1])
+        top = np.argpartition(-p_head, m - 1, axis=1)[:, :m] if m < p_head.shape[1] else \
+            np.broadcast_to(np.arange(m), (len(p_head), m))
+        cand = np.sort(np.concatenate([top, labels], 1), axis=1)
+        cand[:, 1:][cand[:, 1:] == cand[:, :-1]] = -1
+        head = np.where(cand >= 0, np.take_along_axis(p_head, np.maximum(cand, 0), 1), 0.0)
+        return cls(cand.astype(np.int32), head.astype(np.float32), np.asarray(sims, np.float32),
+                   np.asarray(labels, np.int32), np.asarray(has_image, bool))
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    def rows(self, sl: slice) -> "Candidates":
+        return Candidates(self.classes[sl], self.head[sl], self.sims[sl], self.labels[sl], self.has_image[sl])
+
+    @classmethod
+    def concat(cls, parts: list["Candidates"]) -> "Candidates":
+        width = max(p.classes.shape[1] for p in parts)
+        pad = lambda a, v: np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=v)  # noqa: E731
+        return cls(np.concatenate([pad(p.classes, -1) for p in parts]), np.concatenate([pad(p.head, 0) for p in parts]),
+                   np.concatenate([p.sims for p in parts]), np.concatenate([p.labels for p in parts]),
+                   np.concatenate([p.has_image for p in parts]))
+
+
+@dataclass(frozen=True)
+class FusedClassifier:
+    """``p = alpha * p_head + (1 - alpha) * p_knn``; ``p_knn`` weighs the first ``k`` neighbours by
+    ``exp(sim / tau)``. Products without a decodable image get class ``fallback``."""
+
+    alpha: float = 0.5
+    k: int = 20
+    tau: float = 0.07
+    fallback: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.alpha <= 1:
+            raise UserError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.k < 1:
+            raise UserError(f"k must be at least 1, got {self.k}")
+        if not self.tau > 0:
+            raise UserError(f"tau must be positive, got {self.tau}")
+
+    def params(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "fallback"}
+
+    def vote(self, sims: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
+        """kNN distribution ``[P, C]`` from neighbours ``sims, labels [P, >=k]``."""
+        return knn_vote(sims, labels, n_classes, self.tau, self.k)
+
+    def combine(self, p_head: np.ndarray, p_knn: np.ndarray) -> np.ndarray:
+        """Fused scores ``[P, C]`` from head probabilities and a kNN vote (rows without neighbours: the head)."""
+        return fuse(p_head, p_knn, self.alpha)
+
+    def decide(self, scores: np.ndarray, has_image: np.ndarray) -> np.ndarray:
+        """Class ``[P]``: the best score, or the fallback where a product has no image."""
+        return np.where(has_image, scores.argmax(1), self.fallback)
+
+    def predict(self, p_head: np.ndarray, sims: np.ndarray, labels: np.ndarray, has_image: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """``(classes [P], fused scores [P, C])`` from dense head probabilities."""
+        scores = self.combine(p_head, self.vote(sims, labels, p_head.shape[1]))
+        return self.decide(scores, has_image), scores
+
+    def candidate_votes(self, c: Candidates) -> tuple[np.ndarray, np.ndarray]:
+        """kNN share ``[P, W]`` of each candidate class, and whether a product has any neighbour ``[P, 1]``."""
+        lab, s = c.labels[:, :self.k], c.sims[:, :self.k]
+        valid = (lab >= 0) & np.isfinite(s) & (s > -1e30)
+        top = np.where(valid, s, -np.inf).max(1, keepdims=True)
+        top = np.where(np.isfinite(top), top, 0.0)
+        w = np.where(valid, np.exp((np.where(valid, s, top) - top) / self.tau), 0.0).astype(np.float32)
+        total = w.sum(1, keepdims=True)
+        knn = np.einsum("pwk,pk->pw", c.classes[:, :, None] == lab[:, None, :], w)
+        return np.divide(knn, total, out=np.zeros_like(knn), where=total > 0), total > 0
+
+    def candidate_scores(self, c: Candidates, votes: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """Fused scores ``[P, W]`` of each product's candidate classes (-inf on padding)."""
+        knn, has_knn = votes if votes is not None else self.candidate_votes(c)
+        fused = np.where(has_knn, self.alpha * c.head + (1 - self.alpha) * knn, c.head)
+        return np.where(c.classes >= 0, fused, -np.inf)
+
+    def predict_candidates(self, c: Candidates, top: int = 1, votes: tuple[np.ndarray, np.ndarray] | None = None
+                           ) -> tuple[np.ndarray, np.ndarray]:
+        """``(classes [P, top], scores [P, top])`` best first; column 0 is the prediction (fallback where a
+        product has no image). ``votes`` reuses :meth:`candidate_votes` of the same k and tau."""
+        scores = self.candidate_scores(c, votes)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :top]
+        classes = np.take_along_axis(c.classes, order, 1).astype(np.int64)
+        best = np.take_along_axis(scores, order, 1)
+        classes[:, 0] = np.where(c.has_image, classes[:, 0], self.fallback)
+        return classes, np.where(np.isfinite(best), best, 0.0)
+
+
+DEFAULT = FusedClassifier()  # used where no calibration exists
+
+
+def calibrated(run: RunDir, fallback: int, alpha: float | None = None, k: int | None = None,
+               tau: float | None = None) -> FusedClassifier:
+    """The run's calibration (from ``evaluate``) or the defaults, with any given value taking precedence."""
+    saved = run.read_calibration() or {}
+    pick = lambda name, given: given if given is not None else saved.get(name, getattr(DEFAULT, name))  # noqa: E731
+    return FusedClassifier(float(pick("alpha", alpha)), int(pick("k", k)), float(pick("tau", tau)), fallback)
+
+
+def neighbour_labels(index: VectorIndex, emb: np.ndarray, k: int, has_image: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k ``(sims [P, k], class labels [P, k])``; missing neighbours and products without image get -1."""
+    sims, pos = index.search(emb, k)
+    labels = np.where(pos >= 0, index.labels[np.maximum(pos, 0)], -1)
+    labels[~has_image] = -1
+    return sims, labels

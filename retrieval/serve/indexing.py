@@ -1,0 +1,226 @@
+"""Index folders: build-index and add-to-index write them; :func:`open_index` reads one (model loaded once)."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from index import VectorIndex, choose_factory, exact_topk
+
+from ..data.categories import CategoryTable
+from ..data.images import DecodeStats
+from ..data.offsets import RecordReader, file_fingerprint, load_offsets
+from ..errors import UserError
+from ..model.export import LoadedModel, load_model_file
+from ..model.runtime import best_device
+from ..rundir import RunDir
+from .embed import ChunkStore, embed_products
+from .manifest import IndexManifest, Source
+
+log = logging.getLogger(__name__)
+ARRAYS = ("product_ids", "category_ids", "offsets", "lengths", "sources")
+
+
+@dataclass
+class IndexBundle:
+    """An opened index folder: manifest, FAISS index, per-product arrays (position order), and the model."""
+
+    folder: Path
+    manifest: IndexManifest
+    index: VectorIndex
+    arrays: dict[str, np.ndarray]
+    loaded: LoadedModel
+
+    @property
+    def product_ids(self) -> np.ndarray:
+        return self.arrays["product_ids"]
+
+    @property
+    def net(self):
+        return self.loaded.net
+
+    @property
+    def categories(self) -> CategoryTable:
+        return self.loaded.categories
+
+    @property
+    def run(self) -> RunDir:
+        return RunDir(Path(self.manifest.run_dir))
+
+    @cached_property
+    def fallback_class(self) -> int:
+        """The most frequent class among indexed products (for products with no decodable image)."""
+        lab = self.index.labels[self.index.labels >= 0]
+        return int(np.bincount(lab).argmax()) if len(lab) else 0
+
+    def vector(self, position: int) -> np.ndarray:
+        """The stored embedding ``[D]`` of the product at ``position``."""
+        counts = np.cumsum([c for _, c in self.manifest.parts])
+        k = int(np.searchsorted(counts, position, side="right"))
+        part = self.manifest.parts[k][0]
+        start = 0 if k == 0 else int(counts[k - 1])
+        with np.load(self.folder / "embeddings" / f"part_{part:05d}.npz") as z:
+            return z["emb"][position - start]
+
+    def save(self) -> None:
+        self.index.save(self.folder / "faiss")
+        for k in ARRAYS:
+            np.save(self.folder / f"{k}.npy", self.arrays[k])
+        self.manifest = replace(self.manifest, count=len(self.index))
+        self.manifest.save(self.folder)
+
+
+def open_index(folder: str | Path, mmap: bool = False) -> IndexBundle:
+    """Open an index folder and its model file (read and hashed once), refusing one whose model changed."""
+    f = Path(folder)
+    man = IndexManifest.load(f)
+    loaded = load_model_file(man.model_file, best_device())
+    if loaded.sha256 != man.model_sha256:
+        raise UserError(f"{f}: model file {man.model_file} changed since the index was built (sha256 differs); "
+                        "rebuild the index")
+    vi = VectorIndex.load(f / "faiss", mmap=mmap)
+    arrays = {k: np.load(f / f"{k}.npy") for k in ARRAYS}
+    if len(arrays["product_ids"]) != len(vi) or man.count != len(vi):
+        raise UserError(f"{f}: manifest count {man.count} and stored arrays disagree with the index ({len(vi)})")
+    return IndexBundle(f, man, vi, arrays, loaded)
+
+
+def check_source(bundle: IndexBundle, source: int) -> str:
+    """Path of data file ``source``, refusing it if it changed since indexing."""
+    src = bundle.manifest.sources[source]
+    if file_fingerprint(src.path) != src.fingerprint:
+        raise UserError(f"{src.path} changed since it was indexed (size/mtime differ); rebuild the index")
+    return src.path
+
+
+def _embed_to_store(net, reader, rows, store: ChunkStore, first_part: int, chunk: int, batch: int, workers: int,
+                    tta: bool, stats: DecodeStats, desc: str) -> tuple[list[tuple[int, int]], float]:
+    """Embed ``rows`` into numbered parts; returns the parts and the seconds spent embedding."""
+    parts, seconds = [], 0.0
+    bar = tqdm(total=len(rows), unit="products", desc=desc)
+    for i, lo in enumerate(range(0, len(rows), chunk)):
+        part, sub = first_part + i, rows[lo:lo + chunk]
+        if not store.done(part):
+            t = time.perf_counter()
+            out = list(embed_products(net, reader, sub, batch, workers, tta, stats))
+            store.write(part, rows=np.concatenate([o.rows for o in out]), emb=np.concatenate([o.emb for o in out]))
+            seconds += time.perf_counter() - t
+        else:
+            log.info("part %d already embedded; resuming after it", part)
+        parts.append((part, len(sub)))
+        bar.update(len(sub))
+    bar.close()
+    return parts, seconds
+
+
+def _fill_index(vi: VectorIndex, store: ChunkStore, parts: list, labels: np.ndarray, target_recall: float) -> float:
+    """Train (if needed) and fill ``vi`` from the stored parts; tune its search depth; returns recall@10."""
+    n = sum(c for _, c in parts)
+    blocks = lambda: (store.read(p)["emb"] for p, _ in parts)  # noqa: E731
+    if not vi.index.is_trained:
+        rng = np.random.default_rng(0)
+        vi.train(np.concatenate([b[rng.random(len(b)) < min(1.0, 200_000 / n)] for b in blocks()]))
+
+    def added_blocks():  # each part is read once here: added to the index, then scored exactly for tuning
+        start = 0
+        for b in tqdm(blocks(), total=len(parts), desc="adding to index", unit="parts"):
+            vi.add(b, labels[start:start + len(b)])
+            start += len(b)
+            yield b
+
+    if vi.ivf is None and vi.hnsw is None:
+        for _ in added_blocks():
+            pass
+        return 1.0
+    q = store.read(parts[0][0])["emb"][:1000]
+    return vi.tune(q, exact_topk(q, added_blocks(), 10)[1], target_recall)
+
+
+def build_index(train_path: str | Path, run_dir: str | Path, out_dir: str | Path, split: str = "train",
+                index_type: str = "auto", batch_size: int = 256, tta_flip: bool = False, workers: int = 2,
+                chunk_products: int = 50_000, memory_budget: float = 8e9, target_recall: float = 0.95,
+                restart: bool = False) -> IndexManifest:
+    """Embed every product of ``split`` ("train": the run's training split, "all": every labelled product),
+    build a FAISS index and write ``out_dir``. Re-running after an interruption resumes from the last part."""
+    if split not in ("train", "all"):
+        raise UserError(f"split must be 'train' or 'all', got {split!r}")
+    if batch_size < 1 or chunk_products < 1:
+        raise UserError("batch size and chunk size must be at least 1")
+    train_path, out, run = Path(train_path), Path(out_dir), RunDir(Path(run_dir))
+    model = load_model_file(run.model(), best_device())
+    net, cats = model.net, model.categories
+    table = load_offsets(train_path)
+    fp = file_fingerprint(train_path)
+    if split == "train":
+        if model.info.get("train_file") != fp:
+            raise UserError(f"{train_path} is not the file run {run.path} was trained on "
+                            f"({model.info.get('train_file')}); --split train needs the run's own training file")
+        rows = run.split().train_rows
+    else:
+        rows = np.flatnonzero(table["category_id"] >= 0)
+    if len(rows) == 0:
+        raise UserError(f"{train_path}: no labelled products to index")
+    key = {"model_sha256": model.sha256, "data": fp, "split": split, "tta_flip": tta_flip, "chunk": chunk_products}
+    store = ChunkStore(out / "embeddings", key, restart=restart)
+    stats = DecodeStats()
+    parts, embed_s = _embed_to_store(net, RecordReader(train_path, table), rows, store, 0, chunk_products,
+                                     batch_size, workers, tta_flip, stats, "embedding")
+    factory = choose_factory(len(rows), net.cfg.embed_dim, memory_budget) if index_type == "auto" else index_type
+    vi = VectorIndex.create(net.cfg.embed_dim, factory)
+    recall = _fill_index(vi, store, parts, cats.encode(table["category_id"][rows]), target_recall)
+    manifest = IndexManifest(
+        model_file=str(model.path.resolve()), model_sha256=model.sha256, run_dir=str(run.path.resolve()),
+        backbone=net.cfg.backbone, image_size=net.cfg.image_size, dim=net.cfg.embed_dim, factory=factory,
+        count=len(rows), split=split, tta_flip=tta_flip, store_key=key, parts=tuple(parts),
+        sources=(Source(str(train_path.resolve()), fp),), tuned_recall_at_10=recall, decode=stats.summary(),
+        embedding={"seconds": round(embed_s, 3), "images": stats.decoded})
+    arrays = {"product_ids": table["product_id"][rows], "category_ids": table["category_id"][rows],
+              "offsets": table["offset"][rows], "lengths": table["length"][rows].astype(np.int64),
+              "sources": np.zeros(len(rows), np.int16)}
+    bundle = IndexBundle(out, manifest, vi, arrays, model)
+    bundle.save()
+    log.info("index of %d products (%s) written to %s; %s", len(rows), factory, out, stats.summary())
+    return bundle.manifest
+
+
+def add_to_index(index_dir: str | Path, new_path: str | Path, batch_size: int = 256, workers: int = 2
+                 ) -> tuple[int, list[int]]:
+    """Embed the products of ``new_path`` and append them; returns (added, ids already indexed)."""
+    bundle = open_index(index_dir)
+    cats, new_path = bundle.categories, Path(new_path)
+    table = load_offsets(new_path)
+    known = np.isin(table["product_id"], bundle.product_ids)
+    _, first = np.unique(table["product_id"], return_index=True)
+    fresh = np.zeros(len(table), bool)
+    fresh[first] = True
+    rows = np.flatnonzero(fresh & ~known)
+    dups = table["product_id"][known | ~fresh].tolist()
+    if dups:
+        log.warning("%d products of %s are already in the index and were skipped (e.g. %s)", len(dups), new_path,
+                    dups[:5])
+    if len(rows) == 0:
+        return 0, dups
+    cat_ids = table["category_id"][rows]
+    ok = np.isin(cat_ids, np.asarray(cats.ids))
+    labels = np.full(len(rows), -1, np.int64)
+    labels[ok] = cats.encode(cat_ids[ok])
+    if (~ok).any():
+        log.warning("%d new products have no known category: findable by `similar`, but they do not vote", (~ok).sum())
+    man = bundle.manifest
+    store = ChunkStore(bundle.folder / "embeddings", man.store_key)
+    first_part = max(p for p, _ in man.parts) + 1
+    parts, _ = _embed_to_store(bundle.net, RecordReader(new_path, table), rows, store, first_part, 10 ** 9,
+                               batch_size, workers, man.tta_flip, DecodeStats(), "embedding new products")
+    bundle.index.add(store.read(parts[0][0])["emb"], labels)
+    src = len(man.sources)
+    bundle.manifest = man.with_added(parts, Source(str(new_path.resolve()), file_fingerprint(new_path)))
+    new = {"product_ids": table["product_id"][rows], "category_ids": cat_ids, "offsets": table["offset"][rows],
+           "lengths": table["length"][rows].astype(np.int64), "sources": np.full(len(rows), src, np.int16)}
+    bundle.arrays = {k: np.concatenate([bundle.arrays[k], new[k]]) for k in ARRAYS}
+    bundle.save()
+    return len(rows), dups

@@ -1,0 +1,1 @@
+"""Training with PyTorch Lightning; the only sub-package that imports Lightning."""

@@ -1,0 +1,113 @@
+"""The training config, composed of model, data, loss and schedule parts; saved as ``run_config.json``.
+
+Importable without torch or Lightning (the CLI builds its choices from :data:`METRIC_LOSSES` here).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from ..errors import UserError
+
+METRIC_LOSSES = ("multisimilarity", "subcenter_arcface", "none")
+DEFAULT_METRIC_LOSS = "multisimilarity"
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The network to train; a resumed run must keep these."""
+
+    backbone: str = "tiny"
+    pretrained: str | None = None
+    image_size: int = 64
+    embed_dim: int = 512
+    hier_heads: bool = False  # auxiliary level-1/level-2 heads
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Batching, the validation split and sampling."""
+
+    batch_size: int = 64
+    val_fraction: float = 0.05
+    seed: int = 0
+    workers: int = 2
+    m_per_class: int = 0  # > 0: batches of classes with m images each (positive pairs for the metric loss)
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """Cross-entropy (label smoothing) + ``metric_weight`` x metric loss (+ ``aux_weight`` x level heads)."""
+
+    metric_loss: str = DEFAULT_METRIC_LOSS
+    metric_weight: float = 0.5
+    label_smoothing: float = 0.1
+    aux_weight: float = 0.5
+    sampled_negatives: int = 0  # > 0: sampled softmax with this many negatives instead of full softmax
+    ms_alpha: float = 2.0       # MultiSimilarity loss and miner
+    ms_beta: float = 50.0
+    ms_base: float = 0.5
+    ms_epsilon: float = 0.1
+    arcface_margin: float = 28.6  # SubCenterArcFace (degrees)
+    arcface_scale: float = 30.0
+    arcface_sub_centers: int = 3
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    """AdamW, linear warm-up then cosine decay; the backbone may learn slower than the new layers."""
+
+    lr: float = 2e-3
+    backbone_lr_mult: float = 1.0  # < 1 for a pretrained backbone (e.g. 0.1)
+    weight_decay: float = 0.02
+    warmup_fraction: float = 0.05
+    min_lr_factor: float = 0.02
+    epochs: int = 5
+    max_steps: int = -1
+    checkpoint_every_steps: int = 0  # > 0: also save last.ckpt every N steps (an epoch can be hours)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything ``train`` needs; parts are frozen dataclasses. ``build(**flat)`` sets fields by name."""
+
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    loss: LossSettings = field(default_factory=LossSettings)
+    schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
+    devices: int | str = "auto"
+    num_nodes: int = 1
+    accelerator: str = "auto"
+    precision: str = "auto"
+
+    PARTS = ("model", "data", "loss", "schedule")
+
+    def __post_init__(self) -> None:
+        if self.loss.metric_loss not in METRIC_LOSSES:
+            raise UserError(f"unknown metric loss {self.loss.metric_loss!r}; valid: {', '.join(METRIC_LOSSES)}")
+
+    @classmethod
+    def build(cls, **flat) -> "TrainConfig":
+        """A config from flat field names (``image_size=32, lr=1e-3, ...``), each routed to its part."""
+        return cls().with_values(**flat)
+
+    def with_values(self, **flat) -> "TrainConfig":
+        """A copy with flat field names replaced in whichever part owns them."""
+        parts = {p: {} for p in self.PARTS}
+        top = {}
+        owner = {f.name: p for p in self.PARTS for f in fields(getattr(self, p))}
+        for k, v in flat.items():
+            if k in owner:
+                parts[owner[k]][k] = v
+            elif k in {f.name for f in fields(self)} and k not in self.PARTS:
+                top[k] = v
+            else:
+                raise TypeError(f"TrainConfig has no setting {k!r}")
+        return replace(self, **{p: replace(getattr(self, p), **parts[p]) for p in self.PARTS}, **top)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        kinds = {"model": ModelSettings, "data": DataSettings, "loss": LossSettings, "schedule": ScheduleSettings}
+        return cls(**{k: (kinds[k](**v) if k in kinds else v) for k, v in d.items()})
