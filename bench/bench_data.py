@@ -26,7 +26,6 @@ from retrieval.data.synth import SynthConfig, make_data
 # inherit the (large) parent's high-water mark.
 RSS_SCRIPT = """
 import sys
-sys.path.insert(0, {root!r})
 from retrieval.data.bsonio import iter_products
 def status_kb(key):
     for line in open('/proc/self/status'):

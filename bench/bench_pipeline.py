@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def stage_shares(test: Path, bundle, params: dict) -> dict[str, float]:
     """Seconds per stage, each measured alone on the same test products."""
-    net, cats, _ = bundle.model
+    net, cats = bundle.net, bundle.categories
     table = load_offsets(test, progress=False)
     reader = RecordReader(test, table)
     t = time.perf_counter()
@@ -71,7 +71,7 @@ def convnext_predict(work: Path) -> tuple[float, float, int]:
     if not (idx / "manifest.json").exists():
         build_index(p["data"] / "train.bson", p["run"], idx, "all")
     rep = predict(p["data"] / "test.bson", idx, work / "submission_convnext.csv")
-    net = open_index(idx).model[0]
+    net = open_index(idx).net
     table = load_offsets(p["data"] / "test.bson", progress=False)
     images, owner = decoded_images(p["data"] / "test.bson", np.arange(len(table)), net.cfg.image_size)
     return rep.images / sum(rep.stages.values()), forward_only(net, images, owner), rep.images

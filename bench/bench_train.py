@@ -15,16 +15,20 @@ import torch
 
 from common import print_table
 
-from retrieval.data.datasets import CdiscountDataModule, DataConfig
-from retrieval.serve.embed import autocast_for
 from retrieval.data.synth import SynthConfig, make_data
-from retrieval.train.run import RetrievalModule, TrainConfig, train
-from retrieval.model import EmbeddingNet, ModelConfig
+from retrieval.model.runtime import autocast_for
+from retrieval.rundir import RunDir
+from retrieval.train.config import DataSettings, TrainConfig
+from retrieval.train.datamodule import CdiscountDataModule
+from retrieval.train.module import RetrievalModule
+from retrieval.train.run import train
+from retrieval.model.config import ModelConfig
+from retrieval.model.network import EmbeddingNet
 
 
 def loader_vs_step(data: Path, run: Path, backbone: str, size: int, batch: int, n_batches: int) -> tuple:
-    dm = CdiscountDataModule(DataConfig(str(data / "train.bson"), str(data / "category_names.csv"), 0.1, 0, batch, 2),
-                             run, size)
+    dm = CdiscountDataModule(str(data / "train.bson"), str(data / "category_names.csv"),
+                             DataSettings(batch_size=batch, val_fraction=0.1, workers=2), RunDir(run), size)
     dl = dm.train_dataloader()
     it = iter(dl)
     next(it)  # start the workers
@@ -32,7 +36,7 @@ def loader_vs_step(data: Path, run: Path, backbone: str, size: int, batch: int, 
     for _ in range(n_batches):
         b = next(it)
     loader = n_batches * batch / (time.perf_counter() - t)
-    cfg = TrainConfig(backbone=backbone, image_size=size, embed_dim=256)
+    cfg = TrainConfig.build(backbone=backbone, image_size=size, embed_dim=256)
     net = EmbeddingNet(ModelConfig(backbone, None, size, 256, len(dm.categories))).to(memory_format=torch.channels_last)
     mod = RetrievalModule(net, cfg, dm.categories, {})
     mod.log_dict = lambda *a, **k: None
@@ -98,7 +102,7 @@ def run_variant(work: Path, data: Path, name: str, kw: dict, epochs: int) -> tup
     run = work / f"run_{data.name}_{abs(hash(name)) % 10 ** 8}"
     shutil.rmtree(run, ignore_errors=True)
     t = time.perf_counter()
-    train(data / "train.bson", run, TrainConfig(image_size=64, embed_dim=128, epochs=epochs, val_fraction=0.1, **kw),
+    train(data / "train.bson", run, TrainConfig.build(image_size=64, embed_dim=128, epochs=epochs, val_fraction=0.1, **kw),
           data / "category_names.csv", progress=False)
     sec = time.perf_counter() - t
     curve = val_curve(run)

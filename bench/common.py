@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def best_time(fn: Callable[[], object], repeat: int = 3) -> float:

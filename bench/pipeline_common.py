@@ -5,7 +5,7 @@ import shutil
 import time
 from pathlib import Path
 
-import common  # noqa: F401  (puts the repository on sys.path)
+import common  # noqa: F401
 import numpy as np
 import torch
 
@@ -15,7 +15,8 @@ from retrieval.serve.embed import embed_images
 from retrieval.data.images import decode_image
 from retrieval.serve.indexing import build_index, open_index
 from retrieval.data.synth import SynthConfig, make_data
-from retrieval.train.run import TrainConfig, train
+from retrieval.train.config import TrainConfig
+from retrieval.train.run import train
 
 
 def prepared(work: Path, products: int = 4000, categories: int = 40, epochs: int = 5,
@@ -28,7 +29,7 @@ def prepared(work: Path, products: int = 4000, categories: int = 40, epochs: int
     run = work / "run"
     if not (run / "checkpoints" / "last.ckpt").exists():
         shutil.rmtree(run, ignore_errors=True)
-        train(data / "train.bson", run, TrainConfig(image_size=64, embed_dim=128, epochs=epochs, val_fraction=0.1),
+        train(data / "train.bson", run, TrainConfig.build(image_size=64, embed_dim=128, epochs=epochs, val_fraction=0.1),
               data / "category_names.csv", progress=False)
     return {"data": data, "run": run}
 
@@ -60,7 +61,7 @@ def prepared_convnext(work: Path) -> dict:
     run = work / "run_convnext"
     if not (run / "checkpoints" / "last.ckpt").exists():
         shutil.rmtree(run, ignore_errors=True)
-        train(data / "train.bson", run, TrainConfig(backbone="convnext_tiny", image_size=180, embed_dim=256,
+        train(data / "train.bson", run, TrainConfig.build(backbone="convnext_tiny", image_size=180, embed_dim=256,
                                                     max_steps=2, batch_size=8, val_fraction=0.0),
               data / "category_names.csv", progress=False)
     return {"data": data, "run": run}
@@ -75,13 +76,13 @@ def throughput(work: Path, p: dict, name: str) -> tuple[tuple, object, np.ndarra
     man = build_index(train_bson, p["run"], out, "all")
     t_build = time.perf_counter() - t
     bundle = open_index(out)
-    net = bundle.model[0]
+    net = bundle.net
     table = load_offsets(train_bson, progress=False)
     rows = np.flatnonzero(table["category_id"] >= 0)
     n_img = int(table["n_images"][rows].sum())
     images, owner = decoded_images(train_bson, rows, net.cfg.image_size)
     fwd = forward_only(net, images, owner)
-    e2e = n_img / man["embedding"]["seconds"]
+    e2e = n_img / man.embedding["seconds"]
     row = (f"{name} @ {net.cfg.image_size}px: build-index embedding (read, decode, model, write) vs forward only "
            f"({fwd:,.0f} img/s)", f"{e2e:,.0f} img/s; whole command incl. start-up {n_img / t_build:,.0f} img/s",
            f"{e2e / fwd:.2f}x", ">= 0.8x", "ok" if e2e / fwd >= 0.8 else "MISS")
@@ -90,7 +91,7 @@ def throughput(work: Path, p: dict, name: str) -> tuple[tuple, object, np.ndarra
 
 def instance_rate(bundle, table, rows, images, owner, tta: bool) -> tuple[float, int]:
     """Share of products with >= 2 images whose first image alone finds the product at rank 1."""
-    net = bundle.model[0]
+    net = bundle.net
     multi = np.flatnonzero(table["n_images"][rows] >= 2)
     pick = np.searchsorted(owner.numpy(), multi)
     q, _ = embed_images(net, images[pick], torch.arange(len(pick)), len(pick), tta_flip=tta)
