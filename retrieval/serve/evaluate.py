@@ -20,7 +20,7 @@ from .indexing import IndexBundle, open_index
 from .plots import evaluation_plots
 
 log = logging.getLogger(__name__)
-ALPHAS = tuple(round(a, 2) for a in np.linspace(0, 1, 11))
+ALPHAS = tuple(round(float(a), 2) for a in np.linspace(0, 1, 11))
 KS = (5, 10, 20, 50)
 TAUS = (0.02, 0.05, 0.07, 0.1)
 BUCKETS = ((1, 10, "1-9"), (10, 100, "10-99"), (100, 1000, "100-999"), (1000, 10 ** 12, "1000+"))
