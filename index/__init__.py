@@ -1,5 +1,5 @@
 """FAISS side of the system: needs only numpy and faiss."""
 from .store import VectorIndex, choose_factory, exact_topk, recall_at_k
-from .vote import fuse, knn_vote
+from .vote import fuse, knn_vote, vote_weights
 
-__all__ = ["VectorIndex", "choose_factory", "recall_at_k", "exact_topk", "knn_vote", "fuse"]
+__all__ = ["VectorIndex", "choose_factory", "recall_at_k", "exact_topk", "knn_vote", "vote_weights", "fuse"]

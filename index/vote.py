@@ -4,6 +4,20 @@ from __future__ import annotations
 import numpy as np
 
 
+def vote_weights(sims: np.ndarray, labels: np.ndarray, tau: float, k: int | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Weights ``exp((sim - best) / tau)`` ``[Q, k]`` of the first ``k`` neighbours (0 where a neighbour is
+    missing: label -1, or FAISS's -FLT_MAX / -inf padding), and those neighbours' labels ``[Q, k]``."""
+    if tau <= 0:
+        raise ValueError(f"tau must be positive, got {tau}")
+    sims, labels = np.asarray(sims, np.float32)[:, :k], np.asarray(labels, np.int64)[:, :k]
+    valid = (labels >= 0) & np.isfinite(sims) & (sims > -1e30)
+    top = np.where(valid, sims, -np.inf).max(axis=1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    w = np.where(valid, np.exp((np.where(valid, sims, top) - top) / tau), 0.0)  # masked before exp: no overflow
+    return w.astype(np.float32), labels
+
+
 def knn_vote(sims: np.ndarray, labels: np.ndarray, n_classes: int, tau: float = 0.07,
              k: int | None = None) -> np.ndarray:
     """Category distribution ``[Q, C]`` from neighbours ``sims [Q, K]`` / ``labels [Q, K]`` (class index, -1 = none).
@@ -11,15 +25,10 @@ def knn_vote(sims: np.ndarray, labels: np.ndarray, n_classes: int, tau: float = 
     Weights are ``exp(sim / tau)`` over the first ``k`` neighbours, normalised per query; a query with no
     neighbour gets an all-zero row.
     """
-    if tau <= 0:
-        raise ValueError(f"tau must be positive, got {tau}")
-    sims, labels = np.asarray(sims, np.float32)[:, :k], np.asarray(labels, np.int64)[:, :k]
-    valid = (labels >= 0) & np.isfinite(sims) & (sims > -1e30)  # FAISS pads missing neighbours with -FLT_MAX
-    top = np.where(valid, sims, -np.inf).max(axis=1, keepdims=True)
-    top = np.where(np.isfinite(top), top, 0.0)
-    w = np.where(valid, np.exp((np.where(valid, sims, top) - top) / tau), 0.0)  # masked before exp: no overflow
-    out = np.zeros((len(sims), n_classes), np.float32)
-    rows = np.repeat(np.arange(len(sims)), sims.shape[1])
+    w, labels = vote_weights(sims, labels, tau, k)
+    valid = w > 0  # missing neighbours weigh 0 (an underflowed weight would add 0 anyway)
+    out = np.zeros((len(w), n_classes), np.float32)
+    rows = np.repeat(np.arange(len(w)), w.shape[1])
     np.add.at(out, (rows[valid.ravel()], labels.ravel()[valid.ravel()]), w.ravel()[valid.ravel()])
     total = out.sum(axis=1, keepdims=True)
     return np.divide(out, total, out=out, where=total > 0)

@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from index import VectorIndex, fuse, knn_vote
+from index import VectorIndex, vote_weights
 
 from ..errors import UserError
 from ..rundir import RunDir
@@ -75,31 +75,9 @@ class FusedClassifier:
     def params(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "fallback"}
 
-    def vote(self, sims: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
-        """kNN distribution ``[P, C]`` from neighbours ``sims, labels [P, >=k]``."""
-        return knn_vote(sims, labels, n_classes, self.tau, self.k)
-
-    def combine(self, p_head: np.ndarray, p_knn: np.ndarray) -> np.ndarray:
-        """Fused scores ``[P, C]`` from head probabilities and a kNN vote (rows without neighbours: the head)."""
-        return fuse(p_head, p_knn, self.alpha)
-
-    def decide(self, scores: np.ndarray, has_image: np.ndarray) -> np.ndarray:
-        """Class ``[P]``: the best score, or the fallback where a product has no image."""
-        return np.where(has_image, scores.argmax(1), self.fallback)
-
-    def predict(self, p_head: np.ndarray, sims: np.ndarray, labels: np.ndarray, has_image: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray]:
-        """``(classes [P], fused scores [P, C])`` from dense head probabilities."""
-        scores = self.combine(p_head, self.vote(sims, labels, p_head.shape[1]))
-        return self.decide(scores, has_image), scores
-
     def candidate_votes(self, c: Candidates) -> tuple[np.ndarray, np.ndarray]:
         """kNN share ``[P, W]`` of each candidate class, and whether a product has any neighbour ``[P, 1]``."""
-        lab, s = c.labels[:, :self.k], c.sims[:, :self.k]
-        valid = (lab >= 0) & np.isfinite(s) & (s > -1e30)
-        top = np.where(valid, s, -np.inf).max(1, keepdims=True)
-        top = np.where(np.isfinite(top), top, 0.0)
-        w = np.where(valid, np.exp((np.where(valid, s, top) - top) / self.tau), 0.0).astype(np.float32)
+        w, lab = vote_weights(c.sims, c.labels, self.tau, self.k)
         total = w.sum(1, keepdims=True)
         knn = np.einsum("pwk,pk->pw", c.classes[:, :, None] == lab[:, None, :], w)
         return np.divide(knn, total, out=np.zeros_like(knn), where=total > 0), total > 0
