@@ -1,4 +1,4 @@
-"""Shared fixtures: a cache folder per test, the real data folder, and small generated data sets."""
+"""Shared fixtures: the real data folder, and small generated data sets."""
 from __future__ import annotations
 
 import os
@@ -13,8 +13,7 @@ SHARED = ROOT.parent / "shared" / "data"
 
 
 @pytest.fixture(autouse=True)
-def _cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("CDISCOUNT_CACHE_DIR", str(tmp_path / "cache"))
+def _threads():
     torch_threads = os.environ.get("TEST_TORCH_THREADS")
     if torch_threads:
         import torch

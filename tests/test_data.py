@@ -79,6 +79,23 @@ def test_offset_table_cached_and_refreshed(tmp_path):
     assert len(t1) == 3 and len(t2) == 5 and t2["n_images"].sum() == 0
 
 
+def test_offset_cache_beside_data_or_in_user_cache_when_folder_is_read_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    data = tmp_path / "data"
+    data.mkdir()
+    p = _write(data / "a.bson", [{"_id": 1, "imgs": [], "category_id": 5}])
+    load_offsets(p, progress=False)
+    assert (data / "a.bson.offsets.npy").exists()
+    (data / "a.bson.offsets.npy").unlink()
+    data.chmod(0o555)
+    try:
+        assert len(load_offsets(p, progress=False)) == 1
+        assert not (data / "a.bson.offsets.npy").exists()
+        assert len(list((tmp_path / "home" / ".cache" / "cdiscount").glob("a.bson.*.offsets.npy"))) == 1
+    finally:
+        data.chmod(0o755)
+
+
 def test_random_access_reader_matches_stream_and_pickles(small_data):
     path = small_data["train.bson"]
     stream = list(iter_products(path))

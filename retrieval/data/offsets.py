@@ -125,16 +125,30 @@ def _fingerprint(path: Path) -> dict:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def _writable(folder: Path) -> bool:
+    """True where a cache file may go: the folder is writable and not marked read-only by its mode bits."""
+    try:
+        return os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
+    except OSError:
+        return False
+
+
+def default_cache_dir(data_path: str | os.PathLike) -> Path:
+    """Where the offset table of ``data_path`` is cached: beside the data, or ``~/.cache/cdiscount`` for a
+    read-only data folder."""
+    folder = Path(data_path).parent
+    return folder if _writable(folder) else Path.home() / ".cache" / "cdiscount"
+
+
 def load_offsets(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
                  progress: bool = True) -> np.ndarray:
     """The offset table of ``path``, cached while its size and mtime hold.
 
-    The cache lies beside the data, or in ``cache_dir`` (default: ``$CDISCOUNT_CACHE_DIR`` if set).
+    The cache lies in ``cache_dir``, by default :func:`default_cache_dir`.
     """
     p = Path(path)
     _open_checked(p)
-    cache_dir = cache_dir or os.environ.get("CDISCOUNT_CACHE_DIR")
-    folder = Path(cache_dir) if cache_dir else p.parent
+    folder = Path(cache_dir) if cache_dir else default_cache_dir(p)
     stem = p.name if folder == p.parent else f"{p.name}.{hashlib.sha1(str(p.resolve()).encode()).hexdigest()[:10]}"
     cache = folder / f"{stem}.offsets.npy"
     meta = folder / f"{stem}.offsets.json"
