@@ -90,6 +90,12 @@ BATCH = typer.Option(256, min=1, help="images per model batch")
 def make_data(out_dir: Path = typer.Argument(..., help="folder to write the data set into"),
               products: int = typer.Option(2000, min=2, help="training products (test products come on top)"),
               n_categories: int = typer.Option(40, min=1, help="number of categories to generate"),
+              categories_csv: Optional[Path] = typer.Option(
+                  None, exists=True, dir_okay=False,
+                  help="draw the tree from this category_names.csv (all its rows; --n-categories is ignored)"),
+              largest_share: Optional[float] = typer.Option(
+                  None, min=1e-6, max=0.999, help="share of products in the largest category (default: Zipf "
+                  "1/rank; Cdiscount's is 0.011)"),
               seed: int = typer.Option(0, help="random seed"),
               image_size: int = typer.Option(180, min=16, help="picture side in pixels"),
               test_fraction: float = typer.Option(0.2, min=0.0, max=1.0, help="test products per training product"),
@@ -100,7 +106,9 @@ def make_data(out_dir: Path = typer.Argument(..., help="folder to write the data
     """Generate train.bson, test.bson, test_labels.csv and category_names.csv in the Kaggle layout."""
     from retrieval.data.synth import SynthConfig, make_data as _make
     paths = _make(out_dir, SynthConfig(products, n_categories, seed, image_size, test_fraction,
-                                       relist_fraction=relist_fraction, colour_jitter=colour_jitter), overwrite=overwrite)
+                                       relist_fraction=relist_fraction, colour_jitter=colour_jitter,
+                                       categories_csv=str(categories_csv) if categories_csv else None,
+                                       largest_share=largest_share), overwrite=overwrite)
     for p in paths.values():
         typer.echo(str(p))
 

@@ -243,6 +243,55 @@ def test_generated_data_layout_and_determinism(tmp_path):
     assert same < other
 
 
+def _tree_csv(path, n1: int, n2_per: list[int], n3_per: int):
+    rows, cid = [], 1000000000
+    for a in range(n1):
+        for b in range(n2_per[a]):
+            for c in range(n3_per):
+                cid += 3
+                rows.append((cid, f"L1 {a}", f"L1 {a} - L2 {b}", f"leaf {a}.{b}.{c}"))
+    CategoryTable.from_rows(rows).to_csv(path)
+    return path
+
+
+def test_generator_draws_a_given_tree_with_a_set_largest_share(tmp_path):
+    from retrieval.data.synth import tree_codes
+    src = _tree_csv(tmp_path / "tree.csv", 3, [12, 2, 5], 20)  # 380 categories; one level 1 has > 8 children
+    cfg = SynthConfig(products=4000, seed=2, image_size=16, test_fraction=0.1, categories_csv=str(src),
+                      largest_share=0.02)
+    out = make_data(tmp_path / "d", cfg, progress=False)
+    table = CategoryTable.from_csv(out["category_names.csv"])
+    assert table == CategoryTable.from_csv(src) and (table.n_level1, table.n_level2) == (3, 19)
+    codes = tree_codes(table)
+    assert len(set(codes)) == len(table) == 380 and max(b for _, b, _ in codes) == 11
+    labels = [p.category_id for p in iter_products(out["train.bson"])]
+    with open(out["test_labels.csv"]) as f:
+        labels += [int(r["category_id"]) for r in csv.DictReader(f)]
+    counts = np.bincount(table.encode(labels), minlength=len(table))
+    assert len(labels) == 4400 and 0.014 < counts.max() / len(labels) < 0.027
+    assert (counts == 0).sum() < 0.25 * len(table)  # the tree is used, not just its head
+
+
+def test_generator_skew_matches_cdiscount_at_full_scale():
+    from retrieval.data.synth import _sizes
+    sizes = _sizes(7_069_896, 5270, np.random.default_rng(0), largest_share=0.0113)
+    assert sizes.sum() == 7_069_896 and abs(sizes.max() / sizes.sum() - 0.0113) < 0.0008
+    assert 1000 < (sizes < 100).sum() < 4000 and sizes.min() >= 2  # thousands of small categories
+    plain = _sizes(7_069_896, 5270, np.random.default_rng(0))
+    assert plain.max() / plain.sum() > 0.09  # without a share: Zipf 1/rank, far more skewed at the top
+
+
+def test_generator_over_the_real_category_tree(tmp_path):
+    from retrieval.data.synth import tree_codes
+    real = CategoryTable.from_csv(shared_file("category_names.csv"))
+    codes = tree_codes(real)
+    assert len(set(codes)) == 5270 and len({a for a, _, _ in codes}) == 49
+    out = make_data(tmp_path / "d", SynthConfig(products=600, seed=1, image_size=16, categories_csv=str(
+        shared_file("category_names.csv")), largest_share=0.011), progress=False)
+    assert CategoryTable.from_csv(out["category_names.csv"]) == real
+    real.encode([p.category_id for p in iter_products(out["train.bson"])])
+
+
 def test_stats_on_real_example(tmp_path):
     from retrieval.data.stats import file_stats
     st = file_stats(shared_file("train_example.bson"), CategoryTable.from_csv(shared_file("category_names.csv")),

@@ -46,6 +46,8 @@ class SynthConfig:
     quality: int = 90
     relist_fraction: float = 0.25  # share of products that re-list an earlier product of their category
     colour_jitter: float = 45.0    # per-product shift of the shape colour (level-3 cue); larger is harder
+    categories_csv: str | None = None  # draw the tree from this category_names.csv (all its rows) instead
+    largest_share: float | None = None  # skew: share of the largest category (default: Zipf 1/rank)
 
 
 def _hierarchy(n_cat: int) -> list[tuple[int, int, int]]:
@@ -67,6 +69,26 @@ def category_table(n_cat: int) -> tuple[CategoryTable, list[tuple[int, int, int]
     table = CategoryTable.from_rows(rows)
     order = {cid: code for (cid, *_), code in zip(rows, codes)}
     return table, [order[cid] for cid in table.ids]
+
+
+def tree_codes(table: CategoryTable) -> list[tuple[int, int, int]]:
+    """Visual codes of a real tree: (level-1 index, level-2 index within its level 1, index within its level 2)."""
+    l1, l2 = table.parents()
+    seen_l2: dict[int, dict[int, int]] = {}
+    seen_l3: dict[int, int] = {}
+    codes = []
+    for a, b2 in zip(l1.tolist(), l2.tolist()):
+        b = seen_l2.setdefault(a, {}).setdefault(b2, len(seen_l2[a]))
+        c = seen_l3[b2] = seen_l3.get(b2, -1) + 1
+        codes.append((a, b, c))
+    return codes
+
+
+def _palette(base: np.ndarray, i: int) -> np.ndarray:
+    """Colour ``i``: from ``base`` while it lasts, then a fixed pseudo-random colour per index."""
+    if i < len(base):
+        return base[i]
+    return np.random.default_rng(1_000_003 * len(base) + i).uniform(20, 235, 3).astype(np.float32)
 
 
 def _mask(kind: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float) -> np.ndarray:
@@ -94,12 +116,14 @@ def _render(code: tuple[int, int, int], ident: dict, s: int, rng: np.random.Gene
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
     jy, jx = rng.normal(0, 0.02 * s, 2)
     img = np.empty((s, s, 3), np.float32)
-    img[:] = (_BG[a % len(_BG)] + ident["bg_shift"]) * (1 - 0.15 * yy[..., None] / s)
-    fg = np.clip(_FG[c % len(_FG)] + ident["fg_shift"], 0, 255)
+    img[:] = (_palette(_BG, a) + ident["bg_shift"]) * (1 - 0.15 * yy[..., None] / s)
+    fg = np.clip((_FG[c % len(_FG)] if c < 2 * len(_FG) else _palette(_FG, c)) + ident["fg_shift"], 0, 255)
     shape = _SHAPES[b % len(_SHAPES)]
     cy, cx, r = ident["cy"] * s + jy, ident["cx"] * s + jx, ident["r"] * s
+    if b >= len(_SHAPES):  # a level 1 with more than 8 level-2 children: the shape turned a quarter
+        yy, xx = xx, yy
     img[_mask(shape, yy, xx, cy, cx, r)] = fg
-    if c // len(_FG) >= 1:  # level-3 "count": a second, smaller copy of the shape
+    if c >= len(_FG):  # level-3 "count": a second, smaller copy of the shape
         img[_mask(shape, yy, xx, s - cy, s - cx, 0.45 * r)] = fg
     ty, tx = int(ident["ty"] * s + jy), int(ident["tx"] * s + jx)
     cell = max(1, s // 20)
@@ -121,10 +145,30 @@ def _identity(rng: np.random.Generator, colour_jitter: float) -> dict:
             "fg_shift": rng.uniform(-colour_jitter, colour_jitter, 3)}
 
 
-def _sizes(n: int, n_cat: int, rng: np.random.Generator) -> np.ndarray:
-    """Products per category: Zipf-like skew, at least 2 each where there are enough products."""
+TAIL_EXPONENT = 2.0  # (rank + k0)^-2: Cdiscount-like, thousands of categories under 100 of 7M products
+
+
+def _rank_weights(n_cat: int, largest_share: float | None) -> np.ndarray:
+    """Category weights by rank ``[n_cat]``: Zipf 1/rank, or Zipf-Mandelbrot (rank + k0)^-2 with k0 set so the
+    largest category holds ``largest_share`` of the total (at 5,270 categories and 0.011, about 2,800 categories
+    fall under 100 of 7.07M products, as on Cdiscount)."""
+    ranks = np.arange(1, n_cat + 1, dtype=np.float64)
+    if largest_share is None:
+        return 1.0 / ranks
+    if largest_share <= 1.0 / n_cat:
+        return np.ones(n_cat)
+    lo, hi = 0.0, 1e7
+    for _ in range(100):
+        k0 = (lo + hi) / 2
+        w = (ranks + k0) ** -TAIL_EXPONENT
+        lo, hi = (k0, hi) if w[0] / w.sum() > largest_share else (lo, k0)
+    return (ranks + lo) ** -TAIL_EXPONENT
+
+
+def _sizes(n: int, n_cat: int, rng: np.random.Generator, largest_share: float | None = None) -> np.ndarray:
+    """Products per category ``[n_cat]`` under :func:`_rank_weights`, at least 2 each where there are enough."""
     base = min(2, n // n_cat)
-    w = 1.0 / np.arange(1, n_cat + 1) ** 1.0
+    w = _rank_weights(n_cat, largest_share)
     rng.shuffle(w)
     return base + rng.multinomial(n - base * n_cat, w / w.sum())
 
@@ -136,6 +180,8 @@ def make_data(out_dir: str | Path, cfg: SynthConfig, progress: bool = True, over
     ``test_fraction`` x as many test products."""
     if cfg.products < 2 or cfg.categories < 1:
         raise UserError("need at least 2 products and 1 category")
+    if cfg.largest_share is not None and not 0 < cfg.largest_share < 1:
+        raise UserError(f"largest_share must lie in (0, 1), got {cfg.largest_share}")
     if cfg.image_size < 16:
         raise UserError("image size must be at least 16 pixels")
     out = Path(out_dir)
@@ -145,10 +191,14 @@ def make_data(out_dir: str | Path, cfg: SynthConfig, progress: bool = True, over
         raise FileExistsError(f"{out} already holds {', '.join(existing)}; pass --overwrite to replace them")
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
-    table, codes = category_table(cfg.categories)
+    if cfg.categories_csv:
+        table = CategoryTable.from_csv(cfg.categories_csv)
+        codes = tree_codes(table)
+    else:
+        table, codes = category_table(cfg.categories)
     n_test = max(1, int(round(cfg.products * cfg.test_fraction)))
     n_all = cfg.products + n_test
-    cats = np.repeat(np.arange(len(table)), _sizes(n_all, len(table), rng))
+    cats = np.repeat(np.arange(len(table)), _sizes(n_all, len(table), rng, cfg.largest_share))
     rng.shuffle(cats)
     ids = np.cumsum(rng.integers(1, 4, n_all))
     is_test = np.zeros(n_all, bool)
