@@ -70,6 +70,34 @@ def test_resume_continues_step_count(small_data, tmp_path):
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 7
 
 
+def test_step_checkpoints_survive_a_crash_inside_an_epoch(small_data, tmp_path, monkeypatch):
+    """With checkpoint_every_steps, a run that dies mid-epoch (an epoch of the real data is 12.4M images)
+    leaves a checkpoint of its last multiple of N steps, and --resume goes on from there."""
+    from retrieval.train.module import RetrievalModule
+    step = RetrievalModule.training_step
+
+    def dies_at_step_5(self, batch, batch_idx):
+        if self.global_step == 5:
+            raise RuntimeError("simulated crash")
+        return step(self, batch, batch_idx)
+
+    fast = {**FAST, "batch_size": 4}  # about 45 steps an epoch
+    monkeypatch.setattr(RetrievalModule, "training_step", dies_at_step_5)
+    for every, run in ((0, tmp_path / "plain"), (3, tmp_path / "stepped")):
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train(small_data["train.bson"], run, TrainConfig.build(epochs=1, checkpoint_every_steps=every, **fast),
+                  small_data["category_names.csv"], progress=False)
+    assert not (tmp_path / "plain" / "checkpoints" / "last.ckpt").exists()  # the whole epoch's work is lost
+    ck = torch.load(tmp_path / "stepped" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ck["global_step"] == 3 and ck["epoch"] == 0
+    monkeypatch.setattr(RetrievalModule, "training_step", step)
+    cfg = TrainConfig.build(epochs=1, checkpoint_every_steps=3, **fast)
+    train(small_data["train.bson"], tmp_path / "stepped", cfg, resume=True, progress=False)
+    train(small_data["train.bson"], tmp_path / "whole", cfg, small_data["category_names.csv"], progress=False)
+    done = [torch.load(tmp_path / r / "checkpoints" / "last.ckpt", weights_only=False) for r in ("stepped", "whole")]
+    assert done[0]["global_step"] == done[1]["global_step"] > 30 and done[0]["epoch"] == done[1]["epoch"] == 0
+
+
 def test_split_is_by_product_deterministic_and_stratified(trained):
     run, _ = trained
     z = np.load(run / "split.npz")
