@@ -1,0 +1,171 @@
+"""The whole chain at catalogue scale over the real 5,270-category tree: how time and memory grow with N.
+
+For each N (default 10k, 100k, 1M generated products, 32 px pictures, Cdiscount-like skew with the largest
+category at 1.1%), every stage runs in a fresh process so that its peak RSS is its own: the offset table,
+training a tiny tower for a fixed number of steps, build-index over the training split, evaluate over the
+validation split (5% of N, streamed: no cap), predict over test.bson (10% of N). Printed: seconds and peak RSS
+per stage and N, and the growth ratio from each N to the next (x10 in N: time should grow ~10x or less for
+the per-product stages, memory stay near flat where streaming).
+Then full vs sampled softmax at 5,270 classes: the head alone (forward+backward, 1280-d as EfficientNet-Lite,
+batch 256), and whole training runs at the middle N (accuracy and step time).
+Usage: python bench/bench_scale.py [--sizes 10000 100000 1000000] [--steps 300] [--workdir bench_out/scale]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import common
+
+CATEGORIES_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "category_names.csv"
+STAGES = ("generate", "offsets", "train", "build-index", "evaluate", "predict")
+TRAIN = dict(image_size=32, embed_dim=128, batch_size=256, val_fraction=0.05, workers=2, lr=3e-3)
+
+
+def _status_mb(key: str) -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_stage(stage: str, work: Path, n: int, steps: int, extra: dict) -> dict:
+    """One stage in this process; returns seconds, peak RSS (this process; largest worker) and a result."""
+    data, run, idx = work / "data", work / extra.get("run", "run"), work / "index"
+    t = time.perf_counter()
+    result: object = None
+    if stage == "generate":
+        from retrieval.data.synth import SynthConfig, make_data
+        make_data(data, SynthConfig(products=n, seed=0, image_size=32, test_fraction=0.1,
+                                    categories_csv=str(CATEGORIES_CSV), largest_share=0.011), progress=False,
+                  overwrite=True)
+    elif stage == "offsets":
+        from retrieval.data.offsets import load_offsets
+        for f in data.glob("*.offsets.*"):
+            f.unlink()
+        result = len(load_offsets(data / "train.bson", progress=False)) + len(load_offsets(data / "test.bson",
+                                                                                           progress=False))
+    elif stage == "train":
+        from retrieval.train.config import TrainConfig
+        from retrieval.train.run import train
+        shutil.rmtree(run, ignore_errors=True)
+        cfg = TrainConfig.build(**{**TRAIN, **extra.get("train", {})}, **(
+            {"epochs": extra["epochs"]} if "epochs" in extra else {"max_steps": steps}))
+        res = train(data / "train.bson", run, cfg, data / "category_names.csv", progress=False)
+        result = res.best_val_accuracy
+    elif stage == "build-index":
+        from retrieval.serve.indexing import build_index
+        shutil.rmtree(idx, ignore_errors=True)
+        result = build_index(data / "train.bson", run, idx, "train", workers=2).count
+    elif stage == "evaluate":
+        from retrieval.serve.evaluate import evaluate
+        m = evaluate(idx, workers=2)
+        result = {k: m[k] for k in ("products", "head_accuracy", "knn_accuracy", "fused_accuracy") if k in m}
+    elif stage == "predict":
+        from retrieval.serve.predict import predict
+        out = work / "submission.csv"
+        Path(str(out) + ".parts").exists() and shutil.rmtree(str(out) + ".parts")
+        result = predict(data / "test.bson", idx, out, workers=2, restart=True).products
+    seconds = time.perf_counter() - t
+    return {"seconds": seconds, "rss_mb": _status_mb("VmHWM"),
+            "worker_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, "result": result}
+
+
+def stage_in_child(stage: str, work: Path, n: int, steps: int, extra: dict | None = None) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--stage", stage, "--workdir", str(work), "--n", str(n),
+                          "--steps", str(steps), "--extra", json.dumps(extra or {})],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"stage {stage} at N={n} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def head_softmax_times(classes: int = 5270, dim: int = 1280, batch: int = 256, negatives: int = 512) -> tuple:
+    """Seconds per forward+backward of the classification head alone: full softmax vs sampled."""
+    import torch
+    import torch.nn.functional as F
+    from retrieval.train.losses import sampled_softmax_loss
+    head = torch.nn.Linear(dim, classes)
+    z = torch.randn(batch, dim, requires_grad=True)
+    y = torch.randint(0, classes, (batch,))
+
+    def full():
+        F.cross_entropy(head(z), y, label_smoothing=0.1).backward()
+
+    def sampled():
+        sampled_softmax_loss(z, head, y, negatives, 0.1).backward()
+    return common.best_time(full, 20), common.best_time(sampled, 20)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--workdir", default="bench_out/scale")
+    ap.add_argument("--softmax-epochs", type=int, default=2)
+    ap.add_argument("--stage", choices=STAGES)
+    ap.add_argument("--n", type=int)
+    ap.add_argument("--extra", default="{}")
+    a = ap.parse_args()
+    if a.stage:
+        print(json.dumps(run_stage(a.stage, Path(a.workdir), a.n, a.steps, json.loads(a.extra))))
+        return
+    if not CATEGORIES_CSV.exists():
+        sys.exit(f"{CATEGORIES_CSV} is needed (the real category tree)")
+    root = Path(a.workdir)
+    found: dict[tuple[str, int], dict] = {}
+    for n in a.sizes:
+        for stage in STAGES:
+            found[stage, n] = r = stage_in_child(stage, root / f"n{n}", n, a.steps)
+            print(f"N={n:,} {stage}: {r['seconds']:.1f} s, peak RSS {r['rss_mb']:.0f} MB, {r['result']}", flush=True)
+    rows = []
+    for stage in STAGES:
+        row: list = [stage]
+        for i, n in enumerate(a.sizes):
+            r = found[stage, n]
+            row += [f"{r['seconds']:.1f}", f"{r['rss_mb']:.0f} / {r['worker_rss_mb']:.0f}"]
+        for n0, n1 in zip(a.sizes, a.sizes[1:]):
+            r0, r1 = found[stage, n0], found[stage, n1]
+            row += [f"{r1['seconds'] / r0['seconds']:.2f}x", f"{r1['rss_mb'] / r0['rss_mb']:.2f}x"]
+        rows.append(tuple(row))
+    header = ["stage"]
+    for n in a.sizes:
+        header += [f"s @ {n:,}", f"peak RSS MB (main / worker) @ {n:,}"]
+    for n0, n1 in zip(a.sizes, a.sizes[1:]):
+        header += [f"time {n0:,}->{n1:,}", f"RSS {n0:,}->{n1:,}"]
+    print()
+    common.print_table(rows, tuple(header))
+    ev = {n: found["evaluate", n]["result"] for n in a.sizes}
+    print("\nevaluate (no product cap):", json.dumps(ev))
+
+    full_s, sampled_s = head_softmax_times()
+    mid = a.sizes[len(a.sizes) // 2]
+    work = root / f"n{mid}"
+    res = {neg: stage_in_child("train", work, mid, a.steps, {"run": f"run_{neg}", "epochs": a.softmax_epochs,
+                                                              "train": {"sampled_negatives": neg}}) for neg in (0, 512)}
+    per_step = {neg: r["seconds"] / _steps(work / f"run_{neg}") for neg, r in res.items()}
+    acc = {neg: r["result"] or 0.0 for neg, r in res.items()}
+    print(f"\nfull vs sampled softmax (512 negatives) at 5,270 classes: head alone, and training at N={mid:,} "
+          f"({a.softmax_epochs} epochs, tiny tower, 32 px, 128-d)")
+    common.print_table([
+        ("head alone (1280-d, batch 256), ms per fwd+bwd", full_s * 1e3, sampled_s * 1e3, f"{sampled_s / full_s:.2f}x"),
+        ("training, s per step (whole run / steps)", per_step[0], per_step[512], f"{per_step[512] / per_step[0]:.2f}x"),
+        ("validation product accuracy (best epoch)", acc[0], acc[512], f"{acc[512] - acc[0]:+.4f}")],
+        ("measure", "full", "sampled", "sampled vs full"))
+
+
+def _steps(run: Path) -> int:
+    """Optimizer steps a run logged."""
+    with open(run / "logs" / "metrics.csv") as f:
+        return max(1, max(int(r["step"]) for r in csv.DictReader(f) if r.get("step")) + 1)
+
+
+if __name__ == "__main__":
+    main()
