@@ -101,12 +101,14 @@ def make_data(out_dir: Path = typer.Argument(..., help="folder to write the data
               test_fraction: float = typer.Option(0.2, min=0.0, max=1.0, help="test products per training product"),
               relist_fraction: float = typer.Option(0.25, min=0.0, max=1.0,
                                                     help="share of products re-listing an earlier item"),
+              exact_relist: float = typer.Option(0.5, min=0.0, max=1.0,
+                                                 help="share of re-listings reusing the earlier picture bytes"),
               colour_jitter: float = typer.Option(45.0, min=0.0, help="per-product colour shift; larger is harder"),
               overwrite: bool = typer.Option(False, help="replace data already in OUT_DIR")) -> None:
     """Generate train.bson, test.bson, test_labels.csv and category_names.csv in the Kaggle layout."""
     from retrieval.data.synth import SynthConfig, make_data as _make
     paths = _make(out_dir, SynthConfig(products, n_categories, seed, image_size, test_fraction,
-                                       relist_fraction=relist_fraction, colour_jitter=colour_jitter,
+                                       relist_fraction=relist_fraction, exact_relist=exact_relist, colour_jitter=colour_jitter,
                                        categories_csv=str(categories_csv) if categories_csv else None,
                                        largest_share=largest_share), overwrite=overwrite)
     for p in paths.values():
@@ -225,6 +227,8 @@ def predict(test_file: Path = typer.Argument(..., help="BSON file to classify"),
                                                   help="weight of the head (default: calibration, else 0.5)"),
             k: Optional[int] = typer.Option(None, "--k", "-k", min=1, help="neighbours (default: calibration, else 20)"),
             tau: Optional[float] = typer.Option(None, min=1e-6, help="vote temperature (default: calibration, else 0.07)"),
+            beta: Optional[float] = typer.Option(None, min=0.0, help="weight of the vote of exactly duplicated indexed "
+                                                 "pictures (default: calibration, else 1.0)"),
             top: int = typer.Option(5, min=1, max=20, help="categories per product in --scores-out"),
             scores_out: Optional[Path] = typer.Option(
                 None, help="also write the top categories with scores, one JSON object per line (JSON Lines)"),
@@ -232,13 +236,13 @@ def predict(test_file: Path = typer.Argument(..., help="BSON file to classify"),
             restart: bool = typer.Option(False, help="discard unfinished parts made with other settings")) -> None:
     """Predict a category for every product of TEST_FILE, in file order (resumes if interrupted)."""
     from retrieval.serve.predict import predict as _predict
-    r = _predict(test_file, index, out, alpha, k, tau, top if scores_out else 0, scores_out, batch_size, workers,
-                 restart=restart)
+    r = _predict(test_file, index, out, alpha, k, tau, beta, top=top if scores_out else 0, scores_out=scores_out,
+                 batch_size=batch_size, workers=workers, restart=restart)
     resumed = r.products - r.computed
     typer.echo(f"{r.products:,} rows written to {out}; {r.computed:,} predicted now ({r.rate:.0f} products/s)"
                + (f", {resumed:,} resumed from earlier parts" if resumed else "")
                + f"; {r.without_image} without a decodable image; alpha={r.params['alpha']} k={r.params['k']} "
-                 f"tau={r.params['tau']}")
+                 f"tau={r.params['tau']} beta={r.params['beta']}")
 
 
 @command()
@@ -248,7 +252,7 @@ def evaluate(index: Path = typer.Option(..., help="index folder (build-index --s
              out: Optional[Path] = typer.Option(None, help="folder for metrics.json and plots (default: RUN/eval)"),
              batch_size: int = BATCH, workers: int = WORKERS,
              max_products: Optional[int] = typer.Option(None, min=1, help="score a random sample of this many")) -> None:
-    """Head, kNN and fused accuracy on held-out products; saves the best alpha, k, tau for predict."""
+    """Head, kNN and fused accuracy on held-out products; saves the best alpha, k, tau, beta for predict."""
     from retrieval.serve.evaluate import evaluate as _evaluate, metrics_table
     m = _evaluate(index, val_file, out, batch_size, workers, max_products)
     typer.echo(metrics_table(m))

@@ -31,9 +31,10 @@ def run(*args):
 
 def test_collate_accepts_a_first_product_without_pictures():
     img = torch.zeros(3, 8, 8, dtype=torch.uint8)
-    b = collate_products([([], 0, -1, 1), ([img, img], 1, -1, 0), ([], 2, -1, 0)])
+    b = collate_products([([], 0, -1, 1, []), ([img, img], 1, -1, 0, [7, 8]), ([], 2, -1, 0, [])])
     assert b.images.shape == (2, 3, 8, 8) and b.owner.tolist() == [1, 1] and b.failed.tolist() == [1, 0, 0]
-    assert collate_products([([], 5, -1, 0)]).images.shape[0] == 0
+    assert b.hashes.tolist() == [7, 8]
+    assert collate_products([([], 5, -1, 0, [])]).images.shape[0] == 0
 
 
 def test_predict_writes_a_row_when_the_first_product_has_no_picture(indexes, small_data, tmp_path):

@@ -121,3 +121,19 @@ def test_fusion_endpoints():
     assert np.allclose(fuse(head, knn, 0.3)[0], 0.3 * head[0] + 0.7 * knn[0])
     with pytest.raises(ValueError):
         fuse(head, knn, 1.5)
+
+
+def test_duplicate_table_finds_exact_pictures_and_labels_products(tmp_path):
+    from index import DuplicateTable, duplicate_share
+    table = DuplicateTable(np.array([5, 3, 5, 9]), np.array([0, 1, 2, 3]))
+    qi, pos = table.matches(np.array([5, 9, 4, 3]))
+    assert sorted(zip(qi.tolist(), pos.tolist())) == [(0, 0), (0, 2), (1, 3), (3, 1)]
+    labels = np.array([10, 11, 12, -1])  # position 3 has no category: it does not vote
+    got = table.product_labels(np.array([5, 9, 4, 3]), np.array([0, 0, 1, 2]), 3, labels, cap=4)
+    assert [sorted(r[r >= 0].tolist()) for r in got] == [[10, 12], [], [11]]
+    classes = np.array([[10, 12, -1], [7, -1, -1], [3, 11, -1]])
+    np.testing.assert_allclose(duplicate_share(classes, got), [[0.5, 0.5, 0], [0, 0, 0], [0, 1, 0]])
+    table.merged(np.array([4]), np.array([7])).save(tmp_path)
+    back = DuplicateTable.load(tmp_path)
+    assert back.matches(np.array([4]))[1].tolist() == [7] and len(back) == 5
+    assert len(DuplicateTable.load(tmp_path / "elsewhere")) == 0

@@ -12,7 +12,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import UserError
-from .images import ImageDecodeError, decode_image
+from .images import ImageDecodeError, decode_image, picture_hash
 from .offsets import RecordReader
 
 log = logging.getLogger(__name__)
@@ -77,10 +77,11 @@ class ProductBatch:
     rows: torch.Tensor       # [P] rows of the offset table
     labels: torch.Tensor     # [P] class index, -1 if unknown
     failed: torch.Tensor     # [P] undecodable images per product
+    hashes: torch.Tensor     # [N] int64 picture_hash of each image's bytes
 
     def to(self, device) -> "ProductBatch":
         return ProductBatch(self.images.to(device, non_blocking=True), self.owner.to(device), self.rows,
-                            self.labels.to(device), self.failed)
+                            self.labels.to(device), self.failed, self.hashes)
 
 
 class ProductDataset(Dataset):
@@ -93,25 +94,28 @@ class ProductDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> tuple[list[torch.Tensor], int, int, int]:
+    def __getitem__(self, i: int) -> tuple[list[torch.Tensor], int, int, int, list[int]]:
+        """(decoded images, offset-table row, label, undecodable count, picture_hash of each decoded image)"""
         prod = self.reader.read(int(self.rows[i]))
-        imgs, failed = [], 0
+        imgs, hashes, failed = [], [], 0
         for j, pic in enumerate(prod.images):
             try:
                 imgs.append(to_model_input(decode_image(pic, min_size=self.size), self.size, train=False))
+                hashes.append(picture_hash(pic))
             except ImageDecodeError as e:
                 failed += 1
                 log.warning("%s, product _id %d, image %d skipped: %s", self.reader.path, prod.product_id, j, e)
-        return imgs, int(self.rows[i]), int(self.labels[i]), failed
+        return imgs, int(self.rows[i]), int(self.labels[i]), failed, hashes
 
 
 def collate_products(items: list) -> ProductBatch:
-    """Products ``(images, row, label, failed)`` -> one :class:`ProductBatch`; products may have no image."""
+    """Products ``(images, row, label, failed, hashes)`` -> one :class:`ProductBatch`; products may have no image."""
     imgs = [im for it in items for im in it[0]]
     owner = torch.tensor([k for k, it in enumerate(items) for _ in it[0]], dtype=torch.long)
     images = torch.stack(imgs) if imgs else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
     return ProductBatch(images, owner, torch.tensor([it[1] for it in items]), torch.tensor([it[2] for it in items]),
-                        torch.tensor([it[3] for it in items]))
+                        torch.tensor([it[3] for it in items]),
+                        torch.tensor([h for it in items for h in it[4]], dtype=torch.int64))
 
 
 def product_loader(dataset: ProductDataset, batch_images: int, workers: int, shuffle: bool = False) -> DataLoader:

@@ -1,6 +1,7 @@
 """JPEG decoding to RGB uint8 with simplejpeg (libjpeg-turbo), Pillow as the fallback."""
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 from dataclasses import dataclass, field
@@ -18,6 +19,11 @@ log = logging.getLogger(__name__)
 
 class ImageDecodeError(ValueError):
     """A picture that is neither a decodable JPEG nor any image Pillow can read."""
+
+
+def picture_hash(data: bytes) -> int:
+    """First 8 bytes of the MD5 of a picture's bytes, as a signed int64 (exact-duplicate key)."""
+    return int.from_bytes(hashlib.md5(data).digest()[:8], "little", signed=True)
 
 
 def decode_image(data: bytes, min_size: int | None = None) -> np.ndarray:

@@ -3,7 +3,8 @@
 Level 1 sets the background colour, level 2 the shape, level 3 the shape's colour and count; each
 product has its own position, size, tints of both colours and an identity tag, shared by all its images
 (which differ by jitter, brightness, noise and an occasional mirror), so similar-product lookup can be scored.
-Like the real catalogue, some products re-list an earlier item (same look, same category), and a wide
+Like the real catalogue, some products re-list an earlier item (same look, same category; half of them
+with the very same picture bytes, as Cdiscount's 12.37M images hold only 7.77M distinct ones), and a wide
 per-product colour jitter makes sibling level-3 categories hard to tell apart by the head alone.
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ _FG = np.array([[220, 30, 30], [30, 160, 40], [30, 60, 220], [240, 160, 0], [150
                 [20, 20, 20], [255, 255, 255]], dtype=np.float32)
 _SHAPES = ("disk", "square", "triangle", "ring", "cross", "hbars", "diamond", "vbars")
 IMAGES_PER_PRODUCT_P = (0.62, 0.20, 0.10, 0.08)
+KEEP_PICTURES = 8  # items per category whose picture bytes are kept for exact re-listings
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class SynthConfig:
     test_fraction: float = 0.2
     quality: int = 90
     relist_fraction: float = 0.25  # share of products that re-list an earlier product of their category
+    exact_relist: float = 0.5      # share of re-listings that reuse the earlier listing's picture bytes
     colour_jitter: float = 45.0    # per-product shift of the shape colour (level-3 cue); larger is harder
     categories_csv: str | None = None  # draw the tree from this category_names.csv (all its rows) instead
     largest_share: float | None = None  # skew: share of the largest category (default: Zipf 1/rank)
@@ -214,11 +217,15 @@ def make_data(out_dir: str | Path, cfg: SynthConfig, progress: bool = True, over
             earlier = seen.setdefault(int(cats[i]), [])
             if earlier and rng.random() < cfg.relist_fraction:  # the same item, listed again
                 ident = earlier[int(rng.integers(len(earlier)))]
+                reuse = ident.get("pics", [])[:n_imgs[i]] if rng.random() < cfg.exact_relist else []
             else:
-                ident = _identity(rng, cfg.colour_jitter)
+                ident, reuse = _identity(rng, cfg.colour_jitter), []
                 earlier.append(ident)
-            pics = [{"picture": encode_jpeg(_render(codes[cats[i]], ident, cfg.image_size, rng), cfg.quality)}
-                    for _ in range(n_imgs[i])]
+            pics = [{"picture": p} for p in reuse] + [
+                {"picture": encode_jpeg(_render(codes[cats[i]], ident, cfg.image_size, rng), cfg.quality)}
+                for _ in range(n_imgs[i] - len(reuse))]
+            if "pics" not in ident and len(earlier) <= KEEP_PICTURES:  # bounded memory at any scale
+                ident["pics"] = [p["picture"] for p in pics]
             cid = table.ids[cats[i]]
             if is_test[i]:
                 fte.write(bson.encode({"_id": int(ids[i]), "imgs": pics}))

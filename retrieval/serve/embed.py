@@ -35,6 +35,7 @@ class ProductOutputs:
     failed: np.ndarray
     image_pred: np.ndarray  # [N] head argmax per image
     image_owner: np.ndarray  # [N] product index (in this batch) of each image
+    image_hash: np.ndarray  # [N] int64 picture_hash of each image's bytes
 
 
 @dataclass
@@ -95,7 +96,8 @@ def embed_products(net: EmbeddingNet, reader: RecordReader, rows: np.ndarray, ba
             stats.products_without_image += int((n_img == 0).sum())
         if timer:
             t = timer.add("model", t)
-        yield ProductOutputs(b.rows.numpy(), emb, probs, n_img, b.failed.numpy(), img_pred, b.owner.numpy())
+        yield ProductOutputs(b.rows.numpy(), emb, probs, n_img, b.failed.numpy(), img_pred, b.owner.numpy(),
+                             b.hashes.numpy())
         t = time.perf_counter()
 
 

@@ -15,7 +15,7 @@ from ..data.images import DecodeStats
 from ..data.offsets import RecordReader, file_fingerprint, load_offsets
 from ..errors import UserError
 from .embed import embed_products
-from .fused import Candidates, FusedClassifier, neighbour_labels
+from .fused import Candidates, FusedClassifier, candidates_for
 from .indexing import IndexBundle, open_index
 from .plots import evaluation_plots
 
@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 ALPHAS = tuple(round(float(a), 2) for a in np.linspace(0, 1, 11))
 KS = (5, 10, 20, 50)
 TAUS = (0.02, 0.05, 0.07, 0.1)
+BETAS = (0.0, 0.5, 1.0, 2.0)  # weight of the exact-duplicate vote
 BUCKETS = ((1, 10, "1-9"), (10, 100, "10-99"), (100, 1000, "100-999"), (1000, 10 ** 12, "1000+"))
 BLOCK = 2048  # products per search and per scoring block
 
@@ -57,11 +58,8 @@ def _candidates(bundle: IndexBundle, path: Path, table: np.ndarray, rows: np.nda
     cands, head_pred, img_ok, pending, start = [], [], [], [], 0
 
     def flush() -> None:
-        emb, probs = np.concatenate([o.emb for o in pending]), np.concatenate([o.probs for o in pending])
-        has = np.concatenate([o.n_images for o in pending]) > 0
-        sims, labels = neighbour_labels(bundle.index, emb, max(KS), has)
-        cands.append(Candidates.build(probs, sims, labels, has))
-        head_pred.append(probs.argmax(1))
+        cands.append(candidates_for(bundle.index, bundle.duplicates, pending, max(KS)))
+        head_pred.append(np.concatenate([o.probs for o in pending]).argmax(1))
         pending.clear()
 
     for o in embed_products(bundle.net, RecordReader(path, table), rows, batch_size, workers,
@@ -77,17 +75,20 @@ def _candidates(bundle: IndexBundle, path: Path, table: np.ndarray, rows: np.nda
 
 
 def _grid(c: Candidates, y: np.ndarray, fallback: int) -> list[dict]:
-    """Accuracy of every (alpha, k, tau), scored block by block."""
-    correct = {(a, k, t): 0 for k in KS for t in TAUS for a in ALPHAS}
+    """Accuracy of every (alpha, k, tau, beta), scored block by block (beta only where some product has an
+    exact duplicate in the index)."""
+    betas = BETAS if (c.dups >= 0).any() else (0.0,)
+    correct = {(a, k, t, b): 0 for k in KS for t in TAUS for a in ALPHAS for b in betas}
     for lo in range(0, len(c), BLOCK):
         block, yb = c.rows(slice(lo, lo + BLOCK)), y[lo:lo + BLOCK]
         for k in KS:
             for t in TAUS:
-                votes = FusedClassifier(0.5, k, t, fallback).candidate_votes(block)  # shared by every alpha
+                votes = FusedClassifier(0.5, k, t, fallback=fallback).candidate_votes(block)  # shared by all alphas
                 for a in ALPHAS:
-                    pred = FusedClassifier(a, k, t, fallback).predict_candidates(block, 1, votes)[0][:, 0]
-                    correct[(a, k, t)] += int((pred == yb).sum())
-    return [{"alpha": a, "k": k, "tau": t, "accuracy": n / len(y)} for (a, k, t), n in correct.items()]
+                    for b in betas:
+                        pred = FusedClassifier(a, k, t, b, fallback).predict_candidates(block, 1, votes)[0][:, 0]
+                        correct[(a, k, t, b)] += int((pred == yb).sum())
+    return [{"alpha": a, "k": k, "tau": t, "beta": b, "accuracy": n / len(y)} for (a, k, t, b), n in correct.items()]
 
 
 def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir: str | Path | None = None,
@@ -107,11 +108,13 @@ def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir:
     head_pred = np.where(c.has_image, head_pred, fallback)
     grid = _grid(c, y, fallback)
     best = max(grid, key=lambda g: g["accuracy"])
-    knn_only = max((g for g in grid if g["alpha"] == 0), key=lambda g: g["accuracy"])
-    clf = FusedClassifier(best["alpha"], best["k"], best["tau"], fallback)
+    knn_only = max((g for g in grid if g["alpha"] == 0 and g["beta"] == 0), key=lambda g: g["accuracy"])
+    no_dup = max((g for g in grid if g["beta"] == 0), key=lambda g: g["accuracy"])
+    clf = FusedClassifier(best["alpha"], best["k"], best["tau"], best["beta"], fallback)
     top5, _ = clf.predict_candidates(c, 5)
     pred = top5[:, 0]
-    knn_pred = FusedClassifier(0.0, knn_only["k"], knn_only["tau"], fallback).predict_candidates(c)[0][:, 0]
+    knn_pred = FusedClassifier(0.0, knn_only["k"], knn_only["tau"], 0.0, fallback).predict_candidates(c)[0][:, 0]
+    has_dup = (c.dups >= 0).any(1)
     l1, l2 = cats.parents()
     counts = np.bincount(bundle.index.labels[bundle.index.labels >= 0], minlength=len(cats))[y]
     buckets = {}
@@ -124,6 +127,7 @@ def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir:
         "products": int(len(rows)), "images": int(stats.decoded), "source": str(path),
         "head_accuracy": float((head_pred == y).mean()), "knn_accuracy": knn_only["accuracy"],
         "knn_best": {"k": knn_only["k"], "tau": knn_only["tau"]}, "fused_accuracy": best["accuracy"],
+        "fused_without_duplicates_accuracy": no_dup["accuracy"], "duplicate_coverage": float(has_dup.mean()),
         "calibration": clf.params(), "fused_top5_accuracy": float((top5 == y[:, None]).any(1).mean()),
         "level1_accuracy": float((l1[pred] == l1[y]).mean()), "level2_accuracy": float((l2[pred] == l2[y]).mean()),
         "image_accuracy": float(img_ok.mean()) if len(img_ok) else 0.0, "by_frequency": buckets,
@@ -143,7 +147,10 @@ def metrics_table(m: dict) -> str:
     cal = m["calibration"]
     rows = [("products", f"{m['products']:,}"), ("head accuracy", f"{m['head_accuracy']:.4f}"),
             ("kNN accuracy", f"{m['knn_accuracy']:.4f}  (k={m['knn_best']['k']}, tau={m['knn_best']['tau']})"),
-            ("fused accuracy", f"{m['fused_accuracy']:.4f}  (alpha={cal['alpha']}, k={cal['k']}, tau={cal['tau']})"),
+            ("fused accuracy", f"{m['fused_accuracy']:.4f}  (alpha={cal['alpha']}, k={cal['k']}, tau={cal['tau']}, "
+                               f"beta={cal['beta']})"),
+            ("fused, no dup vote", f"{m['fused_without_duplicates_accuracy']:.4f}  (exact duplicate in the index "
+                                   f"for {m['duplicate_coverage']:.1%} of products)"),
             ("fused top-5", f"{m['fused_top5_accuracy']:.4f}"), ("level-1 accuracy", f"{m['level1_accuracy']:.4f}"),
             ("level-2 accuracy", f"{m['level2_accuracy']:.4f}"), ("per-image (head)", f"{m['image_accuracy']:.4f}")]
     lines = [f"{k:<18} {v}" for k, v in rows]

@@ -1,11 +1,13 @@
-"""The fused classifier: the head's probabilities mixed with a kNN vote over the index (one rule everywhere)."""
+"""The fused classifier: the head's probabilities mixed with a kNN vote over the index and a vote of exactly
+duplicated indexed pictures (one rule everywhere)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import cached_property
 
 import numpy as np
 
-from index import VectorIndex, vote_weights
+from index import DuplicateTable, VectorIndex, duplicate_share, vote_weights
 
 from ..errors import UserError
 from ..rundir import RunDir
@@ -17,51 +19,62 @@ HEAD_TOP = 20  # head classes kept per product besides the neighbours' classes
 @dataclass
 class Candidates:
     """Per product, the only classes the fused rule can rank first: the head's top ``m`` plus the neighbours'
-    classes (sorted, deduplicated, -1 padded), with the head's exact probability for each. Fused scores over
-    these equal the dense ``[P, C]`` ones, so the top-m ranking never needs all C classes in memory."""
+    and exact duplicates' classes (sorted, deduplicated, -1 padded), with the head's exact probability for each.
+    Fused scores over these equal the dense ``[P, C]`` ones, so the top-m ranking never needs all C classes."""
 
     classes: np.ndarray    # [P, W] int32 class index, -1 = padding
     head: np.ndarray       # [P, W] float32 head probability of each candidate
     sims: np.ndarray       # [P, K] neighbour similarities
     labels: np.ndarray     # [P, K] neighbour class, -1 = none
     has_image: np.ndarray  # [P] bool
+    dups: np.ndarray       # [P, D] class of each exactly matching indexed picture, -1 = none
 
     @classmethod
     def build(cls, p_head: np.ndarray, sims: np.ndarray, labels: np.ndarray, has_image: np.ndarray,
-              m: int = HEAD_TOP) -> "Candidates":
-        """From dense head probabilities ``[P, C]`` and neighbours ``[P, K]``."""
+              dups: np.ndarray | None = None, m: int = HEAD_TOP) -> "Candidates":
+        """From dense head probabilities ``[P, C]``, neighbours ``[P, K]`` and exact-match labels ``[P, D]``."""
         m = min(m, p_head.shape[1])
+        dups = np.full((len(p_head), 1), -1, np.int32) if dups is None else np.asarray(dups, np.int32)
         top = np.argpartition(-p_head, m - 1, axis=1)[:, :m] if m < p_head.shape[1] else \
             np.broadcast_to(np.arange(m), (len(p_head), m))
-        cand = np.sort(np.concatenate([top, labels], 1), axis=1)
+        cand = np.sort(np.concatenate([top, labels, dups], 1), axis=1)
         cand[:, 1:][cand[:, 1:] == cand[:, :-1]] = -1
         head = np.where(cand >= 0, np.take_along_axis(p_head, np.maximum(cand, 0), 1), 0.0)
         return cls(cand.astype(np.int32), head.astype(np.float32), np.asarray(sims, np.float32),
-                   np.asarray(labels, np.int32), np.asarray(has_image, bool))
+                   np.asarray(labels, np.int32), np.asarray(has_image, bool), dups)
 
     def __len__(self) -> int:
         return len(self.classes)
 
+    @cached_property
+    def dup_share(self) -> np.ndarray:
+        """Share ``[P, W]`` of each candidate among the product's exact-duplicate labels (0 without a match)."""
+        return duplicate_share(self.classes, self.dups)
+
     def rows(self, sl: slice) -> "Candidates":
-        return Candidates(self.classes[sl], self.head[sl], self.sims[sl], self.labels[sl], self.has_image[sl])
+        return Candidates(self.classes[sl], self.head[sl], self.sims[sl], self.labels[sl], self.has_image[sl],
+                          self.dups[sl])
 
     @classmethod
     def concat(cls, parts: list["Candidates"]) -> "Candidates":
-        width = max(p.classes.shape[1] for p in parts)
-        pad = lambda a, v: np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=v)  # noqa: E731
-        return cls(np.concatenate([pad(p.classes, -1) for p in parts]), np.concatenate([pad(p.head, 0) for p in parts]),
+        def stack(arrays: list[np.ndarray], fill: float) -> np.ndarray:
+            width = max(a.shape[1] for a in arrays)
+            return np.concatenate([np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=fill) for a in arrays])
+        return cls(stack([p.classes for p in parts], -1), stack([p.head for p in parts], 0),
                    np.concatenate([p.sims for p in parts]), np.concatenate([p.labels for p in parts]),
-                   np.concatenate([p.has_image for p in parts]))
+                   np.concatenate([p.has_image for p in parts]), stack([p.dups for p in parts], -1))
 
 
 @dataclass(frozen=True)
 class FusedClassifier:
-    """``p = alpha * p_head + (1 - alpha) * p_knn``; ``p_knn`` weighs the first ``k`` neighbours by
-    ``exp(sim / tau)``. Products without a decodable image get class ``fallback``."""
+    """``p = alpha * p_head + (1 - alpha) * p_knn + beta * p_dup``; ``p_knn`` weighs the first ``k`` neighbours
+    by ``exp(sim / tau)``, ``p_dup`` is each class's share of the indexed pictures identical (byte for byte) to
+    the product's. Products without a decodable image get class ``fallback``."""
 
     alpha: float = 0.5
     k: int = 20
     tau: float = 0.07
+    beta: float = 1.0
     fallback: int = 0
 
     def __post_init__(self) -> None:
@@ -71,6 +84,8 @@ class FusedClassifier:
             raise UserError(f"k must be at least 1, got {self.k}")
         if not self.tau > 0:
             raise UserError(f"tau must be positive, got {self.tau}")
+        if not self.beta >= 0:
+            raise UserError(f"beta must be at least 0, got {self.beta}")
 
     def params(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "fallback"}
@@ -86,6 +101,8 @@ class FusedClassifier:
         """Fused scores ``[P, W]`` of each product's candidate classes (-inf on padding)."""
         knn, has_knn = votes if votes is not None else self.candidate_votes(c)
         fused = np.where(has_knn, self.alpha * c.head + (1 - self.alpha) * knn, c.head)
+        if self.beta > 0:
+            fused = fused + self.beta * c.dup_share
         return np.where(c.classes >= 0, fused, -np.inf)
 
     def predict_candidates(self, c: Candidates, top: int = 1, votes: tuple[np.ndarray, np.ndarray] | None = None
@@ -104,11 +121,24 @@ DEFAULT = FusedClassifier()  # used where no calibration exists
 
 
 def calibrated(run: RunDir, fallback: int, alpha: float | None = None, k: int | None = None,
-               tau: float | None = None) -> FusedClassifier:
+               tau: float | None = None, beta: float | None = None) -> FusedClassifier:
     """The run's calibration (from ``evaluate``) or the defaults, with any given value taking precedence."""
     saved = run.read_calibration() or {}
     pick = lambda name, given: given if given is not None else saved.get(name, getattr(DEFAULT, name))  # noqa: E731
-    return FusedClassifier(float(pick("alpha", alpha)), int(pick("k", k)), float(pick("tau", tau)), fallback)
+    return FusedClassifier(float(pick("alpha", alpha)), int(pick("k", k)), float(pick("tau", tau)),
+                           float(pick("beta", beta)), fallback)
+
+
+def candidates_for(index: VectorIndex, duplicates: DuplicateTable, outs: list, k: int) -> Candidates:
+    """Candidates of embedded batches ``outs`` (:class:`~.embed.ProductOutputs`): one search of ``k``
+    neighbours for all their products, and the exact-duplicate lookup of all their pictures."""
+    emb, probs = np.concatenate([o.emb for o in outs]), np.concatenate([o.probs for o in outs])
+    has = np.concatenate([o.n_images for o in outs]) > 0
+    sims, labels = neighbour_labels(index, emb, k, has)
+    starts = np.cumsum([0] + [len(o.rows) for o in outs[:-1]])
+    owner = np.concatenate([o.image_owner + s for o, s in zip(outs, starts)])
+    dups = duplicates.product_labels(np.concatenate([o.image_hash for o in outs]), owner, len(emb), index.labels)
+    return Candidates.build(probs, sims, labels, has, dups)
 
 
 def neighbour_labels(index: VectorIndex, emb: np.ndarray, k: int, has_image: np.ndarray

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from index import VectorIndex, choose_factory, exact_topk
+from index import DuplicateTable, VectorIndex, choose_factory, exact_topk
 
 from ..data.categories import CategoryTable
 from ..data.images import DecodeStats
@@ -35,6 +35,7 @@ class IndexBundle:
     index: VectorIndex
     arrays: dict[str, np.ndarray]
     loaded: LoadedModel
+    duplicates: DuplicateTable  # picture hashes of indexed products (exact-duplicate vote)
 
     @property
     def product_ids(self) -> np.ndarray:
@@ -71,6 +72,7 @@ class IndexBundle:
         self.index.save(self.folder / "faiss")
         for k in ARRAYS:
             np.save(self.folder / f"{k}.npy", self.arrays[k])
+        self.duplicates.save(self.folder)
         self.manifest = replace(self.manifest, count=len(self.index))
         self.manifest.save(self.folder)
 
@@ -87,7 +89,7 @@ def open_index(folder: str | Path, mmap: bool = False) -> IndexBundle:
     arrays = {k: np.load(f / f"{k}.npy") for k in ARRAYS}
     if len(arrays["product_ids"]) != len(vi) or man.count != len(vi):
         raise UserError(f"{f}: manifest count {man.count} and stored arrays disagree with the index ({len(vi)})")
-    return IndexBundle(f, man, vi, arrays, loaded)
+    return IndexBundle(f, man, vi, arrays, loaded, DuplicateTable.load(f))
 
 
 def check_source(bundle: IndexBundle, source: int) -> str:
@@ -108,7 +110,10 @@ def _embed_to_store(net, reader, rows, store: ChunkStore, first_part: int, chunk
         if not store.done(part):
             t = time.perf_counter()
             out = list(embed_products(net, reader, sub, batch, workers, tta, stats))
-            store.write(part, rows=np.concatenate([o.rows for o in out]), emb=np.concatenate([o.emb for o in out]))
+            starts = np.cumsum([0] + [len(o.rows) for o in out[:-1]])
+            store.write(part, rows=np.concatenate([o.rows for o in out]), emb=np.concatenate([o.emb for o in out]),
+                        img_hash=np.concatenate([o.image_hash for o in out]),
+                        img_owner=np.concatenate([o.image_owner + s for o, s in zip(out, starts)]))
             seconds += time.perf_counter() - t
         else:
             log.info("part %d already embedded; resuming after it", part)
@@ -116,6 +121,17 @@ def _embed_to_store(net, reader, rows, store: ChunkStore, first_part: int, chunk
         bar.update(len(sub))
     bar.close()
     return parts, seconds
+
+
+def _duplicates(store: ChunkStore, parts: list[tuple[int, int]], first_position: int) -> DuplicateTable:
+    """Picture hashes of the stored parts, keyed to index positions from ``first_position``."""
+    hashes, positions, start = [], [], first_position
+    for p, n in parts:
+        z = store.read(p)
+        hashes.append(z["img_hash"])
+        positions.append(z["img_owner"] + start)
+        start += n
+    return DuplicateTable(np.concatenate(hashes), np.concatenate(positions))
 
 
 def _fill_index(vi: VectorIndex, store: ChunkStore, parts: list, labels: np.ndarray, target_recall: float) -> float:
@@ -165,7 +181,8 @@ def build_index(train_path: str | Path, run_dir: str | Path, out_dir: str | Path
         rows = np.flatnonzero(table["category_id"] >= 0)
     if len(rows) == 0:
         raise UserError(f"{train_path}: no labelled products to index")
-    key = {"model_sha256": model.sha256, "data": fp, "split": split, "tta_flip": tta_flip, "chunk": chunk_products}
+    key = {"model_sha256": model.sha256, "data": fp, "split": split, "tta_flip": tta_flip, "chunk": chunk_products,
+           "picture_hashes": True}
     store = ChunkStore(out / "embeddings", key, restart=restart)
     stats = DecodeStats()
     parts, embed_s = _embed_to_store(net, RecordReader(train_path, table), rows, store, 0, chunk_products,
@@ -182,7 +199,7 @@ def build_index(train_path: str | Path, run_dir: str | Path, out_dir: str | Path
     arrays = {"product_ids": table["product_id"][rows], "category_ids": table["category_id"][rows],
               "offsets": table["offset"][rows], "lengths": table["length"][rows].astype(np.int64),
               "sources": np.zeros(len(rows), np.int16)}
-    bundle = IndexBundle(out, manifest, vi, arrays, model)
+    bundle = IndexBundle(out, manifest, vi, arrays, model, _duplicates(store, parts, 0))
     bundle.save()
     log.info("index of %d products (%s) written to %s; %s", len(rows), factory, out, stats.summary())
     return bundle.manifest
@@ -217,6 +234,8 @@ def add_to_index(index_dir: str | Path, new_path: str | Path, batch_size: int = 
     parts, _ = _embed_to_store(bundle.net, RecordReader(new_path, table), rows, store, first_part, 10 ** 9,
                                batch_size, workers, man.tta_flip, DecodeStats(), "embedding new products")
     bundle.index.add(store.read(parts[0][0])["emb"], labels)
+    new_dups = _duplicates(store, parts, man.count)
+    bundle.duplicates = bundle.duplicates.merged(new_dups.hashes, new_dups.positions)
     src = len(man.sources)
     bundle.manifest = man.with_added(parts, Source(str(new_path.resolve()), file_fingerprint(new_path)))
     new = {"product_ids": table["product_id"][rows], "category_ids": cat_ids, "offsets": table["offset"][rows],

@@ -10,7 +10,8 @@ def evaluation_plots(m: dict, out: Path) -> list[str]:
     """accuracy_vs_alpha.png and accuracy_by_frequency.png from evaluate's metrics."""
     from matplotlib.figure import Figure
     cal = m["calibration"]
-    pts = sorted((g["alpha"], g["accuracy"]) for g in m["grid"] if g["k"] == cal["k"] and g["tau"] == cal["tau"])
+    pts = sorted((g["alpha"], g["accuracy"]) for g in m["grid"]
+                 if g["k"] == cal["k"] and g["tau"] == cal["tau"] and g["beta"] == cal["beta"])
     fig = Figure(figsize=(5, 3.5))
     ax = fig.subplots()
     ax.plot(*zip(*pts), marker="o", label=f"fused (k={cal['k']}, tau={cal['tau']})")

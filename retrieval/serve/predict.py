@@ -16,7 +16,7 @@ from ..data.images import DecodeStats
 from ..data.offsets import RecordReader, file_fingerprint, load_offsets
 from ..errors import UserError
 from .embed import ChunkStore, Timer, embed_products
-from .fused import Candidates, FusedClassifier, calibrated, neighbour_labels
+from .fused import FusedClassifier, calibrated, candidates_for
 from .indexing import IndexBundle, open_index
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class PredictReport:
 
 
 def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path, alpha: float | None = None,
-            k: int | None = None, tau: float | None = None, top: int = 0,
+            k: int | None = None, tau: float | None = None, beta: float | None = None, top: int = 0,
             scores_out: str | Path | None = None, batch_size: int = 256, workers: int = 2,
             chunk_products: int = 20_000, restart: bool = False) -> PredictReport:
     """Write ``_id,category_id`` for every product of ``test_path`` in file order.
@@ -58,7 +58,7 @@ def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path, a
     test_path, out_csv = Path(test_path), Path(out_csv)
     table = load_offsets(test_path)
     bundle = open_index(index_dir)
-    clf = calibrated(bundle.run, bundle.fallback_class, alpha, k, tau)  # validates alpha, k, tau
+    clf = calibrated(bundle.run, bundle.fallback_class, alpha, k, tau, beta)  # validates alpha, k, tau, beta
     net, cats = bundle.net, bundle.categories
     tta_flip = bundle.manifest.tta_flip
     reader = RecordReader(test_path, table)
@@ -95,11 +95,9 @@ def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path, a
 def _decide(bundle: IndexBundle, clf: FusedClassifier, outs: list, top: int, timer: Timer) -> dict[str, np.ndarray]:
     """Fused class (and top-N classes with scores) for a list of embedded batches, with one search."""
     t = time.perf_counter()
-    emb, probs = np.concatenate([o.emb for o in outs]), np.concatenate([o.probs for o in outs])
-    has = np.concatenate([o.n_images for o in outs]) > 0
-    sims, labels = neighbour_labels(bundle.index, emb, clf.k, has)
+    cands = candidates_for(bundle.index, bundle.duplicates, outs, clf.k)
     t = timer.add("search", t)
-    classes, scores = clf.predict_candidates(Candidates.build(probs, sims, labels, has), max(1, top))
+    classes, scores = clf.predict_candidates(cands, max(1, top))
     out = {"pred": classes[:, 0]}
     if top:
         out.update(top=classes, scores=scores)
