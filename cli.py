@@ -260,6 +260,19 @@ def evaluate(index: Path = typer.Option(..., help="index folder (build-index --s
 
 
 @command()
+def serve(index: Path = typer.Option(..., help="index folder to serve"),
+          host: str = typer.Option("127.0.0.1", help="address to listen on"),
+          port: int = typer.Option(8000, min=1, max=65535, help="TCP port")) -> None:
+    """Serve similar products over HTTP with a web page at / (API docs at /docs); needs the serve extra."""
+    try:
+        import uvicorn
+        from retrieval.serve.api import create_app
+    except ImportError as e:
+        raise UserError(f"serve needs the serve extra: pip install -e '.[serve]' ({e})") from None
+    uvicorn.run(create_app(index), host=host, port=port, log_level="info")
+
+
+@command()
 def demo(workdir: Path = typer.Option(Path("demo_work"), help="empty folder for everything the demo makes"),
          products: int = typer.Option(4000, min=20, help="training products to generate"),
          n_categories: int = typer.Option(200, min=2, help="categories to generate"),

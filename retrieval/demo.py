@@ -67,7 +67,9 @@ def run_demo(workdir: str | Path, cfg: DemoConfig = DemoConfig()) -> dict:
     lap("similar")
     return {
         "val_head_accuracy": metrics["head_accuracy"], "val_knn_accuracy": metrics["knn_accuracy"],
-        "val_fused_accuracy": metrics["fused_accuracy"], "calibration": metrics["calibration"],
+        "val_fused_accuracy": metrics["fused_accuracy"],
+        "val_fused_without_duplicate_vote": metrics["fused_without_duplicates_accuracy"],
+        "val_exact_duplicate_coverage": metrics["duplicate_coverage"], "calibration": metrics["calibration"],
         "test_accuracy": test_acc, "predict_products_per_s": report.rate,
         "similar_query": query, "similar_top": [(n.product_id, round(n.similarity, 3)) for n in found[:3]],
         "seconds": times, "total_seconds": round(time.perf_counter() - t0, 1),

@@ -109,11 +109,14 @@ def _embed_to_store(net, reader, rows, store: ChunkStore, first_part: int, chunk
         part, sub = first_part + i, rows[lo:lo + chunk]
         if not store.done(part):
             t = time.perf_counter()
-            out = list(embed_products(net, reader, sub, batch, workers, tta, stats))
-            starts = np.cumsum([0] + [len(o.rows) for o in out[:-1]])
-            store.write(part, rows=np.concatenate([o.rows for o in out]), emb=np.concatenate([o.emb for o in out]),
-                        img_hash=np.concatenate([o.image_hash for o in out]),
-                        img_owner=np.concatenate([o.image_owner + s for o, s in zip(out, starts)]))
+            kept: dict[str, list[np.ndarray]] = {"rows": [], "emb": [], "img_hash": [], "img_owner": []}
+            done = 0
+            for o in embed_products(net, reader, sub, batch, workers, tta, stats):  # probs [P, C] are not kept
+                for name, a in (("rows", o.rows), ("emb", o.emb), ("img_hash", o.image_hash),
+                                ("img_owner", o.image_owner + done)):
+                    kept[name].append(a)
+                done += len(o.rows)
+            store.write(part, **{name: np.concatenate(a) for name, a in kept.items()})
             seconds += time.perf_counter() - t
         else:
             log.info("part %d already embedded; resuming after it", part)

@@ -1,4 +1,5 @@
-"""Similar-product lookup over an index folder, by product id or by image files, and a contact sheet."""
+"""One query against an index folder: similar products (by product id or pictures), the fused top categories
+of a product's pictures, and a contact sheet. Shared by the CLI and the HTTP API."""
 from __future__ import annotations
 
 import logging
@@ -9,13 +10,18 @@ import numpy as np
 import torch
 
 from ..data.datasets import to_model_input
-from ..data.images import ImageDecodeError, decode_image
+from ..data.images import ImageDecodeError, decode_image, picture_hash
 from ..data.offsets import RecordReader
 from ..errors import UserError
 from .embed import embed_images
+from .fused import Candidates, FusedClassifier, neighbour_labels
 from .indexing import IndexBundle, check_source, open_index
 
 log = logging.getLogger(__name__)
+
+
+class UnknownProduct(UserError):
+    """A product id that is not in the index."""
 
 
 @dataclass(frozen=True)
@@ -39,40 +45,109 @@ class Neighbour:
         return " > ".join(names) if names else "unknown"
 
 
+def product_position(bundle: IndexBundle, product_id: int) -> int:
+    """Index position of ``product_id``; a clear error if it is not indexed."""
+    hit = np.flatnonzero(bundle.product_ids == product_id)
+    if len(hit) == 0:
+        raise UnknownProduct(f"product _id {product_id} is not in the index {bundle.folder}")
+    return int(hit[0])
+
+
+def product_pictures(bundle: IndexBundle, pos: int) -> list[bytes]:
+    """The JPEG bytes of the indexed product at ``pos``, read from its BSON file."""
+    a = bundle.arrays
+    path = check_source(bundle, int(a["sources"][pos]))
+    return RecordReader(path, table=np.empty(0)).read_at(int(a["offsets"][pos]), int(a["lengths"][pos])).images
+
+
+def embed_pictures(bundle: IndexBundle, pictures: list[bytes], names: list[str] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """One product from its picture bytes: (embedding ``[D]``, head probabilities ``[C]``, decoded RGB pictures).
+    A picture that does not decode is an error naming it."""
+    if not pictures:
+        raise UserError("no picture given")
+    pics = []
+    for i, data in enumerate(pictures):
+        try:
+            pics.append(decode_image(data))
+        except ImageDecodeError as e:
+            raise UserError(f"{names[i] if names else f'picture {i}'}: not a readable image ({e})") from None
+    net = bundle.net
+    x = torch.stack([to_model_input(rgb, net.cfg.image_size, train=False) for rgb in pics])
+    emb, probs = embed_images(net, x, torch.zeros(len(x), dtype=torch.long), 1, tta_flip=bundle.manifest.tta_flip)
+    return emb[0].cpu().numpy(), probs[0].cpu().numpy(), pics
+
+
 def query_vector(bundle: IndexBundle, product_id: int | None = None, images: list[str | Path] | None = None
                  ) -> tuple[np.ndarray, list[np.ndarray]]:
     """The query embedding ``[D]`` and the query pictures (RGB arrays) for the sheet."""
     if (product_id is None) == (not images):
         raise UserError("give exactly one of a product id or image files")
     if product_id is not None:
-        hit = np.flatnonzero(bundle.product_ids == product_id)
-        if len(hit) == 0:
-            raise UserError(f"product _id {product_id} is not in the index {bundle.folder}")
-        pos = int(hit[0])
+        pos = product_position(bundle, product_id)
         return bundle.vector(pos), [_first_picture(bundle, pos)]
-    net = bundle.net
-    pics = []
     for f in images:
-        p = Path(f)
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: no such image file")
-        try:
-            pics.append(decode_image(p.read_bytes()))
-        except ImageDecodeError as e:
-            raise UserError(f"{p}: {e}") from None
-    x = torch.stack([to_model_input(rgb, net.cfg.image_size, train=False) for rgb in pics])
-    emb, _ = embed_images(net, x, torch.zeros(len(x), dtype=torch.long), 1, tta_flip=bundle.manifest.tta_flip)
-    return emb[0].cpu().numpy(), pics
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"{f}: no such image file")
+    emb, _, pics = embed_pictures(bundle, [Path(f).read_bytes() for f in images], [str(f) for f in images])
+    return emb, pics
 
 
 def _first_picture(bundle: IndexBundle, pos: int) -> np.ndarray | None:
-    a = bundle.arrays
-    path = check_source(bundle, int(a["sources"][pos]))
-    prod = RecordReader(path, table=np.empty(0)).read_at(int(a["offsets"][pos]), int(a["lengths"][pos]))
+    pictures = product_pictures(bundle, pos)
     try:
-        return decode_image(prod.images[0]) if prod.images else None
+        return decode_image(pictures[0]) if pictures else None
     except ImageDecodeError:
         return None
+
+
+def neighbours(bundle: IndexBundle, vec: np.ndarray, k: int, category: int | None = None, offset: int = 0
+               ) -> tuple[list[Neighbour], np.ndarray]:
+    """Results ``offset .. offset + k - 1`` of the search for ``vec [D]`` (within one category id, searched
+    inside the index), and their index positions."""
+    if k < 1 or offset < 0:
+        raise UserError(f"k must be at least 1 and offset at least 0, got k={k}, offset={offset}")
+    cats = bundle.categories
+    allowed = None
+    if category is not None:
+        if category not in cats.ids:
+            raise UserError(f"category {category} is not in the model's category table")
+        allowed = [int(cats.encode([category])[0])]
+    sims, pos = bundle.index.search(vec[None], offset + k, allowed)
+    sims, pos = sims[0][offset:], pos[0][offset:]
+    keep = pos >= 0
+    id_to_class = {c: i for i, c in enumerate(cats.ids)}
+    out = []
+    for s, p in zip(sims[keep], pos[keep]):
+        cid = int(bundle.arrays["category_ids"][p])
+        names = cats.names[id_to_class[cid]] if cid in id_to_class else ("", "", "")
+        out.append(Neighbour(int(bundle.product_ids[p]), float(s), cid, *(n.strip() for n in names)))
+    return out, pos[keep]
+
+
+def classify_pictures(bundle: IndexBundle, clf: FusedClassifier, pictures: list[bytes], top: int = 5,
+                      names: list[str] | None = None) -> list[dict]:
+    """The ``top`` fused categories of one product's pictures, each with its head, kNN, exact-duplicate and
+    fused score."""
+    emb, probs, _ = embed_pictures(bundle, pictures, names)
+    index = bundle.index
+    sims, labels = neighbour_labels(index, emb[None], clf.k, np.ones(1, bool))
+    dups = bundle.duplicates.product_labels(np.array([picture_hash(p) for p in pictures]),
+                                            np.zeros(len(pictures), np.int64), 1, index.labels)
+    c = Candidates.build(probs[None], sims, labels, np.ones(1, bool), dups)
+    votes = clf.candidate_votes(c)
+    scores = clf.candidate_scores(c, votes)[0]
+    cats = bundle.categories
+    out = []
+    for j in np.argsort(-scores, kind="stable")[:top]:
+        if not np.isfinite(scores[j]):
+            break
+        cls = int(c.classes[0, j])
+        l1, l2, l3 = (n.strip() for n in cats.names[cls])
+        out.append({"category_id": int(cats.ids[cls]), "level1": l1, "level2": l2, "level3": l3,
+                    "head": float(c.head[0, j]), "knn": float(votes[0][0, j]), "duplicate": float(c.dup_share[0, j]),
+                    "fused": float(scores[j])})
+    return out
 
 
 def similar(index_dir: str | Path | IndexBundle, product_id: int | None = None,
@@ -83,23 +158,9 @@ def similar(index_dir: str | Path | IndexBundle, product_id: int | None = None,
     if k < 1:
         raise UserError(f"k must be at least 1, got {k}")
     vec, pics = query_vector(bundle, product_id, images)
-    cats = bundle.categories
-    allowed = None
-    if category is not None:
-        if category not in cats.ids:
-            raise UserError(f"category {category} is not in the model's category table")
-        allowed = [int(cats.encode([category])[0])]
-    sims, pos = bundle.index.search(vec[None], k, allowed)
-    out = []
-    id_to_class = {c: i for i, c in enumerate(cats.ids)}
-    for s, p in zip(sims[0], pos[0]):
-        if p < 0:
-            continue
-        cid = int(bundle.arrays["category_ids"][p])
-        names = cats.names[id_to_class[cid]] if cid in id_to_class else ("", "", "")
-        out.append(Neighbour(int(bundle.product_ids[p]), float(s), cid, *(n.strip() for n in names)))
+    out, positions = neighbours(bundle, vec, k, category)
     if sheet is not None:
-        contact_sheet(bundle, pics, out, pos[0][pos[0] >= 0], sheet)
+        contact_sheet(bundle, pics, out, positions, sheet)
     return out
 
 
