@@ -84,6 +84,14 @@ def command(name: str | None = None):
 
 WORKERS = typer.Option(2, min=0, help="DataLoader worker processes")
 BATCH = typer.Option(256, min=1, help="images per model batch")
+DEVICES = typer.Option("1", help="devices: a count, auto, or a list like 0,1 (more than one: Lightning DDP)")
+NODES = typer.Option(1, min=1, help="machines (Lightning DDP; start the command on each with NODE_RANK set)")
+ACCELERATOR = typer.Option("auto", help="Lightning accelerator: auto, cpu, gpu")
+
+
+def _devices(devices: str, num_nodes: int, accelerator: str):
+    from retrieval.model.runtime import Devices
+    return Devices(int(devices) if devices.isdigit() else devices, num_nodes, accelerator)
 
 
 @command("make-data")
@@ -147,7 +155,7 @@ def train(train_file: Path = typer.Argument(..., help="training BSON file"),
           lr: Optional[float] = typer.Option(None, min=0.0, help="learning rate of the new layers [default: 2e-3]"),
           backbone_lr_mult: Optional[float] = typer.Option(None, min=0.0, help="backbone lr = lr x this [default: 1]"),
           devices: str = typer.Option("auto", help="Lightning devices: auto, a count, or a list like 0,1"),
-          num_nodes: int = typer.Option(1, min=1, help="machines for DDP"),
+          num_nodes: int = NODES, accelerator: str = ACCELERATOR,
           workers: int = WORKERS,
           precision: Optional[str] = typer.Option(None, help="Lightning precision, e.g. bf16-mixed [default: auto]"),
           resume: bool = typer.Option(False, help="continue the run in --out from its last checkpoint"),
@@ -161,9 +169,13 @@ def train(train_file: Path = typer.Argument(..., help="training BSON file"),
              "m_per_class": m_per_class, "epochs": epochs, "max_steps": max_steps,
              "checkpoint_every_steps": checkpoint_every, "batch_size": batch_size, "lr": lr,
              "backbone_lr_mult": backbone_lr_mult, "val_fraction": val_fraction, "seed": seed, "precision": precision,
-             "devices": int(devices) if devices.isdigit() else devices, "num_nodes": num_nodes, "workers": workers}
+             "devices": int(devices) if devices.isdigit() else devices, "num_nodes": num_nodes, "workers": workers,
+             "accelerator": accelerator}
     cfg = resolve_config(out, resume, **{k: v for k, v in given.items() if v is not None})
     res = _train(train_file, out, cfg, categories, resume=resume)
+    from retrieval.model.runtime import is_first_rank
+    if not is_first_rank():  # another rank of a distributed run: rank 0 reports
+        return
     acc = "no validation split" if res.best_val_accuracy is None else f"{res.best_val_accuracy:.4f}"
     typer.echo(f"best validation product accuracy: {acc}\nmodel: {res.model_file}\n"
                f"next: python cli.py build-index {train_file} --model {out} --out {out}_index --split train")
@@ -179,11 +191,15 @@ def build_index(train_file: Path = typer.Argument(..., help="labelled BSON file 
                     False, help="average each image with its mirror (then used by predict, evaluate, similar)"),
                 workers: int = WORKERS,
                 memory_budget_gb: float = typer.Option(8.0, min=0.01, help="RAM the index may use (chooses its type)"),
-                restart: bool = typer.Option(False, help="discard unfinished parts made with other settings")) -> None:
+                restart: bool = typer.Option(False, help="discard unfinished parts made with other settings"),
+                devices: str = DEVICES, num_nodes: int = NODES, accelerator: str = ACCELERATOR) -> None:
     """Embed every product and build a FAISS index (resumes an interrupted build)."""
     from retrieval.serve.indexing import build_index as _build
     man = _build(train_file, model, out, split, index_type, batch_size, tta_flip, workers,
-                 memory_budget=memory_budget_gb * 1e9, restart=restart)
+                 memory_budget=memory_budget_gb * 1e9, restart=restart,
+                 where=_devices(devices, num_nodes, accelerator))
+    if man is None:  # another rank of a distributed run: rank 0 reports
+        return
     typer.echo(f"indexed {man.count:,} products with {man.factory} into {out}")
 
 
@@ -233,11 +249,15 @@ def predict(test_file: Path = typer.Argument(..., help="BSON file to classify"),
             scores_out: Optional[Path] = typer.Option(
                 None, help="also write the top categories with scores, one JSON object per line (JSON Lines)"),
             batch_size: int = BATCH, workers: int = WORKERS,
-            restart: bool = typer.Option(False, help="discard unfinished parts made with other settings")) -> None:
+            restart: bool = typer.Option(False, help="discard unfinished parts made with other settings"),
+            devices: str = DEVICES, num_nodes: int = NODES, accelerator: str = ACCELERATOR) -> None:
     """Predict a category for every product of TEST_FILE, in file order (resumes if interrupted)."""
     from retrieval.serve.predict import predict as _predict
     r = _predict(test_file, index, out, alpha, k, tau, beta, top=top if scores_out else 0, scores_out=scores_out,
-                 batch_size=batch_size, workers=workers, restart=restart)
+                 batch_size=batch_size, workers=workers, restart=restart,
+                 where=_devices(devices, num_nodes, accelerator))
+    if r is None:  # another rank of a distributed run: rank 0 reports
+        return
     resumed = r.products - r.computed
     typer.echo(f"{r.products:,} rows written to {out}; {r.computed:,} predicted now ({r.rate:.0f} products/s)"
                + (f", {resumed:,} resumed from earlier parts" if resumed else "")

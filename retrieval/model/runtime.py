@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import functools
+import os
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,3 +40,23 @@ def autocast_for(device: torch.device):
     if auto_precision() == "bf16-mixed" or (device.type == "cuda" and torch.cuda.is_bf16_supported()):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+def is_first_rank() -> bool:
+    """False in a process that Lightning's launcher started as another rank (it must not discard or merge
+    shared work); True in a plain process."""
+    return all(os.environ.get(v, "0") == "0" for v in ("LOCAL_RANK", "NODE_RANK", "RANK"))
+
+
+@dataclass(frozen=True)
+class Devices:
+    """Where serving work runs: Lightning's ``devices`` (a count or "auto"), ``num_nodes`` and ``accelerator``.
+    The default, one device, runs in this process without Lightning."""
+
+    devices: int | str = 1
+    num_nodes: int = 1
+    accelerator: str = "auto"
+
+    @property
+    def distributed(self) -> bool:
+        return self.num_nodes > 1 or self.devices == "auto" or (isinstance(self.devices, int) and self.devices > 1)

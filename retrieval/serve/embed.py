@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.datasets import ProductDataset, product_loader
+from ..data.datasets import ProductBatch, ProductDataset, product_loader
 from ..data.images import DecodeStats
 from ..data.offsets import RecordReader
 from ..errors import UserError
@@ -81,24 +81,31 @@ def embed_products(net: EmbeddingNet, reader: RecordReader, rows: np.ndarray, ba
     for b in loader:
         if timer:
             t = timer.add("read+decode", t)
-        n = len(b.rows)
-        n_img = torch.bincount(b.owner, minlength=n).numpy()
-        if len(b.images):
-            emb, probs, img_pred = embed_images(net, b.images, b.owner, n, tta_flip, per_image=True)
-            emb, probs, img_pred = emb.cpu().numpy(), probs.cpu().numpy(), img_pred.cpu().numpy()
-        else:
-            emb = np.zeros((n, net.cfg.embed_dim), np.float32)
-            probs = np.zeros((n, net.cfg.n_classes), np.float32)
-            img_pred = np.zeros(0, np.int64)
-        if stats is not None:
-            stats.decoded += int(n_img.sum())
-            stats.failed += int(b.failed.sum())
-            stats.products_without_image += int((n_img == 0).sum())
+        out = batch_outputs(net, b, tta_flip, stats)
         if timer:
             t = timer.add("model", t)
-        yield ProductOutputs(b.rows.numpy(), emb, probs, n_img, b.failed.numpy(), img_pred, b.owner.numpy(),
-                             b.hashes.numpy())
+        yield out
         t = time.perf_counter()
+
+
+def batch_outputs(net: EmbeddingNet, b: ProductBatch, tta_flip: bool = False, stats: DecodeStats | None = None
+                  ) -> ProductOutputs:
+    """The network's per-product outputs for one loader batch (products without a picture get zeros)."""
+    n = len(b.rows)
+    n_img = torch.bincount(b.owner, minlength=n).numpy()
+    if len(b.images):
+        emb, probs, img_pred = embed_images(net, b.images, b.owner, n, tta_flip, per_image=True)
+        emb, probs, img_pred = emb.cpu().numpy(), probs.cpu().numpy(), img_pred.cpu().numpy()
+    else:
+        emb = np.zeros((n, net.cfg.embed_dim), np.float32)
+        probs = np.zeros((n, net.cfg.n_classes), np.float32)
+        img_pred = np.zeros(0, np.int64)
+    if stats is not None:
+        stats.decoded += int(n_img.sum())
+        stats.failed += int(b.failed.sum())
+        stats.products_without_image += int((n_img == 0).sum())
+    return ProductOutputs(b.rows.numpy(), emb, probs, n_img, b.failed.numpy(), img_pred, b.owner.numpy(),
+                          b.hashes.numpy())
 
 
 def _differences(old: dict, new: dict) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
+from typing import Iterable
 from functools import cached_property
 from pathlib import Path
 
@@ -17,9 +18,9 @@ from ..data.images import DecodeStats
 from ..data.offsets import RecordReader, file_fingerprint, load_offsets
 from ..errors import UserError
 from ..model.export import LoadedModel, load_model_file
-from ..model.runtime import best_device
+from ..model.runtime import Devices, best_device, is_first_rank
 from ..rundir import RunDir
-from .embed import ChunkStore, embed_products
+from .embed import ChunkStore, ProductOutputs, embed_products
 from .manifest import IndexManifest, Source
 
 log = logging.getLogger(__name__)
@@ -100,30 +101,37 @@ def check_source(bundle: IndexBundle, source: int) -> str:
     return src.path
 
 
+def _part_arrays(outs: Iterable[ProductOutputs]) -> dict[str, np.ndarray]:
+    """What an index part keeps of its products' outputs: rows, embeddings, picture hashes and their owners
+    (never the head's probabilities ``[P, C]``)."""
+    kept: dict[str, list[np.ndarray]] = {"rows": [], "emb": [], "img_hash": [], "img_owner": []}
+    done = 0
+    for o in outs:
+        for name, a in (("rows", o.rows), ("emb", o.emb), ("img_hash", o.image_hash), ("img_owner", o.image_owner + done)):
+            kept[name].append(a)
+        done += len(o.rows)
+    return {name: np.concatenate(a) for name, a in kept.items()}
+
+
 def _embed_to_store(net, reader, rows, store: ChunkStore, first_part: int, chunk: int, batch: int, workers: int,
-                    tta: bool, stats: DecodeStats, desc: str) -> tuple[list[tuple[int, int]], float]:
-    """Embed ``rows`` into numbered parts; returns the parts and the seconds spent embedding."""
-    parts, seconds = [], 0.0
-    bar = tqdm(total=len(rows), unit="products", desc=desc)
-    for i, lo in enumerate(range(0, len(rows), chunk)):
-        part, sub = first_part + i, rows[lo:lo + chunk]
-        if not store.done(part):
-            t = time.perf_counter()
-            kept: dict[str, list[np.ndarray]] = {"rows": [], "emb": [], "img_hash": [], "img_owner": []}
-            done = 0
-            for o in embed_products(net, reader, sub, batch, workers, tta, stats):  # probs [P, C] are not kept
-                for name, a in (("rows", o.rows), ("emb", o.emb), ("img_hash", o.image_hash),
-                                ("img_owner", o.image_owner + done)):
-                    kept[name].append(a)
-                done += len(o.rows)
-            store.write(part, **{name: np.concatenate(a) for name, a in kept.items()})
-            seconds += time.perf_counter() - t
-        else:
-            log.info("part %d already embedded; resuming after it", part)
-        parts.append((part, len(sub)))
-        bar.update(len(sub))
-    bar.close()
-    return parts, seconds
+                    tta: bool, stats: DecodeStats, desc: str, where: Devices | None = None
+                    ) -> tuple[list[tuple[int, int]], float] | None:
+    """Embed ``rows`` into numbered parts (over several devices/nodes with ``where``); returns the parts and the
+    seconds spent embedding, or None on a rank other than 0 of a distributed run."""
+    parts = [(first_part + i, rows[lo:lo + chunk]) for i, lo in enumerate(range(0, len(rows), chunk))]
+    todo = [(p, r) for p, r in parts if not store.done(p)]
+    if len(todo) < len(parts):
+        log.info("%d of %d parts already embedded; resuming", len(parts) - len(todo), len(parts))
+    t = time.perf_counter()
+    if where is not None and where.distributed:
+        from .parallel import embed_parts
+        if not embed_parts(net, reader, todo, lambda p, outs: store.write(p, **_part_arrays(outs)), where, batch,
+                           workers, tta, keep_probs=False):
+            return None
+    else:
+        for p, r in tqdm(todo, unit="parts", desc=desc):
+            store.write(p, **_part_arrays(embed_products(net, reader, r, batch, workers, tta, stats)))
+    return [(p, len(r)) for p, r in parts], time.perf_counter() - t
 
 
 def _duplicates(store: ChunkStore, parts: list[tuple[int, int]], first_position: int) -> DuplicateTable:
@@ -163,9 +171,11 @@ def _fill_index(vi: VectorIndex, store: ChunkStore, parts: list, labels: np.ndar
 def build_index(train_path: str | Path, run_dir: str | Path, out_dir: str | Path, split: str = "train",
                 index_type: str = "auto", batch_size: int = 256, tta_flip: bool = False, workers: int = 2,
                 chunk_products: int = 50_000, memory_budget: float = 8e9, target_recall: float = 0.95,
-                restart: bool = False) -> IndexManifest:
+                restart: bool = False, where: Devices | None = None) -> IndexManifest | None:
     """Embed every product of ``split`` ("train": the run's training split, "all": every labelled product),
-    build a FAISS index and write ``out_dir``. Re-running after an interruption resumes from the last part."""
+    build a FAISS index and write ``out_dir``. Re-running after an interruption resumes from the last part.
+    With ``where`` over several devices/nodes, every rank embeds its share and rank 0 builds the index
+    (the other ranks return None)."""
     if split not in ("train", "all"):
         raise UserError(f"split must be 'train' or 'all', got {split!r}")
     if batch_size < 1 or chunk_products < 1:
@@ -186,10 +196,13 @@ def build_index(train_path: str | Path, run_dir: str | Path, out_dir: str | Path
         raise UserError(f"{train_path}: no labelled products to index")
     key = {"model_sha256": model.sha256, "data": fp, "split": split, "tta_flip": tta_flip, "chunk": chunk_products,
            "picture_hashes": True}
-    store = ChunkStore(out / "embeddings", key, restart=restart)
+    store = ChunkStore(out / "embeddings", key, restart=restart and is_first_rank())
     stats = DecodeStats()
-    parts, embed_s = _embed_to_store(net, RecordReader(train_path, table), rows, store, 0, chunk_products,
-                                     batch_size, workers, tta_flip, stats, "embedding")
+    done = _embed_to_store(net, RecordReader(train_path, table), rows, store, 0, chunk_products, batch_size, workers,
+                           tta_flip, stats, "embedding", where)
+    if done is None:
+        return None
+    parts, embed_s = done
     factory = choose_factory(len(rows), net.cfg.embed_dim, memory_budget) if index_type == "auto" else index_type
     vi = VectorIndex.create(net.cfg.embed_dim, factory)
     recall = _fill_index(vi, store, parts, cats.encode(table["category_id"][rows]), target_recall)

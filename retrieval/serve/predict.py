@@ -15,6 +15,7 @@ from tqdm import tqdm
 from ..data.images import DecodeStats
 from ..data.offsets import RecordReader, file_fingerprint, load_offsets
 from ..errors import UserError
+from ..model.runtime import Devices, is_first_rank
 from .embed import ChunkStore, Timer, embed_products
 from .fused import FusedClassifier, calibrated, candidates_for
 from .indexing import IndexBundle, open_index
@@ -45,12 +46,14 @@ class PredictReport:
 def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path, alpha: float | None = None,
             k: int | None = None, tau: float | None = None, beta: float | None = None, top: int = 0,
             scores_out: str | Path | None = None, batch_size: int = 256, workers: int = 2,
-            chunk_products: int = 20_000, restart: bool = False) -> PredictReport:
+            chunk_products: int = 20_000, restart: bool = False, where: Devices | None = None
+            ) -> PredictReport | None:
     """Write ``_id,category_id`` for every product of ``test_path`` in file order.
 
     Work is saved per chunk of products in ``<out_csv>.parts/``; running again after an interruption
     resumes from the last finished chunk (``restart`` discards parts made with other settings).
-    Horizontal-flip TTA is used when the index was built with it.
+    Horizontal-flip TTA is used when the index was built with it. With ``where`` over several devices/nodes,
+    every rank predicts its share of the chunks and rank 0 writes the submission (other ranks return None).
     """
     t_start = time.perf_counter()
     if batch_size < 1 or chunk_products < 1 or top < 0 or workers < 0:
@@ -64,19 +67,22 @@ def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path, a
     reader = RecordReader(test_path, table)
     key = {"test": file_fingerprint(test_path), "model": bundle.manifest.model_sha256, "count": len(bundle.index),
            "params": clf.params(), "tta_flip": tta_flip, "top": top, "chunk": chunk_products}
-    store = ChunkStore(out_csv.with_name(out_csv.name + ".parts"), key, restart=restart)
+    store = ChunkStore(out_csv.with_name(out_csv.name + ".parts"), key, restart=restart and is_first_rank())
     default = clf.fallback
     ids_of = np.asarray(cats.ids, np.int64)
     report, stats, timer = PredictReport(params=clf.params()), DecodeStats(), Timer()
-    bar = tqdm(total=len(table), unit="products", desc="predict")
     n_parts = (len(table) + chunk_products - 1) // chunk_products
-    for part in range(n_parts):
-        rows = np.arange(part * chunk_products, min(len(table), (part + 1) * chunk_products))
-        if not store.done(part):
-            store.write(part, **_predict_rows(bundle, clf, reader, rows, top, batch_size, workers, stats, timer))
-            report.computed += len(rows)
-        bar.update(len(rows))
-    bar.close()
+    todo = [(p, np.arange(p * chunk_products, min(len(table), (p + 1) * chunk_products))) for p in range(n_parts)
+            if not store.done(p)]
+    if where is not None and where.distributed:
+        from .parallel import embed_parts
+        write = lambda p, outs: store.write(p, **_decide(bundle, clf, outs, top, timer))  # noqa: E731
+        if not embed_parts(net, reader, todo, write, where, batch_size, workers, tta_flip):
+            return None
+    else:
+        for p, rows in tqdm(todo, unit="parts", desc="predict"):
+            store.write(p, **_predict_rows(bundle, clf, reader, rows, top, batch_size, workers, stats, timer))
+    report.computed = sum(len(r) for _, r in todo)
     n_written = _assemble(store, n_parts, table["product_id"], ids_of, out_csv, top, scores_out)
     if n_written != len(table):
         raise AssertionError(f"wrote {n_written} rows for {len(table)} products")

@@ -13,6 +13,7 @@ from ..data.categories import CategoryTable
 from ..data.datasets import ImageDataset, ProductDataset, make_split, product_loader
 from ..data.offsets import RecordReader, file_fingerprint, load_offsets
 from ..errors import UserError
+from ..model.runtime import is_first_rank
 from ..rundir import RunDir, Split
 from .config import DataSettings
 from .sampler import MPerClassSampler
@@ -51,9 +52,12 @@ class CdiscountDataModule(pl.LightningDataModule):
         fp = json.dumps({**file_fingerprint(self.train_path), "val_fraction": self.cfg.val_fraction,
                          "seed": self.cfg.seed})
         saved = self.run.read_split()
+        if saved is not None and saved.fingerprint == fp:
+            return saved.train_rows, saved.val_rows
+        if not is_first_rank():  # rank 0 writes the split before Lightning starts the other ranks
+            raise UserError(f"{self.run.split_file}: no split for this data on a rank other than 0 "
+                            "(was the run folder changed while training started?)")
         if saved is not None:
-            if saved.fingerprint == fp:
-                return saved.train_rows, saved.val_rows
             log.warning("%s was made for other data or settings; making a new split", self.run.split_file)
         val = make_split(self.labels, self.cfg.val_fraction, self.cfg.seed)
         split = Split(self.labelled_rows[~val], self.labelled_rows[val], fp)

@@ -17,7 +17,7 @@ from ..model.config import ModelConfig
 from ..model.export import save_model_file
 from ..model.network import EmbeddingNet
 from ..model.registry import backbone_spec
-from ..model.runtime import auto_precision
+from ..model.runtime import auto_precision, is_first_rank
 from ..rundir import RunDir
 from .config import TrainConfig
 from .datamodule import CdiscountDataModule
@@ -104,9 +104,10 @@ def train(train_path: str | Path, run_dir: str | Path, cfg: TrainConfig, categor
     run_info = {"train_file": file_fingerprint(train_path), "train_path": str(train_path.resolve()),
                 "run_dir": str(run.path.resolve())}
     module = RetrievalModule(net, cfg, cats, run_info)
-    run.write_config({"train": cfg.to_dict(), "categories_csv": str(categories_csv) if categories_csv else None,
-                      "train_path": str(train_path.resolve())})
-    cats.save(run.categories_file)
+    if is_first_rank():  # the other ranks Lightning starts run this function again: they only read
+        run.write_config({"train": cfg.to_dict(), "categories_csv": str(categories_csv) if categories_csv else None,
+                          "train_path": str(train_path.resolve())})
+        cats.save(run.categories_file)
     has_val = len(dm.val_rows) > 0
     s = cfg.schedule
     steps_per_epoch = max(1, len(dm.train_dataloader()))

@@ -1,0 +1,85 @@
+"""Two processes on CPU (Lightning DDP over gloo): training, build-index and predict match one process."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval.model.export import load_model_file
+from retrieval.serve.indexing import build_index, open_index
+from retrieval.serve.predict import predict
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _run(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return out
+
+
+def test_two_process_training_gives_a_loadable_model(small_data, tmp_path):
+    run = tmp_path / "run"
+    out = _run(["cli.py", "train", str(small_data["train.bson"]), "--out", str(run), "--categories",
+                str(small_data["category_names.csv"]), "--devices", "2", "--accelerator", "cpu", "--max-steps", "3",
+                "--image-size", "32", "--embed-dim", "32", "--batch-size", "8", "--workers", "0"])
+    assert out.stdout.count("best validation product accuracy") == 1  # rank 0 reports, once
+    ck = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert ck["global_step"] == 3
+    assert len(load_model_file(run / "model.pt").categories) == 6
+
+
+def test_a_second_rank_reads_the_split_and_never_writes_it(small_data, trained_run, monkeypatch):
+    from retrieval.rundir import RunDir
+    from retrieval.train.config import DataSettings
+    from retrieval.train.datamodule import CdiscountDataModule
+    run = RunDir(trained_run)
+    saved = run.split()
+    before = run.split_file.stat().st_mtime_ns
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    dm = CdiscountDataModule(str(small_data["train.bson"]), None, DataSettings(val_fraction=0.2, workers=0), run, 32)
+    assert np.array_equal(dm.val_rows, saved.val_rows) and run.split_file.stat().st_mtime_ns == before
+    with pytest.raises(ValueError, match="no split for this data on a rank other than 0"):
+        CdiscountDataModule(str(small_data["train.bson"]), None, DataSettings(val_fraction=0.3, workers=0), run, 32)
+
+
+SCRIPT = """
+import sys
+from retrieval.model.runtime import Devices
+from retrieval.serve.indexing import build_index
+from retrieval.serve.predict import predict
+where = Devices(2, 1, "cpu")
+what, data, run, index, out = sys.argv[1:]
+if what == "index":
+    build_index(data, run, out, "all", workers=0, chunk_products=40, where=where)
+else:
+    predict(data, index, out, workers=0, chunk_products=8, where=where)
+"""
+
+
+def test_two_process_build_index_and_predict_match_one_process(small_data, trained_run, indexes, tmp_path):
+    script = tmp_path / "two.py"
+    script.write_text(SCRIPT)
+    idx2 = tmp_path / "index2"
+    _run([str(script), "index", str(small_data["train.bson"]), str(trained_run), "-", str(idx2)], cwd=tmp_path)
+    one, two = open_index(indexes["all"]), open_index(idx2)
+    assert one.manifest.parts == two.manifest.parts and len(one.manifest.parts) >= 3
+    assert np.array_equal(one.product_ids, two.product_ids) and np.array_equal(one.index.labels, two.index.labels)
+    for p, _ in one.manifest.parts:
+        a = np.load(indexes["all"] / "embeddings" / f"part_{p:05d}.npz")
+        b = np.load(idx2 / "embeddings" / f"part_{p:05d}.npz")
+        assert np.array_equal(a["rows"], b["rows"]) and np.allclose(a["emb"], b["emb"], atol=1e-6)
+        assert np.array_equal(a["img_hash"], b["img_hash"])
+    assert np.array_equal(one.duplicates.hashes, two.duplicates.hashes)
+
+    single = tmp_path / "one.csv"
+    predict(small_data["test.bson"], indexes["all"], single, workers=0, chunk_products=8)
+    double = tmp_path / "two.csv"
+    _run([str(script), "predict", str(small_data["test.bson"]), "-", str(indexes["all"]), str(double)], cwd=tmp_path)
+    assert double.read_bytes() == single.read_bytes()
+    assert not (tmp_path / "two.csv.parts").exists()
