@@ -271,10 +271,14 @@ def evaluate(index: Path = typer.Option(..., help="index folder (build-index --s
                  None, help="labelled BSON (default: the run's validation split)"),
              out: Optional[Path] = typer.Option(None, help="folder for metrics.json and plots (default: RUN/eval)"),
              batch_size: int = BATCH, workers: int = WORKERS,
-             max_products: Optional[int] = typer.Option(None, min=1, help="score a random sample of this many")) -> None:
+             max_products: Optional[int] = typer.Option(None, min=1, help="score a random sample of this many"),
+             devices: str = DEVICES, num_nodes: int = NODES, accelerator: str = ACCELERATOR) -> None:
     """Head, kNN and fused accuracy on held-out products; saves the best alpha, k, tau, beta for predict."""
     from retrieval.serve.evaluate import evaluate as _evaluate, metrics_table
-    m = _evaluate(index, val_file, out, batch_size, workers, max_products)
+    m = _evaluate(index, val_file, out, batch_size, workers, max_products,
+                  where=_devices(devices, num_nodes, accelerator))
+    if m is None:  # another rank of a distributed run: rank 0 reports
+        return
     typer.echo(metrics_table(m))
     typer.echo("\nplots: " + ", ".join(m["plots"]))
 

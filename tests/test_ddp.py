@@ -53,10 +53,13 @@ import sys
 from retrieval.model.runtime import Devices
 from retrieval.serve.indexing import build_index
 from retrieval.serve.predict import predict
+from retrieval.serve.evaluate import evaluate
 where = Devices(2, 1, "cpu")
 what, data, run, index, out = sys.argv[1:]
 if what == "index":
     build_index(data, run, out, "all", workers=0, chunk_products=40, where=where)
+elif what == "evaluate":
+    evaluate(index, out_dir=out, workers=0, chunk_products=7, where=where)
 else:
     predict(data, index, out, workers=0, chunk_products=8, where=where)
 """
@@ -83,3 +86,17 @@ def test_two_process_build_index_and_predict_match_one_process(small_data, train
     _run([str(script), "predict", str(small_data["test.bson"]), "-", str(indexes["all"]), str(double)], cwd=tmp_path)
     assert double.read_bytes() == single.read_bytes()
     assert not (tmp_path / "two.csv.parts").exists()
+
+
+def test_two_process_evaluate_matches_one_process(trained_run, indexes, tmp_path):
+    import json
+    from retrieval.serve.evaluate import evaluate
+    script = tmp_path / "two.py"
+    script.write_text(SCRIPT)
+    one = evaluate(indexes["train"], out_dir=tmp_path / "one", workers=0, chunk_products=7)
+    _run([str(script), "evaluate", "-", "-", str(indexes["train"]), str(tmp_path / "two")], cwd=tmp_path)
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert one["products"] == two["products"] > 14 and one["images"] == two["images"]  # >= 3 parts over 2 ranks
+    for key in ("head_accuracy", "knn_accuracy", "fused_accuracy", "image_accuracy", "grid", "calibration"):
+        assert one[key] == two[key], key
+    assert not (tmp_path / "two" / "parts").exists()

@@ -5,16 +5,21 @@ so the whole validation split can be scored at 5,270 classes.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from ..data.images import DecodeStats
 from ..data.offsets import RecordReader, file_fingerprint, load_offsets
 from ..errors import UserError
-from .embed import embed_products
+from ..model.runtime import Devices, is_first_rank
+from .embed import ChunkStore, embed_products
 from .fused import Candidates, FusedClassifier, candidates_for
 from .indexing import IndexBundle, open_index
 from .plots import evaluation_plots
@@ -25,7 +30,7 @@ KS = (5, 10, 20, 50)
 TAUS = (0.02, 0.05, 0.07, 0.1)
 BETAS = (0.0, 0.5, 1.0, 2.0)  # weight of the exact-duplicate vote
 BUCKETS = ((1, 10, "1-9"), (10, 100, "10-99"), (100, 1000, "100-999"), (1000, 10 ** 12, "1000+"))
-BLOCK = 2048  # products per search and per scoring block
+BLOCK = 2048  # products per scoring block of the grid
 
 
 def _eval_rows(bundle: IndexBundle, val_path: str | Path | None) -> tuple[Path, np.ndarray, np.ndarray]:
@@ -52,26 +57,44 @@ def _eval_rows(bundle: IndexBundle, val_path: str | Path | None) -> tuple[Path, 
     return path, table, rows
 
 
+def _part(bundle: IndexBundle, outs: list, y: np.ndarray) -> dict[str, np.ndarray]:
+    """Candidates, the head's argmax, per-image correctness and decode counts of one part's products."""
+    c = candidates_for(bundle.index, bundle.duplicates, outs, max(KS))
+    starts = np.cumsum([0] + [len(o.rows) for o in outs[:-1]])
+    return {**{f.name: getattr(c, f.name) for f in fields(Candidates)},
+            "head_pred": np.concatenate([o.probs for o in outs]).argmax(1),
+            "img_ok": np.concatenate([o.image_pred == y[o.image_owner + s] for o, s in zip(outs, starts)]),
+            "failed": np.concatenate([o.failed for o in outs]), "n_images": np.concatenate([o.n_images for o in outs])}
+
+
 def _candidates(bundle: IndexBundle, path: Path, table: np.ndarray, rows: np.ndarray, y: np.ndarray,
-                batch_size: int, workers: int, stats: DecodeStats) -> tuple[Candidates, np.ndarray, np.ndarray]:
-    """Embed ``rows``; returns candidates, the head's argmax ``[N]`` and per-image correctness."""
-    cands, head_pred, img_ok, pending, start = [], [], [], [], 0
-
-    def flush() -> None:
-        cands.append(candidates_for(bundle.index, bundle.duplicates, pending, max(KS)))
-        head_pred.append(np.concatenate([o.probs for o in pending]).argmax(1))
-        pending.clear()
-
-    for o in embed_products(bundle.net, RecordReader(path, table), rows, batch_size, workers,
-                            bundle.manifest.tta_flip, stats):
-        img_ok.append(o.image_pred == y[start + o.image_owner])
-        start += len(o.rows)
-        pending.append(o)
-        if sum(len(x.rows) for x in pending) >= BLOCK:
-            flush()
-    if pending:
-        flush()
-    return Candidates.concat(cands), np.concatenate(head_pred), np.concatenate(img_ok)
+                batch_size: int, workers: int, stats: DecodeStats, where: Devices | None, scratch: Path,
+                chunk: int) -> tuple[Candidates, np.ndarray, np.ndarray] | None:
+    """Embed ``rows`` part by part (over several devices/nodes with ``where``, the parts meeting in
+    ``scratch``); returns candidates, the head's argmax ``[N]`` and per-image correctness, or None on a rank
+    other than 0 of a distributed run."""
+    parts = [(i, rows[lo:lo + chunk]) for i, lo in enumerate(range(0, len(rows), chunk))]
+    reader, tta = RecordReader(path, table), bundle.manifest.tta_flip
+    ys = lambda p: y[p * chunk:(p + 1) * chunk]  # noqa: E731
+    if where is not None and where.distributed:
+        from .parallel import embed_parts
+        key = {"model": bundle.manifest.model_sha256, "count": len(bundle.index), "data": file_fingerprint(path),
+               "rows": hashlib.sha1(rows.tobytes()).hexdigest(), "tta_flip": tta}
+        store = ChunkStore(scratch, key, restart=is_first_rank())
+        todo = [(p, r) for p, r in parts if not store.done(p)]
+        if not embed_parts(bundle.net, reader, todo, lambda p, outs: store.write(p, **_part(bundle, outs, ys(p))),
+                           where, batch_size, workers, tta):
+            return None
+        got = [store.read(p) for p, _ in parts]
+        shutil.rmtree(scratch)
+    else:
+        got = [_part(bundle, list(embed_products(bundle.net, reader, r, batch_size, workers, tta)), ys(p))
+               for p, r in tqdm(parts, unit="parts", desc="evaluate")]
+    n_img = np.concatenate([g["n_images"] for g in got])
+    stats.decoded, stats.failed = int(n_img.sum()), int(sum(g["failed"].sum() for g in got))
+    stats.products_without_image = int((n_img == 0).sum())
+    c = Candidates.concat([Candidates(**{f.name: g[f.name] for f in fields(Candidates)}) for g in got])
+    return c, np.concatenate([g["head_pred"] for g in got]), np.concatenate([g["img_ok"] for g in got])
 
 
 def _grid(c: Candidates, y: np.ndarray, fallback: int) -> list[dict]:
@@ -92,10 +115,12 @@ def _grid(c: Candidates, y: np.ndarray, fallback: int) -> list[dict]:
 
 
 def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir: str | Path | None = None,
-             batch_size: int = 256, workers: int = 2, max_products: int | None = None, seed: int = 0) -> dict:
-    """Score the run's validation split (or a labelled file); write metrics.json, plots and calibration.json."""
-    if batch_size < 1 or (max_products is not None and max_products < 1):
-        raise UserError("batch size and max products must be at least 1")
+             batch_size: int = 256, workers: int = 2, max_products: int | None = None, seed: int = 0,
+             where: Devices | None = None, chunk_products: int = 16_384) -> dict | None:
+    """Score the run's validation split (or a labelled file); write metrics.json, plots and calibration.json.
+    With ``where`` over several devices/nodes, rank 0 scores and returns the metrics, other ranks None."""
+    if batch_size < 1 or chunk_products < 1 or (max_products is not None and max_products < 1):
+        raise UserError("batch size, chunk size and max products must be at least 1")
     bundle = open_index(index_dir)
     cats = bundle.categories
     path, table, rows = _eval_rows(bundle, val_path)
@@ -103,7 +128,12 @@ def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir:
         rows = np.sort(np.random.default_rng(seed).choice(rows, max_products, replace=False))
     y = cats.encode(table["category_id"][rows])
     stats = DecodeStats()
-    c, head_pred, img_ok = _candidates(bundle, path, table, rows, y, batch_size, workers, stats)
+    out = Path(out_dir) if out_dir else bundle.run.path / "eval"
+    found = _candidates(bundle, path, table, rows, y, batch_size, workers, stats, where, out / "parts",
+                        chunk_products)
+    if found is None:
+        return None
+    c, head_pred, img_ok = found
     fallback = bundle.fallback_class
     head_pred = np.where(c.has_image, head_pred, fallback)
     grid = _grid(c, y, fallback)
@@ -133,7 +163,6 @@ def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir:
         "image_accuracy": float(img_ok.mean()) if len(img_ok) else 0.0, "by_frequency": buckets,
         "tta_flip": bundle.manifest.tta_flip, "decode": stats.summary(), "grid": grid}
     bundle.run.write_calibration({**clf.params(), "val_fused_accuracy": best["accuracy"]})
-    out = Path(out_dir) if out_dir else bundle.run.path / "eval"
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     metrics["plots"] = evaluation_plots(metrics, out)
