@@ -113,6 +113,9 @@ def scan_offsets(path: str | os.PathLike, progress: bool = True, block_bytes: in
                 parts.append(part)
                 record += len(starts)
                 bar.update(end - off)
+                if hasattr(mmap, "MADV_DONTNEED"):  # drop scanned pages from this process: flat RSS at any size
+                    lo = off - off % mmap.PAGESIZE
+                    mm.madvise(mmap.MADV_DONTNEED, lo, end - lo)
                 off = end
         finally:
             del b
