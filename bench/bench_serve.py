@@ -1,0 +1,107 @@
+"""Latency and throughput of the HTTP API under a bounded concurrent load on 127.0.0.1.
+
+A real server (`python cli.py serve`, uvicorn) over the trained tiny-tower index of pipeline_common; clients in
+threads keep C requests in flight. Printed: p50/p99 latency and QPS of POST /similar by product id and by an
+uploaded picture, against the same query run inside one process (index search alone; embedding + search)
+measured in the same run, so the ratio is the cost of HTTP, multipart parsing and JSON.
+Usage: python bench/bench_serve.py [--requests 400] [--concurrency 1 4 16] [--workdir bench_out/pipeline]
+"""
+from __future__ import annotations
+
+import argparse
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import common
+import httpx
+import numpy as np
+from pipeline_common import prepared
+
+from retrieval.serve.indexing import build_index, open_index
+from retrieval.serve.similar import embed_pictures, neighbours, product_pictures
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load(url: str, make_request, n: int, concurrency: int) -> tuple[np.ndarray, float]:
+    """Latencies (s) of ``n`` requests with ``concurrency`` in flight, and the wall time."""
+    def one(i: int) -> float:
+        t = time.perf_counter()
+        r = make_request(client, i)
+        r.raise_for_status()
+        return time.perf_counter() - t
+    with httpx.Client(base_url=url, timeout=60, limits=httpx.Limits(max_connections=concurrency)) as client:
+        one(0)  # warm-up
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            lat = np.array(list(pool.map(one, range(n))))
+        return lat, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=400)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--k", type=int, default=12)
+    ap.add_argument("--workdir", default="bench_out/pipeline")
+    a = ap.parse_args()
+    p = prepared(Path(a.workdir))
+    idx = Path(a.workdir) / "index_serve"
+    if not (idx / "manifest.json").exists():
+        build_index(p["data"] / "train.bson", p["run"], idx, "all", workers=2)
+    bundle = open_index(idx)
+    ids = bundle.product_ids[np.random.default_rng(0).permutation(len(bundle.product_ids))[:a.requests]]
+    pics = [product_pictures(bundle, int(np.flatnonzero(bundle.product_ids == i)[0]))[0] for i in ids]
+
+    # the same work inside one process: the reference
+    t = time.perf_counter()
+    for i in ids:
+        neighbours(bundle, bundle.vector(int(np.flatnonzero(bundle.product_ids == i)[0])), a.k)
+    direct_id = len(ids) / (time.perf_counter() - t)
+    t = time.perf_counter()
+    for pic in pics:
+        neighbours(bundle, embed_pictures(bundle, [pic])[0], a.k)
+    direct_img = len(pics) / (time.perf_counter() - t)
+
+    port = _port()
+    server = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "serve", "--index", str(idx), "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        by_id = lambda c, i: c.post("/similar", data={"product_id": int(ids[i % len(ids)]), "k": a.k})  # noqa: E731
+        by_img = lambda c, i: c.post("/similar", data={"k": a.k},  # noqa: E731
+                                     files=[("images", ("q.jpg", pics[i % len(pics)], "image/jpeg"))])
+        rows = []
+        for name, fn, ref in (("by id", by_id, direct_id), ("by picture", by_img, direct_img)):
+            for conc in a.concurrency:
+                lat, wall = load(url, fn, a.requests, conc)
+                qps = a.requests / wall
+                rows.append((name, conc, f"{np.percentile(lat, 50) * 1e3:.1f}", f"{np.percentile(lat, 99) * 1e3:.1f}",
+                             f"{qps:.0f}", f"{ref:.0f}", f"{qps / ref:.2f}x"))
+    finally:
+        server.terminate()
+        server.wait(10)
+    print(f"\n{len(bundle.product_ids):,} indexed products, {bundle.manifest.factory}, k={a.k}, "
+          f"{a.requests} requests per row; reference = the same query in one process, one at a time")
+    common.print_table(rows, ("POST /similar", "in flight", "p50 ms", "p99 ms", "QPS", "reference q/s",
+                              "QPS / reference"))
+
+
+if __name__ == "__main__":
+    main()
