@@ -300,3 +300,15 @@ def test_stats_on_real_example(tmp_path):
     assert st.largest[0][:2] == (1000010653, 36) and "COQUE TELEPHONE" in st.largest[0][2]
     assert st.images_per_product == {1: 67, 2: 7, 3: 3, 4: 5}
     assert len(st.plots) == 5 and all(p.stat().st_size > 1000 for p in st.plots)
+
+
+def test_training_augmentation_colour_jitter_is_bounded_and_off_by_default():
+    from retrieval.data.datasets import Augment, to_model_input
+    grey = np.full((40, 40, 3), 100, np.uint8)  # crops and mirrors leave a uniform picture as it is
+    assert all(int(to_model_input(grey, 32, train=True).unique()[0]) == 100 for _ in range(10))
+    means = [float(to_model_input(grey, 32, train=True, aug=Augment(colour=0.3)).float().mean()) for _ in range(30)]
+    assert np.std(means) > 3 and 100 * 0.7 ** 2 - 1 <= min(means) and max(means) <= 100 * 1.3 + 1
+    tinted = np.zeros((40, 40, 3), np.uint8)
+    tinted[..., 0] = 200  # saturation jitter moves the channels apart or together
+    spreads = {int(np.ptp(to_model_input(tinted, 32, True, Augment(colour=0.5))[:, 0, 0].numpy())) for _ in range(20)}
+    assert len(spreads) > 5

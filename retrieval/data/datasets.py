@@ -18,8 +18,27 @@ from .offsets import RecordReader
 log = logging.getLogger(__name__)
 
 
-def to_model_input(rgb: np.ndarray, size: int, train: bool) -> torch.Tensor:
-    """RGB ``[H, W, 3]`` uint8 -> ``[3, size, size]`` uint8; train mode: mild random resized crop + h-flip.
+@dataclass(frozen=True)
+class Augment:
+    """Training augmentation: a random resized crop keeping ``crop_min``..1 of the area, a mirror, and (when
+    ``colour`` > 0) brightness, contrast and saturation each scaled by a factor in [1 - colour, 1 + colour].
+    The default is mild (catalogue pictures are centred, on white); real photos want more."""
+
+    crop_min: float = 0.8
+    colour: float = 0.0
+
+
+def _colour_jitter(rgb: np.ndarray, amount: float) -> np.ndarray:
+    x = rgb.astype(np.float32) * random.uniform(1 - amount, 1 + amount)
+    mean = x.mean()
+    x = (x - mean) * random.uniform(1 - amount, 1 + amount) + mean
+    grey = x.mean(axis=2, keepdims=True)
+    x = (x - grey) * random.uniform(1 - amount, 1 + amount) + grey
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+def to_model_input(rgb: np.ndarray, size: int, train: bool, aug: Augment = Augment()) -> torch.Tensor:
+    """RGB ``[H, W, 3]`` uint8 -> ``[3, size, size]`` uint8; train mode: random resized crop + h-flip (+ colour).
 
     Crop and resize are one Pillow call (bilinear, antialiased when shrinking). Randomness comes from
     Python's ``random``, which PyTorch reseeds in every DataLoader worker (and which costs nanoseconds,
@@ -28,7 +47,7 @@ def to_model_input(rgb: np.ndarray, size: int, train: bool) -> torch.Tensor:
     h, w = rgb.shape[:2]
     box = (0, 0, w, h)
     if train:
-        scale, ratio = random.uniform(0.8, 1.0), math.exp(random.uniform(math.log(0.9), math.log(1.1)))
+        scale, ratio = random.uniform(aug.crop_min, 1.0), math.exp(random.uniform(math.log(0.9), math.log(1.1)))
         ch = min(h, int(round(math.sqrt(scale * h * w / ratio))))
         cw = min(w, int(round(math.sqrt(scale * h * w * ratio))))
         top, left = random.randint(0, h - ch), random.randint(0, w - cw)
@@ -37,6 +56,8 @@ def to_model_input(rgb: np.ndarray, size: int, train: bool) -> torch.Tensor:
         rgb = np.array(Image.fromarray(rgb).resize((size, size), Image.BILINEAR, box=box))
     if train and random.random() < 0.5:
         rgb = rgb[:, ::-1]
+    if train and aug.colour > 0:
+        rgb = _colour_jitter(rgb, aug.colour)
     return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
 
 
@@ -44,9 +65,10 @@ class ImageDataset(Dataset):
     """Training samples: one image each, labelled with its product's class (-100 if undecodable)."""
 
     def __init__(self, reader: RecordReader, rows: np.ndarray, labels: np.ndarray, size: int,
-                 level1: np.ndarray | None = None, level2: np.ndarray | None = None) -> None:
+                 level1: np.ndarray | None = None, level2: np.ndarray | None = None, aug: Augment = Augment()
+                 ) -> None:
         n = reader.table["n_images"][rows].astype(np.int64)
-        self.reader, self.size = reader, size
+        self.reader, self.size, self.aug = reader, size, aug
         self.rows = np.repeat(rows, n).astype(np.int64)
         self.img = (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)).astype(np.int16)
         self.labels = np.repeat(labels, n)
@@ -65,7 +87,7 @@ class ImageDataset(Dataset):
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -100, -100, -100
         l1 = int(self.level1[y]) if self.level1 is not None else 0
         l2 = int(self.level2[y]) if self.level2 is not None else 0
-        return to_model_input(rgb, self.size, train=True), y, l1, l2
+        return to_model_input(rgb, self.size, train=True, aug=self.aug), y, l1, l2
 
 
 @dataclass

@@ -32,6 +32,8 @@ class DataSettings:
     seed: int = 0
     workers: int = 2
     m_per_class: int = 0  # > 0: batches of classes with m images each (positive pairs for the metric loss)
+    crop_min: float = 0.8  # random resized crop keeps this share of the area at least
+    colour_jitter: float = 0.0  # brightness/contrast/saturation factors in [1 - j, 1 + j]
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data.categories import CategoryTable
-from ..data.datasets import ImageDataset, ProductDataset, make_split, product_loader
+from ..data.datasets import Augment, ImageDataset, ProductDataset, make_split, product_loader
 from ..data.offsets import RecordReader, file_fingerprint, load_offsets
 from ..errors import UserError
 from ..model.runtime import is_first_rank
@@ -69,7 +69,8 @@ class CdiscountDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         l1, l2 = self.categories.parents() if self.hier else (None, None)
-        ds = ImageDataset(self.reader, self.train_rows, self.class_of(self.train_rows), self.image_size, l1, l2)
+        ds = ImageDataset(self.reader, self.train_rows, self.class_of(self.train_rows), self.image_size, l1, l2,
+                          Augment(self.cfg.crop_min, self.cfg.colour_jitter))
         common = dict(num_workers=self.cfg.workers, persistent_workers=self.cfg.workers > 0,
                       pin_memory=torch.cuda.is_available())
         if self.cfg.m_per_class > 0:
