@@ -116,7 +116,8 @@ def make_data(out_dir: Path = typer.Argument(..., help="folder to write the data
     """Generate train.bson, test.bson, test_labels.csv and category_names.csv in the Kaggle layout."""
     from retrieval.data.synth import SynthConfig, make_data as _make
     paths = _make(out_dir, SynthConfig(products, n_categories, seed, image_size, test_fraction,
-                                       relist_fraction=relist_fraction, exact_relist=exact_relist, colour_jitter=colour_jitter,
+                                       relist_fraction=relist_fraction, exact_relist=exact_relist,
+                                       colour_jitter=colour_jitter,
                                        categories_csv=str(categories_csv) if categories_csv else None,
                                        largest_share=largest_share), overwrite=overwrite)
     for p in paths.values():
@@ -148,8 +149,8 @@ def train(train_file: Path = typer.Argument(..., help="training BSON file"),
           hier_heads: Optional[bool] = typer.Option(None, help="auxiliary level-1/2 heads [default: off]"),
           sampled_negatives: Optional[int] = typer.Option(None, min=0, help="> 0: sampled softmax with N negatives"),
           m_per_class: Optional[int] = typer.Option(None, min=0, help="> 0: batches of classes with M images each"),
-          crop_min: Optional[float] = typer.Option(None, min=0.05, max=1.0,
-                                                   help="random crops keep at least this share of a picture [default: 0.8]"),
+          crop_min: Optional[float] = typer.Option(
+              None, min=0.05, max=1.0, help="random crops keep at least this share of a picture [default: 0.8]"),
           colour_aug: Optional[float] = typer.Option(None, min=0.0, max=0.9, help="brightness/contrast/saturation "
                                                      "jitter, factors in [1-J, 1+J] [default: 0]"),
           epochs: Optional[int] = typer.Option(None, min=1, help="epochs [default: 5]"),

@@ -3,5 +3,5 @@ from .dups import DuplicateTable, duplicate_share
 from .store import VectorIndex, choose_factory, exact_topk, recall_at_k
 from .vote import fuse, knn_vote, vote_weights
 
-__all__ = ["VectorIndex", "choose_factory", "recall_at_k", "exact_topk", "knn_vote", "vote_weights", "fuse", "DuplicateTable",
-           "duplicate_share"]
+__all__ = ["VectorIndex", "choose_factory", "recall_at_k", "exact_topk", "knn_vote", "vote_weights", "fuse",
+           "DuplicateTable", "duplicate_share"]

@@ -107,7 +107,8 @@ def _part_arrays(outs: Iterable[ProductOutputs]) -> dict[str, np.ndarray]:
     kept: dict[str, list[np.ndarray]] = {"rows": [], "emb": [], "img_hash": [], "img_owner": []}
     done = 0
     for o in outs:
-        for name, a in (("rows", o.rows), ("emb", o.emb), ("img_hash", o.image_hash), ("img_owner", o.image_owner + done)):
+        for name, a in (("rows", o.rows), ("emb", o.emb), ("img_hash", o.image_hash),
+                        ("img_owner", o.image_owner + done)):
             kept[name].append(a)
         done += len(o.rows)
     return {name: np.concatenate(a) for name, a in kept.items()}
