@@ -1,11 +1,8 @@
 """Small helpers shared by the benchmark scripts (timing and table printing)."""
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 from typing import Callable
-
 
 
 def best_time(fn: Callable[[], object], repeat: int = 3) -> float:

@@ -5,7 +5,6 @@ import shutil
 import time
 from pathlib import Path
 
-import common  # noqa: F401
 import numpy as np
 import torch
 

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import bson
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from retrieval.model.export import load_model_file
-from retrieval.serve.indexing import build_index, open_index
+from retrieval.serve.indexing import open_index
 from retrieval.serve.predict import predict
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ from retrieval.model.export import load_model_file
 from retrieval.model.network import EmbeddingNet, create_backbone
 from retrieval.model.registry import list_backbones
 from retrieval.train.config import LossSettings, TrainConfig
-from retrieval.train.run import resolve_config, train
+from retrieval.train.run import train
 
 FAST = dict(image_size=32, embed_dim=32, batch_size=16, workers=0, val_fraction=0.2, lr=3e-3)
 
