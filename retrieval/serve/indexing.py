@@ -130,8 +130,11 @@ def _embed_to_store(net, reader, rows, store: ChunkStore, first_part: int, chunk
                            workers, tta, keep_probs=False):
             return None
     else:
-        for p, r in tqdm(todo, unit="parts", desc=desc):
+        bar = tqdm(total=len(rows), initial=len(rows) - sum(len(r) for _, r in todo), unit="products", desc=desc)
+        for p, r in todo:
             store.write(p, **_part_arrays(embed_products(net, reader, r, batch, workers, tta, stats)))
+            bar.update(len(r))
+        bar.close()
     return [(p, len(r)) for p, r in parts], time.perf_counter() - t
 
 

@@ -80,8 +80,11 @@ def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path, a
         if not embed_parts(net, reader, todo, write, where, batch_size, workers, tta_flip):
             return None
     else:
-        for p, rows in tqdm(todo, unit="parts", desc="predict"):
+        bar = tqdm(total=len(table), initial=len(table) - sum(len(r) for _, r in todo), unit="products", desc="predict")
+        for p, rows in todo:
             store.write(p, **_predict_rows(bundle, clf, reader, rows, top, batch_size, workers, stats, timer))
+            bar.update(len(rows))
+        bar.close()
     report.computed = sum(len(r) for _, r in todo)
     n_written = _assemble(store, n_parts, table["product_id"], ids_of, out_csv, top, scores_out)
     if n_written != len(table):
