@@ -55,13 +55,13 @@ from retrieval.serve.indexing import build_index
 from retrieval.serve.predict import predict
 from retrieval.serve.evaluate import evaluate
 where = Devices(2, 1, "cpu")
-what, data, run, index, out = sys.argv[1:]
+what, data, run, index, out, chunk = sys.argv[1:]
 if what == "index":
     build_index(data, run, out, "all", workers=0, chunk_products=40, where=where)
 elif what == "evaluate":
     evaluate(index, out_dir=out, workers=0, chunk_products=7, where=where)
 else:
-    predict(data, index, out, workers=0, chunk_products=8, where=where)
+    predict(data, index, out, workers=0, chunk_products=int(chunk), where=where)
 """
 
 
@@ -69,7 +69,7 @@ def test_two_process_build_index_and_predict_match_one_process(small_data, train
     script = tmp_path / "two.py"
     script.write_text(SCRIPT)
     idx2 = tmp_path / "index2"
-    _run([str(script), "index", str(small_data["train.bson"]), str(trained_run), "-", str(idx2)], cwd=tmp_path)
+    _run([str(script), "index", str(small_data["train.bson"]), str(trained_run), "-", str(idx2), "0"], cwd=tmp_path)
     one, two = open_index(indexes["all"]), open_index(idx2)
     assert one.manifest.parts == two.manifest.parts and len(one.manifest.parts) >= 3
     assert np.array_equal(one.product_ids, two.product_ids) and np.array_equal(one.index.labels, two.index.labels)
@@ -80,12 +80,14 @@ def test_two_process_build_index_and_predict_match_one_process(small_data, train
         assert np.array_equal(a["img_hash"], b["img_hash"])
     assert np.array_equal(one.duplicates.hashes, two.duplicates.hashes)
 
-    single = tmp_path / "one.csv"
-    predict(small_data["test.bson"], indexes["all"], single, workers=0, chunk_products=8)
-    double = tmp_path / "two.csv"
-    _run([str(script), "predict", str(small_data["test.bson"]), "-", str(indexes["all"]), str(double)], cwd=tmp_path)
-    assert double.read_bytes() == single.read_bytes()
-    assert not (tmp_path / "two.csv.parts").exists()
+    for chunk in (8, 1000):  # 4 parts over 2 ranks; 1 part, so that rank 1 has nothing to do
+        single = tmp_path / f"one_{chunk}.csv"
+        predict(small_data["test.bson"], indexes["all"], single, workers=0, chunk_products=chunk)
+        double = tmp_path / f"two_{chunk}.csv"
+        _run([str(script), "predict", str(small_data["test.bson"]), "-", str(indexes["all"]), str(double),
+              str(chunk)], cwd=tmp_path)
+        assert double.read_bytes() == single.read_bytes()
+        assert not (tmp_path / f"two_{chunk}.csv.parts").exists()
 
 
 def test_two_process_evaluate_matches_one_process(trained_run, indexes, tmp_path):
@@ -94,7 +96,7 @@ def test_two_process_evaluate_matches_one_process(trained_run, indexes, tmp_path
     script = tmp_path / "two.py"
     script.write_text(SCRIPT)
     one = evaluate(indexes["train"], out_dir=tmp_path / "one", workers=0, chunk_products=7)
-    _run([str(script), "evaluate", "-", "-", str(indexes["train"]), str(tmp_path / "two")], cwd=tmp_path)
+    _run([str(script), "evaluate", "-", "-", str(indexes["train"]), str(tmp_path / "two"), "0"], cwd=tmp_path)
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert one["products"] == two["products"] > 14 and one["images"] == two["images"]  # >= 3 parts over 2 ranks
     for key in ("head_accuracy", "knn_accuracy", "fused_accuracy", "image_accuracy", "grid", "calibration"):

@@ -30,12 +30,15 @@ OnPart = Callable[[int, list[ProductOutputs]], None]
 
 
 class PartBatches(Sampler):
-    """Batches of dataset indices, at most ``size`` each, that never cross a part boundary."""
+    """Batches of dataset indices, at most ``size`` each, that never cross a part boundary (one empty batch
+    when there is nothing to do)."""
 
     def __init__(self, part_sizes: list[int], size: int) -> None:
         self.part_sizes, self.size = part_sizes, max(1, size)
 
     def __iter__(self) -> Iterator[list[int]]:
+        if not any(self.part_sizes):  # a rank with no work still runs one (empty) batch: DDP needs every rank
+            yield []
         start = 0
         for n in self.part_sizes:
             for lo in range(0, n, self.size):
@@ -43,7 +46,7 @@ class PartBatches(Sampler):
             start += n
 
     def __len__(self) -> int:
-        return sum((n + self.size - 1) // self.size for n in self.part_sizes)
+        return max(1, sum((n + self.size - 1) // self.size for n in self.part_sizes))
 
 
 class _Embedder(pl.LightningModule):
@@ -81,6 +84,8 @@ class _PartWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer, pl_module: _Embedder, prediction: ProductOutputs, batch_indices, batch,
                            batch_idx: int, dataloader_idx: int = 0) -> None:
+        if len(prediction.rows) == 0:  # the empty batch of a rank without parts
+            return
         self.outs.append(prediction)
         self.filled += len(prediction.rows)
         part, rows = pl_module.mine[self.k]
