@@ -200,7 +200,7 @@ def build_index(train_file: Path = typer.Argument(..., help="labelled BSON file 
                 restart: bool = typer.Option(False, help="discard unfinished parts made with other settings"),
                 devices: str = DEVICES, num_nodes: int = NODES, accelerator: str = ACCELERATOR) -> None:
     """Embed every product and build a FAISS index (resumes an interrupted build)."""
-    from retrieval.serve.indexing import build_index as _build
+    from retrieval.infer.folder import build_index as _build
     man = _build(train_file, model, out, split, index_type, batch_size, tta_flip, workers,
                  memory_budget=memory_budget_gb * 1e9, restart=restart,
                  where=_devices(devices, num_nodes, accelerator))
@@ -219,7 +219,7 @@ def similar(index: Path = typer.Option(..., help="index folder"),
             sheet: Optional[Path] = typer.Option(None, help="also draw a contact sheet PNG here")) -> None:
     """The k products most similar to an indexed product or to image files."""
     import json
-    from retrieval.serve.similar import similar as _similar
+    from retrieval.infer.query import similar as _similar
     found = _similar(index, product_id, image or None, k, category, sheet)
     if json_out:
         typer.echo(json.dumps([n.to_dict() for n in found]))
@@ -236,7 +236,7 @@ def add_to_index(new_file: Path = typer.Argument(..., help="BSON file of new pro
                  index: Path = typer.Option(..., help="index folder"), batch_size: int = BATCH,
                  workers: int = WORKERS) -> None:
     """Append new products to an index without retraining or rebuilding."""
-    from retrieval.serve.indexing import add_to_index as _add
+    from retrieval.infer.folder import add_to_index as _add
     added, dups = _add(index, new_file, batch_size, workers)
     typer.echo(f"added {added} products; {len(dups)} already indexed" + (f" (e.g. {dups[:5]})" if dups else ""))
 
@@ -258,7 +258,7 @@ def predict(test_file: Path = typer.Argument(..., help="BSON file to classify"),
             restart: bool = typer.Option(False, help="discard unfinished parts made with other settings"),
             devices: str = DEVICES, num_nodes: int = NODES, accelerator: str = ACCELERATOR) -> None:
     """Predict a category for every product of TEST_FILE, in file order (resumes if interrupted)."""
-    from retrieval.serve.predict import predict as _predict
+    from retrieval.infer.predict import predict as _predict
     r = _predict(test_file, index, out, alpha, k, tau, beta, top=top if scores_out else 0, scores_out=scores_out,
                  batch_size=batch_size, workers=workers, restart=restart,
                  where=_devices(devices, num_nodes, accelerator))
@@ -280,7 +280,7 @@ def evaluate(index: Path = typer.Option(..., help="index folder (build-index --s
              max_products: Optional[int] = typer.Option(None, min=1, help="score a random sample of this many"),
              devices: str = DEVICES, num_nodes: int = NODES, accelerator: str = ACCELERATOR) -> None:
     """Head, kNN and fused accuracy on held-out products; saves the best alpha, k, tau, beta for predict."""
-    from retrieval.serve.evaluate import evaluate as _evaluate, metrics_table
+    from retrieval.infer.evaluate import evaluate as _evaluate, metrics_table
     m = _evaluate(index, val_file, out, batch_size, workers, max_products,
                   where=_devices(devices, num_nodes, accelerator))
     if m is None:  # another rank of a distributed run: rank 0 reports

@@ -20,11 +20,11 @@ from pipeline_common import decoded_images, forward_only, prepared, prepared_con
 from index import fuse, knn_vote
 from retrieval.data.offsets import RecordReader, load_offsets
 from retrieval.data.datasets import to_model_input
-from retrieval.serve.embed import embed_images
-from retrieval.serve.evaluate import evaluate
+from retrieval.infer.embed import embed_images
+from retrieval.infer.evaluate import evaluate
 from retrieval.data.images import decode_image
-from retrieval.serve.indexing import build_index, open_index
-from retrieval.serve.predict import neighbour_labels, predict
+from retrieval.infer.folder import build_index, open_index
+from retrieval.infer.predict import neighbour_labels, predict
 
 ROOT = Path(__file__).resolve().parents[1]
 

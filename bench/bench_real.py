@@ -25,10 +25,10 @@ from retrieval.data.images import decode_image, encode_jpeg
 from retrieval.data.offsets import RecordReader, load_offsets
 from retrieval.model.network import create_backbone
 from retrieval.model.runtime import autocast_for
-from retrieval.serve.evaluate import evaluate
-from retrieval.serve.indexing import build_index, open_index
-from retrieval.serve.predict import predict, read_submission
-from retrieval.serve.similar import similar
+from retrieval.infer.evaluate import evaluate
+from retrieval.infer.folder import build_index, open_index
+from retrieval.infer.predict import predict, read_submission
+from retrieval.infer.query import similar
 from retrieval.train.config import TrainConfig
 from retrieval.train.run import train
 

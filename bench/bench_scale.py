@@ -61,15 +61,15 @@ def run_stage(stage: str, work: Path, n: int, steps: int, extra: dict) -> dict:
         res = train(data / "train.bson", run, cfg, data / "category_names.csv", progress=False)
         result = res.best_val_accuracy
     elif stage == "build-index":
-        from retrieval.serve.indexing import build_index
+        from retrieval.infer.folder import build_index
         shutil.rmtree(idx, ignore_errors=True)
         result = build_index(data / "train.bson", run, idx, "train", workers=2).count
     elif stage == "evaluate":
-        from retrieval.serve.evaluate import evaluate
+        from retrieval.infer.evaluate import evaluate
         m = evaluate(idx, workers=2)
         result = {k: m[k] for k in ("products", "head_accuracy", "knn_accuracy", "fused_accuracy") if k in m}
     elif stage == "predict":
-        from retrieval.serve.predict import predict
+        from retrieval.infer.predict import predict
         out = work / "submission.csv"
         Path(str(out) + ".parts").exists() and shutil.rmtree(str(out) + ".parts")
         result = predict(data / "test.bson", idx, out, workers=2, restart=True).products

@@ -21,8 +21,8 @@ import httpx
 import numpy as np
 from pipeline_common import prepared
 
-from retrieval.serve.indexing import build_index, open_index
-from retrieval.serve.similar import embed_pictures, neighbours, product_pictures
+from retrieval.infer.folder import build_index, open_index
+from retrieval.infer.query import embed_pictures, neighbours, product_pictures
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,9 +10,9 @@ import torch
 
 from retrieval.data.offsets import RecordReader, load_offsets
 from retrieval.data.datasets import to_model_input
-from retrieval.serve.embed import embed_images
+from retrieval.infer.embed import embed_images
 from retrieval.data.images import decode_image
-from retrieval.serve.indexing import build_index, open_index
+from retrieval.infer.folder import build_index, open_index
 from retrieval.data.synth import SynthConfig, make_data
 from retrieval.train.config import TrainConfig
 from retrieval.train.run import train

@@ -9,10 +9,10 @@ from pathlib import Path
 from .data.offsets import load_offsets
 from .data.synth import SynthConfig, make_data
 from .errors import UserError
-from .serve.evaluate import evaluate
-from .serve.indexing import build_index
-from .serve.predict import predict, score_submission
-from .serve.similar import similar
+from .infer.evaluate import evaluate
+from .infer.folder import build_index
+from .infer.predict import predict, score_submission
+from .infer.query import similar
 from .train.config import TrainConfig
 from .train.run import train
 

@@ -21,7 +21,7 @@ class Split:
 
 @dataclass(frozen=True)
 class RunDir:
-    """``RUN/``: run_config.json, categories.json, split.npz, checkpoints/, model.pt, calibration.json, logs/."""
+    """``RUN/``: run_config.json, categories.json, split.npz, checkpoints/, model.pt, calibration.json, frozen_baseline.json, logs/."""
 
     path: Path
 
@@ -59,6 +59,10 @@ class RunDir:
     @property
     def calibration_file(self) -> Path:
         return self.path / "calibration.json"
+
+    @property
+    def frozen_baseline_file(self) -> Path:
+        return self.path / "frozen_baseline.json"
 
     @property
     def logs(self) -> Path:
@@ -107,3 +111,13 @@ class RunDir:
 
     def write_calibration(self, calibration: dict) -> None:
         self.calibration_file.write_text(json.dumps(calibration))
+
+    def read_frozen_baseline(self) -> dict | None:
+        """Validation accuracy of the frozen backbone (kNN, linear probe) measured by LP-FT, or None."""
+        if not self.frozen_baseline_file.exists():
+            return None
+        return json.loads(self.frozen_baseline_file.read_text())
+
+    def write_frozen_baseline(self, baseline: dict) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.frozen_baseline_file.write_text(json.dumps(baseline))

@@ -49,7 +49,7 @@ def trained_run(small_data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def indexes(small_data, trained_run, tmp_path_factory) -> dict[str, Path]:
     """A train-split index and an all-products index of ``small_data``."""
-    from retrieval.serve.indexing import build_index
+    from retrieval.infer.folder import build_index
     root = tmp_path_factory.mktemp("indexes")
     for split in ("train", "all"):
         build_index(small_data["train.bson"], trained_run, root / split, split, workers=0, chunk_products=40)

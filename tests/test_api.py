@@ -13,8 +13,8 @@ from fastapi.testclient import TestClient
 
 from retrieval.data.bsonio import iter_products
 from retrieval.serve.api import MAX_UPLOAD, create_app
-from retrieval.serve.indexing import open_index
-from retrieval.serve.similar import similar
+from retrieval.infer.folder import open_index
+from retrieval.infer.query import similar
 
 
 @pytest.fixture(scope="module")

@@ -65,7 +65,7 @@ def test_cli_bad_inputs_give_clear_errors(tmp_path, small_data):
 
 
 def test_demo_runs_every_stage_and_refuses_a_used_folder(tmp_path):
-    from retrieval.serve.predict import score_submission
+    from retrieval.infer.predict import score_submission
     r = run("demo", "--workdir", tmp_path / "d", "--products", 120, "--n-categories", 4, "--epochs", 1, "--workers", 0)
     assert r.exit_code == 0, r.output
     summary = json.loads(r.output[r.output.index("{"):])

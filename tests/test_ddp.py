@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from retrieval.model.export import load_model_file
-from retrieval.serve.indexing import open_index
-from retrieval.serve.predict import predict
+from retrieval.infer.folder import open_index
+from retrieval.infer.predict import predict
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -51,9 +51,9 @@ def test_a_second_rank_reads_the_split_and_never_writes_it(small_data, trained_r
 SCRIPT = """
 import sys
 from retrieval.model.runtime import Devices
-from retrieval.serve.indexing import build_index
-from retrieval.serve.predict import predict
-from retrieval.serve.evaluate import evaluate
+from retrieval.infer.folder import build_index
+from retrieval.infer.predict import predict
+from retrieval.infer.evaluate import evaluate
 where = Devices(2, 1, "cpu")
 what, data, run, index, out, chunk = sys.argv[1:]
 if what == "index":
@@ -92,7 +92,7 @@ def test_two_process_build_index_and_predict_match_one_process(small_data, train
 
 def test_two_process_evaluate_matches_one_process(trained_run, indexes, tmp_path):
     import json
-    from retrieval.serve.evaluate import evaluate
+    from retrieval.infer.evaluate import evaluate
     script = tmp_path / "two.py"
     script.write_text(SCRIPT)
     one = evaluate(indexes["train"], out_dir=tmp_path / "one", workers=0, chunk_products=7)

@@ -18,8 +18,8 @@ from retrieval.data.categories import CategoryTable
 from retrieval.data.datasets import collate_products
 from retrieval.data.synth import SynthConfig, make_data
 from retrieval.errors import UserError
-from retrieval.serve.predict import predict, read_submission
-from retrieval.serve.similar import Neighbour
+from retrieval.infer.predict import predict, read_submission
+from retrieval.infer.query import Neighbour
 from retrieval.train.run import resolve_config
 
 runner = CliRunner()
@@ -66,7 +66,7 @@ def test_cli_rejects_bad_numbers_and_says_how_to_resume(indexes, small_data, tmp
     for args in (("--k", 0), ("--k", -3), ("--batch-size", 0), ("--alpha", 2)):
         r = run("predict", small_data["test.bson"], "--index", indexes["all"], "--out", tmp_path / "s.csv", *args)
         assert r.exit_code == 2 and "Invalid value" in r.output, r.output
-    import retrieval.serve.predict as mod
+    import retrieval.infer.predict as mod
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
@@ -78,7 +78,7 @@ def test_cli_rejects_bad_numbers_and_says_how_to_resume(indexes, small_data, tmp
 def test_cli_reports_user_errors_in_one_line_but_lets_bugs_through(indexes, monkeypatch):
     r = run("similar", "--index", indexes["all"], "--product-id", -5)
     assert r.exit_code == 2 and "error: product _id -5 is not in the index" in r.output
-    import retrieval.serve.similar as mod
+    import retrieval.infer.query as mod
 
     def bug(*a, **k):
         raise RuntimeError("a real bug")
@@ -158,7 +158,7 @@ def test_unlabelled_training_products_are_counted(small_data, tmp_path):
 
 
 def test_serving_never_imports_training():
-    code = ("import sys, retrieval.serve.similar, retrieval.serve.predict, retrieval.serve.evaluate; "
+    code = ("import sys, retrieval.infer.query, retrieval.infer.predict, retrieval.infer.evaluate; "
             "bad = [m for m in sys.modules if m.startswith(('pytorch_lightning', 'lightning', 'retrieval.train', "
             "'pytorch_metric_learning'))]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

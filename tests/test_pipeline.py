@@ -8,17 +8,17 @@ import bson
 import numpy as np
 import pytest
 
-import retrieval.serve.predict as predict_mod
+import retrieval.infer.predict as predict_mod
 from index import fuse, knn_vote
 from retrieval.data.bsonio import iter_products
 from retrieval.data.offsets import RecordReader, load_offsets
-from retrieval.serve.embed import embed_products
-from retrieval.serve.evaluate import evaluate
-from retrieval.serve.indexing import add_to_index, build_index, open_index
+from retrieval.infer.embed import embed_products
+from retrieval.infer.evaluate import evaluate
+from retrieval.infer.folder import add_to_index, build_index, open_index
 from retrieval.errors import UserError
-from retrieval.serve.fused import neighbour_labels
-from retrieval.serve.predict import predict, read_submission, score_submission
-from retrieval.serve.similar import similar
+from retrieval.infer.fused import neighbour_labels
+from retrieval.infer.predict import predict, read_submission, score_submission
+from retrieval.infer.query import similar
 
 
 def test_train_index_holds_only_training_products(indexes, trained_run, small_data):
@@ -198,7 +198,7 @@ def test_evaluate_refuses_indexes_holding_scored_products_and_calibrates(indexes
 
 def test_exact_duplicate_vote_is_a_third_fused_signal(indexes, small_data, tmp_path):
     from retrieval.data.images import picture_hash
-    from retrieval.serve.fused import Candidates, FusedClassifier
+    from retrieval.infer.fused import Candidates, FusedClassifier
     b = open_index(indexes["train"])
     reader = RecordReader(small_data["train.bson"])
     rows = np.load(b.manifest.run_dir + "/split.npz")["train_rows"]

@@ -17,7 +17,32 @@ from .registry import backbone_spec, list_backbones
 log = logging.getLogger(__name__)
 
 open_clip.add_model_config(Path(__file__).with_name("model_configs"))
-__all__ = ["EmbeddingNet", "ModelConfig", "create_backbone", "list_backbones", "product_mean"]
+__all__ = ["EmbeddingNet", "GeM", "ModelConfig", "create_backbone", "list_backbones", "product_mean"]
+POOLS = ("avg", "gem")
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling ``[B, C, H, W] -> [B, C]``: ``mean(x^p)^(1/p)`` with a learnt ``p`` (3 at start;
+    1 is average pooling, large p tends to max pooling)."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.p, self.eps = nn.Parameter(torch.tensor(float(p))), eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.p.float().clamp(min=1.0)
+        return x.float().clamp(min=self.eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
+
+
+def _set_pool(visual: nn.Module, pool: str, name: str) -> None:
+    if pool not in POOLS:
+        raise UserError(f"unknown pooling {pool!r}; valid: {', '.join(POOLS)}")
+    if pool == "avg":
+        return
+    trunk = getattr(visual, "trunk", None)
+    if trunk is None or not hasattr(trunk, "global_pool"):
+        raise UserError(f"--pool {pool} needs a timm tower (tiny, efficientnet_lite*, convnext_*); {name} has its own")
+    trunk.global_pool = GeM()
 
 
 def _load_imagenet(visual: nn.Module, name: str) -> None:
@@ -72,6 +97,7 @@ class EmbeddingNet(nn.Module):
         if cfg.n_classes < 1:
             raise UserError("the model needs at least one class")
         self.backbone, feat_dim, mean, std = create_backbone(cfg.backbone, cfg.pretrained, cfg.image_size)
+        _set_pool(self.backbone, cfg.pool, cfg.backbone)
         self.cfg = cfg if keep_normalisation else replace(cfg, mean=tuple(mean), std=tuple(std))
         self.proj = nn.Sequential(nn.Linear(feat_dim, cfg.embed_dim), nn.BatchNorm1d(cfg.embed_dim))
         self.head = nn.Linear(cfg.embed_dim, cfg.n_classes)
@@ -85,9 +111,48 @@ class EmbeddingNet(nn.Module):
         x = (images.float() - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last)
 
+    def pooled(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's pooled features ``[B, F]`` (what a linear probe sees)."""
+        return self.backbone(self.normalise(images))
+
+    def neck(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """BN-neck over pooled features ``[B, F]``: ``(f [B, D]`` before batch norm, where the metric loss
+        looks; ``z [B, D]`` after it, which the heads classify and which is the embedding once normalised)."""
+        f = self.proj[0](pooled.float())
+        return f, self.proj[1](f)
+
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Pre-normalisation projected features ``[B, D]``."""
-        return self.proj(self.backbone(self.normalise(images)).float())
+        """Batch-normalised projected features ``[B, D]``."""
+        return self.neck(self.pooled(images))[1]
+
+    def new_layers(self) -> list[nn.Module]:
+        """Everything that is not the pretrained backbone (the neck and the heads)."""
+        return [m for m in (self.proj, self.head, self.head_l1, self.head_l2) if m is not None]
+
+    def freeze_blocks(self, n: int) -> int:
+        """Freeze the stem and the first ``n`` stages of a timm tower (no gradient, batch norm kept in eval
+        mode by :meth:`train`); returns how many parameter tensors were frozen. 0 unfreezes nothing."""
+        if n <= 0:
+            return 0
+        trunk = getattr(self.backbone, "trunk", None)
+        blocks = getattr(trunk, "blocks", None) or getattr(trunk, "stages", None)
+        if blocks is None:
+            raise UserError(f"--freeze-blocks needs a timm tower with stages; {self.cfg.backbone} has none")
+        if n > len(blocks):
+            raise UserError(f"--freeze-blocks {n}: {self.cfg.backbone} has {len(blocks)} stages")
+        stem = [m for name in ("conv_stem", "bn1", "stem") if (m := getattr(trunk, name, None)) is not None]
+        frozen = stem + list(blocks[:n])
+        object.__setattr__(self, "_frozen", frozen)  # a plain list: not registered twice in the state dict
+        params = [p for m in frozen for p in m.parameters()]
+        for p in params:
+            p.requires_grad_(False)
+        return len(params)
+
+    def train(self, mode: bool = True) -> "EmbeddingNet":
+        super().train(mode)
+        for m in self.__dict__.get("_frozen", ()):
+            m.eval()  # frozen stages keep their ImageNet batch-norm statistics
+        return self
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         z = self.features(images)

@@ -1,1 +1,1 @@
-"""Serving: embedding, index folders, the fused classifier, predict, evaluate, similar. Never imports ``train``."""
+"""HTTP serving: the FastAPI app over an opened index folder and its web page (nothing else)."""

@@ -15,9 +15,9 @@ from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from ..errors import UserError
-from .fused import calibrated
-from .indexing import IndexBundle, add_to_index, open_index
-from .similar import (UnknownProduct, classify_pictures, embed_pictures, neighbours, product_pictures,
+from ..infer.fused import calibrated
+from ..infer.folder import IndexBundle, add_to_index, open_index
+from ..infer.query import (UnknownProduct, classify_pictures, embed_pictures, neighbours, product_pictures,
                       product_position)
 
 log = logging.getLogger(__name__)

@@ -21,6 +21,7 @@ class ModelSettings:
     image_size: int = 64
     embed_dim: int = 512
     hier_heads: bool = False  # auxiliary level-1/level-2 heads
+    pool: str = "avg"  # "avg" or "gem"
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,9 @@ class ScheduleSettings:
     epochs: int = 5
     max_steps: int = -1
     checkpoint_every_steps: int = 0  # > 0: also save last.ckpt every N steps (an epoch can be hours)
+    lp_epochs: int = 0  # > 0: LP-FT, the new layers first fitted this many epochs on cached frozen features
+    lp_max_images: int = 50_000  # images whose frozen features the LP step caches (a random sample of products)
+    freeze_blocks: int = 0  # stem + this many backbone stages stay frozen (no backward through them)
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ class RetrievalModule(pl.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, y, y1, y2 = batch
         loss_cfg = self.cfg.loss
-        z = self.net.features(images)
-        emb = F.normalize(z.float(), dim=-1)
+        f, z = self.net.neck(self.net.pooled(images))  # BN-neck: metric loss before batch norm, CE after
+        emb = F.normalize(f.float(), dim=-1)
         if loss_cfg.sampled_negatives > 0:
             ce = sampled_softmax_loss(z, self.net.head, y, loss_cfg.sampled_negatives, loss_cfg.label_smoothing)
         else:
@@ -59,8 +59,8 @@ class RetrievalModule(pl.LightningModule):
 
     def configure_optimizers(self):
         s = self.cfg.schedule
-        backbone = list(self.net.backbone.parameters())
-        in_backbone = {id(p) for p in backbone}
+        backbone = [p for p in self.net.backbone.parameters() if p.requires_grad]  # frozen stages stay out
+        in_backbone = {id(p) for p in self.net.backbone.parameters()}
         groups = [{"params": [p for p in self.parameters() if id(p) not in in_backbone], "lr": s.lr},
                   {"params": backbone, "lr": s.lr * s.backbone_lr_mult}]  # new layers learn at the full rate
         opt = torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay)

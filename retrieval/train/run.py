@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from ..rundir import RunDir
 from .config import TrainConfig
 from .datamodule import CdiscountDataModule
 from .module import RetrievalModule
+from .probe import FrozenBaseline, linear_probe_warm_start
 
 log = logging.getLogger(__name__)
 RESUMABLE = ("epochs", "max_steps", "devices", "num_nodes", "workers", "checkpoint_every_steps")
@@ -37,6 +39,7 @@ class TrainResult:
     best_val_accuracy: float | None
     unlabelled: int
     module: RetrievalModule
+    frozen: FrozenBaseline | None = None  # the frozen backbone's validation accuracy (LP-FT runs)
 
 
 def resolve_config(run_dir: str | Path, resume: bool, **given) -> TrainConfig:
@@ -103,13 +106,20 @@ def train(train_path: str | Path, run_dir: str | Path, cfg: TrainConfig, categor
     net = EmbeddingNet(mcfg).to(memory_format=torch.channels_last)
     run_info = {"train_file": file_fingerprint(train_path), "train_path": str(train_path.resolve()),
                 "run_dir": str(run.path.resolve())}
+    s = cfg.schedule
+    frozen = None
+    if not resume and s.lp_epochs > 0 and m.pretrained:
+        frozen = _lp_step(net, dm, cfg)
+        if is_first_rank():
+            run.write_frozen_baseline(frozen.to_dict())
+    if s.freeze_blocks:
+        log.info("backbone stem + %d stages frozen (%d tensors)", s.freeze_blocks, net.freeze_blocks(s.freeze_blocks))
     module = RetrievalModule(net, cfg, cats, run_info)
     if is_first_rank():  # the other ranks Lightning starts run this function again: they only read
         run.write_config({"train": cfg.to_dict(), "categories_csv": str(categories_csv) if categories_csv else None,
                           "train_path": str(train_path.resolve())})
         cats.save(run.categories_file)
     has_val = len(dm.val_rows) > 0
-    s = cfg.schedule
     steps_per_epoch = max(1, len(dm.train_dataloader()))
     # with --max-steps, an epoch limit that is never the one reached (a resumed run may restart its epoch)
     epochs = s.epochs if s.max_steps < 0 else math.ceil(s.max_steps / steps_per_epoch) + 1
@@ -130,4 +140,17 @@ def train(train_path: str | Path, run_dir: str | Path, cfg: TrainConfig, categor
     if trainer.is_global_zero:
         _export(run, module, best)
     log.info("training done: model %s (from %s)", run.model_file, best)
-    return TrainResult(run.model_file, best, run.last_checkpoint, best_acc, dm.unlabelled, module)
+    return TrainResult(run.model_file, best, run.last_checkpoint, best_acc, dm.unlabelled, module, frozen)
+
+
+def _lp_step(net: EmbeddingNet, dm: CdiscountDataModule, cfg: TrainConfig) -> FrozenBaseline:
+    """LP-FT's first step on this rank's device (every rank computes the same, from the same seed)."""
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
+        torch.device("cpu")
+    net.to(dev)
+    try:
+        return linear_probe_warm_start(net, dm.reader, dm.train_rows, dm.class_of(dm.train_rows), dm.val_rows,
+                                       dm.class_of(dm.val_rows), cfg.loss, cfg.schedule.lp_epochs,
+                                       cfg.schedule.lp_max_images, cfg.data.workers, cfg.data.seed)
+    finally:
+        net.to("cpu")

@@ -125,7 +125,7 @@ def _embed_to_store(net, reader, rows, store: ChunkStore, first_part: int, chunk
         log.info("%d of %d parts already embedded; resuming", len(parts) - len(todo), len(parts))
     t = time.perf_counter()
     if where is not None and where.distributed:
-        from .parallel import embed_parts
+        from .distributed import embed_parts
         if not embed_parts(net, reader, todo, lambda p, outs: store.write(p, **_part_arrays(outs)), where, batch,
                            workers, tta, keep_probs=False):
             return None

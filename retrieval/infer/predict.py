@@ -18,7 +18,7 @@ from ..errors import UserError
 from ..model.runtime import Devices, is_first_rank
 from .embed import ChunkStore, Timer, embed_products
 from .fused import FusedClassifier, calibrated, candidates_for
-from .indexing import IndexBundle, open_index
+from .folder import IndexBundle, open_index
 
 log = logging.getLogger(__name__)
 SEARCH_BATCH = 2048  # faiss uses BLAS only for large query batches (~500+ at d=256)
@@ -75,7 +75,7 @@ def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path, a
     todo = [(p, np.arange(p * chunk_products, min(len(table), (p + 1) * chunk_products))) for p in range(n_parts)
             if not store.done(p)]
     if where is not None and where.distributed:
-        from .parallel import embed_parts
+        from .distributed import embed_parts
         write = lambda p, outs: store.write(p, **_decide(bundle, clf, outs, top, timer))  # noqa: E731
         if not embed_parts(net, reader, todo, write, where, batch_size, workers, tta_flip):
             return None

@@ -21,7 +21,7 @@ from ..errors import UserError
 from ..model.runtime import Devices, is_first_rank
 from .embed import ChunkStore, embed_products
 from .fused import Candidates, FusedClassifier, candidates_for
-from .indexing import IndexBundle, open_index
+from .folder import IndexBundle, open_index
 from .plots import evaluation_plots
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def _candidates(bundle: IndexBundle, path: Path, table: np.ndarray, rows: np.nda
     reader, tta = RecordReader(path, table), bundle.manifest.tta_flip
     ys = lambda p: y[p * chunk:(p + 1) * chunk]  # noqa: E731
     if where is not None and where.distributed:
-        from .parallel import embed_parts
+        from .distributed import embed_parts
         key = {"model": bundle.manifest.model_sha256, "count": len(bundle.index), "data": file_fingerprint(path),
                "rows": hashlib.sha1(rows.tobytes()).hexdigest(), "tta_flip": tta}
         store = ChunkStore(scratch, key, restart=is_first_rank())
