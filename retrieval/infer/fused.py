@@ -65,17 +65,29 @@ class Candidates:
                    np.concatenate([p.has_image for p in parts]), stack([p.dups for p in parts], -1))
 
 
+FEATURES = ("head", "knn", "dup", "log_head", "knn_x_sim", "nearest")
+
+
 @dataclass(frozen=True)
 class FusedClassifier:
-    """``p = alpha * p_head + (1 - alpha) * p_knn + beta * p_dup``; ``p_knn`` weighs the first ``k`` neighbours
-    by ``exp(sim / tau)``, ``p_dup`` is each class's share of the indexed pictures identical (byte for byte) to
-    the product's. Products without a decodable image get class ``fallback``."""
+    """One rule: each candidate class scores ``sum_i w_i * feature_i`` and the best wins. Features per candidate
+    (:data:`FEATURES`): the head's probability after temperature scaling (``p^(1/T)`` renormalised over the
+    candidates) and its log; the kNN share (first ``k`` neighbours weighted ``exp(sim / tau)``); the kNN share
+    times the nearest neighbour's similarity (so the kNN weighs more when neighbours are close); whether the
+    class is the nearest neighbour's; the share of indexed pictures identical (byte for byte) to the product's.
+
+    Without ``weights`` the weights are ``(alpha, 1 - alpha, beta, 0, 0, 0)``: the classic mix
+    ``alpha * p_head + (1 - alpha) * p_knn + beta * p_dup``. ``evaluate`` either picks alpha/beta on a grid or
+    learns ``weights`` (a conditional logistic regression), whichever wins on validation. Products without a
+    decodable image get class ``fallback``."""
 
     alpha: float = 0.5
     k: int = 20
     tau: float = 0.07
     beta: float = 1.0
     fallback: int = 0
+    temperature: float = 1.0
+    weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.alpha <= 1:
@@ -86,9 +98,28 @@ class FusedClassifier:
             raise UserError(f"tau must be positive, got {self.tau}")
         if not self.beta >= 0:
             raise UserError(f"beta must be at least 0, got {self.beta}")
+        if not self.temperature > 0:
+            raise UserError(f"temperature must be positive, got {self.temperature}")
+        if self.weights is not None:
+            if len(self.weights) != len(FEATURES) or not np.all(np.isfinite(self.weights)):
+                raise UserError(f"fusion weights must be {len(FEATURES)} finite numbers ({', '.join(FEATURES)})")
+            object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+
+    @property
+    def rule(self) -> str:
+        return "grid" if self.weights is None else "learnt"
+
+    @property
+    def coefficients(self) -> np.ndarray:
+        """The weight ``[F]`` of each of :data:`FEATURES`."""
+        if self.weights is not None:
+            return np.asarray(self.weights, np.float32)
+        return np.asarray([self.alpha, 1 - self.alpha, self.beta, 0, 0, 0], np.float32)
 
     def params(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "fallback"}
+        d = {k: v for k, v in asdict(self).items() if k != "fallback"}
+        d["weights"] = list(self.weights) if self.weights is not None else None
+        return {**d, "rule": self.rule}
 
     def candidate_votes(self, c: Candidates) -> tuple[np.ndarray, np.ndarray]:
         """kNN share ``[P, W]`` of each candidate class, and whether a product has any neighbour ``[P, 1]``."""
@@ -97,13 +128,33 @@ class FusedClassifier:
         knn = np.einsum("pwk,pk->pw", c.classes[:, :, None] == lab[:, None, :], w)
         return np.divide(knn, total, out=np.zeros_like(knn), where=total > 0), total > 0
 
+    def features(self, c: Candidates, votes: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """Features ``[P, W, F]`` of each product's candidate classes (0 on padding)."""
+        knn, has_knn = votes if votes is not None else self.candidate_votes(c)
+        head = np.where(c.classes >= 0, np.maximum(c.head, 0.0), 0.0) ** (1.0 / self.temperature)
+        total = head.sum(1, keepdims=True)
+        head = np.divide(head, total, out=np.zeros_like(head), where=total > 0)
+        top_sim = np.where(has_knn, np.nan_to_num(c.sims[:, :1], neginf=0.0), 0.0)
+        nearest = (c.classes == c.labels[:, :1]) & (c.labels[:, :1] >= 0)
+        feats = np.stack([head, knn, c.dup_share, np.log(head + 1e-6), knn * top_sim, nearest], axis=-1)
+        return np.where((c.classes >= 0)[..., None], feats, 0.0).astype(np.float32)
+
     def candidate_scores(self, c: Candidates, votes: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         """Fused scores ``[P, W]`` of each product's candidate classes (-inf on padding)."""
-        knn, has_knn = votes if votes is not None else self.candidate_votes(c)
-        fused = np.where(has_knn, self.alpha * c.head + (1 - self.alpha) * knn, c.head)
-        if self.beta > 0:
-            fused = fused + self.beta * c.dup_share
+        fused = self.features(c, votes) @ self.coefficients
         return np.where(c.classes >= 0, fused, -np.inf)
+
+    def probabilities(self, scores: np.ndarray) -> np.ndarray:
+        """Scores ``[P, W]`` -> shares that sum to 1 over each product's candidates (softmax for a learnt rule,
+        plain normalisation of the non-negative mix for the grid rule)."""
+        finite = np.isfinite(scores)
+        if self.weights is None:
+            s = np.where(finite, np.maximum(scores, 0.0), 0.0)
+        else:
+            top = np.where(finite, scores, -np.inf).max(1, keepdims=True)
+            s = np.where(finite, np.exp(scores - np.where(np.isfinite(top), top, 0.0)), 0.0)
+        total = s.sum(1, keepdims=True)
+        return np.divide(s, total, out=np.zeros_like(s), where=total > 0)
 
     def predict_candidates(self, c: Candidates, top: int = 1, votes: tuple[np.ndarray, np.ndarray] | None = None
                            ) -> tuple[np.ndarray, np.ndarray]:
@@ -122,11 +173,14 @@ DEFAULT = FusedClassifier()  # used where no calibration exists
 
 def calibrated(run: RunDir, fallback: int, alpha: float | None = None, k: int | None = None,
                tau: float | None = None, beta: float | None = None) -> FusedClassifier:
-    """The run's calibration (from ``evaluate``) or the defaults, with any given value taking precedence."""
+    """The run's calibration (from ``evaluate``) or the defaults, with any given value taking precedence (a
+    given alpha or beta means the grid rule with those weights)."""
     saved = run.read_calibration() or {}
     pick = lambda name, given: given if given is not None else saved.get(name, getattr(DEFAULT, name))  # noqa: E731
+    weights = saved.get("weights") if alpha is None and beta is None else None
     return FusedClassifier(float(pick("alpha", alpha)), int(pick("k", k)), float(pick("tau", tau)),
-                           float(pick("beta", beta)), fallback)
+                           float(pick("beta", beta)), fallback, float(saved.get("temperature", 1.0)),
+                           tuple(weights) if weights else None)
 
 
 def candidates_for(index: VectorIndex, duplicates: DuplicateTable, outs: list, k: int) -> Candidates:

@@ -47,7 +47,8 @@ def _set_pool(visual: nn.Module, pool: str, name: str) -> None:
 
 def _load_imagenet(visual: nn.Module, name: str) -> None:
     from .weights import load_imagenet_state
-    state = {k: v for k, v in load_imagenet_state(name).items() if not k.startswith("classifier.")}
+    stages = tuple(len(stage) for stage in visual.trunk.blocks)  # lite1/2 have more blocks than lite0
+    state = {k: v for k, v in load_imagenet_state(name, stages).items() if not k.startswith("classifier.")}
     visual.trunk.load_state_dict(state, strict=True)  # the trunk has no classifier: pooled features pass through
     log.info("loaded offline ImageNet weights into %s", name)
 

@@ -14,7 +14,7 @@ import torch
 from ..errors import UserError
 from .registry import backbone_spec
 
-STAGE_BLOCKS = (1, 2, 2, 3, 3, 4, 1)  # blocks per stage, the same for lite0-2 (depth multiplier 1.0)
+STAGE_BLOCKS = (1, 2, 2, 3, 3, 4, 1)  # blocks per stage of lite0; lite1/2 repeat the middle stages more (depth x1.1/1.2)
 _TOP = {"_conv_stem.weight": "conv_stem.weight", "_conv_head.weight": "conv_head.weight",
         "_fc.weight": "classifier.weight", "_fc.bias": "classifier.bias"}
 _FIRST = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}  # no expansion
@@ -22,9 +22,11 @@ _BLOCK = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw"
           "_project_conv": "conv_pwl", "_bn2": "bn3"}
 
 
-def lite_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a lukemelas-style EfficientNet-Lite state_dict to timm's ``tf_efficientnet_lite*`` keys."""
-    starts = [sum(STAGE_BLOCKS[:s]) for s in range(len(STAGE_BLOCKS))]
+def lite_to_timm(state: dict[str, torch.Tensor], stage_blocks: tuple[int, ...] = STAGE_BLOCKS
+                 ) -> dict[str, torch.Tensor]:
+    """Rename a lukemelas-style EfficientNet-Lite state_dict to timm's ``tf_efficientnet_lite*`` keys; the
+    flat block numbers are split into stages of ``stage_blocks`` blocks (the target tower's own counts)."""
+    starts = [sum(stage_blocks[:s]) for s in range(len(stage_blocks))]
     out = {}
     for key, value in state.items():
         m = re.fullmatch(r"_blocks\.(\d+)\.(_\w+?)\.(.+)", key)
@@ -63,7 +65,7 @@ def imagenet_weights_file(backbone: str) -> Path:
     return files[0]
 
 
-def load_imagenet_state(backbone: str) -> dict[str, torch.Tensor]:
+def load_imagenet_state(backbone: str, stage_blocks: tuple[int, ...] = STAGE_BLOCKS) -> dict[str, torch.Tensor]:
     """The backbone's ImageNet state_dict in timm naming (classifier included)."""
     state = torch.load(imagenet_weights_file(backbone), map_location="cpu", weights_only=True)
-    return lite_to_timm(state)
+    return lite_to_timm(state, stage_blocks)
