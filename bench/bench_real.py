@@ -1,15 +1,22 @@
 """Accuracy on real photographs: the Grocery Store data set in Cdiscount BSON form (81 classes, ../shared/data/grocery).
 
-One run prints product accuracy on test.bson of (a) kNN over plain ImageNet EfficientNet-Lite0 features,
-(b) the head after fine-tuning the pretrained backbone on train.bson, (c) kNN after fine-tuning, (d) fused with
-the alpha, k, tau, beta that `evaluate` calibrated on val.bson, (e) the same fine-tuning from random init; and
-recall@1 of `similar`.
-Usage: python bench/bench_real.py [--epochs 3] [--image-size 160] [--crop-min 0.35] [--colour-aug 0.3]
-       [--workdir bench_out/real]
+Prints test.bson product accuracy, each with a 95% bootstrap interval, of
+  (a)  a cosine kNN over the frozen ImageNet backbone's pooled features (k, tau chosen on val.bson),
+  (a2) a linear probe on the same frozen features (logistic regression, L2 chosen on val.bson),
+  (b)  the head, (c) the kNN and (d) the fused classifier after `train` with the default recipe for a pretrained
+       backbone (what `train FILE --out RUN --backbone B --pretrained imagenet` runs), calibrated by `evaluate`
+       on the shipped val.bson,
+the paired difference fused - max(head, kNN, linear probe), recall@1 of `similar`, and a plot of test accuracy
+against training minutes for several epoch budgets (each a full run of that length).
+The baselines here are written independently of the library (plain numpy / torch), so they check it.
+Usage: python bench/bench_real.py [--budgets 1,2,4,8] [--image-size 160] [--backbone efficientnet_lite0]
+       [--workdir bench_out/real] [--set lr=1e-3 ...] [--quick]
 """
 from __future__ import annotations
 
 import argparse
+import ast
+import json
 import shutil
 import time
 from pathlib import Path
@@ -19,145 +26,189 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from index import VectorIndex, knn_vote
-from retrieval.data.datasets import ProductDataset, product_loader
 from retrieval.data.images import decode_image, encode_jpeg
 from retrieval.data.offsets import RecordReader, load_offsets
-from retrieval.model.network import create_backbone
-from retrieval.model.runtime import autocast_for
 from retrieval.infer.evaluate import evaluate
 from retrieval.infer.folder import build_index, open_index
 from retrieval.infer.predict import predict, read_submission
 from retrieval.infer.query import similar
+from retrieval.model.config import ModelConfig
+from retrieval.model.network import EmbeddingNet
 from retrieval.train.config import TrainConfig
+from retrieval.train.probe import frozen_features
 from retrieval.train.run import train
 
 GROCERY = Path(__file__).resolve().parents[2] / "shared" / "data" / "grocery"
 
 
-@torch.no_grad()
-def imagenet_features(path: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Unit-norm pooled ImageNet Lite0 features ``[N, 1280]`` and category ids of every product."""
-    tower, _, mean, std = create_backbone("efficientnet_lite0", "imagenet", size)
-    tower.eval()
-    m, s = torch.tensor(mean).view(1, 3, 1, 1) * 255, torch.tensor(std).view(1, 3, 1, 1) * 255
+def bootstrap(correct: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the mean of ``correct [N]`` (or of a paired difference)."""
+    rng = np.random.default_rng(seed)
+    means = correct[rng.integers(0, len(correct), (n, len(correct)))].mean(1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def product_features(path: Path, backbone: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Frozen pooled ImageNet features per product ``[N, F]`` (mean over its pictures) and category ids ``[N]``."""
+    net = EmbeddingNet(ModelConfig(backbone, "imagenet", size, 8, 1))
     table = load_offsets(path, progress=False)
-    feats = []
-    for b in product_loader(ProductDataset(RecordReader(path, table), np.arange(len(table)), size), 128, 2):
-        with autocast_for(torch.device("cpu")):
-            f = tower((b.images.float() - m) / s).float()
-        feats.append(F.normalize(f, dim=-1).numpy())
-    return np.concatenate(feats), table["category_id"]
+    f = frozen_features(net, RecordReader(path, table), np.arange(len(table)), np.zeros(len(table), np.int64))
+    x = torch.zeros(f.n_products, f.x.shape[1]).index_add_(0, f.owner, f.x)
+    return x.numpy() / np.maximum(np.bincount(f.owner.numpy(), minlength=f.n_products), 1)[:, None], \
+        table["category_id"]
 
 
-def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 10, tau: float = 0.05) -> float:
-    classes, y = np.unique(train_y, return_inverse=True)
-    vi = VectorIndex.create(train_x.shape[1], "Flat")
-    vi.add(train_x, y)
-    sims, pos = vi.search(test_x, k)
-    pred = classes[knn_vote(sims, vi.labels[pos], len(classes), tau).argmax(1)]
-    return float((pred == test_y).mean())
-
-
-def test_accuracy(sub: Path, test: Path) -> float:
-    ids, cats = read_submission(sub)
-    table = load_offsets(test, progress=False)
-    assert np.array_equal(ids, table["product_id"])
-    return float((cats == table["category_id"]).mean())
-
-
-def finetune(work: Path, name: str, pretrained: str | None, a: argparse.Namespace) -> dict:
-    """Train on every product of train.bson, index them, calibrate alpha/k/tau/beta with `evaluate` on the shipped
-    val.bson (photos of another session, like test.bson), predict test.bson."""
-    run, t0 = work / name, time.perf_counter()
-    if not (run / "model.pt").exists():
-        shutil.rmtree(run, ignore_errors=True)
-        cfg = TrainConfig.build(backbone="efficientnet_lite0", pretrained=pretrained, image_size=a.image_size,
-                                embed_dim=256, epochs=a.epochs, batch_size=64, lr=a.lr,
-                                backbone_lr_mult=a.backbone_lr_mult if pretrained else 1.0, warmup_fraction=0.1,
-                                m_per_class=4, val_fraction=0.0, crop_min=a.crop_min, colour_jitter=a.colour_aug,
-                                workers=2)
-        train(GROCERY / "train.bson", run, cfg, progress=False)
-    t_train = time.perf_counter() - t0
-    idx = work / f"{name}_idx"
-    if not (idx / "manifest.json").exists():
-        build_index(GROCERY / "train.bson", run, idx, "all")
-    m = evaluate(idx, GROCERY / "val.bson", out_dir=work / f"{name}_eval")
-    out = {"train_s": t_train, "val_head": m["head_accuracy"], "val_knn": m["knn_accuracy"],
-           "val_fused": m["fused_accuracy"], "cal": m["calibration"]}
-    for key, kw in (("head", {"alpha": 1.0, "beta": 0.0}), ("knn", {"alpha": 0.0, "beta": 0.0}), ("fused", {})):
-        sub = work / f"{name}_{key}.csv"
-        predict(GROCERY / "test.bson", idx, sub, restart=True, **kw)
-        out[key] = test_accuracy(sub, GROCERY / "test.bson")
+def knn_predict(tx, ty, qx, k: int, tau: float) -> np.ndarray:
+    """Cosine kNN vote, weights exp(sim / tau): a plain loop over queries."""
+    a, b = tx / np.linalg.norm(tx, axis=1, keepdims=True), qx / np.linalg.norm(qx, axis=1, keepdims=True)
+    sims = b @ a.T
+    out = np.empty(len(b), ty.dtype)
+    for i, s in enumerate(sims):
+        top = np.argsort(-s)[:k]
+        votes: dict[int, float] = {}
+        for j in top:
+            votes[int(ty[j])] = votes.get(int(ty[j]), 0.0) + float(np.exp((s[j] - s[top[0]]) / tau))
+        out[i] = max(votes, key=votes.get)
     return out
 
 
-def similar_recall(work: Path, name: str, n: int = 150) -> tuple[float, float]:
+def linear_probe(tx, ty, qx, wd: float) -> np.ndarray:
+    """Multinomial logistic regression on standardised features (L-BFGS, L2 ``wd``)."""
+    classes, y = np.unique(ty, return_inverse=True)
+    mu, sd = tx.mean(0), tx.std(0) + 1e-6
+    x, yt = torch.tensor((tx - mu) / sd, dtype=torch.float32), torch.tensor(y)
+    lin = torch.nn.Linear(x.shape[1], len(classes))
+    opt = torch.optim.LBFGS(lin.parameters(), max_iter=300, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(lin(x), yt) + wd * (lin.weight ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return classes[lin(torch.tensor((qx - mu) / sd, dtype=torch.float32)).argmax(1).numpy()]
+
+
+def frozen_baselines(a: argparse.Namespace, qy: np.ndarray) -> dict:
+    t = time.perf_counter()
+    (tx, ty), (vx, vy), (qx, _) = (product_features(GROCERY / f"{s}.bson", a.backbone, a.image_size)
+                                   for s in ("train", "val", "test"))
+    k, tau = max(((k, tau) for k in (1, 5, 10, 20) for tau in (0.02, 0.05, 0.1)),
+                 key=lambda kt: (knn_predict(tx, ty, vx, *kt) == vy).mean())
+    wd = max((1e-3, 1e-4, 1e-5), key=lambda w: (linear_probe(tx, ty, vx, w) == vy).mean())
+    return {"knn": knn_predict(tx, ty, qx, k, tau) == qy, "lp": linear_probe(tx, ty, qx, wd) == qy,
+            "what": f"k {k}, tau {tau}; L2 {wd}", "seconds": time.perf_counter() - t}
+
+
+def finetune(work: Path, epochs: int, a: argparse.Namespace, qy: np.ndarray) -> dict:
+    """Train on all of train.bson, index it, calibrate with `evaluate` on val.bson, predict test.bson."""
+    name = f"e{epochs}"
+    run, t0 = work / name, time.perf_counter()
+    shutil.rmtree(run, ignore_errors=True)
+    cfg = TrainConfig.build(backbone=a.backbone, pretrained="imagenet", image_size=a.image_size, epochs=epochs,
+                            val_fraction=0.0, **a.set)
+    train(GROCERY / "train.bson", run, cfg, progress=False)
+    t_train = time.perf_counter() - t0
+    idx = work / f"{name}_idx"
+    shutil.rmtree(idx, ignore_errors=True)
+    build_index(GROCERY / "train.bson", run, idx, "all")
+    m = evaluate(idx, GROCERY / "val.bson", out_dir=work / f"{name}_eval")
+    out = {"minutes": t_train / 60, "val": (m["head_accuracy"], m["knn_accuracy"], m["fused_accuracy"]),
+           "fusion": m["fusion"], "cal": m["calibration"], "index": idx}
+    for key, kw in (("head", {"alpha": 1.0, "beta": 0.0}), ("knn", {"alpha": 0.0, "beta": 0.0}), ("fused", {})):
+        sub = work / f"{name}_{key}.csv"
+        predict(GROCERY / "test.bson", idx, sub, restart=True, **kw)
+        out[key] = read_submission(sub)[1] == qy
+    return out
+
+
+def similar_recall(work: Path, idx: Path, n: int) -> tuple[float, float]:
     """Instance recall@1 (a mirrored, 90%-cropped copy of an indexed picture finds its product) and category
     recall@1 (a test product's nearest indexed product has its category)."""
-    bundle = open_index(work / f"{name}_idx")
-    reader = RecordReader(GROCERY / "train.bson")
-    rng = np.random.default_rng(0)
-    hits = 0
+    bundle, rng = open_index(idx), np.random.default_rng(0)
+    reader, test, f = RecordReader(GROCERY / "train.bson"), RecordReader(GROCERY / "test.bson"), work / "query.jpg"
+    hits = cat_hits = 0
     for row in rng.choice(len(reader), n, replace=False):
         p = reader.read(int(row))
         rgb = decode_image(p.images[0])
         h, w = rgb.shape[:2]
-        crop = np.ascontiguousarray(rgb[h // 20: h - h // 20, w // 20: w - w // 20][:, ::-1])
-        f = work / "query.jpg"
-        f.write_bytes(encode_jpeg(crop))
+        f.write_bytes(encode_jpeg(np.ascontiguousarray(rgb[h // 20: h - h // 20, w // 20: w - w // 20][:, ::-1])))
         hits += similar(bundle, images=[f], k=1)[0].product_id == p.product_id
-    test = RecordReader(GROCERY / "test.bson")
-    cat_hits = 0
     for row in rng.choice(len(test), n, replace=False):
         p = test.read(int(row))
-        f = work / "query.jpg"
         f.write_bytes(p.images[0])
         cat_hits += similar(bundle, images=[f], k=1)[0].category_id == p.category_id
     return hits / n, cat_hits / n
 
 
+def plot(work: Path, runs: dict[int, dict], base: dict) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [runs[e]["minutes"] for e in sorted(runs)]
+    for key, label in (("head", "head"), ("knn", "kNN"), ("fused", "fused")):
+        ax.plot(xs, [runs[e][key].mean() for e in sorted(runs)], "o-", label=f"fine-tuned {label}")
+    for key, label, style in (("lp", "linear probe (frozen)", "--"), ("knn", "kNN (frozen)", ":")):
+        ax.axhline(base[key].mean(), color="grey", linestyle=style, label=label)
+    for e, x in zip(sorted(runs), xs):
+        ax.annotate(f"{e} ep", (x, runs[e]["fused"].mean()), textcoords="offset points", xytext=(0, 6), fontsize=8)
+    ax.set(xlabel="training minutes (2 CPU cores)", ylabel="test product accuracy", title="Grocery Store, real photos")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = work / "accuracy_vs_minutes.png"
+    fig.savefig(out, dpi=110)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", default="bench_out/real")
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--budgets", default="1,2,4,8", help="epoch budgets; the last is the headline run")
+    ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--image-size", type=int, default=160)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--backbone-lr-mult", type=float, default=0.1)
-    ap.add_argument("--crop-min", type=float, default=0.35)
-    ap.add_argument("--colour-aug", type=float, default=0.3)
-    ap.add_argument("--skip-random-init", action="store_true")
+    ap.add_argument("--set", nargs="*", default=[], help="recipe overrides, e.g. lr=1e-3 freeze_blocks=0")
+    ap.add_argument("--recall-queries", type=int, default=150)
+    ap.add_argument("--quick", action="store_true", help="one 1-epoch run at 64 px, 20 recall queries (smoke test)")
     a = ap.parse_args()
+    a.set = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in a.set)}
+    if a.quick:
+        a.budgets, a.image_size, a.recall_queries = "1", 64, 20
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    t = time.perf_counter()
-    tx, ty = imagenet_features(GROCERY / "train.bson", a.image_size)
-    vx, vy = imagenet_features(GROCERY / "val.bson", a.image_size)
-    qx, qy = imagenet_features(GROCERY / "test.bson", a.image_size)
-    k, tau = max(((k, tau) for k in (1, 5, 10, 20) for tau in (0.02, 0.05, 0.1)),
-                 key=lambda kt: knn_accuracy(tx, ty, vx, vy, *kt))  # chosen on val.bson, as evaluate does
-    plain = knn_accuracy(tx, ty, qx, qy, k, tau)
-    t_plain = time.perf_counter() - t
-    pre = finetune(work, "pretrained", "imagenet", a)
-    scratch = None if a.skip_random_init else finetune(work, "random_init", None, a)
-    inst, cat = similar_recall(work, "pretrained")
-    print(f"## Grocery Store (real photos, 81 classes): test product accuracy, EfficientNet-Lite0 @ {a.image_size} px, "
-          f"{a.epochs} epochs, lr {a.lr} (backbone x{a.backbone_lr_mult}), crops >= {a.crop_min}, colour "
-          f"{a.colour_aug}\n")
-    common.print_table([
-        (f"(a) kNN over ImageNet features, no training (k {k}, tau {tau} from val.bson)", plain, f"{t_plain:.0f}"),
-        ("(b) head, fine-tuned from ImageNet", pre["head"], f"{pre['train_s']:.0f}"),
-        ("(c) kNN, fine-tuned from ImageNet", pre["knn"], ""),
-        (f"(d) fused, calibrated {pre['cal']}", pre["fused"], ""),
-        *([("(e) fused, same recipe from random init", scratch["fused"], f"{scratch['train_s']:.0f}"),
-           ("(e) head, random init", scratch["head"], "")] if scratch else []),
-    ], ("what", "test accuracy", "seconds"))
-    print()
+    qy = load_offsets(GROCERY / "test.bson", progress=False)["category_id"]
+    base = frozen_baselines(a, qy)
+    budgets = sorted(int(b) for b in a.budgets.split(","))
+    runs = {e: finetune(work, e, a, qy) for e in budgets}
+    main_run = runs[budgets[-1]]
+    inst, cat = similar_recall(work, main_run["index"], a.recall_queries)
+    recipe = TrainConfig.build(backbone=a.backbone, pretrained="imagenet", **a.set)
+    print(f"## Grocery Store (real photos, 81 classes, {len(qy):,} test products): {a.backbone} @ {a.image_size} px\n")
+    print(f"recipe: {json.dumps({**recipe.schedule.__dict__, **recipe.data.__dict__, **recipe.loss.__dict__})}\n")
+    rows = [("(a) kNN, frozen ImageNet features", base["knn"], "", base["what"].split(";")[0]),
+            ("(a2) linear probe, frozen ImageNet features", base["lp"], "", base["what"].split("; ")[1])]
+    for e in budgets:
+        r = runs[e]
+        rows += [(f"(b) head, fine-tuned {e} epochs", r["head"], f"{r['minutes']:.1f}", ""),
+                 (f"(c) kNN, fine-tuned {e} epochs", r["knn"], "", ""),
+                 (f"(d) fused, fine-tuned {e} epochs", r["fused"], "",
+                  f"{r['fusion']['rule']} rule (CV grid {r['fusion']['cv_grid']:.3f} / learnt "
+                  f"{r['fusion']['cv_learnt']:.3f}), T {r['fusion']['temperature']:.2f}")]
+    table = [(what, float(c.mean()), "[{:.3f}, {:.3f}]".format(*bootstrap(c)), mins, note)
+             for what, c, mins, note in rows]
+    common.print_table(table, ("what", "test accuracy", "95% interval", "train minutes", "notes"))
+    best_part = max((main_run["head"], main_run["knn"], base["lp"]), key=np.mean)
+    diff = main_run["fused"].astype(float) - best_part.astype(float)
+    lo, hi = bootstrap(diff)
+    print(f"\nfused - max(head, kNN, linear probe) at {budgets[-1]} epochs: {diff.mean():+.4f} "
+          f"(paired 95% interval [{lo:+.4f}, {hi:+.4f}])")
+    print(f"val.bson at {budgets[-1]} epochs: head {main_run['val'][0]:.3f}, kNN {main_run['val'][1]:.3f}, "
+          f"fused {main_run['val'][2]:.3f}\n")
     common.print_table([("instance recall@1 (mirrored, cropped copy finds its product)", inst),
                         ("category recall@1 (test photo's nearest indexed product)", cat)], ("similar", "value"))
-    print(f"\nval.bson (calibration): pretrained head {pre['val_head']:.3f}, kNN {pre['val_knn']:.3f}, fused "
-          f"{pre['val_fused']:.3f}" + (f"; random init head {scratch['val_head']:.3f}, fused {scratch['val_fused']:.3f}"
-                                       if scratch else ""))
+    print(f"\nplot: {plot(work, runs, base)}")
 
 
 if __name__ == "__main__":

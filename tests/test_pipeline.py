@@ -218,3 +218,23 @@ def test_exact_duplicate_vote_is_a_third_fused_signal(indexes, small_data, tmp_p
     assert m["fused_accuracy"] >= m["fused_without_duplicates_accuracy"]
     rep = predict(small_data["test.bson"], indexes["all"], tmp_path / "s.csv", workers=0)
     assert rep.params["beta"] == m["calibration"]["beta"]
+
+
+def test_an_indexed_picture_sent_as_a_query_gives_the_stored_vector(trained_run, tmp_path):
+    """One decode path: a product's own JPEG, uploaded, embeds to the vector the index holds and finds it first
+    (pictures of 96 px for a 32 px model, so a decoder that down-scales gives other pixels than one that does not)."""
+    from retrieval.data.synth import SynthConfig, make_data
+    from retrieval.infer.query import embed_pictures, product_pictures
+    data = make_data(tmp_path / "big", SynthConfig(products=40, categories=6, seed=3, image_size=96), progress=False)
+    build_index(data["train.bson"], trained_run, tmp_path / "idx", "all", workers=0)
+    b = open_index(tmp_path / "idx")
+    n_pics = np.array([len(product_pictures(b, p)) for p in range(len(b.product_ids))])
+    for pos in np.flatnonzero(n_pics == 1)[:3]:
+        picture = product_pictures(b, int(pos))[0]
+        emb, _, _ = embed_pictures(b, [picture])
+        stored = b.vector(int(pos))
+        cos = float(emb @ stored / (np.linalg.norm(emb) * np.linalg.norm(stored)))
+        assert cos >= 0.9999
+        f = tmp_path / "query.jpg"
+        f.write_bytes(picture)
+        assert similar(b, images=[f], k=1)[0].product_id == b.product_ids[pos]

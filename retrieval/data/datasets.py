@@ -61,6 +61,13 @@ def to_model_input(rgb: np.ndarray, size: int, train: bool, aug: Augment = Augme
     return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
 
 
+def picture_input(data: bytes, size: int) -> torch.Tensor:
+    """The one path from picture bytes to the model's evaluation input ``[3, size, size]`` uint8: decoded with
+    DCT down-scaling to at least ``size`` a side, then resized. Indexing, predict, evaluate, ``similar`` and
+    HTTP uploads all use it, so one JPEG gives the same pixels, and the same vector, whichever way it came."""
+    return to_model_input(decode_image(data, min_size=size), size, train=False)
+
+
 class ImageDataset(Dataset):
     """Training samples: one image each, labelled with its product's class (-100 if undecodable)."""
 
@@ -122,7 +129,7 @@ class ProductDataset(Dataset):
         imgs, hashes, failed = [], [], 0
         for j, pic in enumerate(prod.images):
             try:
-                imgs.append(to_model_input(decode_image(pic, min_size=self.size), self.size, train=False))
+                imgs.append(picture_input(pic, self.size))
                 hashes.append(picture_hash(pic))
             except ImageDecodeError as e:
                 failed += 1

@@ -20,17 +20,13 @@ from ..data.offsets import RecordReader, file_fingerprint, load_offsets
 from ..errors import UserError
 from ..model.runtime import Devices, is_first_rank
 from .embed import ChunkStore, embed_products
+from .calibrate import KS, calibrate
 from .fused import Candidates, FusedClassifier, candidates_for
 from .folder import IndexBundle, open_index
 from .plots import evaluation_plots
 
 log = logging.getLogger(__name__)
-ALPHAS = tuple(round(float(a), 2) for a in np.linspace(0, 1, 11))
-KS = (5, 10, 20, 50)
-TAUS = (0.02, 0.05, 0.07, 0.1)
-BETAS = (0.0, 0.5, 1.0, 2.0)  # weight of the exact-duplicate vote
 BUCKETS = ((1, 10, "1-9"), (10, 100, "10-99"), (100, 1000, "100-999"), (1000, 10 ** 12, "1000+"))
-BLOCK = 2048  # products per scoring block of the grid
 
 
 def _eval_rows(bundle: IndexBundle, val_path: str | Path | None) -> tuple[Path, np.ndarray, np.ndarray]:
@@ -97,23 +93,6 @@ def _candidates(bundle: IndexBundle, path: Path, table: np.ndarray, rows: np.nda
     return c, np.concatenate([g["head_pred"] for g in got]), np.concatenate([g["img_ok"] for g in got])
 
 
-def _grid(c: Candidates, y: np.ndarray, fallback: int) -> list[dict]:
-    """Accuracy of every (alpha, k, tau, beta), scored block by block (beta only where some product has an
-    exact duplicate in the index)."""
-    betas = BETAS if (c.dups >= 0).any() else (0.0,)
-    correct = {(a, k, t, b): 0 for k in KS for t in TAUS for a in ALPHAS for b in betas}
-    for lo in range(0, len(c), BLOCK):
-        block, yb = c.rows(slice(lo, lo + BLOCK)), y[lo:lo + BLOCK]
-        for k in KS:
-            for t in TAUS:
-                votes = FusedClassifier(0.5, k, t, fallback=fallback).candidate_votes(block)  # shared by all alphas
-                for a in ALPHAS:
-                    for b in betas:
-                        pred = FusedClassifier(a, k, t, b, fallback).predict_candidates(block, 1, votes)[0][:, 0]
-                        correct[(a, k, t, b)] += int((pred == yb).sum())
-    return [{"alpha": a, "k": k, "tau": t, "beta": b, "accuracy": n / len(y)} for (a, k, t, b), n in correct.items()]
-
-
 def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir: str | Path | None = None,
              batch_size: int = 256, workers: int = 2, max_products: int | None = None, seed: int = 0,
              where: Devices | None = None, chunk_products: int = 16_384) -> dict | None:
@@ -136,13 +115,12 @@ def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir:
     c, head_pred, img_ok = found
     fallback = bundle.fallback_class
     head_pred = np.where(c.has_image, head_pred, fallback)
-    grid = _grid(c, y, fallback)
-    best = max(grid, key=lambda g: g["accuracy"])
-    knn_only = max((g for g in grid if g["alpha"] == 0 and g["beta"] == 0), key=lambda g: g["accuracy"])
-    no_dup = max((g for g in grid if g["beta"] == 0), key=lambda g: g["accuracy"])
-    clf = FusedClassifier(best["alpha"], best["k"], best["tau"], best["beta"], fallback)
+    cal = calibrate(c, y, fallback, seed)
+    clf, grid = cal.classifier, cal.grid
+    knn_only, no_dup = cal.best(alpha=0.0, beta=0.0), cal.best(beta=0.0)
     top5, _ = clf.predict_candidates(c, 5)
     pred = top5[:, 0]
+    fused_acc = float((pred == y).mean())
     knn_pred = FusedClassifier(0.0, knn_only["k"], knn_only["tau"], 0.0, fallback).predict_candidates(c)[0][:, 0]
     has_dup = (c.dups >= 0).any(1)
     l1, l2 = cats.parents()
@@ -156,28 +134,39 @@ def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir:
     metrics = {
         "products": int(len(rows)), "images": int(stats.decoded), "source": str(path),
         "head_accuracy": float((head_pred == y).mean()), "knn_accuracy": knn_only["accuracy"],
-        "knn_best": {"k": knn_only["k"], "tau": knn_only["tau"]}, "fused_accuracy": best["accuracy"],
+        "knn_best": {"k": knn_only["k"], "tau": knn_only["tau"]}, "fused_accuracy": fused_acc,
+        "fusion": {"rule": clf.rule, "cv_grid": cal.cv_grid, "cv_learnt": cal.cv_learnt,
+                   "temperature": cal.temperature},
+        "frozen_baseline": bundle.run.read_frozen_baseline(),
         "fused_without_duplicates_accuracy": no_dup["accuracy"], "duplicate_coverage": float(has_dup.mean()),
         "calibration": clf.params(), "fused_top5_accuracy": float((top5 == y[:, None]).any(1).mean()),
         "level1_accuracy": float((l1[pred] == l1[y]).mean()), "level2_accuracy": float((l2[pred] == l2[y]).mean()),
         "image_accuracy": float(img_ok.mean()) if len(img_ok) else 0.0, "by_frequency": buckets,
         "tta_flip": bundle.manifest.tta_flip, "decode": stats.summary(), "grid": grid}
-    bundle.run.write_calibration({**clf.params(), "val_fused_accuracy": best["accuracy"]})
+    bundle.run.write_calibration({**clf.params(), "val_fused_accuracy": fused_acc})
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     metrics["plots"] = evaluation_plots(metrics, out)
-    log.info("head %.4f, kNN %.4f, fused %.4f (alpha=%s, k=%s, tau=%s)", metrics["head_accuracy"],
-             metrics["knn_accuracy"], best["accuracy"], clf.alpha, clf.k, clf.tau)
+    log.info("head %.4f, kNN %.4f, fused %.4f (%s rule, k=%s, tau=%s)", metrics["head_accuracy"],
+             metrics["knn_accuracy"], fused_acc, clf.rule, clf.k, clf.tau)
     return metrics
 
 
 def metrics_table(m: dict) -> str:
     """The headline metrics as an aligned text table."""
     cal = m["calibration"]
-    rows = [("products", f"{m['products']:,}"), ("head accuracy", f"{m['head_accuracy']:.4f}"),
-            ("kNN accuracy", f"{m['knn_accuracy']:.4f}  (k={m['knn_best']['k']}, tau={m['knn_best']['tau']})"),
-            ("fused accuracy", f"{m['fused_accuracy']:.4f}  (alpha={cal['alpha']}, k={cal['k']}, tau={cal['tau']}, "
-                               f"beta={cal['beta']})"),
+    fu, fb = m["fusion"], m.get("frozen_baseline") or {}
+    rows = [("products", f"{m['products']:,}")]
+    if fb.get("knn") is not None:
+        rows += [("frozen backbone", f"kNN {fb['knn']:.4f}, linear probe {fb['linear_probe']:.4f}  (before training, "
+                                     f"{fb['val_products']:,} of the run's validation products)")]
+    rows += [("head accuracy", f"{m['head_accuracy']:.4f}"),
+             ("kNN accuracy", f"{m['knn_accuracy']:.4f}  (k={m['knn_best']['k']}, tau={m['knn_best']['tau']})"),
+             ("fused accuracy", f"{m['fused_accuracy']:.4f}  ({fu['rule']} rule; k={cal['k']}, tau={cal['tau']}, "
+                                f"head temperature {fu['temperature']:.3g}"
+                                + (f", alpha={cal['alpha']}, beta={cal['beta']})" if fu["rule"] == "grid" else ")")),
+             ("fusion choice", f"{fu['rule']}: cross-validated accuracy grid {fu['cv_grid']:.4f}, learnt "
+                               f"{fu['cv_learnt']:.4f}"),
             ("fused, no dup vote", f"{m['fused_without_duplicates_accuracy']:.4f}  (exact duplicate in the index "
                                    f"for {m['duplicate_coverage']:.1%} of products)"),
             ("fused top-5", f"{m['fused_top5_accuracy']:.4f}"), ("level-1 accuracy", f"{m['level1_accuracy']:.4f}"),

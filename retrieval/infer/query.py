@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.datasets import to_model_input
+from ..data.datasets import picture_input
 from ..data.images import ImageDecodeError, decode_image, picture_hash
 from ..data.offsets import RecordReader
 from ..errors import UserError
@@ -66,14 +66,15 @@ def embed_pictures(bundle: IndexBundle, pictures: list[bytes], names: list[str] 
     A picture that does not decode is an error naming it."""
     if not pictures:
         raise UserError("no picture given")
-    pics = []
+    pics, inputs = [], []
+    net = bundle.net
     for i, data in enumerate(pictures):
         try:
-            pics.append(decode_image(data))
+            inputs.append(picture_input(data, net.cfg.image_size))  # the indexing path's decode, exactly
+            pics.append(decode_image(data))  # full size, for the contact sheet
         except ImageDecodeError as e:
             raise UserError(f"{names[i] if names else f'picture {i}'}: not a readable image ({e})") from None
-    net = bundle.net
-    x = torch.stack([to_model_input(rgb, net.cfg.image_size, train=False) for rgb in pics])
+    x = torch.stack(inputs)
     emb, probs = embed_images(net, x, torch.zeros(len(x), dtype=torch.long), 1, tta_flip=bundle.manifest.tta_flip)
     return emb[0].cpu().numpy(), probs[0].cpu().numpy(), pics
 

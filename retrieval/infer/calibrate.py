@@ -1,0 +1,138 @@
+"""Calibrating the fused classifier on validation products: the head's temperature, a grid over alpha, k, tau and
+beta, a learnt fusion (conditional logistic regression over the candidates' features), and the choice between
+the two by cross-validation on the same products (so the richer model does not win by fitting noise)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from .fused import FEATURES, Candidates, FusedClassifier
+
+log = logging.getLogger(__name__)
+ALPHAS = tuple(round(float(a), 2) for a in np.linspace(0, 1, 11))
+KS = (5, 10, 20, 50)
+TAUS = (0.02, 0.05, 0.07, 0.1)
+BETAS = (0.0, 0.5, 1.0, 2.0)  # weight of the exact-duplicate vote
+TEMPERATURES = tuple(float(t) for t in np.geomspace(0.25, 8.0, 31))
+FOLDS = 5
+BLOCK = 2048  # products per scoring block of the grid
+MAX_FIT = 50_000  # products the learnt fusion is fitted on (a random sample beyond that)
+
+
+def fit_temperature(c: Candidates, y: np.ndarray) -> float:
+    """The temperature T minimising the head's negative log-likelihood of the true class, with the head's
+    probabilities ``p^(1/T)`` renormalised over each product's candidates (products whose class is not a
+    candidate are left out). 1.0 when no product qualifies."""
+    hit = (c.classes == y[:, None]) & (c.classes >= 0)
+    keep = hit.any(1) & c.has_image
+    if not keep.any():
+        return 1.0
+    logp = np.log(np.clip(np.where(c.classes >= 0, c.head, 0.0), 1e-12, None))[keep]
+    valid, true = (c.classes >= 0)[keep], hit[keep].argmax(1)
+
+    def nll(t: float) -> float:
+        s = np.where(valid, logp / t, -np.inf)
+        top = s.max(1, keepdims=True)
+        lse = top[:, 0] + np.log(np.exp(s - top).sum(1))
+        return float((lse - s[np.arange(len(s)), true]).mean())
+
+    return min(TEMPERATURES, key=nll)
+
+
+def fit_weights(clf: FusedClassifier, c: Candidates, y: np.ndarray, l2: float = 1e-3, seed: int = 0
+                ) -> tuple[float, ...]:
+    """Weights of :data:`FEATURES` maximising the likelihood of the true class under a softmax over each
+    product's candidates (L-BFGS, L2 penalty ``l2``), starting from ``clf``'s own weights."""
+    keep = np.flatnonzero(((c.classes == y[:, None]) & (c.classes >= 0)).any(1) & c.has_image)
+    if len(keep) > MAX_FIT:
+        keep = np.sort(np.random.default_rng(seed).choice(keep, MAX_FIT, replace=False))
+    sub = c.rows(keep) if len(keep) else None
+    if sub is None:
+        return tuple(float(w) for w in clf.coefficients)
+    x = torch.from_numpy(clf.features(sub)).double()
+    valid = torch.from_numpy(sub.classes >= 0)
+    true = torch.from_numpy((sub.classes == y[keep][:, None]).argmax(1))
+    w = torch.tensor(clf.coefficients, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        s = (x @ w).masked_fill(~valid, -torch.inf)
+        loss = torch.nn.functional.cross_entropy(s, true) + l2 * (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return tuple(float(v) for v in w.detach())
+
+
+def _grid_correct(c: Candidates, y: np.ndarray, fold: np.ndarray, base: FusedClassifier) -> dict[tuple, np.ndarray]:
+    """Correct predictions per fold ``[FOLDS]`` of every (alpha, k, tau, beta), scored block by block (beta only
+    where some product has an exact duplicate in the index)."""
+    betas = BETAS if (c.dups >= 0).any() else (0.0,)
+    correct = {(a, k, t, b): np.zeros(FOLDS, np.int64) for k in KS for t in TAUS for a in ALPHAS for b in betas}
+    for lo in range(0, len(c), BLOCK):
+        block, yb, fb = c.rows(slice(lo, lo + BLOCK)), y[lo:lo + BLOCK], fold[lo:lo + BLOCK]
+        for k in KS:
+            for t in TAUS:
+                clf = replace(base, alpha=0.5, k=k, tau=t, beta=0.0)
+                votes = clf.candidate_votes(block)  # shared by every alpha and beta
+                for a in ALPHAS:
+                    for b in betas:
+                        pred = replace(clf, alpha=a, beta=b).predict_candidates(block, 1, votes)[0][:, 0]
+                        correct[(a, k, t, b)] += np.bincount(fb, weights=pred == yb, minlength=FOLDS).astype(np.int64)
+    return correct
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The chosen classifier, the grid (accuracy of every combination on all products), and the cross-validated
+    accuracy of choosing on the grid vs learning the weights."""
+
+    classifier: FusedClassifier
+    grid: list[dict]
+    cv_grid: float
+    cv_learnt: float
+    temperature: float
+
+    def best(self, **fixed) -> dict:
+        """The best grid row among those with the given values (e.g. ``alpha=0, beta=0``: kNN alone)."""
+        return max((g for g in self.grid if all(g[k] == v for k, v in fixed.items())), key=lambda g: g["accuracy"])
+
+
+def calibrate(c: Candidates, y: np.ndarray, fallback: int, seed: int = 0) -> Calibration:
+    """Temperature, grid and learnt fusion on validation candidates ``c`` with classes ``y [N]``; the rule with
+    the higher cross-validated accuracy wins and is refitted on all products."""
+    n = len(y)
+    fold = np.random.default_rng(seed).permutation(n) % FOLDS
+    temp = fit_temperature(c, y)
+    base = FusedClassifier(fallback=fallback, temperature=temp)
+    correct = _grid_correct(c, y, fold, base)
+    total = {key: v.sum() for key, v in correct.items()}
+    grid = [{"alpha": a, "k": k, "tau": t, "beta": b, "accuracy": total[(a, k, t, b)] / n}
+            for (a, k, t, b) in correct]
+    cv_grid = sum(correct[max(correct, key=lambda key: total[key] - correct[key][f])][f] for f in range(FOLDS)) / n
+    best = max(grid, key=lambda g: g["accuracy"])
+    grid_clf = replace(base, alpha=best["alpha"], k=best["k"], tau=best["tau"], beta=best["beta"])
+    hits = 0
+    for f in range(FOLDS):
+        tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
+        if len(te) == 0:
+            continue
+        cf = replace(grid_clf, temperature=fit_temperature(c.rows(tr), y[tr]))
+        learnt = replace(cf, weights=fit_weights(cf, c.rows(tr), y[tr], seed=seed))
+        hits += int((learnt.predict_candidates(c.rows(te))[0][:, 0] == y[te]).sum())
+    cv_learnt = hits / n
+    chosen = grid_clf
+    if cv_learnt > cv_grid:
+        chosen = replace(grid_clf, weights=fit_weights(grid_clf, c, y, seed=seed))
+    log.info("fusion: %s rule chosen (cross-validated accuracy: grid %.4f, learnt %.4f; head temperature %.3g)",
+             chosen.rule, cv_grid, cv_learnt, temp)
+    return Calibration(chosen, grid, float(cv_grid), float(cv_learnt), temp)
+
+
+__all__ = ["ALPHAS", "BETAS", "FEATURES", "KS", "TAUS", "Calibration", "calibrate", "fit_temperature",
+           "fit_weights"]
