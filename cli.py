@@ -57,6 +57,7 @@ def _setup_logging(verbose: bool = False) -> None:
     for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader's INFO lines read like failures
     for pattern in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
 
@@ -153,6 +154,12 @@ def train(train_file: Path = typer.Argument(..., help="training BSON file"),
               None, min=0.05, max=1.0, help="random crops keep at least this share of a picture [default: 0.8]"),
           colour_aug: Optional[float] = typer.Option(None, min=0.0, max=0.9, help="brightness/contrast/saturation "
                                                      "jitter, factors in [1-J, 1+J] [default: 0]"),
+          lp_epochs: Optional[int] = typer.Option(
+              None, min=0, help="LP-FT: first fit the new layers this many epochs on cached frozen features "
+              "(0: off) [default with --pretrained: the recipe's]"),
+          freeze_blocks: Optional[int] = typer.Option(None, min=0, help="keep the stem and the first N backbone "
+                                                      "stages frozen (faster steps) [default: 0]"),
+          pool: Optional[str] = typer.Option(None, help="pooling: avg or gem [default: avg]"),
           epochs: Optional[int] = typer.Option(None, min=1, help="epochs [default: 5]"),
           max_steps: Optional[int] = typer.Option(None, min=1, help="stop after this many steps (overrides epochs)"),
           checkpoint_every: Optional[int] = typer.Option(None, min=0, help="also save last.ckpt every N steps"),
@@ -171,7 +178,8 @@ def train(train_file: Path = typer.Argument(..., help="training BSON file"),
     given = {"backbone": backbone.value if backbone else None, "pretrained": pretrained, "image_size": image_size,
              "embed_dim": embed_dim, "metric_loss": metric_loss.value if metric_loss else None,
              "metric_weight": metric_weight, "hier_heads": hier_heads, "sampled_negatives": sampled_negatives,
-             "m_per_class": m_per_class, "crop_min": crop_min, "colour_jitter": colour_aug, "epochs": epochs,
+             "m_per_class": m_per_class, "lp_epochs": lp_epochs, "freeze_blocks": freeze_blocks, "pool": pool,
+             "crop_min": crop_min, "colour_jitter": colour_aug, "epochs": epochs,
              "max_steps": max_steps,
              "checkpoint_every_steps": checkpoint_every, "batch_size": batch_size, "lr": lr,
              "backbone_lr_mult": backbone_lr_mult, "val_fraction": val_fraction, "seed": seed, "precision": precision,
@@ -183,6 +191,9 @@ def train(train_file: Path = typer.Argument(..., help="training BSON file"),
     if not is_first_rank():  # another rank of a distributed run: rank 0 reports
         return
     acc = "no validation split" if res.best_val_accuracy is None else f"{res.best_val_accuracy:.4f}"
+    if res.frozen is not None and res.frozen.knn is not None:
+        acc += (f" (head; before training, the frozen backbone scored kNN {res.frozen.knn:.4f}, linear probe "
+                f"{res.frozen.linear_probe:.4f}: `evaluate` compares them with the fine-tuned kNN and fusion)")
     typer.echo(f"best validation product accuracy: {acc}\nmodel: {res.model_file}\n"
                f"next: python cli.py build-index {train_file} --model {out} --out {out}_index --split train")
 

@@ -42,6 +42,15 @@ def test_cli_happy_path(tmp_path):
     assert len(found) == 3 and found[0]["product_id"] == _first_id(tmp_path / "all") and found[0]["similarity"] > 0.999
     r = run("add-to-index", d / "train.bson", "--index", tmp_path / "all", "--workers", 0)
     assert r.exit_code == 0 and "added 0 products" in r.output
+    # a real process: only the project's messages, no loader chatter, no "initialized randomly" before the weights
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "cli.py"), "similar", "--index",
+                        str(tmp_path / "all"), "--product-id", str(_first_id(tmp_path / "all")), "-k", "2"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    for chatter in ("Could not load library", "No pretrained weights", "initialized randomly", "faiss.loader"):
+        assert chatter not in p.stderr + p.stdout
 
 
 def _first_id(index_dir):

@@ -79,6 +79,12 @@ def test_two_process_build_index_and_predict_match_one_process(small_data, train
         assert np.array_equal(a["rows"], b["rows"]) and np.allclose(a["emb"], b["emb"], atol=1e-6)
         assert np.array_equal(a["img_hash"], b["img_hash"])
     assert np.array_equal(one.duplicates.hashes, two.duplicates.hashes)
+    # decode counts merge across ranks (they were 0 under DDP): the same summary as one process, and every image
+    import bson
+    with open(small_data["train.bson"], "rb") as f:  # counted independently of the offset table
+        n_images = sum(len(d["imgs"]) for d in bson.decode_file_iter(f))
+    assert two.manifest.decode == one.manifest.decode
+    assert two.manifest.embedding["images"] == one.manifest.embedding["images"] == n_images
 
     for chunk in (8, 1000):  # 4 parts over 2 ranks; 1 part, so that rank 1 has nothing to do
         single = tmp_path / f"one_{chunk}.csv"

@@ -8,7 +8,7 @@ import bson
 import numpy as np
 import pytest
 
-import retrieval.infer.predict as predict_mod
+import retrieval.infer.parts as parts_mod
 from index import fuse, knn_vote
 from retrieval.data.bsonio import iter_products
 from retrieval.data.offsets import RecordReader, load_offsets
@@ -143,7 +143,7 @@ def test_predict_resumes_after_interruption(indexes, small_data, tmp_path, monke
     full = tmp_path / "full.csv"
     predict(small_data["test.bson"], indexes["all"], full, workers=0, chunk_products=8)
     calls = {"n": 0}
-    real = predict_mod.embed_products
+    real = parts_mod.embed_products
 
     def dying(*a, **k):
         calls["n"] += 1
@@ -151,12 +151,12 @@ def test_predict_resumes_after_interruption(indexes, small_data, tmp_path, monke
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(predict_mod, "embed_products", dying)
+    monkeypatch.setattr(parts_mod, "embed_products", dying)
     part = tmp_path / "part.csv"
     with pytest.raises(KeyboardInterrupt):
         predict(small_data["test.bson"], indexes["all"], part, workers=0, chunk_products=8)
     assert not part.exists() and len(list((tmp_path / "part.csv.parts").glob("part_*.npz"))) == 2
-    monkeypatch.setattr(predict_mod, "embed_products", real)
+    monkeypatch.setattr(parts_mod, "embed_products", real)
     predict(small_data["test.bson"], indexes["all"], part, workers=0, chunk_products=8)
     assert part.read_text() == full.read_text()
     assert score_submission(part, small_data["test_labels.csv"]) > 1 / 6

@@ -155,6 +155,7 @@ class ChunkStore:
         np.savez(tmp, **arrays)
         os.replace(tmp, self.path(i))
 
-    def read(self, i: int) -> dict[str, np.ndarray]:
+    def read(self, i: int, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        """Part ``i``'s arrays (only ``keys``, when given: the others are not read)."""
         with np.load(self.path(i)) as z:
-            return {k: z[k] for k in z.files}
+            return {k: z[k] for k in (keys if keys is not None else z.files)}

@@ -13,13 +13,13 @@ from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from ..data.images import DecodeStats
 from ..data.offsets import RecordReader, file_fingerprint, load_offsets
 from ..errors import UserError
 from ..model.runtime import Devices, is_first_rank
-from .embed import ChunkStore, embed_products
+from .embed import ChunkStore
+from .parts import LoaderSettings, PartWork, numbered, run_parts
 from .calibrate import KS, calibrate
 from .fused import Candidates, FusedClassifier, candidates_for
 from .folder import IndexBundle, open_index
@@ -54,43 +54,34 @@ def _eval_rows(bundle: IndexBundle, val_path: str | Path | None) -> tuple[Path, 
 
 
 def _part(bundle: IndexBundle, outs: list, y: np.ndarray) -> dict[str, np.ndarray]:
-    """Candidates, the head's argmax, per-image correctness and decode counts of one part's products."""
+    """Candidates, the head's argmax and per-image correctness of one part's products (``y``: their classes)."""
     c = candidates_for(bundle.index, bundle.duplicates, outs, max(KS))
     starts = np.cumsum([0] + [len(o.rows) for o in outs[:-1]])
     return {**{f.name: getattr(c, f.name) for f in fields(Candidates)},
             "head_pred": np.concatenate([o.probs for o in outs]).argmax(1),
-            "img_ok": np.concatenate([o.image_pred == y[o.image_owner + s] for o, s in zip(outs, starts)]),
-            "failed": np.concatenate([o.failed for o in outs]), "n_images": np.concatenate([o.n_images for o in outs])}
+            "img_ok": np.concatenate([o.image_pred == y[o.image_owner + s] for o, s in zip(outs, starts)])}
 
 
 def _candidates(bundle: IndexBundle, path: Path, table: np.ndarray, rows: np.ndarray, y: np.ndarray,
-                batch_size: int, workers: int, stats: DecodeStats, where: Devices | None, scratch: Path,
-                chunk: int) -> tuple[Candidates, np.ndarray, np.ndarray] | None:
-    """Embed ``rows`` part by part (over several devices/nodes with ``where``, the parts meeting in
-    ``scratch``); returns candidates, the head's argmax ``[N]`` and per-image correctness, or None on a rank
-    other than 0 of a distributed run."""
-    parts = [(i, rows[lo:lo + chunk]) for i, lo in enumerate(range(0, len(rows), chunk))]
-    reader, tta = RecordReader(path, table), bundle.manifest.tta_flip
-    ys = lambda p: y[p * chunk:(p + 1) * chunk]  # noqa: E731
-    if where is not None and where.distributed:
-        from .distributed import embed_parts
-        key = {"model": bundle.manifest.model_sha256, "count": len(bundle.index), "data": file_fingerprint(path),
-               "rows": hashlib.sha1(rows.tobytes()).hexdigest(), "tta_flip": tta}
-        store = ChunkStore(scratch, key, restart=is_first_rank())
-        todo = [(p, r) for p, r in parts if not store.done(p)]
-        if not embed_parts(bundle.net, reader, todo, lambda p, outs: store.write(p, **_part(bundle, outs, ys(p))),
-                           where, batch_size, workers, tta):
-            return None
-        got = [store.read(p) for p, _ in parts]
-        shutil.rmtree(scratch)
-    else:
-        got = [_part(bundle, list(embed_products(bundle.net, reader, r, batch_size, workers, tta)), ys(p))
-               for p, r in tqdm(parts, unit="parts", desc="evaluate")]
-    n_img = np.concatenate([g["n_images"] for g in got])
-    stats.decoded, stats.failed = int(n_img.sum()), int(sum(g["failed"].sum() for g in got))
-    stats.products_without_image = int((n_img == 0).sum())
+                loader: LoaderSettings, scratch: Path, chunk: int
+                ) -> tuple[Candidates, np.ndarray, np.ndarray, DecodeStats] | None:
+    """Embed ``rows`` part by part through the part driver (the parts meet in ``scratch``, removed after);
+    returns candidates, the head's argmax ``[N]``, per-image correctness and the decode counts, or None on a
+    rank other than 0 of a distributed run."""
+    parts = numbered(rows, chunk)
+    cls_of = {int(r): int(v) for r, v in zip(rows, y)}
+    key = {"model": bundle.manifest.model_sha256, "count": len(bundle.index), "data": file_fingerprint(path),
+           "rows": hashlib.sha1(rows.tobytes()).hexdigest(), "tta_flip": bundle.manifest.tta_flip}
+    store = ChunkStore(scratch, key, restart=is_first_rank())
+    work = PartWork(lambda outs: _part(bundle, outs, np.array([cls_of[int(r)] for o in outs for r in o.rows])),
+                    desc="evaluate")
+    stats = run_parts(bundle.net, bundle.manifest.tta_flip, RecordReader(path, table), parts, store, work, loader)
+    if stats is None:
+        return None
+    got = [store.read(p) for p, _ in parts]
+    shutil.rmtree(scratch)
     c = Candidates.concat([Candidates(**{f.name: g[f.name] for f in fields(Candidates)}) for g in got])
-    return c, np.concatenate([g["head_pred"] for g in got]), np.concatenate([g["img_ok"] for g in got])
+    return (c, np.concatenate([g["head_pred"] for g in got]), np.concatenate([g["img_ok"] for g in got]), stats)
 
 
 def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir: str | Path | None = None,
@@ -106,13 +97,12 @@ def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir:
     if max_products is not None and len(rows) > max_products:
         rows = np.sort(np.random.default_rng(seed).choice(rows, max_products, replace=False))
     y = cats.encode(table["category_id"][rows])
-    stats = DecodeStats()
     out = Path(out_dir) if out_dir else bundle.run.path / "eval"
-    found = _candidates(bundle, path, table, rows, y, batch_size, workers, stats, where, out / "parts",
+    found = _candidates(bundle, path, table, rows, y, LoaderSettings(batch_size, workers, where), out / "parts",
                         chunk_products)
     if found is None:
         return None
-    c, head_pred, img_ok = found
+    c, head_pred, img_ok, stats = found
     fallback = bundle.fallback_class
     head_pred = np.where(c.has_image, head_pred, fallback)
     cal = calibrate(c, y, fallback, seed)

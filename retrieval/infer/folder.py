@@ -20,8 +20,9 @@ from ..errors import UserError
 from ..model.export import LoadedModel, load_model_file
 from ..model.runtime import Devices, best_device, is_first_rank
 from ..rundir import RunDir
-from .embed import ChunkStore, ProductOutputs, embed_products
+from .embed import ChunkStore, ProductOutputs
 from .manifest import IndexManifest, Source
+from .parts import LoaderSettings, PartWork, numbered, run_parts
 
 log = logging.getLogger(__name__)
 ARRAYS = ("product_ids", "category_ids", "offsets", "lengths", "sources")
@@ -114,28 +115,15 @@ def _part_arrays(outs: Iterable[ProductOutputs]) -> dict[str, np.ndarray]:
     return {name: np.concatenate(a) for name, a in kept.items()}
 
 
-def _embed_to_store(net, reader, rows, store: ChunkStore, first_part: int, chunk: int, batch: int, workers: int,
-                    tta: bool, stats: DecodeStats, desc: str, where: Devices | None = None
-                    ) -> tuple[list[tuple[int, int]], float] | None:
-    """Embed ``rows`` into numbered parts (over several devices/nodes with ``where``); returns the parts and the
-    seconds spent embedding, or None on a rank other than 0 of a distributed run."""
-    parts = [(first_part + i, rows[lo:lo + chunk]) for i, lo in enumerate(range(0, len(rows), chunk))]
-    todo = [(p, r) for p, r in parts if not store.done(p)]
-    if len(todo) < len(parts):
-        log.info("%d of %d parts already embedded; resuming", len(parts) - len(todo), len(parts))
+def _embed_to_store(net, tta: bool, reader: RecordReader, parts: list[tuple[int, np.ndarray]], store: ChunkStore,
+                    loader: LoaderSettings, desc: str) -> tuple[DecodeStats, float] | None:
+    """Embed ``parts`` into the store (over several devices/nodes when ``loader`` says so); returns the decode
+    counts of all the parts and the seconds spent, or None on a rank other than 0 of a distributed run."""
+    if len(parts) > sum(not store.done(p) for p, _ in parts) > 0:
+        log.info("%d of %d parts already embedded; resuming", sum(store.done(p) for p, _ in parts), len(parts))
     t = time.perf_counter()
-    if where is not None and where.distributed:
-        from .distributed import embed_parts
-        if not embed_parts(net, reader, todo, lambda p, outs: store.write(p, **_part_arrays(outs)), where, batch,
-                           workers, tta, keep_probs=False):
-            return None
-    else:
-        bar = tqdm(total=len(rows), initial=len(rows) - sum(len(r) for _, r in todo), unit="products", desc=desc)
-        for p, r in todo:
-            store.write(p, **_part_arrays(embed_products(net, reader, r, batch, workers, tta, stats)))
-            bar.update(len(r))
-        bar.close()
-    return [(p, len(r)) for p, r in parts], time.perf_counter() - t
+    stats = run_parts(net, tta, reader, parts, store, PartWork(_part_arrays, keep_probs=False, desc=desc), loader)
+    return None if stats is None else (stats, time.perf_counter() - t)
 
 
 def _duplicates(store: ChunkStore, parts: list[tuple[int, int]], first_position: int) -> DuplicateTable:
@@ -201,12 +189,13 @@ def build_index(train_path: str | Path, run_dir: str | Path, out_dir: str | Path
     key = {"model_sha256": model.sha256, "data": fp, "split": split, "tta_flip": tta_flip, "chunk": chunk_products,
            "picture_hashes": True}
     store = ChunkStore(out / "embeddings", key, restart=restart and is_first_rank())
-    stats = DecodeStats()
-    done = _embed_to_store(net, RecordReader(train_path, table), rows, store, 0, chunk_products, batch_size, workers,
-                           tta_flip, stats, "embedding", where)
+    parts = numbered(rows, chunk_products)
+    done = _embed_to_store(net, tta_flip, RecordReader(train_path, table), parts, store,
+                           LoaderSettings(batch_size, workers, where), "embedding")
     if done is None:
         return None
-    parts, embed_s = done
+    stats, embed_s = done
+    parts = [(p, len(r)) for p, r in parts]
     factory = choose_factory(len(rows), net.cfg.embed_dim, memory_budget) if index_type == "auto" else index_type
     vi = VectorIndex.create(net.cfg.embed_dim, factory)
     recall = _fill_index(vi, store, parts, cats.encode(table["category_id"][rows]), target_recall)
@@ -251,8 +240,10 @@ def add_to_index(index_dir: str | Path, new_path: str | Path, batch_size: int = 
     man = bundle.manifest
     store = ChunkStore(bundle.folder / "embeddings", man.store_key)
     first_part = max(p for p, _ in man.parts) + 1
-    parts, _ = _embed_to_store(bundle.net, RecordReader(new_path, table), rows, store, first_part, 10 ** 9,
-                               batch_size, workers, man.tta_flip, DecodeStats(), "embedding new products")
+    new_parts = numbered(rows, len(rows), first_part)
+    _embed_to_store(bundle.net, man.tta_flip, RecordReader(new_path, table), new_parts, store,
+                    LoaderSettings(batch_size, workers), "embedding new products")
+    parts = [(p, len(r)) for p, r in new_parts]
     bundle.index.add(store.read(parts[0][0])["emb"], labels)
     new_dups = _duplicates(store, parts, man.count)
     bundle.duplicates = bundle.duplicates.merged(new_dups.hashes, new_dups.positions)

@@ -10,13 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from ..data.images import DecodeStats
 from ..data.offsets import RecordReader, file_fingerprint, load_offsets
 from ..errors import UserError
 from ..model.runtime import Devices, is_first_rank
-from .embed import ChunkStore, Timer, embed_products
+from .embed import ChunkStore, Timer
+from .parts import LoaderSettings, PartWork, numbered, run_parts
 from .fused import FusedClassifier, calibrated, candidates_for
 from .folder import IndexBundle, open_index
 
@@ -70,28 +69,20 @@ def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path, a
     store = ChunkStore(out_csv.with_name(out_csv.name + ".parts"), key, restart=restart and is_first_rank())
     default = clf.fallback
     ids_of = np.asarray(cats.ids, np.int64)
-    report, stats, timer = PredictReport(params=clf.params()), DecodeStats(), Timer()
-    n_parts = (len(table) + chunk_products - 1) // chunk_products
-    todo = [(p, np.arange(p * chunk_products, min(len(table), (p + 1) * chunk_products))) for p in range(n_parts)
-            if not store.done(p)]
-    if where is not None and where.distributed:
-        from .distributed import embed_parts
-        write = lambda p, outs: store.write(p, **_decide(bundle, clf, outs, top, timer))  # noqa: E731
-        if not embed_parts(net, reader, todo, write, where, batch_size, workers, tta_flip):
-            return None
-    else:
-        bar = tqdm(total=len(table), initial=len(table) - sum(len(r) for _, r in todo), unit="products", desc="predict")
-        for p, rows in todo:
-            store.write(p, **_predict_rows(bundle, clf, reader, rows, top, batch_size, workers, stats, timer))
-            bar.update(len(rows))
-        bar.close()
-    report.computed = sum(len(r) for _, r in todo)
+    report, timer = PredictReport(params=clf.params()), Timer()
+    parts = numbered(np.arange(len(table)), chunk_products)
+    report.computed = sum(len(r) for p, r in parts if not store.done(p))
+    work = PartWork(lambda outs: _decide(bundle, clf, outs, top, timer), group=SEARCH_BATCH, desc="predict")
+    stats = run_parts(net, tta_flip, reader, parts, store, work, LoaderSettings(batch_size, workers, where), timer)
+    if stats is None:
+        return None
+    n_parts = len(parts)
     n_written = _assemble(store, n_parts, table["product_id"], ids_of, out_csv, top, scores_out)
     if n_written != len(table):
         raise AssertionError(f"wrote {n_written} rows for {len(table)} products")
     shutil.rmtree(store.folder)
     report.products, report.images = len(table), int(table["n_images"].sum())
-    report.without_image = stats.products_without_image  # among the products computed by this call
+    report.without_image = stats.products_without_image
     report.stages, report.decode = timer.seconds, stats.summary()
     report.seconds = time.perf_counter() - t_start
     if report.without_image:
@@ -112,20 +103,6 @@ def _decide(bundle: IndexBundle, clf: FusedClassifier, outs: list, top: int, tim
         out.update(top=classes, scores=scores)
     timer.add("fusion", t)
     return out
-
-
-def _predict_rows(bundle: IndexBundle, clf: FusedClassifier, reader: RecordReader, rows: np.ndarray, top: int,
-                  batch_size: int, workers: int, stats: DecodeStats, timer: Timer) -> dict[str, np.ndarray]:
-    """Predictions for ``rows``; searches are buffered to >= SEARCH_BATCH products (FAISS's BLAS path)."""
-    results, pending = [], []
-    for o in embed_products(bundle.net, reader, rows, batch_size, workers, bundle.manifest.tta_flip, stats, timer):
-        pending.append(o)
-        if sum(len(x.rows) for x in pending) >= SEARCH_BATCH:
-            results.append(_decide(bundle, clf, pending, top, timer))
-            pending = []
-    if pending:
-        results.append(_decide(bundle, clf, pending, top, timer))
-    return {k: np.concatenate([r[k] for r in results]) for k in results[0]}
 
 
 def _assemble(store: ChunkStore, n_parts: int, product_ids: np.ndarray, ids_of: np.ndarray, out_csv: Path,

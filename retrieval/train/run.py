@@ -102,7 +102,7 @@ def train(train_path: str | Path, run_dir: str | Path, cfg: TrainConfig, categor
                              m.image_size, m.hier_heads)
     cats = dm.categories
     mcfg = ModelConfig(m.backbone, None if resume else m.pretrained, m.image_size, m.embed_dim, len(cats),
-                       cats.n_level1 if m.hier_heads else 0, cats.n_level2 if m.hier_heads else 0)
+                       cats.n_level1 if m.hier_heads else 0, cats.n_level2 if m.hier_heads else 0, pool=m.pool)
     net = EmbeddingNet(mcfg).to(memory_format=torch.channels_last)
     run_info = {"train_file": file_fingerprint(train_path), "train_path": str(train_path.resolve()),
                 "run_dir": str(run.path.resolve())}

@@ -1,0 +1,105 @@
+"""The one part driver: build-index, predict and evaluate embed numbered parts of products through it, in this
+process or over several devices and nodes (Lightning DDP), and every part stores its own decode counts, so the
+totals are the same whichever way (and however resumed) the parts were made."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from tqdm import tqdm
+
+from ..data.images import DecodeStats
+from ..data.offsets import RecordReader
+from ..model.runtime import Devices
+from .embed import ChunkStore, ProductOutputs, Timer, embed_products
+
+COUNTS = ("n_images", "failed")  # arrays [P] every part keeps besides what its command keeps
+Reduce = Callable[[list[ProductOutputs]], dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    """How products are fed to the network: images per batch, loader worker processes, and where to run
+    (``None`` or one device: this process, without Lightning)."""
+
+    batch_size: int = 256
+    workers: int = 2
+    where: Devices | None = None
+
+    def __post_init__(self) -> None:
+        from ..errors import UserError
+        if self.batch_size < 1 or self.workers < 0:
+            raise UserError(f"batch size must be at least 1 and workers at least 0, got {self.batch_size}, "
+                            f"{self.workers}")
+
+    @property
+    def distributed(self) -> bool:
+        return self.where is not None and self.where.distributed
+
+
+@dataclass(frozen=True)
+class PartWork:
+    """What a command keeps of a part's products: ``reduce(outputs) -> arrays``, called on groups of at least
+    ``group`` products (predict buffers its FAISS searches) whose arrays are concatenated per part."""
+
+    reduce: Reduce
+    group: int = 1 << 62
+    keep_probs: bool = True  # the head's probabilities [P, C] are needed by reduce
+    desc: str = "embedding"
+
+
+def _reduce_groups(work: PartWork, outs) -> dict[str, np.ndarray]:
+    results, pending, n = [], [], 0
+    counts: dict[str, list[np.ndarray]] = {k: [] for k in COUNTS}
+    for o in outs:
+        pending.append(o)
+        n += len(o.rows)
+        counts["n_images"].append(o.n_images)
+        counts["failed"].append(o.failed)
+        if n >= work.group:
+            results.append(work.reduce(pending))
+            pending, n = [], 0
+    if pending or not results:
+        results.append(work.reduce(pending))
+    arrays = {k: np.concatenate([r[k] for r in results]) for k in results[0]}
+    return {**arrays, **{k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in counts.items()}}
+
+
+def decode_counts(store: ChunkStore, parts: list[int]) -> DecodeStats:
+    """Decode counts summed over the stored ``parts``."""
+    stats = DecodeStats()
+    for p in parts:
+        z = store.read(p, COUNTS)
+        stats.decoded += int(z["n_images"].sum())
+        stats.failed += int(z["failed"].sum())
+        stats.products_without_image += int((z["n_images"] == 0).sum())
+    return stats
+
+
+def run_parts(net, tta_flip: bool, reader: RecordReader, parts: list[tuple[int, np.ndarray]], store: ChunkStore,
+              work: PartWork, loader: LoaderSettings, timer: Timer | None = None) -> DecodeStats | None:
+    """Embed every part ``(number, offset-table rows)`` not yet in ``store`` and write ``work``'s arrays plus
+    :data:`COUNTS` for it. Returns the decode counts of all ``parts`` (resumed ones too), or None on a rank
+    other than 0 of a distributed run (rank 0 returns once every rank has written its parts)."""
+    todo = [(p, r) for p, r in parts if not store.done(p)]
+    if loader.distributed:
+        from .distributed import embed_parts
+        if not embed_parts(net, reader, todo, lambda p, outs: store.write(p, **_reduce_groups(work, outs)),
+                           loader.where, loader.batch_size, loader.workers, tta_flip, keep_probs=work.keep_probs):
+            return None
+    else:
+        total = sum(len(r) for _, r in parts)
+        bar = tqdm(total=total, initial=total - sum(len(r) for _, r in todo), unit="products", desc=work.desc)
+        for p, rows in todo:
+            outs = embed_products(net, reader, rows, loader.batch_size, loader.workers, tta_flip, timer=timer)
+            store.write(p, **_reduce_groups(work, outs))
+            bar.update(len(rows))
+        bar.close()
+    return decode_counts(store, [p for p, _ in parts])
+
+
+def numbered(rows: np.ndarray, chunk: int, first: int = 0) -> list[tuple[int, np.ndarray]]:
+    """``rows`` cut into parts of ``chunk`` products, numbered from ``first``."""
+    return [(first + i, rows[lo:lo + chunk]) for i, lo in enumerate(range(0, len(rows), chunk))]
+
