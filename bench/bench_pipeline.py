@@ -18,6 +18,7 @@ from common import print_table
 from pipeline_common import decoded_images, forward_only, prepared, prepared_convnext
 
 from index import fuse, knn_vote
+from retrieval.infer.manifest import IndexFolder
 from retrieval.data.offsets import RecordReader, load_offsets
 from retrieval.data.datasets import to_model_input
 from retrieval.infer.embed import embed_images
@@ -68,7 +69,7 @@ def convnext_predict(work: Path) -> tuple[float, float, int]:
     The loop (read, decode, model, search, fusion, writing parts) excludes start-up: model build, hashing."""
     p = prepared_convnext(work)
     idx = work / "index_convnext"
-    if not (idx / "manifest.json").exists():
+    if not IndexFolder(idx).exists():
         build_index(p["data"] / "train.bson", p["run"], idx, "all")
     rep = predict(p["data"] / "test.bson", idx, work / "submission_convnext.csv")
     net = open_index(idx).net
@@ -92,7 +93,7 @@ def main() -> None:
           f"64 px; tiny tower, {a.epochs} epochs\n")
     train_bson, test_bson = p["data"] / "train.bson", p["data"] / "test.bson"
     for split in ("train", "all"):
-        if not (work / f"index_{split}" / "manifest.json").exists():
+        if not IndexFolder(work / f"index_{split}").exists():
             build_index(train_bson, p["run"], work / f"index_{split}", split)
     m = evaluate(work / "index_train", out_dir=work / "eval")
     best_single = max(m["head_accuracy"], m["knn_accuracy"])

@@ -21,6 +21,7 @@ import httpx
 import numpy as np
 from pipeline_common import prepared
 
+from retrieval.infer.manifest import IndexFolder
 from retrieval.infer.folder import build_index, open_index
 from retrieval.infer.query import embed_pictures, neighbours, product_pictures
 
@@ -57,7 +58,7 @@ def main() -> None:
     a = ap.parse_args()
     p = prepared(Path(a.workdir))
     idx = Path(a.workdir) / "index_serve"
-    if not (idx / "manifest.json").exists():
+    if not IndexFolder(idx).exists():
         build_index(p["data"] / "train.bson", p["run"], idx, "all", workers=2)
     bundle = open_index(idx)
     ids = bundle.product_ids[np.random.default_rng(0).permutation(len(bundle.product_ids))[:a.requests]]

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-FILE = "duplicates.npz"
 
 
 class DuplicateTable:
@@ -57,13 +56,14 @@ class DuplicateTable:
             out[prod[ok], slot[ok]] = lab[ok]
         return out
 
-    def save(self, folder: str | Path) -> None:
-        np.savez(Path(folder) / FILE, hashes=self.hashes, positions=self.positions)
+    def save(self, path: str | Path) -> None:
+        """Write the table to the ``.npz`` file ``path`` (its owner names it)."""
+        np.savez(Path(path), hashes=self.hashes, positions=self.positions)
 
     @classmethod
-    def load(cls, folder: str | Path) -> "DuplicateTable":
-        """The folder's table, or an empty one where the index was built without picture hashes."""
-        path = Path(folder) / FILE
+    def load(cls, path: str | Path) -> "DuplicateTable":
+        """The table in the ``.npz`` file ``path``, or an empty one where there is none."""
+        path = Path(path)
         if not path.exists():
             return cls(np.zeros(0, np.int64), np.zeros(0, np.int64))
         with np.load(path) as z:

@@ -54,8 +54,8 @@ def test_cli_happy_path(tmp_path):
 
 
 def _first_id(index_dir):
-    import numpy as np
-    return int(np.load(index_dir / "product_ids.npy")[0])
+    from retrieval.infer.folder import open_index
+    return int(open_index(index_dir).product_ids[0])
 
 
 def test_cli_bad_inputs_give_clear_errors(tmp_path, small_data):
@@ -68,7 +68,7 @@ def test_cli_bad_inputs_give_clear_errors(tmp_path, small_data):
     r = run("train", small_data["train.bson"], "--out", tmp_path / "r", "--backbone", "nope", "--workers", 0)
     assert r.exit_code == 2 and "'nope' is not one of" in r.output and "RN50" in r.output
     r = run("similar", "--index", tmp_path / "noindex", "--product-id", 1)
-    assert r.exit_code == 2 and "manifest.json" in r.output
+    assert r.exit_code == 2 and "noindex: no index here" in r.output
     r = run("predict", tmp_path / "missing.bson", "--index", tmp_path / "noindex")
     assert r.exit_code == 2
 

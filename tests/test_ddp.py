@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from retrieval.model.export import load_model_file
+from retrieval.infer.embed import ChunkStore
 from retrieval.infer.folder import open_index
+from retrieval.infer.manifest import IndexFolder
 from retrieval.infer.predict import predict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,8 +76,8 @@ def test_two_process_build_index_and_predict_match_one_process(small_data, train
     assert one.manifest.parts == two.manifest.parts and len(one.manifest.parts) >= 3
     assert np.array_equal(one.product_ids, two.product_ids) and np.array_equal(one.index.labels, two.index.labels)
     for p, _ in one.manifest.parts:
-        a = np.load(indexes["all"] / "embeddings" / f"part_{p:05d}.npz")
-        b = np.load(idx2 / "embeddings" / f"part_{p:05d}.npz")
+        a = np.load(ChunkStore.part_file(IndexFolder(indexes["all"]).embeddings, p))
+        b = np.load(ChunkStore.part_file(IndexFolder(idx2).embeddings, p))
         assert np.array_equal(a["rows"], b["rows"]) and np.allclose(a["emb"], b["emb"], atol=1e-6)
         assert np.array_equal(a["img_hash"], b["img_hash"])
     assert np.array_equal(one.duplicates.hashes, two.duplicates.hashes)

@@ -12,6 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 import cli
+from retrieval.infer.folder import open_index
 from index import knn_vote
 from retrieval.data.bsonio import iter_products
 from retrieval.data.categories import CategoryTable
@@ -125,7 +126,7 @@ def test_every_option_has_help():
 
 
 def test_similar_text_has_a_header_and_unknown_categories_read_unknown(indexes):
-    r = run("similar", "--index", indexes["all"], "--product-id", int(np.load(indexes["all"] / "product_ids.npy")[0]),
+    r = run("similar", "--index", indexes["all"], "--product-id", int(open_index(indexes["all"]).product_ids[0]),
             "-k", 2)
     assert r.exit_code == 0 and r.output.splitlines()[0].split()[:3] == ["rank", "product", "_id"]
     assert Neighbour(1, 0.5, 42, "", "", "").path == "unknown"

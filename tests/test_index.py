@@ -133,7 +133,7 @@ def test_duplicate_table_finds_exact_pictures_and_labels_products(tmp_path):
     assert [sorted(r[r >= 0].tolist()) for r in got] == [[10, 12], [], [11]]
     classes = np.array([[10, 12, -1], [7, -1, -1], [3, 11, -1]])
     np.testing.assert_allclose(duplicate_share(classes, got), [[0.5, 0.5, 0], [0, 0, 0], [0, 1, 0]])
-    table.merged(np.array([4]), np.array([7])).save(tmp_path)
-    back = DuplicateTable.load(tmp_path)
+    table.merged(np.array([4]), np.array([7])).save(tmp_path / "dups.npz")
+    back = DuplicateTable.load(tmp_path / "dups.npz")
     assert back.matches(np.array([4]))[1].tolist() == [7] and len(back) == 5
-    assert len(DuplicateTable.load(tmp_path / "elsewhere")) == 0
+    assert len(DuplicateTable.load(tmp_path / "elsewhere.npz")) == 0

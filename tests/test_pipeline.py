@@ -12,7 +12,8 @@ import retrieval.infer.parts as parts_mod
 from index import fuse, knn_vote
 from retrieval.data.bsonio import iter_products
 from retrieval.data.offsets import RecordReader, load_offsets
-from retrieval.infer.embed import embed_products
+from retrieval.infer.embed import ChunkStore, embed_products
+from retrieval.infer.manifest import IndexFolder
 from retrieval.infer.evaluate import evaluate
 from retrieval.infer.folder import add_to_index, build_index, open_index
 from retrieval.errors import UserError
@@ -35,14 +36,17 @@ def test_train_index_holds_only_training_products(indexes, trained_run, small_da
 def test_interrupted_build_resumes_to_the_same_index(small_data, trained_run, indexes, tmp_path):
     out = tmp_path / "idx"
     build_index(small_data["train.bson"], trained_run, out, "all", workers=0, chunk_products=40)
-    first = (out / "embeddings" / "part_00000.npz").stat().st_mtime_ns
-    # an interruption after two parts: later parts and the index itself are missing
-    for p in ["part_00002.npz", "part_00003.npz"]:
-        (out / "embeddings" / p).unlink()
-    for f in ["faiss", "manifest.json", "product_ids.npy"]:
-        shutil.rmtree(out / f) if (out / f).is_dir() else (out / f).unlink()
+    layout = IndexFolder(out)
+    first = ChunkStore.part_file(layout.embeddings, 0).stat().st_mtime_ns
+    # an interruption after two parts: later parts are missing and no generation was ever committed
+    for p in (2, 3):
+        ChunkStore.part_file(layout.embeddings, p).unlink()
+    (out / "CURRENT").unlink()
+    shutil.rmtree(out / "generations")
+    with pytest.raises(FileNotFoundError, match="no index here"):
+        open_index(out)
     build_index(small_data["train.bson"], trained_run, out, "all", workers=0, chunk_products=40)
-    assert (out / "embeddings" / "part_00000.npz").stat().st_mtime_ns == first  # not recomputed
+    assert ChunkStore.part_file(layout.embeddings, 0).stat().st_mtime_ns == first  # not recomputed
     a, b = open_index(indexes["all"]), open_index(out)
     assert np.array_equal(a.product_ids, b.product_ids)
     q = np.stack([a.vector(i) for i in range(0, 150, 7)])
@@ -57,10 +61,11 @@ def test_mismatches_are_refused(small_data, trained_run, indexes, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(indexes["train"], copy)
     ck = tmp_path / "model.pt"
-    shutil.copy(open_index(copy).manifest.model_file, ck)
-    man = json.loads((copy / "manifest.json").read_text())
+    shutil.copy(open_index(indexes["train"]).run.model_file, ck)
+    manifest_file = IndexFolder.manifest_file(IndexFolder(copy).generation())
+    man = json.loads(manifest_file.read_text())
     man["model_file"] = str(ck)
-    (copy / "manifest.json").write_text(json.dumps(man))
+    manifest_file.write_text(json.dumps(man))
     open_index(copy)
     with open(ck, "ab") as f:
         f.write(b"changed")
@@ -93,7 +98,7 @@ def test_similar_by_id_by_images_and_by_category(indexes, small_data, tmp_path):
 def test_add_to_index_makes_new_products_findable(indexes, small_data, tmp_path):
     idx = tmp_path / "grow"
     shutil.copytree(indexes["train"], idx)
-    split_val = np.load(open_index(idx).manifest.run_dir + "/split.npz")["val_rows"]
+    split_val = np.load(open_index(idx).run.split_file)["val_rows"]
     reader = RecordReader(small_data["train.bson"])
     docs = []
     for r in split_val[:5].tolist() + [int(np.flatnonzero(~np.isin(np.arange(150), split_val))[0])]:
@@ -201,7 +206,7 @@ def test_exact_duplicate_vote_is_a_third_fused_signal(indexes, small_data, tmp_p
     from retrieval.infer.fused import Candidates, FusedClassifier
     b = open_index(indexes["train"])
     reader = RecordReader(small_data["train.bson"])
-    rows = np.load(b.manifest.run_dir + "/split.npz")["train_rows"]
+    rows = np.load(b.run.split_file)["train_rows"]
     n_pics = sum(len(reader.read(int(r)).images) for r in rows)
     assert len(b.duplicates) == n_pics  # every indexed picture, keyed to its product's position
     for pos in (0, len(rows) // 2, len(rows) - 1):

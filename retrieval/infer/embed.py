@@ -144,18 +144,28 @@ class ChunkStore:
         if not meta.exists():
             meta.write_text(json.dumps(key))
 
-    def path(self, i: int) -> Path:
-        return self.folder / f"part_{i:05d}.npz"
+    @staticmethod
+    def part_file(folder: Path, i: int | str) -> Path:
+        """A numbered part (``part_00007.npz``) or one keyed by what it holds (``part_<key>.npz``)."""
+        return Path(folder) / (f"part_{i:05d}.npz" if isinstance(i, int) else f"part_{i}.npz")
 
-    def done(self, i: int) -> bool:
+    def path(self, i: int | str) -> Path:
+        return self.part_file(self.folder, i)
+
+    def done(self, i: int | str) -> bool:
         return self.path(i).exists()
 
-    def write(self, i: int, **arrays: np.ndarray) -> None:
-        tmp = self.folder / f".part_{i:05d}.tmp.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, self.path(i))
+    def write(self, i: int | str, **arrays: np.ndarray) -> None:
+        """Written aside, fsynced, then renamed: a part file is whole or absent."""
+        final = self.path(i)
+        tmp = final.with_name("." + final.name[:-4] + ".tmp.npz")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
 
-    def read(self, i: int, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    def read(self, i: int | str, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
         """Part ``i``'s arrays (only ``keys``, when given: the others are not read)."""
         with np.load(self.path(i)) as z:
             return {k: z[k] for k in (keys if keys is not None else z.files)}

@@ -22,7 +22,7 @@ from .embed import ChunkStore
 from .parts import LoaderSettings, PartWork, numbered, run_parts
 from .calibrate import KS, calibrate
 from .fused import Candidates, FusedClassifier, candidates_for
-from .folder import IndexBundle, open_index
+from .folder import IndexBundle, check_source, open_index
 from .plots import evaluation_plots
 
 log = logging.getLogger(__name__)
@@ -35,9 +35,7 @@ def _eval_rows(bundle: IndexBundle, val_path: str | Path | None) -> tuple[Path, 
         if bundle.manifest.split != "train":
             raise UserError(f"{bundle.folder} was built with --split {bundle.manifest.split}: it contains the "
                             "validation products. Build an evaluation index with --split train")
-        path = Path(bundle.run.read_config()["train_path"])
-        if file_fingerprint(path) != bundle.manifest.sources[0].fingerprint:
-            raise UserError(f"{path} changed since the index was built; rebuild the index")
+        path = check_source(bundle, 0)  # the indexed training file (resolved from the folder, unchanged)
         table, rows = load_offsets(path), bundle.run.split().val_rows
     else:
         path = Path(val_path)

@@ -1,8 +1,11 @@
 """Index folders: build-index and add-to-index write them; :func:`open_index` reads one (model loaded once)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Iterable
 from functools import cached_property
@@ -21,7 +24,7 @@ from ..model.export import LoadedModel, load_model_file
 from ..model.runtime import Devices, best_device, is_first_rank
 from ..rundir import RunDir
 from .embed import ChunkStore, ProductOutputs
-from .manifest import IndexManifest, Source
+from .manifest import IndexFolder, IndexManifest, Source
 from .parts import LoaderSettings, PartWork, numbered, run_parts
 
 log = logging.getLogger(__name__)
@@ -30,7 +33,8 @@ ARRAYS = ("product_ids", "category_ids", "offsets", "lengths", "sources")
 
 @dataclass
 class IndexBundle:
-    """An opened index folder: manifest, FAISS index, per-product arrays (position order), and the model."""
+    """An opened index folder at one generation: manifest, FAISS index, per-product arrays (position order),
+    the model, and the exact-duplicate table. A reader keeps the generation it opened."""
 
     folder: Path
     manifest: IndexManifest
@@ -38,6 +42,10 @@ class IndexBundle:
     arrays: dict[str, np.ndarray]
     loaded: LoadedModel
     duplicates: DuplicateTable  # picture hashes of indexed products (exact-duplicate vote)
+
+    @property
+    def layout(self) -> IndexFolder:
+        return IndexFolder(self.folder)
 
     @property
     def product_ids(self) -> np.ndarray:
@@ -53,7 +61,7 @@ class IndexBundle:
 
     @property
     def run(self) -> RunDir:
-        return RunDir(Path(self.manifest.run_dir))
+        return RunDir(self.layout.resolve(self.manifest.run_dir))
 
     @cached_property
     def fallback_class(self) -> int:
@@ -61,45 +69,65 @@ class IndexBundle:
         lab = self.index.labels[self.index.labels >= 0]
         return int(np.bincount(lab).argmax()) if len(lab) else 0
 
+    @cached_property
+    def _part_starts(self) -> np.ndarray:
+        return np.cumsum([c for _, c in self.manifest.parts])
+
     def vector(self, position: int) -> np.ndarray:
         """The stored embedding ``[D]`` of the product at ``position``."""
-        counts = np.cumsum([c for _, c in self.manifest.parts])
+        counts = self._part_starts
         k = int(np.searchsorted(counts, position, side="right"))
         part = self.manifest.parts[k][0]
         start = 0 if k == 0 else int(counts[k - 1])
-        with np.load(self.folder / "embeddings" / f"part_{part:05d}.npz") as z:
-            return z["emb"][position - start]
+        with np.load(ChunkStore.part_file(self.layout.embeddings, part), mmap_mode="r") as z:
+            return np.asarray(z["emb"][position - start])
 
-    def save(self) -> None:
-        self.index.save(self.folder / "faiss")
-        for k in ARRAYS:
-            np.save(self.folder / f"{k}.npy", self.arrays[k])
-        self.duplicates.save(self.folder)
+    def commit(self) -> None:
+        """Write this state as the folder's new generation (atomically; the caller holds the writer lock)."""
         self.manifest = replace(self.manifest, count=len(self.index))
-        self.manifest.save(self.folder)
+
+        def write(gen: Path) -> None:
+            self.index.save(IndexFolder.vectors(gen))
+            for k in ARRAYS:
+                np.save(IndexFolder.array_file(gen, k), self.arrays[k])
+            self.duplicates.save(IndexFolder.duplicates_file(gen))
+            self.manifest.save(IndexFolder.manifest_file(gen))
+
+        self.layout.commit(write)
 
 
 def open_index(folder: str | Path, mmap: bool = False) -> IndexBundle:
-    """Open an index folder and its model file (read and hashed once), refusing one whose model changed."""
-    f = Path(folder)
-    man = IndexManifest.load(f)
-    loaded = load_model_file(man.model_file, best_device())
+    """Open an index folder's live generation and its model file (read and hashed once), refusing one whose
+    model changed or whose files disagree."""
+    layout = IndexFolder(folder)
+    gen = layout.generation()
+    man = IndexManifest.load(IndexFolder.manifest_file(gen))
+    model_file = layout.resolve(man.model_file)
+    if not model_file.exists():
+        raise FileNotFoundError(f"{layout.path}: its model file {model_file} is missing (moved without its run "
+                                "folder? keep the run beside the index, or rebuild)")
+    loaded = load_model_file(model_file, best_device())
     if loaded.sha256 != man.model_sha256:
-        raise UserError(f"{f}: model file {man.model_file} changed since the index was built (sha256 differs); "
+        raise UserError(f"{layout.path}: model file {model_file} changed since the index was built (sha256 differs); "
                         "rebuild the index")
-    vi = VectorIndex.load(f / "faiss", mmap=mmap)
-    arrays = {k: np.load(f / f"{k}.npy") for k in ARRAYS}
+    vi = VectorIndex.load(IndexFolder.vectors(gen), mmap=mmap)
+    arrays = {k: np.load(IndexFolder.array_file(gen, k)) for k in ARRAYS}
     if len(arrays["product_ids"]) != len(vi) or man.count != len(vi):
-        raise UserError(f"{f}: manifest count {man.count} and stored arrays disagree with the index ({len(vi)})")
-    return IndexBundle(f, man, vi, arrays, loaded, DuplicateTable.load(f))
+        raise UserError(f"{layout.path}: manifest count {man.count} and stored arrays disagree with the index "
+                        f"({len(vi)})")
+    return IndexBundle(layout.path, man, vi, arrays, loaded, DuplicateTable.load(IndexFolder.duplicates_file(gen)))
 
 
-def check_source(bundle: IndexBundle, source: int) -> str:
-    """Path of data file ``source``, refusing it if it changed since indexing."""
+def check_source(bundle: IndexBundle, source: int) -> Path:
+    """Path of data file ``source``, refusing it if it is missing or changed since indexing."""
     src = bundle.manifest.sources[source]
-    if file_fingerprint(src.path) != src.fingerprint:
-        raise UserError(f"{src.path} changed since it was indexed (size/mtime differ); rebuild the index")
-    return src.path
+    path = bundle.layout.resolve(src.path)
+    if not path.exists():
+        raise UserError(f"{bundle.folder}: indexed data file {src.path} is missing (looked for {path}); move data "
+                        "files together with the index folder")
+    if file_fingerprint(path) != src.fingerprint:
+        raise UserError(f"{path} changed since it was indexed (size/mtime differ); rebuild the index")
+    return path
 
 
 def _part_arrays(outs: Iterable[ProductOutputs]) -> dict[str, np.ndarray]:
@@ -172,7 +200,16 @@ def build_index(train_path: str | Path, run_dir: str | Path, out_dir: str | Path
         raise UserError(f"split must be 'train' or 'all', got {split!r}")
     if batch_size < 1 or chunk_products < 1:
         raise UserError("batch size and chunk size must be at least 1")
-    train_path, out, run = Path(train_path), Path(out_dir), RunDir(Path(run_dir))
+    train_path, out, run = Path(train_path), IndexFolder(out_dir), RunDir(Path(run_dir))
+    # rank 0 (or the one process) is the folder's writer; other ranks only write their embedded parts
+    with out.writer() if is_first_rank() else nullcontext():
+        return _build(train_path, run, out, split, index_type, tta_flip, chunk_products, memory_budget,
+                      target_recall, restart, LoaderSettings(batch_size, workers, where))
+
+
+def _build(train_path: Path, run: RunDir, out: IndexFolder, split: str, index_type: str, tta_flip: bool,
+           chunk_products: int, memory_budget: float, target_recall: float, restart: bool,
+           loader: LoaderSettings) -> IndexManifest | None:
     model = load_model_file(run.model(), best_device())
     net, cats = model.net, model.categories
     table = load_offsets(train_path)
@@ -188,10 +225,9 @@ def build_index(train_path: str | Path, run_dir: str | Path, out_dir: str | Path
         raise UserError(f"{train_path}: no labelled products to index")
     key = {"model_sha256": model.sha256, "data": fp, "split": split, "tta_flip": tta_flip, "chunk": chunk_products,
            "picture_hashes": True}
-    store = ChunkStore(out / "embeddings", key, restart=restart and is_first_rank())
+    store = ChunkStore(out.embeddings, key, restart=restart and is_first_rank())
     parts = numbered(rows, chunk_products)
-    done = _embed_to_store(net, tta_flip, RecordReader(train_path, table), parts, store,
-                           LoaderSettings(batch_size, workers, where), "embedding")
+    done = _embed_to_store(net, tta_flip, RecordReader(train_path, table), parts, store, loader, "embedding")
     if done is None:
         return None
     stats, embed_s = done
@@ -200,25 +236,30 @@ def build_index(train_path: str | Path, run_dir: str | Path, out_dir: str | Path
     vi = VectorIndex.create(net.cfg.embed_dim, factory)
     recall = _fill_index(vi, store, parts, cats.encode(table["category_id"][rows]), target_recall)
     manifest = IndexManifest(
-        model_file=str(model.path.resolve()), model_sha256=model.sha256, run_dir=str(run.path.resolve()),
+        model_file=out.relative(model.path), model_sha256=model.sha256, run_dir=out.relative(run.path),
         backbone=net.cfg.backbone, image_size=net.cfg.image_size, dim=net.cfg.embed_dim, factory=factory,
         count=len(rows), split=split, tta_flip=tta_flip, store_key=key, parts=tuple(parts),
-        sources=(Source(str(train_path.resolve()), fp),), tuned_recall_at_10=recall, decode=stats.summary(),
+        sources=(Source(out.relative(train_path), fp),), tuned_recall_at_10=recall, decode=stats.summary(),
         embedding={"seconds": round(embed_s, 3), "images": stats.decoded})
     arrays = {"product_ids": table["product_id"][rows], "category_ids": table["category_id"][rows],
               "offsets": table["offset"][rows], "lengths": table["length"][rows].astype(np.int64),
-              "sources": np.zeros(len(rows), np.int16)}
-    bundle = IndexBundle(out, manifest, vi, arrays, model, _duplicates(store, parts, 0))
-    bundle.save()
+              "sources": np.zeros(len(rows), np.int32)}
+    bundle = IndexBundle(out.path, manifest, vi, arrays, model, _duplicates(store, parts, 0))
+    bundle.commit()
     log.info("index of %d products (%s) written to %s; %s", len(rows), factory, out, stats.summary())
     return bundle.manifest
 
 
 def add_to_index(index_dir: str | Path, new_path: str | Path, batch_size: int = 256, workers: int = 2
                  ) -> tuple[int, list[int]]:
-    """Embed the products of ``new_path`` and append them; returns (added, ids already indexed)."""
-    bundle = open_index(index_dir)
-    cats, new_path = bundle.categories, Path(new_path)
+    """Embed the products of ``new_path`` and append them as a new generation; returns (added, ids already
+    indexed). Holds the folder's writer lock: a second writer is refused."""
+    with IndexFolder(index_dir).writer():
+        return _add(open_index(index_dir), Path(new_path), LoaderSettings(batch_size, workers))
+
+
+def _add(bundle: IndexBundle, new_path: Path, loader: LoaderSettings) -> tuple[int, list[int]]:
+    cats, layout = bundle.categories, bundle.layout
     table = load_offsets(new_path)
     known = np.isin(table["product_id"], bundle.product_ids)
     _, first = np.unique(table["product_id"], return_index=True)
@@ -238,19 +279,22 @@ def add_to_index(index_dir: str | Path, new_path: str | Path, batch_size: int = 
     if (~ok).any():
         log.warning("%d new products have no known category: findable by `similar`, but they do not vote", (~ok).sum())
     man = bundle.manifest
-    store = ChunkStore(bundle.folder / "embeddings", man.store_key)
-    first_part = max(p for p, _ in man.parts) + 1
-    new_parts = numbered(rows, len(rows), first_part)
-    _embed_to_store(bundle.net, man.tta_flip, RecordReader(new_path, table), new_parts, store,
-                    LoaderSettings(batch_size, workers), "embedding new products")
+    store = ChunkStore(layout.embeddings, man.store_key)
+    fp = file_fingerprint(new_path)
+    # a part is keyed by what it holds (the file's fingerprint and the rows), never by a counter: a part left by
+    # an add that died before its commit is reused only for the very same products
+    content = hashlib.sha1(json.dumps(fp, sort_keys=True).encode() + rows.astype(np.int64).tobytes()).hexdigest()
+    new_parts = [(f"add-{content[:20]}", rows)]
+    _embed_to_store(bundle.net, man.tta_flip, RecordReader(new_path, table), new_parts, store, loader,
+                    "embedding new products")
     parts = [(p, len(r)) for p, r in new_parts]
     bundle.index.add(store.read(parts[0][0])["emb"], labels)
     new_dups = _duplicates(store, parts, man.count)
     bundle.duplicates = bundle.duplicates.merged(new_dups.hashes, new_dups.positions)
     src = len(man.sources)
-    bundle.manifest = man.with_added(parts, Source(str(new_path.resolve()), file_fingerprint(new_path)))
+    bundle.manifest = man.with_added(parts, Source(layout.relative(new_path), fp))
     new = {"product_ids": table["product_id"][rows], "category_ids": cat_ids, "offsets": table["offset"][rows],
-           "lengths": table["length"][rows].astype(np.int64), "sources": np.full(len(rows), src, np.int16)}
+           "lengths": table["length"][rows].astype(np.int64), "sources": np.full(len(rows), src, np.int32)}
     bundle.arrays = {k: np.concatenate([bundle.arrays[k], new[k]]) for k in ARRAYS}
-    bundle.save()
+    bundle.commit()
     return len(rows), dups

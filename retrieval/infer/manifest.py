@@ -1,13 +1,20 @@
 """The index folder's manifest: a frozen, versioned record of what the index was built from."""
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 from ..errors import UserError
 
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3  # 3: generations, paths relative to the folder, parts keyed by content
 
 
 @dataclass(frozen=True)
@@ -33,7 +40,7 @@ class IndexManifest:
     split: str
     tta_flip: bool
     store_key: dict
-    parts: tuple[tuple[int, int], ...]
+    parts: tuple[tuple[int | str, int], ...]  # (part number, or content key for added parts; products)
     sources: tuple[Source, ...]
     tuned_recall_at_10: float = 1.0
     decode: str = ""
@@ -46,17 +53,20 @@ class IndexManifest:
         return replace(self, parts=self.parts + tuple(tuple(p) for p in parts), sources=self.sources + (source,),
                        count=self.count + sum(n for _, n in parts))
 
-    def save(self, folder: Path) -> None:
-        (Path(folder) / "manifest.json").write_text(json.dumps(asdict(self), indent=1))
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=1))
 
     @classmethod
-    def load(cls, folder: Path) -> "IndexManifest":
-        path = Path(folder) / "manifest.json"
+    def load(cls, path: Path) -> "IndexManifest":
+        path = Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"{folder}: no manifest.json (not an index folder; run build-index)")
-        d = json.loads(path.read_text())
+            raise FileNotFoundError(f"{path}: no manifest (not an index folder; run build-index)")
+        try:
+            d = json.loads(path.read_text())
+        except ValueError:
+            raise UserError(f"{path}: unreadable index manifest; rebuild the index") from None
         if d.get("version") != MANIFEST_VERSION:
-            raise UserError(f"{folder}: index manifest version {d.get('version')}; this code reads version "
+            raise UserError(f"{path}: index manifest version {d.get('version')}; this code reads version "
                             f"{MANIFEST_VERSION}: rebuild the index with build-index")
         d["parts"] = tuple(tuple(p) for p in d["parts"])
         d["sources"] = tuple(Source(**s) for s in d["sources"])
@@ -64,3 +74,129 @@ class IndexManifest:
             return cls(**d)
         except TypeError as e:
             raise UserError(f"{path}: not a valid index manifest ({e})") from None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class WriterBusy(UserError):
+    """Another process (or thread) is writing the same index folder."""
+
+
+class IndexFolder:
+    """``IDX/``, and every file name in it (nothing else spells one):
+
+    - ``CURRENT``: the name of the live generation, replaced by one atomic rename when a change commits;
+    - ``generations/<name>/``: ``manifest.json``, ``faiss/`` (the vector index), ``duplicates.npz`` and the
+      per-product arrays ``<name>.npy``. A generation is never changed once committed: a change writes a new
+      one aside, fsyncs it and swaps ``CURRENT``, so a crash at any instant leaves the old or the new one;
+    - ``embeddings/``: embedded parts (immutable once written, shared by generations);
+    - ``uploads/``: BSON files added over HTTP (sources of later generations);
+    - ``.writer.lock``: held by the one writer.
+
+    Paths inside a manifest (model file, run folder, sources) are stored relative to the folder, so a folder
+    moved together with its data still opens."""
+
+    KEEP = 2  # committed generations kept (readers may still be loading the previous one)
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    embeddings = property(lambda self: self.path / "embeddings")
+    uploads = property(lambda self: self.path / "uploads")
+    _current = property(lambda self: self.path / "CURRENT")
+    _generations = property(lambda self: self.path / "generations")
+
+    def exists(self) -> bool:
+        return self._current.exists()
+
+    def generation(self) -> Path:
+        """The live generation's folder; a clear error for a folder that holds none."""
+        if not self._current.exists():
+            raise FileNotFoundError(f"{self.path}: no index here (no CURRENT generation: not an index folder, or "
+                                    "its build never finished; run build-index)")
+        gen = self._generations / self._current.read_text().strip()
+        if not gen.is_dir():
+            raise UserError(f"{self.path}: generation {gen.name} named by CURRENT is missing; rebuild the index")
+        return gen
+
+    @staticmethod
+    def manifest_file(gen: Path) -> Path:
+        return gen / "manifest.json"
+
+    @staticmethod
+    def vectors(gen: Path) -> Path:
+        return gen / "faiss"
+
+    @staticmethod
+    def duplicates_file(gen: Path) -> Path:
+        return gen / "duplicates.npz"
+
+    @staticmethod
+    def array_file(gen: Path, name: str) -> Path:
+        return gen / f"{name}.npy"
+
+    def relative(self, target: str | Path) -> str:
+        """``target`` as stored in a manifest: relative to the folder (absolute where no relative path exists)."""
+        try:
+            return os.path.relpath(Path(target).resolve(), self.path.resolve())
+        except ValueError:  # another drive
+            return str(Path(target).resolve())
+
+    def resolve(self, stored: str) -> Path:
+        """A path from a manifest, back to a usable path (relative ones are taken from the folder)."""
+        p = Path(stored)
+        return p if p.is_absolute() else (self.path / p).resolve()
+
+    def commit(self, write: Callable[[Path], None]) -> Path:
+        """Write a new generation with ``write(folder)`` aside, fsync it, and make it current atomically."""
+        self._generations.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".new-", dir=self._generations))
+        try:
+            write(tmp)
+            for root, _, files in os.walk(tmp):
+                for f in files:
+                    _fsync(Path(root) / f)
+                _fsync(Path(root))
+            name = f"g{time.time_ns():020d}"
+            tmp.rename(self._generations / name)
+            _fsync(self._generations)
+            cur = self.path / ".CURRENT.tmp"
+            cur.write_text(name)
+            _fsync(cur)
+            os.replace(cur, self._current)
+            _fsync(self.path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._collect()
+        return self._generations / name
+
+    def _collect(self) -> None:
+        """Remove generations older than the last :attr:`KEEP` and leftovers of writes that died."""
+        live = self._current.read_text().strip()
+        gens = sorted(p for p in self._generations.iterdir() if p.name.startswith("g"))
+        keep = {p.name for p in gens[-self.KEEP:]} | {live}
+        for p in self._generations.iterdir():
+            if p.name not in keep:  # called by the writer, under its lock: a ".new-" folder here is a dead write's
+                shutil.rmtree(p, ignore_errors=True)
+
+    @contextmanager
+    def writer(self):
+        """Hold the folder's writer lock (an advisory ``flock``); a second writer is refused at once."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / ".writer.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise WriterBusy(f"{self.path}: another process is writing this index (build-index, add-to-index or "
+                                 "a server's add); wait for it to finish") from None
+            yield self
+        finally:
+            os.close(fd)

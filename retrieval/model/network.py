@@ -136,12 +136,13 @@ class EmbeddingNet(nn.Module):
         if n <= 0:
             return 0
         trunk = getattr(self.backbone, "trunk", None)
-        blocks = getattr(trunk, "blocks", None) or getattr(trunk, "stages", None)
-        if blocks is None:
+        blocks = getattr(trunk, "blocks", None) or getattr(trunk, "stages", None) or \
+            [getattr(trunk, f"layer{i}") for i in range(1, 5) if hasattr(trunk, f"layer{i}")]  # EfficientNet, ConvNeXt, ResNet
+        if not blocks:
             raise UserError(f"--freeze-blocks needs a timm tower with stages; {self.cfg.backbone} has none")
         if n > len(blocks):
             raise UserError(f"--freeze-blocks {n}: {self.cfg.backbone} has {len(blocks)} stages")
-        stem = [m for name in ("conv_stem", "bn1", "stem") if (m := getattr(trunk, name, None)) is not None]
+        stem = [m for name in ("conv_stem", "conv1", "bn1", "stem") if (m := getattr(trunk, name, None)) is not None]
         frozen = stem + list(blocks[:n])
         object.__setattr__(self, "_frozen", frozen)  # a plain list: not registered twice in the state dict
         params = [p for m in frozen for p in m.parameters()]

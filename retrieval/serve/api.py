@@ -17,6 +17,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from ..errors import UserError
 from ..infer.fused import calibrated
 from ..infer.folder import IndexBundle, add_to_index, open_index
+from ..infer.manifest import IndexFolder
 from ..infer.query import (UnknownProduct, classify_pictures, embed_pictures, neighbours, product_pictures,
                       product_position)
 
@@ -128,7 +129,7 @@ def create_app(index_dir: str | Path) -> FastAPI:
     @app.post("/products")
     async def add_products(file: Annotated[UploadFile, File(description="BSON file of products to add")]) -> dict:
         """Add the products of an uploaded BSON file to the index (like add-to-index)."""
-        uploads = state.folder / "uploads"
+        uploads = IndexFolder(state.folder).uploads
         uploads.mkdir(exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=uploads, suffix=".bson", delete=False) as tmp:
             size = 0

@@ -1,0 +1,84 @@
+"""The index folder's owner: generations committed atomically, one writer, parts keyed by content, moves."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from retrieval.data.synth import SynthConfig, make_data
+from retrieval.errors import UserError
+from retrieval.infer.folder import add_to_index, build_index, open_index
+from retrieval.infer.manifest import IndexFolder, WriterBusy
+from retrieval.infer.query import embed_pictures, product_pictures, similar
+
+
+@pytest.fixture()
+def world(tmp_path, small_data, trained_run):
+    """A folder holding data, run and index side by side (what a user moves together)."""
+    root = tmp_path / "world"
+    shutil.copytree(small_data["train.bson"].parent, root / "data")
+    shutil.copytree(trained_run, root / "run")
+    build_index(root / "data" / "train.bson", root / "run", root / "idx", "all", workers=0)
+    return root
+
+
+def test_a_moved_folder_still_opens_and_a_missing_source_is_named(world, tmp_path):
+    before = open_index(world / "idx")
+    pid, pictures = int(before.product_ids[3]), product_pictures(before, 3)
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    shutil.move(world, moved)
+    after = open_index(moved / "idx")
+    assert np.array_equal(after.product_ids, before.product_ids)
+    assert similar(after, product_id=pid, k=1)[0].product_id == pid
+    assert product_pictures(after, 3) == pictures  # read from the moved data file
+    (moved / "data" / "train.bson").rename(moved / "data" / "gone.bson")
+    with pytest.raises(UserError, match=r"indexed data file .*train\.bson is missing"):
+        product_pictures(open_index(moved / "idx"), 3)
+
+
+def test_a_second_writer_is_refused(world, small_data):
+    with IndexFolder(world / "idx").writer():
+        with pytest.raises(WriterBusy, match="another process is writing this index"):
+            add_to_index(world / "idx", small_data["test.bson"], workers=0)
+    assert len(open_index(world / "idx").product_ids) == 150  # nothing was added
+
+
+def test_a_part_left_by_a_dead_add_is_never_taken_for_another_upload(world, tmp_path, monkeypatch):
+    """An add dies after writing its part and before its commit; a different upload must get its own vectors."""
+    idx = world / "idx"
+    first = make_data(tmp_path / "first", SynthConfig(products=12, categories=3, seed=11, image_size=32),
+                      progress=False)["train.bson"]
+    second = make_data(tmp_path / "second", SynthConfig(products=12, categories=3, seed=12, image_size=32),
+                       progress=False)["train.bson"]
+    gen_before = IndexFolder(idx).generation()
+
+    def die(self, write):
+        raise KeyboardInterrupt  # killed between the part write and the commit
+
+    monkeypatch.setattr(IndexFolder, "commit", die)
+    with pytest.raises(KeyboardInterrupt):
+        add_to_index(idx, first, workers=0)
+    monkeypatch.undo()
+    assert IndexFolder(idx).generation() == gen_before and len(open_index(idx).product_ids) == 150
+    added, _ = add_to_index(idx, second, workers=0)
+    b = open_index(idx)
+    assert added > 0 and len(b.product_ids) == 150 + added
+    for pos in range(150, len(b.product_ids)):  # each stored vector is the upload's own picture, re-embedded
+        emb, _, _ = embed_pictures(b, product_pictures(b, pos))
+        assert float(emb @ b.vector(pos)) > 0.9999
+
+
+def test_commit_is_all_or_nothing(world):
+    layout = IndexFolder(world / "idx")
+    live = layout.generation()
+
+    def half_written(gen):
+        (gen / "manifest.json").write_text("{")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        layout.commit(half_written)
+    assert layout.generation() == live and len(open_index(world / "idx").product_ids) == 150
+    assert not [p for p in (world / "idx" / "generations").iterdir() if p.name.startswith(".new-")]

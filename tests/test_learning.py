@@ -1,0 +1,210 @@
+"""What each learned part adds, checked against values computed independently here: LP-FT and its frozen
+baselines, the BN-neck, GeM pooling, stage freezing, temperature scaling, and the fusion rules."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval.infer.calibrate import TEMPERATURES, calibrate, fit_temperature
+from retrieval.infer.fused import Candidates, FusedClassifier
+from retrieval.model.config import ModelConfig
+from retrieval.model.network import GeM, EmbeddingNet
+from retrieval.train.config import LossSettings, PRETRAINED_RECIPE, TrainConfig
+from retrieval.train.probe import Features, fit_new_layers, frozen_baseline
+
+
+def _clusters(n_per: int, n_classes: int, dim: int, spread: float, seed: int, imgs: int = 1) -> Features:
+    """Gaussian clusters: ``imgs`` images a product, ``n_per`` products a class."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n_classes, dim, generator=g) * 3
+    y = torch.arange(n_classes).repeat_interleave(n_per * imgs)
+    x = centres[y] + spread * torch.randn(len(y), dim, generator=g)
+    owner = torch.arange(n_classes * n_per).repeat_interleave(imgs)
+    return Features(x, y, owner, n_classes * n_per)
+
+
+def _knn_by_hand(train: Features, val: Features, k: int = 20, tau: float = 0.05) -> float:
+    """Cosine kNN over product means, a plain loop (the oracle for frozen_baseline's kNN)."""
+    def means(f: Features):
+        out = {}
+        for i in range(len(f.x)):
+            v = f.x[i] / f.x[i].norm()
+            out.setdefault(int(f.owner[i]), []).append((v, int(f.y[i])))
+        keys = sorted(out)
+        vecs = np.stack([np.mean([v.numpy() for v, _ in out[p]], 0) for p in keys])
+        return vecs / np.linalg.norm(vecs, axis=1, keepdims=True), np.array([out[p][0][1] for p in keys])
+    tx, ty = means(train)
+    qx, qy = means(val)
+    hits = 0
+    for q, y in zip(qx, qy):
+        s = tx @ q
+        top = np.argsort(-s)[:k]
+        votes: dict[int, float] = {}
+        for j in top:
+            votes[int(ty[j])] = votes.get(int(ty[j]), 0.0) + float(np.exp((s[j] - s[top[0]]) / tau))
+        hits += max(votes, key=votes.get) == y
+    return hits / len(qy)
+
+
+def test_linear_probe_step_fits_the_new_layers_and_reports_frozen_baselines():
+    torch.manual_seed(0)
+    net = EmbeddingNet(ModelConfig("tiny", None, 32, 16, 5))
+    train, val = _clusters(30, 5, net.proj[0].in_features, 2.0, 1, imgs=2), _clusters(8, 5, net.proj[0].in_features,
+                                                                                        2.0, 1, imgs=2)
+    before = [p.detach().clone() for p in net.backbone.parameters()]
+    acc = fit_new_layers(net, train, LossSettings(), epochs=20)
+    assert acc > 0.95
+    assert all(torch.equal(a, b) for a, b in zip(before, net.backbone.parameters()))  # the backbone untouched
+    base = frozen_baseline(net, train, val, val.y[val.owner.unique_consecutive(return_counts=True)[1].cumsum(0) - 1]
+                           .numpy())
+    assert base.knn == pytest.approx(_knn_by_hand(train, val))
+    net.eval()
+    with torch.no_grad():  # the probe's accuracy: mean of image probabilities per product, by hand
+        probs = net.head(net.neck(val.x)[1]).softmax(-1).numpy()
+    per_product = np.stack([probs[val.owner.numpy() == p].mean(0) for p in range(val.n_products)])
+    truth = np.array([int(val.y[val.owner == p][0]) for p in range(val.n_products)])
+    assert base.linear_probe == pytest.approx(float((per_product.argmax(1) == truth).mean()))
+    assert base.linear_probe > 0.9
+
+
+def test_lp_ft_run_applies_the_recipe_and_writes_the_frozen_baseline(small_data, tmp_path):
+    """train() with a pretrained backbone (a local weights file) and --lp-epochs: frozen_baseline.json holds
+    the kNN of the frozen tower (recomputed here by hand)."""
+    import open_clip
+    from retrieval.data.offsets import RecordReader, load_offsets
+    from retrieval.train.probe import frozen_features
+    from retrieval.train.run import train
+    src = open_clip.create_model("tiny", force_image_size=32)
+    weights = tmp_path / "tiny.pt"
+    torch.save(src.state_dict(), weights)
+    cfg = TrainConfig.build(pretrained=str(weights), image_size=32, embed_dim=16, batch_size=16, workers=0,
+                            val_fraction=0.2, max_steps=1, lr=0.0, lp_epochs=15, warmup_fraction=0.5)
+    assert cfg.schedule.lp_epochs == 15 and cfg.data.crop_min == PRETRAINED_RECIPE["crop_min"]  # recipe defaults
+    res = train(small_data["train.bson"], tmp_path / "run", cfg, small_data["category_names.csv"], progress=False)
+    saved = json.loads((tmp_path / "run" / "frozen_baseline.json").read_text())
+    assert saved["knn"] == pytest.approx(res.frozen.knn) and 0 <= saved["linear_probe"] <= 1
+    # the kNN baseline, by hand, from the frozen tower's own features
+    net = EmbeddingNet(ModelConfig("tiny", str(weights), 32, 16, 6))
+    table = load_offsets(small_data["train.bson"])
+    split = np.load(tmp_path / "run" / "split.npz")
+    reader = RecordReader(small_data["train.bson"], table)
+    cats = sorted(set(table["category_id"].tolist()))
+    lab = lambda rows: np.array([cats.index(c) for c in table["category_id"][rows]])  # noqa: E731
+    tr = frozen_features(net, reader, split["train_rows"], lab(split["train_rows"]), workers=0)
+    va = frozen_features(net, reader, split["val_rows"], lab(split["val_rows"]), workers=0)
+    assert saved["knn"] == pytest.approx(_knn_by_hand(tr, va))
+
+
+def test_bn_neck_classifies_the_normalised_feature_and_embeds_it():
+    torch.manual_seed(0)
+    net = EmbeddingNet(ModelConfig("tiny", None, 32, 8, 3)).eval()
+    x = torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8)
+    pooled = net.pooled(x)
+    f, z = net.neck(pooled)
+    bn = net.proj[1]
+    by_hand = (f - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
+    assert torch.allclose(z, by_hand, atol=1e-5)
+    emb, logits, _ = net(x)
+    assert torch.allclose(emb, z / z.norm(dim=1, keepdim=True), atol=1e-5)
+    assert torch.allclose(logits, z @ net.head.weight.T + net.head.bias, atol=1e-5)
+
+
+def test_gem_is_average_pooling_at_p1_and_tends_to_max_pooling():
+    x = torch.rand(2, 3, 5, 5) + 0.1
+    gem = GeM(1.0)
+    assert torch.allclose(gem(x), x.mean(dim=(2, 3)), atol=1e-6)
+    gem = GeM(200.0)  # (mean x^p)^(1/p) >= max / 25^(1/p): within 2% of max pooling over 5 x 5
+    assert torch.allclose(gem(x), x.amax(dim=(2, 3)), rtol=0.02)
+    net = EmbeddingNet(ModelConfig("tiny", None, 32, 8, 3, pool="gem"))
+    assert isinstance(net.backbone.trunk.global_pool, GeM) and net(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))[0].shape == (2, 8)
+
+
+def test_frozen_stages_do_not_move_and_keep_their_statistics():
+    torch.manual_seed(0)
+    net = EmbeddingNet(ModelConfig("tiny", None, 32, 8, 3))
+    n = net.freeze_blocks(1)
+    trunk = net.backbone.trunk
+    frozen = [trunk.conv1, trunk.bn1, trunk.layer1]  # the tiny tower is a ResNet
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in frozen]
+    later = {k: v.clone() for k, v in net.proj.state_dict().items()}
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    net.train()
+    _, logits, _ = net(torch.randint(0, 255, (8, 3, 32, 32), dtype=torch.uint8))
+    torch.nn.functional.cross_entropy(logits, torch.arange(8) % 3).backward()
+    opt.step()
+    assert n > 0 and not any(p.requires_grad for m in frozen for p in m.parameters())
+    for m, b in zip(frozen, before):  # weights and batch-norm running statistics alike
+        assert all(torch.equal(v, b[k]) for k, v in m.state_dict().items())
+    assert any(not torch.equal(v, later[k]) for k, v in net.proj.state_dict().items())
+
+
+def _cands(head: np.ndarray, sims: np.ndarray, labels: np.ndarray) -> Candidates:
+    return Candidates.build(head, sims, labels, np.ones(len(head), bool), m=head.shape[1])
+
+
+def test_temperature_is_the_nll_minimiser_over_the_grid():
+    rng = np.random.default_rng(0)
+    n, c = 400, 6
+    y = rng.integers(0, c, n)
+    logits = rng.normal(0, 1, (n, c))
+    logits[np.arange(n), y] += 1.0
+    logits *= 4  # an over-confident head: the best temperature is above 1
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    cand = _cands(p, np.zeros((n, 1)), -np.ones((n, 1), np.int64))
+
+    def nll(t):  # dense softmax of log p / t: the oracle
+        s = np.log(p) / t
+        s -= s.max(1, keepdims=True)
+        return float(-(s[np.arange(n), y] - np.log(np.exp(s).sum(1))).mean())
+
+    t = fit_temperature(cand, y)
+    assert t == min(TEMPERATURES, key=nll) and t > 1
+
+
+def test_fused_rule_matches_the_formula_by_hand():
+    head = np.array([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3]])
+    sims = np.array([[0.9, 0.8, 0.7], [0.95, 0.5, 0.4]])
+    labels = np.array([[1, 1, 0], [2, 0, 2]])
+    c = _cands(head, sims, labels)
+    for alpha, k, tau in ((0.3, 3, 0.1), (0.8, 2, 0.05), (0.0, 3, 0.07)):
+        clf = FusedClassifier(alpha, k, tau, beta=0.0)
+        for i in range(2):
+            w = {}
+            for j in range(k):
+                w[labels[i, j]] = w.get(labels[i, j], 0) + np.exp((sims[i, j] - sims[i, 0]) / tau)
+            total = sum(w.values())
+            fused = [alpha * head[i, cl] + (1 - alpha) * w.get(cl, 0) / total for cl in range(3)]
+            assert clf.predict_candidates(c)[0][i, 0] == int(np.argmax(fused))
+            got = clf.candidate_scores(c)[i]
+            np.testing.assert_allclose(sorted(got[np.isfinite(got)]), sorted(fused), atol=1e-5)
+
+
+def test_learnt_fusion_wins_where_trust_depends_on_closeness_and_not_on_noise():
+    """The kNN is right when its nearest neighbour is close, the head otherwise: no fixed alpha gets both,
+    a rule with a closeness feature does, and cross-validation says so."""
+    rng = np.random.default_rng(1)
+    n, c = 600, 8
+    y = rng.integers(0, c, n)
+    close = rng.random(n) < 0.5
+    wrong = (y + 1 + rng.integers(0, c - 1, n)) % c
+    knn_class = np.where(close, y, wrong)
+    head_class = np.where(close, wrong, y)
+    head = np.full((n, c), 0.02)
+    head[np.arange(n), head_class] = 0.55 + 0.1 * rng.random(n)
+    head[np.arange(n), knn_class] += 0.25
+    head /= head.sum(1, keepdims=True)
+    sims = np.where(close, 0.95, 0.5)[:, None] - 0.01 * np.arange(5)[None]
+    labels = np.repeat(knn_class[:, None], 5, 1)
+    cal = calibrate(_cands(head, sims, labels), y, fallback=0)
+    grid_best = max(g["accuracy"] for g in cal.grid)
+    pred = cal.classifier.predict_candidates(_cands(head, sims, labels))[0][:, 0]
+    assert cal.classifier.rule == "learnt" and cal.cv_learnt > cal.cv_grid + 0.1
+    assert float((pred == y).mean()) > grid_best + 0.1  # accuracy recomputed from the labels
+    # pure noise: nothing to learn, the learnt rule must not beat the grid by fitting noise
+    y2 = rng.integers(0, c, n)
+    cal2 = calibrate(_cands(head, sims, labels), y2, fallback=0)
+    assert cal2.cv_learnt <= cal2.cv_grid + 0.05
