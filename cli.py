@@ -90,9 +90,11 @@ NODES = typer.Option(1, min=1, help="machines (Lightning DDP; start the command 
 ACCELERATOR = typer.Option("auto", help="Lightning accelerator: auto, cpu, gpu")
 
 
-def _devices(devices: str, num_nodes: int, accelerator: str):
+def _loader(batch_size: int, workers: int, devices: str = "1", num_nodes: int = 1, accelerator: str = "auto"):
+    from retrieval.infer.parts import LoaderSettings
     from retrieval.model.runtime import Devices
-    return Devices(int(devices) if devices.isdigit() else devices, num_nodes, accelerator)
+    return LoaderSettings(batch_size, workers, Devices(int(devices) if devices.isdigit() else devices, num_nodes,
+                                                       accelerator))
 
 
 @command("make-data")
@@ -211,10 +213,9 @@ def build_index(train_file: Path = typer.Argument(..., help="labelled BSON file 
                 restart: bool = typer.Option(False, help="discard unfinished parts made with other settings"),
                 devices: str = DEVICES, num_nodes: int = NODES, accelerator: str = ACCELERATOR) -> None:
     """Embed every product and build a FAISS index (resumes an interrupted build)."""
-    from retrieval.infer.folder import build_index as _build
-    man = _build(train_file, model, out, split, index_type, batch_size, tta_flip, workers,
-                 memory_budget=memory_budget_gb * 1e9, restart=restart,
-                 where=_devices(devices, num_nodes, accelerator))
+    from retrieval.infer.folder import IndexSettings, build_index as _build
+    man = _build(train_file, model, out, IndexSettings(split, index_type, tta_flip, memory_budget=memory_budget_gb * 1e9),
+                 _loader(batch_size, workers, devices, num_nodes, accelerator), restart=restart)
     if man is None:  # another rank of a distributed run: rank 0 reports
         return
     typer.echo(f"indexed {man.count:,} products with {man.factory} into {out}")
@@ -248,7 +249,7 @@ def add_to_index(new_file: Path = typer.Argument(..., help="BSON file of new pro
                  workers: int = WORKERS) -> None:
     """Append new products to an index without retraining or rebuilding."""
     from retrieval.infer.folder import add_to_index as _add
-    added, dups = _add(index, new_file, batch_size, workers)
+    added, dups = _add(index, new_file, _loader(batch_size, workers))
     typer.echo(f"added {added} products; {len(dups)} already indexed" + (f" (e.g. {dups[:5]})" if dups else ""))
 
 
@@ -269,10 +270,11 @@ def predict(test_file: Path = typer.Argument(..., help="BSON file to classify"),
             restart: bool = typer.Option(False, help="discard unfinished parts made with other settings"),
             devices: str = DEVICES, num_nodes: int = NODES, accelerator: str = ACCELERATOR) -> None:
     """Predict a category for every product of TEST_FILE, in file order (resumes if interrupted)."""
-    from retrieval.infer.predict import predict as _predict
-    r = _predict(test_file, index, out, alpha, k, tau, beta, top=top if scores_out else 0, scores_out=scores_out,
-                 batch_size=batch_size, workers=workers, restart=restart,
-                 where=_devices(devices, num_nodes, accelerator))
+    from retrieval.infer.fused import FusionOverrides
+    from retrieval.infer.predict import ScoresOutput, predict as _predict
+    r = _predict(test_file, index, out, FusionOverrides(alpha, k, tau, beta),
+                 ScoresOutput(scores_out, top) if scores_out else None,
+                 _loader(batch_size, workers, devices, num_nodes, accelerator), restart=restart)
     if r is None:  # another rank of a distributed run: rank 0 reports
         return
     resumed = r.products - r.computed
@@ -292,8 +294,7 @@ def evaluate(index: Path = typer.Option(..., help="index folder (build-index --s
              devices: str = DEVICES, num_nodes: int = NODES, accelerator: str = ACCELERATOR) -> None:
     """Head, kNN and fused accuracy on held-out products; saves the best alpha, k, tau, beta for predict."""
     from retrieval.infer.evaluate import evaluate as _evaluate, metrics_table
-    m = _evaluate(index, val_file, out, batch_size, workers, max_products,
-                  where=_devices(devices, num_nodes, accelerator))
+    m = _evaluate(index, val_file, out, _loader(batch_size, workers, devices, num_nodes, accelerator), max_products)
     if m is None:  # another rank of a distributed run: rank 0 reports
         return
     typer.echo(metrics_table(m))

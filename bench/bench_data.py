@@ -42,7 +42,10 @@ def main() -> None:
     ap.add_argument("--products", type=int, default=20000)
     ap.add_argument("--workdir", default="bench_out/data")
     ap.add_argument("--big-gb", type=float, default=1.0)
+    ap.add_argument("--quick", action="store_true", help="500 products, a 10 MB big file (smoke test)")
     a = ap.parse_args()
+    if a.quick:
+        a.products, a.big_gb = 500, 0.01
     work = Path(a.workdir)
     train = work / "train.bson"
     if not train.exists():

@@ -80,7 +80,12 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=10_000)
     ap.add_argument("--workdir", default="bench_out/index")
     ap.add_argument("--skip-vectors", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="20,000 vectors, 200 queries, tiny runs (smoke test)")
     a = ap.parse_args()
+    if a.quick:
+        import pipeline_common
+        pipeline_common.set_quick()
+        a.n, a.queries = 20_000, 200
     if not a.skip_vectors:
         # Learned product embeddings cluster by category (hundreds to thousands of products each); the second
         # regime, many 50-point clusters as noisy as they are far apart, is close to random data for IVF.

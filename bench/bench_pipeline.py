@@ -17,22 +17,22 @@ import torch
 from common import print_table
 from pipeline_common import decoded_images, forward_only, prepared, prepared_convnext
 
-from index import fuse, knn_vote
 from retrieval.infer.manifest import IndexFolder
 from retrieval.data.offsets import RecordReader, load_offsets
 from retrieval.data.datasets import to_model_input
 from retrieval.infer.embed import embed_images
 from retrieval.infer.evaluate import evaluate
 from retrieval.data.images import decode_image
-from retrieval.infer.folder import build_index, open_index
-from retrieval.infer.predict import neighbour_labels, predict
+from retrieval.infer.folder import IndexSettings, build_index, open_index
+from retrieval.infer.fused import Candidates, FusedClassifier, neighbour_labels
+from retrieval.infer.predict import predict
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def stage_shares(test: Path, bundle, params: dict) -> dict[str, float]:
     """Seconds per stage, each measured alone on the same test products."""
-    net, cats = bundle.net, bundle.categories
+    net = bundle.net
     table = load_offsets(test, progress=False)
     reader = RecordReader(test, table)
     t = time.perf_counter()
@@ -55,10 +55,13 @@ def stage_shares(test: Path, bundle, params: dict) -> dict[str, float]:
     s["model"] = time.perf_counter() - t
     emb, prob = np.concatenate(embs), np.concatenate(probs)
     t = time.perf_counter()
-    sims, labels = neighbour_labels(bundle, emb, int(params["k"]), np.ones(len(emb), bool))
+    has = np.ones(len(emb), bool)
+    sims, labels = neighbour_labels(bundle.index, emb, int(params["k"]), has)
     s["search"] = time.perf_counter() - t
     t = time.perf_counter()
-    fuse(prob, knn_vote(sims, labels, len(cats), params["tau"]), params["alpha"]).argmax(1)
+    clf = FusedClassifier(params["alpha"], params["k"], params["tau"], params["beta"], 0, params["temperature"],
+                          tuple(params["weights"]) if params["weights"] else None)
+    clf.predict_candidates(Candidates.build(prob, sims, labels, has))
     s["fusion"] = time.perf_counter() - t
     s["_fwd_img_s"] = forward_only(net, images, owner)
     return s
@@ -70,7 +73,7 @@ def convnext_predict(work: Path) -> tuple[float, float, int]:
     p = prepared_convnext(work)
     idx = work / "index_convnext"
     if not IndexFolder(idx).exists():
-        build_index(p["data"] / "train.bson", p["run"], idx, "all")
+        build_index(p["data"] / "train.bson", p["run"], idx, IndexSettings("all"))
     rep = predict(p["data"] / "test.bson", idx, work / "submission_convnext.csv")
     net = open_index(idx).net
     table = load_offsets(p["data"] / "test.bson", progress=False)
@@ -86,7 +89,12 @@ def main() -> None:
     ap.add_argument("--categories", type=int, default=200)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--colour-jitter", type=float, default=75.0)
+    ap.add_argument("--quick", action="store_true", help="300 products, 10 categories, 1 epoch, no demo (smoke test)")
     a = ap.parse_args()
+    if a.quick:
+        import pipeline_common
+        pipeline_common.set_quick()
+        a.products, a.categories, a.epochs, a.skip_demo = 300, 10, 1, True
     work = Path(a.workdir)
     p = prepared(work, a.products, a.categories, a.epochs, a.colour_jitter)
     print(f"generated data: {a.products:,} products, {a.categories} categories, colour jitter {a.colour_jitter}, "
@@ -94,7 +102,7 @@ def main() -> None:
     train_bson, test_bson = p["data"] / "train.bson", p["data"] / "test.bson"
     for split in ("train", "all"):
         if not IndexFolder(work / f"index_{split}").exists():
-            build_index(train_bson, p["run"], work / f"index_{split}", split)
+            build_index(train_bson, p["run"], work / f"index_{split}", IndexSettings(split))
     m = evaluate(work / "index_train", out_dir=work / "eval")
     best_single = max(m["head_accuracy"], m["knn_accuracy"])
     print("## Accuracy on the validation split (products), generated data, tiny tower\n")

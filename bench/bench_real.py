@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from retrieval.data.images import decode_image, encode_jpeg
 from retrieval.data.offsets import RecordReader, load_offsets
 from retrieval.infer.evaluate import evaluate
-from retrieval.infer.folder import build_index, open_index
+from retrieval.infer.folder import IndexSettings, build_index, open_index
 from retrieval.infer.predict import predict, read_submission
 from retrieval.infer.query import similar
 from retrieval.model.config import ModelConfig
@@ -113,7 +113,7 @@ def finetune(work: Path, epochs: int, a: argparse.Namespace, qy: np.ndarray) -> 
     t_train = time.perf_counter() - t0
     idx = work / f"{name}_idx"
     shutil.rmtree(idx, ignore_errors=True)
-    build_index(GROCERY / "train.bson", run, idx, "all")
+    build_index(GROCERY / "train.bson", run, idx, IndexSettings("all"))
     m = evaluate(idx, GROCERY / "val.bson", out_dir=work / f"{name}_eval")
     out = {"minutes": t_train / 60, "val": (m["head_accuracy"], m["knn_accuracy"], m["fused_accuracy"]),
            "fusion": m["fusion"], "cal": m["calibration"], "index": idx}

@@ -61,18 +61,18 @@ def run_stage(stage: str, work: Path, n: int, steps: int, extra: dict) -> dict:
         res = train(data / "train.bson", run, cfg, data / "category_names.csv", progress=False)
         result = res.best_val_accuracy
     elif stage == "build-index":
-        from retrieval.infer.folder import build_index
+        from retrieval.infer.folder import IndexSettings, build_index
         shutil.rmtree(idx, ignore_errors=True)
-        result = build_index(data / "train.bson", run, idx, "train", workers=2).count
+        result = build_index(data / "train.bson", run, idx, IndexSettings("train")).count
     elif stage == "evaluate":
         from retrieval.infer.evaluate import evaluate
-        m = evaluate(idx, workers=2)
+        m = evaluate(idx)
         result = {k: m[k] for k in ("products", "head_accuracy", "knn_accuracy", "fused_accuracy") if k in m}
     elif stage == "predict":
         from retrieval.infer.predict import predict
         out = work / "submission.csv"
         Path(str(out) + ".parts").exists() and shutil.rmtree(str(out) + ".parts")
-        result = predict(data / "test.bson", idx, out, workers=2, restart=True).products
+        result = predict(data / "test.bson", idx, out, restart=True).products
     seconds = time.perf_counter() - t
     return {"seconds": seconds, "rss_mb": _status_mb("VmHWM"),
             "worker_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, "result": result}
@@ -113,7 +113,10 @@ def main() -> None:
     ap.add_argument("--stage", choices=STAGES)
     ap.add_argument("--n", type=int)
     ap.add_argument("--extra", default="{}")
+    ap.add_argument("--quick", action="store_true", help="2,000 and 4,000 products, 5 steps (smoke test)")
     a = ap.parse_args()
+    if a.quick:
+        a.sizes, a.steps, a.softmax_epochs = [2000, 4000], 5, 1
     if a.stage:
         print(json.dumps(run_stage(a.stage, Path(a.workdir), a.n, a.steps, json.loads(a.extra))))
         return

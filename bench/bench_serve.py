@@ -22,7 +22,7 @@ import numpy as np
 from pipeline_common import prepared
 
 from retrieval.infer.manifest import IndexFolder
-from retrieval.infer.folder import build_index, open_index
+from retrieval.infer.folder import IndexSettings, build_index, open_index
 from retrieval.infer.query import embed_pictures, neighbours, product_pictures
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,11 +55,16 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--k", type=int, default=12)
     ap.add_argument("--workdir", default="bench_out/pipeline")
+    ap.add_argument("--quick", action="store_true", help="200 products, 20 requests at 1 and 4 in flight (smoke test)")
     a = ap.parse_args()
+    if a.quick:
+        import pipeline_common
+        pipeline_common.set_quick()
+        a.requests, a.concurrency = 20, [1, 4]
     p = prepared(Path(a.workdir))
     idx = Path(a.workdir) / "index_serve"
     if not IndexFolder(idx).exists():
-        build_index(p["data"] / "train.bson", p["run"], idx, "all", workers=2)
+        build_index(p["data"] / "train.bson", p["run"], idx, IndexSettings("all"))
     bundle = open_index(idx)
     ids = bundle.product_ids[np.random.default_rng(0).permutation(len(bundle.product_ids))[:a.requests]]
     pics = [product_pictures(bundle, int(np.flatnonzero(bundle.product_ids == i)[0]))[0] for i in ids]

@@ -64,15 +64,18 @@ def main() -> None:
     ap.add_argument("--workdir", default="bench_out/train")
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--throughput-only", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="loader vs step on a few batches only (smoke test)")
     a = ap.parse_args()
+    if a.quick:
+        a.throughput_only = True
     work = Path(a.workdir)
     small, big, hard = work / "data64", work / "data180", work / "data64_hard"
     if not (small / "train.bson").exists():
-        make_data(small, SynthConfig(4000, 40, 0, 64), progress=False)
+        make_data(small, SynthConfig(400 if a.quick else 4000, 40, 0, 64), progress=False)
     if not (hard / "train.bson").exists():
-        make_data(hard, SynthConfig(4000, 200, 0, 64, colour_jitter=75.0), progress=False)
+        make_data(hard, SynthConfig(400 if a.quick else 4000, 200, 0, 64, colour_jitter=75.0), progress=False)
     if not (big / "train.bson").exists():
-        make_data(big, SynthConfig(600, 40, 0, 180), progress=False)
+        make_data(big, SynthConfig(60 if a.quick else 600, 40, 0, 180), progress=False)
     print(f"## Loader vs training step ({os.cpu_count()} cores, 2 loader workers, bf16 where the CPU has it)\n")
     rows = []
     for backbone, size, data, batch, nb in (("tiny", 64, small, 64, 30), ("convnext_tiny", 180, big, 32, 6)):

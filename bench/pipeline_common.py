@@ -12,15 +12,24 @@ from retrieval.data.offsets import RecordReader, load_offsets
 from retrieval.data.datasets import to_model_input
 from retrieval.infer.embed import embed_images
 from retrieval.data.images import decode_image
-from retrieval.infer.folder import build_index, open_index
+from retrieval.infer.folder import IndexSettings, build_index, open_index
 from retrieval.data.synth import SynthConfig, make_data
 from retrieval.train.config import TrainConfig
 from retrieval.train.run import train
 
 
-def prepared(work: Path, products: int = 4000, categories: int = 40, epochs: int = 5,
+SIZES = {"products": 4000, "epochs": 5, "convnext_products": 300}
+
+
+def set_quick() -> None:
+    """``--quick``: tiny data and one epoch everywhere (a smoke test that every benchmark still runs)."""
+    SIZES.update(products=200, epochs=1, convnext_products=12)
+
+
+def prepared(work: Path, products: int | None = None, categories: int = 40, epochs: int | None = None,
              colour_jitter: float = 45.0, relist_fraction: float = 0.25) -> dict:
     """Generated data and a trained tiny-tower run under ``work`` (made once)."""
+    products, epochs = products or SIZES["products"], epochs or SIZES["epochs"]
     data = work / "data"
     if not (data / "train.bson").exists():
         make_data(data, SynthConfig(products, categories, seed=0, image_size=64, colour_jitter=colour_jitter,
@@ -56,7 +65,8 @@ def prepared_convnext(work: Path) -> dict:
     """A convnext_tiny run at 180 px (two training steps: throughput only); 300 train and 300 test products."""
     data = work / "data180"
     if not (data / "train.bson").exists():
-        make_data(data, SynthConfig(300, 20, seed=0, image_size=180, test_fraction=1.0), progress=False)
+        make_data(data, SynthConfig(SIZES["convnext_products"], 20, seed=0, image_size=180, test_fraction=1.0),
+                  progress=False)
     run = work / "run_convnext"
     if not (run / "checkpoints" / "last.ckpt").exists():
         shutil.rmtree(run, ignore_errors=True)
@@ -72,7 +82,7 @@ def throughput(work: Path, p: dict, name: str) -> tuple[tuple, object, np.ndarra
     out = work / f"index_bench_{name}"
     shutil.rmtree(out, ignore_errors=True)
     t = time.perf_counter()
-    man = build_index(train_bson, p["run"], out, "all")
+    man = build_index(train_bson, p["run"], out, IndexSettings("all"))
     t_build = time.perf_counter() - t
     bundle = open_index(out)
     net = bundle.net
@@ -111,7 +121,7 @@ def embedding_rows(work: Path) -> list[tuple]:
                      "ok" if hit >= 0.95 else "MISS"))
     tta_dir = work / "index_bench_tiny_tta"
     shutil.rmtree(tta_dir, ignore_errors=True)
-    build_index(p["data"] / "train.bson", p["run"], tta_dir, "all", tta_flip=True)
+    build_index(p["data"] / "train.bson", p["run"], tta_dir, IndexSettings("all", tta_flip=True))
     hit, n = instance_rate(open_index(tta_dir), table, rows, images, owner, tta=True)
     out_rows.append(("  same, index and query with --tta-flip", f"{hit:.3f}", "", ">= 0.95", "ok" if hit >= 0.95 else "MISS"))
     return out_rows

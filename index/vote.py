@@ -1,4 +1,4 @@
-"""kNN vote over neighbours' categories and its fusion with classifier probabilities (numpy only)."""
+"""kNN vote over neighbours' categories (numpy only); the one fusion rule is ``retrieval.infer.fused.FusedClassifier``."""
 from __future__ import annotations
 
 import numpy as np
@@ -33,10 +33,3 @@ def knn_vote(sims: np.ndarray, labels: np.ndarray, n_classes: int, tau: float = 
     total = out.sum(axis=1, keepdims=True)
     return np.divide(out, total, out=out, where=total > 0)
 
-
-def fuse(p_head: np.ndarray, p_knn: np.ndarray, alpha: float) -> np.ndarray:
-    """``alpha * p_head + (1 - alpha) * p_knn``; rows without neighbours fall back to the head."""
-    if not 0 <= alpha <= 1:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    no_knn = p_knn.sum(axis=1, keepdims=True) == 0
-    return np.where(no_knn, p_head, alpha * p_head + (1 - alpha) * p_knn)

@@ -10,7 +10,8 @@ from .data.offsets import load_offsets
 from .data.synth import SynthConfig, make_data
 from .errors import UserError
 from .infer.evaluate import evaluate
-from .infer.folder import build_index
+from .infer.folder import IndexSettings, build_index
+from .infer.parts import LoaderSettings
 from .infer.predict import predict, score_submission
 from .infer.query import similar
 from .train.config import TrainConfig
@@ -53,12 +54,13 @@ def run_demo(workdir: str | Path, cfg: DemoConfig = DemoConfig()) -> dict:
                              workers=cfg.workers, val_fraction=0.1, seed=cfg.seed)
     res = train(data["train.bson"], run, tcfg, data["category_names.csv"])
     lap("train")
-    build_index(data["train.bson"], run, work / "index_train", "train", workers=cfg.workers)
-    metrics = evaluate(work / "index_train", out_dir=work / "eval", workers=cfg.workers)
+    loader = LoaderSettings(workers=cfg.workers)
+    build_index(data["train.bson"], run, work / "index_train", IndexSettings("train"), loader)
+    metrics = evaluate(work / "index_train", out_dir=work / "eval", loader=loader)
     lap("evaluate")
-    build_index(data["train.bson"], run, work / "index_all", "all", workers=cfg.workers)
+    build_index(data["train.bson"], run, work / "index_all", IndexSettings("all"), loader)
     sub = work / "submission.csv"
-    report = predict(data["test.bson"], work / "index_all", sub, workers=cfg.workers)
+    report = predict(data["test.bson"], work / "index_all", sub, loader=loader)
     test_acc = score_submission(sub, data["test_labels.csv"])
     lap("predict")
     query = _some_train_id(data["train.bson"])

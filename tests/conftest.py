@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from retrieval.data.synth import SynthConfig, make_data
+from retrieval.infer.folder import IndexSettings
+from retrieval.infer.parts import LoaderSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -52,5 +54,5 @@ def indexes(small_data, trained_run, tmp_path_factory) -> dict[str, Path]:
     from retrieval.infer.folder import build_index
     root = tmp_path_factory.mktemp("indexes")
     for split in ("train", "all"):
-        build_index(small_data["train.bson"], trained_run, root / split, split, workers=0, chunk_products=40)
+        build_index(small_data["train.bson"], trained_run, root / split, IndexSettings(split, chunk_products=40), LoaderSettings(workers=0))
     return {"train": root / "train", "all": root / "all"}

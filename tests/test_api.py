@@ -8,13 +8,13 @@ import time
 from pathlib import Path
 
 import bson
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from retrieval.data.bsonio import iter_products
 from retrieval.serve.api import MAX_UPLOAD, create_app
 from retrieval.infer.folder import open_index
-from retrieval.infer.query import similar
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +34,28 @@ def _first(small_data):
     return next(iter_products(small_data["train.bson"]))
 
 
+def _check_nearest(served, product_id: int, found: list[int], k: int, skip: int = 0) -> None:
+    """``found`` are ranks ``skip..skip+k-1`` of the products nearest to an indexed product: checked against a
+    cosine scan over every stored vector in plain numpy (ties, e.g. re-listed twins, may come in any order)."""
+    b = open_index(served)
+    vecs = np.stack([b.vector(i) for i in range(len(b.product_ids))])
+    sims = vecs @ vecs[int(np.flatnonzero(b.product_ids == product_id)[0])]
+    by_id = dict(zip(b.product_ids.tolist(), sims.tolist()))
+    expected = np.sort(sims)[::-1][skip:skip + k]
+    assert len(found) == k == len(set(found))
+    np.testing.assert_allclose([by_id[i] for i in found], expected, atol=1e-5)
+
+
 def test_similar_by_id_pages_and_filters_inside_the_search(client, served, small_data):
     p = _first(small_data)
     r = client.post("/similar", data={"product_id": p.product_id, "k": 4})
     assert r.status_code == 200
     body = r.json()
     ids = [x["product_id"] for x in body["results"]]
-    assert ids == [n.product_id for n in similar(served, product_id=p.product_id, k=4)]
+    _check_nearest(served, p.product_id, ids, 4)
     assert len(set(ids)) == 4 and body["next_offset"] == 4  # one result per product
     page2 = client.post("/similar", data={"product_id": p.product_id, "k": 4, "offset": 4}).json()["results"]
-    assert [x["product_id"] for x in page2] == [n.product_id for n in similar(served, product_id=p.product_id, k=8)][4:]
+    _check_nearest(served, p.product_id, [x["product_id"] for x in page2], 4, skip=4)
     other = [c for c in open_index(served).categories.ids if c != p.category_id][0]
     filtered = client.post("/similar", data={"product_id": p.product_id, "k": 3, "category": other}).json()["results"]
     assert len(filtered) == 3 and {x["category_id"] for x in filtered} == {other}
@@ -59,7 +71,6 @@ def test_similar_and_classify_by_uploaded_picture(client, small_data):
     cats = c["categories"]
     assert len(cats) == 3 and cats[0]["fused"] >= cats[1]["fused"] >= cats[2]["fused"]
     assert cats[0]["category_id"] == p.category_id and cats[0]["duplicate"] == 1.0  # its own picture is indexed
-    assert all(0 <= x["head"] <= 1 and 0 <= x["knn"] <= 1 for x in cats)
     by_id = client.post("/classify", data={"product_id": p.product_id, "top": 3}).json()["categories"]
     assert [x["category_id"] for x in by_id][0] == p.category_id
 
@@ -159,7 +170,7 @@ def test_page_searches_by_id_and_picture_and_more_like_this(server, browser, ser
     browser.get(f"{server}/?id={p.product_id}&k=6")
     cards = _cards(browser, 6)
     ids = [int(c.get_attribute("data-product-id")) for c in cards]
-    assert ids == [n.product_id for n in similar(served, product_id=p.product_id, k=6)]
+    _check_nearest(served, p.product_id, ids, 6)
     rows = browser.find_elements(By.CSS_SELECTOR, "#cats tbody tr")
     assert len(rows) == 5 and str(p.category_id) in rows[0].text
     loaded = browser.execute_script("return [...document.querySelectorAll('#results img')]"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from cli import app
@@ -74,14 +75,16 @@ def test_cli_bad_inputs_give_clear_errors(tmp_path, small_data):
 
 
 def test_demo_runs_every_stage_and_refuses_a_used_folder(tmp_path):
-    from retrieval.infer.predict import score_submission
+    import csv
     r = run("demo", "--workdir", tmp_path / "d", "--products", 120, "--n-categories", 4, "--epochs", 1, "--workers", 0)
     assert r.exit_code == 0, r.output
     summary = json.loads(r.output[r.output.index("{"):])
-    for key in ("val_head_accuracy", "val_knn_accuracy", "val_fused_accuracy", "test_accuracy"):
-        assert 0 <= summary[key] <= 1
     art = summary["artefacts"]
-    assert summary["test_accuracy"] == score_submission(art["submission"], tmp_path / "d" / "data" / "test_labels.csv")
+    with open(art["submission"], newline="") as f, open(tmp_path / "d" / "data" / "test_labels.csv", newline="") as g:
+        sub, truth = list(csv.DictReader(f)), list(csv.DictReader(g))  # the accuracy, recomputed by hand
+    assert [r["_id"] for r in sub] == [r["_id"] for r in truth]
+    hand = sum(a["category_id"] == b["category_id"] for a, b in zip(sub, truth)) / len(truth)
+    assert summary["test_accuracy"] == pytest.approx(hand) and hand > 1 / 4  # better than chance over 4 categories
     for key in ("checkpoint", "evaluation", "submission", "contact_sheet"):
         assert Path(art[key]).exists()
     assert summary["similar_top"][0][0] == summary["similar_query"]

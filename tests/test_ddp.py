@@ -13,6 +13,7 @@ from retrieval.model.export import load_model_file
 from retrieval.infer.embed import ChunkStore
 from retrieval.infer.folder import open_index
 from retrieval.infer.manifest import IndexFolder
+from retrieval.infer.parts import LoaderSettings
 from retrieval.infer.predict import predict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,17 +54,18 @@ def test_a_second_rank_reads_the_split_and_never_writes_it(small_data, trained_r
 SCRIPT = """
 import sys
 from retrieval.model.runtime import Devices
-from retrieval.infer.folder import build_index
+from retrieval.infer.folder import IndexSettings, build_index
+from retrieval.infer.parts import LoaderSettings
 from retrieval.infer.predict import predict
 from retrieval.infer.evaluate import evaluate
 where = Devices(2, 1, "cpu")
 what, data, run, index, out, chunk = sys.argv[1:]
 if what == "index":
-    build_index(data, run, out, "all", workers=0, chunk_products=40, where=where)
+    build_index(data, run, out, IndexSettings("all", chunk_products=40), LoaderSettings(workers=0, where=where))
 elif what == "evaluate":
-    evaluate(index, out_dir=out, workers=0, chunk_products=7, where=where)
+    evaluate(index, out_dir=out, loader=LoaderSettings(workers=0, where=where), chunk_products=7)
 else:
-    predict(data, index, out, workers=0, chunk_products=int(chunk), where=where)
+    predict(data, index, out, loader=LoaderSettings(workers=0, where=where), chunk_products=int(chunk))
 """
 
 
@@ -90,7 +92,7 @@ def test_two_process_build_index_and_predict_match_one_process(small_data, train
 
     for chunk in (8, 1000):  # 4 parts over 2 ranks; 1 part, so that rank 1 has nothing to do
         single = tmp_path / f"one_{chunk}.csv"
-        predict(small_data["test.bson"], indexes["all"], single, workers=0, chunk_products=chunk)
+        predict(small_data["test.bson"], indexes["all"], single, loader=LoaderSettings(workers=0), chunk_products=chunk)
         double = tmp_path / f"two_{chunk}.csv"
         _run([str(script), "predict", str(small_data["test.bson"]), "-", str(indexes["all"]), str(double),
               str(chunk)], cwd=tmp_path)
@@ -103,7 +105,7 @@ def test_two_process_evaluate_matches_one_process(trained_run, indexes, tmp_path
     from retrieval.infer.evaluate import evaluate
     script = tmp_path / "two.py"
     script.write_text(SCRIPT)
-    one = evaluate(indexes["train"], out_dir=tmp_path / "one", workers=0, chunk_products=7)
+    one = evaluate(indexes["train"], out_dir=tmp_path / "one", loader=LoaderSettings(workers=0), chunk_products=7)
     _run([str(script), "evaluate", "-", "-", str(indexes["train"]), str(tmp_path / "two"), "0"], cwd=tmp_path)
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert one["products"] == two["products"] > 14 and one["images"] == two["images"]  # >= 3 parts over 2 ranks

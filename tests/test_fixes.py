@@ -22,6 +22,8 @@ from retrieval.errors import UserError
 from retrieval.infer.predict import predict, read_submission
 from retrieval.infer.query import Neighbour
 from retrieval.train.run import resolve_config
+from retrieval.infer.parts import LoaderSettings
+from retrieval.infer.fused import FusionOverrides
 
 runner = CliRunner()
 
@@ -43,23 +45,25 @@ def test_predict_writes_a_row_when_the_first_product_has_no_picture(indexes, sma
     docs.insert(0, {"_id": 5, "imgs": [{"picture": b"\xff\xd8 not a jpeg"}]})
     path = tmp_path / "t.bson"
     path.write_bytes(b"".join(bson.encode(d) for d in docs))
-    predict(path, indexes["all"], tmp_path / "s.csv", workers=0)
+    predict(path, indexes["all"], tmp_path / "s.csv", loader=LoaderSettings(workers=0))
     ids, _ = read_submission(tmp_path / "s.csv")
     assert ids.tolist() == [d["_id"] for d in docs]
 
 
 def test_predict_checks_arguments_before_making_state_and_can_restart(indexes, small_data, tmp_path):
     out = tmp_path / "s.csv"
-    for bad in ({"k": 0}, {"alpha": 1.5}, {"tau": 0.0}, {"batch_size": 0}):
+    for bad in ({"k": 0}, {"alpha": 1.5}, {"tau": 0.0}):
         with pytest.raises(UserError):
-            predict(small_data["test.bson"], indexes["all"], out, workers=0, **bad)
+            predict(small_data["test.bson"], indexes["all"], out, FusionOverrides(**bad), loader=LoaderSettings(workers=0))
         assert not (tmp_path / "s.csv.parts").exists()
+    with pytest.raises(UserError, match="batch size must be at least 1"):
+        LoaderSettings(batch_size=0)
     parts = tmp_path / "s.csv.parts"
     parts.mkdir()
     (parts / "store.json").write_text('{"test": {}, "params": {"alpha": 0.9}}')  # left by an earlier, other run
     with pytest.raises(UserError, match=r"other settings \(.*params.alpha 0.9 -> .*--restart"):
-        predict(small_data["test.bson"], indexes["all"], out, workers=0)
-    rep = predict(small_data["test.bson"], indexes["all"], out, workers=0, restart=True)
+        predict(small_data["test.bson"], indexes["all"], out, loader=LoaderSettings(workers=0))
+    rep = predict(small_data["test.bson"], indexes["all"], out, loader=LoaderSettings(workers=0), restart=True)
     assert rep.products == rep.computed == 30 and out.exists()
 
 

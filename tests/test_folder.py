@@ -11,6 +11,8 @@ from retrieval.errors import UserError
 from retrieval.infer.folder import add_to_index, build_index, open_index
 from retrieval.infer.manifest import IndexFolder, WriterBusy
 from retrieval.infer.query import embed_pictures, product_pictures, similar
+from retrieval.infer.folder import IndexSettings
+from retrieval.infer.parts import LoaderSettings
 
 
 @pytest.fixture()
@@ -19,7 +21,7 @@ def world(tmp_path, small_data, trained_run):
     root = tmp_path / "world"
     shutil.copytree(small_data["train.bson"].parent, root / "data")
     shutil.copytree(trained_run, root / "run")
-    build_index(root / "data" / "train.bson", root / "run", root / "idx", "all", workers=0)
+    build_index(root / "data" / "train.bson", root / "run", root / "idx", IndexSettings("all"), LoaderSettings(workers=0))
     return root
 
 
@@ -41,7 +43,7 @@ def test_a_moved_folder_still_opens_and_a_missing_source_is_named(world, tmp_pat
 def test_a_second_writer_is_refused(world, small_data):
     with IndexFolder(world / "idx").writer():
         with pytest.raises(WriterBusy, match="another process is writing this index"):
-            add_to_index(world / "idx", small_data["test.bson"], workers=0)
+            add_to_index(world / "idx", small_data["test.bson"], LoaderSettings(workers=0))
     assert len(open_index(world / "idx").product_ids) == 150  # nothing was added
 
 
@@ -59,10 +61,10 @@ def test_a_part_left_by_a_dead_add_is_never_taken_for_another_upload(world, tmp_
 
     monkeypatch.setattr(IndexFolder, "commit", die)
     with pytest.raises(KeyboardInterrupt):
-        add_to_index(idx, first, workers=0)
+        add_to_index(idx, first, LoaderSettings(workers=0))
     monkeypatch.undo()
     assert IndexFolder(idx).generation() == gen_before and len(open_index(idx).product_ids) == 150
-    added, _ = add_to_index(idx, second, workers=0)
+    added, _ = add_to_index(idx, second, LoaderSettings(workers=0))
     b = open_index(idx)
     assert added > 0 and len(b.product_ids) == 150 + added
     for pos in range(150, len(b.product_ids)):  # each stored vector is the upload's own picture, re-embedded

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from index import VectorIndex, choose_factory, exact_topk, fuse, knn_vote, recall_at_k
+from index import VectorIndex, choose_factory, exact_topk, knn_vote, recall_at_k
 
 
 def clustered(n, d=32, centres=50, seed=0, noise=0.3):
@@ -108,19 +108,6 @@ def test_knn_vote_matches_python_loop():
         ref = [r / total if total else 0.0 for r in ref]
         assert np.allclose(got[q], ref, atol=1e-5)
     assert got[3].sum() == 0
-
-
-def test_fusion_endpoints():
-    rng = np.random.default_rng(0)
-    head = rng.dirichlet(np.ones(4), 10).astype(np.float32)
-    knn = rng.dirichlet(np.ones(4), 10).astype(np.float32)
-    knn[2] = 0
-    assert np.array_equal(fuse(head, knn, 1.0), head)
-    assert np.array_equal(fuse(head, knn, 0.0)[[0, 1, 3]], knn[[0, 1, 3]])
-    assert np.array_equal(fuse(head, knn, 0.0)[2], head[2])  # no neighbour: the head decides
-    assert np.allclose(fuse(head, knn, 0.3)[0], 0.3 * head[0] + 0.7 * knn[0])
-    with pytest.raises(ValueError):
-        fuse(head, knn, 1.5)
 
 
 def test_duplicate_table_finds_exact_pictures_and_labels_products(tmp_path):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import pytorch_lightning as pl
@@ -22,8 +22,10 @@ from torch.utils.data import DataLoader, Sampler
 from ..data.datasets import ProductDataset, collate_products
 from ..data.offsets import RecordReader
 from ..model.network import EmbeddingNet
-from ..model.runtime import Devices
 from .embed import ProductOutputs, batch_outputs
+
+if TYPE_CHECKING:
+    from .parts import LoaderSettings
 
 log = logging.getLogger(__name__)
 OnPart = Callable[[int, list[ProductOutputs]], None]
@@ -95,11 +97,12 @@ class _PartWriter(BasePredictionWriter):
 
 
 def embed_parts(net: EmbeddingNet, reader: RecordReader, parts: list[tuple[int, np.ndarray]], on_part: OnPart,
-                where: Devices, batch_images: int = 256, workers: int = 2, tta_flip: bool = False,
-                keep_probs: bool = True, progress: bool = True) -> bool:
+                loader: "LoaderSettings", tta_flip: bool = False, keep_probs: bool = True, progress: bool = True
+                ) -> bool:
     """Embed ``parts`` (part number, offset-table rows) over ``where``; ``on_part(part, outputs)`` runs on the
-    rank that embedded the part (head probabilities ``[P, C]`` only with ``keep_probs``). Returns True on
-    global rank 0, after every rank has finished."""
+    rank that embedded the part (head probabilities ``[P, C]`` only with ``keep_probs``), with ``loader``'s
+    batch size, workers and devices. Returns True on global rank 0, after every rank has finished."""
+    where, batch_images, workers = loader.where, loader.batch_size, loader.workers
     ddp = where.distributed
     trainer = pl.Trainer(accelerator=where.accelerator, devices=where.devices, num_nodes=where.num_nodes,
                          strategy="ddp" if ddp else "auto", logger=False, enable_checkpointing=False,

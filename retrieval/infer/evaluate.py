@@ -17,7 +17,7 @@ import numpy as np
 from ..data.images import DecodeStats
 from ..data.offsets import RecordReader, file_fingerprint, load_offsets
 from ..errors import UserError
-from ..model.runtime import Devices, is_first_rank
+from ..model.runtime import is_first_rank
 from .embed import ChunkStore
 from .parts import LoaderSettings, PartWork, numbered, run_parts
 from .calibrate import KS, calibrate
@@ -83,12 +83,12 @@ def _candidates(bundle: IndexBundle, path: Path, table: np.ndarray, rows: np.nda
 
 
 def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir: str | Path | None = None,
-             batch_size: int = 256, workers: int = 2, max_products: int | None = None, seed: int = 0,
-             where: Devices | None = None, chunk_products: int = 16_384) -> dict | None:
+             loader: LoaderSettings = LoaderSettings(), max_products: int | None = None, seed: int = 0,
+             chunk_products: int = 16_384) -> dict | None:
     """Score the run's validation split (or a labelled file); write metrics.json, plots and calibration.json.
-    With ``where`` over several devices/nodes, rank 0 scores and returns the metrics, other ranks None."""
-    if batch_size < 1 or chunk_products < 1 or (max_products is not None and max_products < 1):
-        raise UserError("batch size, chunk size and max products must be at least 1")
+    With ``loader.where`` over several devices/nodes, rank 0 scores and returns the metrics, other ranks None."""
+    if chunk_products < 1 or (max_products is not None and max_products < 1):
+        raise UserError("chunk size and max products must be at least 1")
     bundle = open_index(index_dir)
     cats = bundle.categories
     path, table, rows = _eval_rows(bundle, val_path)
@@ -96,8 +96,7 @@ def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir:
         rows = np.sort(np.random.default_rng(seed).choice(rows, max_products, replace=False))
     y = cats.encode(table["category_id"][rows])
     out = Path(out_dir) if out_dir else bundle.run.path / "eval"
-    found = _candidates(bundle, path, table, rows, y, LoaderSettings(batch_size, workers, where), out / "parts",
-                        chunk_products)
+    found = _candidates(bundle, path, table, rows, y, loader, out / "parts", chunk_products)
     if found is None:
         return None
     c, head_pred, img_ok, stats = found

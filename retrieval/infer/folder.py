@@ -21,7 +21,7 @@ from ..data.images import DecodeStats
 from ..data.offsets import RecordReader, file_fingerprint, load_offsets
 from ..errors import UserError
 from ..model.export import LoadedModel, load_model_file
-from ..model.runtime import Devices, best_device, is_first_rank
+from ..model.runtime import best_device, is_first_rank
 from ..rundir import RunDir
 from .embed import ChunkStore, ProductOutputs
 from .manifest import IndexFolder, IndexManifest, Source
@@ -188,28 +188,41 @@ def _fill_index(vi: VectorIndex, store: ChunkStore, parts: list, labels: np.ndar
     return vi.tune(q, exact_topk(q, added_blocks(), 10)[1], target_recall)
 
 
-def build_index(train_path: str | Path, run_dir: str | Path, out_dir: str | Path, split: str = "train",
-                index_type: str = "auto", batch_size: int = 256, tta_flip: bool = False, workers: int = 2,
-                chunk_products: int = 50_000, memory_budget: float = 8e9, target_recall: float = 0.95,
-                restart: bool = False, where: Devices | None = None) -> IndexManifest | None:
-    """Embed every product of ``split`` ("train": the run's training split, "all": every labelled product),
-    build a FAISS index and write ``out_dir``. Re-running after an interruption resumes from the last part.
-    With ``where`` over several devices/nodes, every rank embeds its share and rank 0 builds the index
-    (the other ranks return None)."""
-    if split not in ("train", "all"):
-        raise UserError(f"split must be 'train' or 'all', got {split!r}")
-    if batch_size < 1 or chunk_products < 1:
-        raise UserError("batch size and chunk size must be at least 1")
+@dataclass(frozen=True)
+class IndexSettings:
+    """What ``build-index`` makes: ``split`` ("train": the run's training split, "all": every labelled product),
+    the FAISS factory ("auto" chooses by size and ``memory_budget`` bytes), flip TTA (then used by every query
+    of the folder), products per embedded part, and the recall@10 an approximate index is tuned to."""
+
+    split: str = "train"
+    index_type: str = "auto"
+    tta_flip: bool = False
+    chunk_products: int = 50_000
+    memory_budget: float = 8e9
+    target_recall: float = 0.95
+
+    def __post_init__(self) -> None:
+        if self.split not in ("train", "all"):
+            raise UserError(f"split must be 'train' or 'all', got {self.split!r}")
+        if self.chunk_products < 1 or not self.memory_budget > 0 or not 0 < self.target_recall <= 1:
+            raise UserError("chunk size must be at least 1, memory budget positive, target recall in (0, 1]")
+
+
+def build_index(train_path: str | Path, run_dir: str | Path, out_dir: str | Path,
+                settings: IndexSettings = IndexSettings(), loader: LoaderSettings = LoaderSettings(),
+                restart: bool = False) -> IndexManifest | None:
+    """Embed every product of ``settings.split``, build a FAISS index and commit it as ``out_dir``'s new
+    generation. Re-running after an interruption resumes from the last part. With ``loader.where`` over several
+    devices/nodes, every rank embeds its share and rank 0 builds the index (the other ranks return None)."""
     train_path, out, run = Path(train_path), IndexFolder(out_dir), RunDir(Path(run_dir))
     # rank 0 (or the one process) is the folder's writer; other ranks only write their embedded parts
     with out.writer() if is_first_rank() else nullcontext():
-        return _build(train_path, run, out, split, index_type, tta_flip, chunk_products, memory_budget,
-                      target_recall, restart, LoaderSettings(batch_size, workers, where))
+        return _build(train_path, run, out, settings, restart, loader)
 
 
-def _build(train_path: Path, run: RunDir, out: IndexFolder, split: str, index_type: str, tta_flip: bool,
-           chunk_products: int, memory_budget: float, target_recall: float, restart: bool,
+def _build(train_path: Path, run: RunDir, out: IndexFolder, settings: IndexSettings, restart: bool,
            loader: LoaderSettings) -> IndexManifest | None:
+    split, tta_flip, chunk_products = settings.split, settings.tta_flip, settings.chunk_products
     model = load_model_file(run.model(), best_device())
     net, cats = model.net, model.categories
     table = load_offsets(train_path)
@@ -232,9 +245,11 @@ def _build(train_path: Path, run: RunDir, out: IndexFolder, split: str, index_ty
         return None
     stats, embed_s = done
     parts = [(p, len(r)) for p, r in parts]
-    factory = choose_factory(len(rows), net.cfg.embed_dim, memory_budget) if index_type == "auto" else index_type
+    factory = settings.index_type
+    if factory == "auto":
+        factory = choose_factory(len(rows), net.cfg.embed_dim, settings.memory_budget)
     vi = VectorIndex.create(net.cfg.embed_dim, factory)
-    recall = _fill_index(vi, store, parts, cats.encode(table["category_id"][rows]), target_recall)
+    recall = _fill_index(vi, store, parts, cats.encode(table["category_id"][rows]), settings.target_recall)
     manifest = IndexManifest(
         model_file=out.relative(model.path), model_sha256=model.sha256, run_dir=out.relative(run.path),
         backbone=net.cfg.backbone, image_size=net.cfg.image_size, dim=net.cfg.embed_dim, factory=factory,
@@ -250,12 +265,12 @@ def _build(train_path: Path, run: RunDir, out: IndexFolder, split: str, index_ty
     return bundle.manifest
 
 
-def add_to_index(index_dir: str | Path, new_path: str | Path, batch_size: int = 256, workers: int = 2
+def add_to_index(index_dir: str | Path, new_path: str | Path, loader: LoaderSettings = LoaderSettings()
                  ) -> tuple[int, list[int]]:
     """Embed the products of ``new_path`` and append them as a new generation; returns (added, ids already
     indexed). Holds the folder's writer lock: a second writer is refused."""
     with IndexFolder(index_dir).writer():
-        return _add(open_index(index_dir), Path(new_path), LoaderSettings(batch_size, workers))
+        return _add(open_index(index_dir), Path(new_path), loader)
 
 
 def _add(bundle: IndexBundle, new_path: Path, loader: LoaderSettings) -> tuple[int, list[int]]:

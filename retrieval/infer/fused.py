@@ -171,10 +171,20 @@ class FusedClassifier:
 DEFAULT = FusedClassifier()  # used where no calibration exists
 
 
-def calibrated(run: RunDir, fallback: int, alpha: float | None = None, k: int | None = None,
-               tau: float | None = None, beta: float | None = None) -> FusedClassifier:
-    """The run's calibration (from ``evaluate``) or the defaults, with any given value taking precedence (a
-    given alpha or beta means the grid rule with those weights)."""
+@dataclass(frozen=True)
+class FusionOverrides:
+    """Values a user sets over the calibration (None: the calibration's, else :data:`DEFAULT`'s); checked by
+    :class:`FusedClassifier`. A given alpha or beta means the grid rule with those weights."""
+
+    alpha: float | None = None
+    k: int | None = None
+    tau: float | None = None
+    beta: float | None = None
+
+
+def calibrated(run: RunDir, fallback: int, overrides: FusionOverrides = FusionOverrides()) -> FusedClassifier:
+    """The run's calibration (from ``evaluate``) or the defaults, with any overridden value taking precedence."""
+    alpha, k, tau, beta = overrides.alpha, overrides.k, overrides.tau, overrides.beta
     saved = run.read_calibration() or {}
     pick = lambda name, given: given if given is not None else saved.get(name, getattr(DEFAULT, name))  # noqa: E731
     weights = saved.get("weights") if alpha is None and beta is None else None

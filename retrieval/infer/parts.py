@@ -86,7 +86,7 @@ def run_parts(net, tta_flip: bool, reader: RecordReader, parts: list[tuple[int, 
     if loader.distributed:
         from .distributed import embed_parts
         if not embed_parts(net, reader, todo, lambda p, outs: store.write(p, **_reduce_groups(work, outs)),
-                           loader.where, loader.batch_size, loader.workers, tta_flip, keep_probs=work.keep_probs):
+                           loader, tta_flip, keep_probs=work.keep_probs):
             return None
     else:
         total = sum(len(r) for _, r in parts)

@@ -13,10 +13,10 @@ import numpy as np
 
 from ..data.offsets import RecordReader, file_fingerprint, load_offsets
 from ..errors import UserError
-from ..model.runtime import Devices, is_first_rank
+from ..model.runtime import is_first_rank
 from .embed import ChunkStore, Timer
 from .parts import LoaderSettings, PartWork, numbered, run_parts
-from .fused import FusedClassifier, calibrated, candidates_for
+from .fused import FusedClassifier, FusionOverrides, calibrated, candidates_for
 from .folder import IndexBundle, open_index
 
 log = logging.getLogger(__name__)
@@ -42,10 +42,21 @@ class PredictReport:
         return self.computed / self.seconds if self.seconds > 0 else 0.0
 
 
-def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path, alpha: float | None = None,
-            k: int | None = None, tau: float | None = None, beta: float | None = None, top: int = 0,
-            scores_out: str | Path | None = None, batch_size: int = 256, workers: int = 2,
-            chunk_products: int = 20_000, restart: bool = False, where: Devices | None = None
+@dataclass(frozen=True)
+class ScoresOutput:
+    """``--scores-out``: a JSON Lines file with each product's ``top`` categories and their scores."""
+
+    path: Path
+    top: int = 5
+
+    def __post_init__(self) -> None:
+        if self.top < 1:
+            raise UserError(f"top must be at least 1, got {self.top}")
+
+
+def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path,
+            fusion: FusionOverrides = FusionOverrides(), scores: ScoresOutput | None = None,
+            loader: LoaderSettings = LoaderSettings(), chunk_products: int = 20_000, restart: bool = False
             ) -> PredictReport | None:
     """Write ``_id,category_id`` for every product of ``test_path`` in file order.
 
@@ -55,12 +66,13 @@ def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path, a
     every rank predicts its share of the chunks and rank 0 writes the submission (other ranks return None).
     """
     t_start = time.perf_counter()
-    if batch_size < 1 or chunk_products < 1 or top < 0 or workers < 0:
-        raise UserError("batch size and chunk size must be at least 1, top and workers at least 0")
+    if chunk_products < 1:
+        raise UserError("chunk size must be at least 1")
+    top, scores_out = (scores.top, scores.path) if scores else (0, None)
     test_path, out_csv = Path(test_path), Path(out_csv)
     table = load_offsets(test_path)
     bundle = open_index(index_dir)
-    clf = calibrated(bundle.run, bundle.fallback_class, alpha, k, tau, beta)  # validates alpha, k, tau, beta
+    clf = calibrated(bundle.run, bundle.fallback_class, fusion)  # validates alpha, k, tau, beta
     net, cats = bundle.net, bundle.categories
     tta_flip = bundle.manifest.tta_flip
     reader = RecordReader(test_path, table)
@@ -73,7 +85,7 @@ def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path, a
     parts = numbered(np.arange(len(table)), chunk_products)
     report.computed = sum(len(r) for p, r in parts if not store.done(p))
     work = PartWork(lambda outs: _decide(bundle, clf, outs, top, timer), group=SEARCH_BATCH, desc="predict")
-    stats = run_parts(net, tta_flip, reader, parts, store, work, LoaderSettings(batch_size, workers, where), timer)
+    stats = run_parts(net, tta_flip, reader, parts, store, work, loader, timer)
     if stats is None:
         return None
     n_parts = len(parts)

@@ -18,6 +18,7 @@ from ..errors import UserError
 from ..infer.fused import calibrated
 from ..infer.folder import IndexBundle, add_to_index, open_index
 from ..infer.manifest import IndexFolder
+from ..infer.parts import LoaderSettings
 from ..infer.query import (UnknownProduct, classify_pictures, embed_pictures, neighbours, product_pictures,
                       product_position)
 
@@ -142,7 +143,7 @@ def create_app(index_dir: str | Path) -> FastAPI:
                 tmp.write(chunk)
         with state.lock:
             try:
-                added, already = add_to_index(state.folder, tmp.name, workers=0)
+                added, already = add_to_index(state.folder, tmp.name, LoaderSettings(workers=0))
             except UserError as e:
                 Path(tmp.name).unlink()
                 raise HTTPException(400, f"upload {file.filename}: {e}") from None

@@ -20,7 +20,7 @@ from ..data.datasets import ProductDataset, product_loader
 from ..data.offsets import RecordReader
 from ..model.network import EmbeddingNet
 from ..model.runtime import autocast_for, device_of
-from .config import LossSettings
+from .config import LossSettings, TrainConfig
 from .losses import MetricLoss
 
 log = logging.getLogger(__name__)
@@ -154,9 +154,11 @@ def sample_rows(rows: np.ndarray, n_images: np.ndarray, max_images: int, seed: i
 
 def linear_probe_warm_start(net: EmbeddingNet, reader: RecordReader, train_rows: np.ndarray,
                             train_labels: np.ndarray, val_rows: np.ndarray, val_labels: np.ndarray,
-                            loss_cfg: LossSettings, epochs: int, max_images: int, workers: int = 2,
-                            seed: int = 0) -> FrozenBaseline:
-    """The LP step of LP-FT on ``net`` (in place), and the frozen baselines measured on the way."""
+                            cfg: TrainConfig) -> FrozenBaseline:
+    """The LP step of LP-FT on ``net`` (in place): ``cfg.schedule.lp_epochs`` epochs over the frozen features
+    of at most ``lp_max_images`` training images; and the frozen baselines measured on the way."""
+    epochs, max_images = cfg.schedule.lp_epochs, cfg.schedule.lp_max_images
+    loss_cfg, workers, seed = cfg.loss, cfg.data.workers, cfg.data.seed
     n_img = reader.table["n_images"]
     pick = sample_rows(np.arange(len(train_rows)), n_img[train_rows], max_images, seed)
     vpick = sample_rows(np.arange(len(val_rows)), n_img[val_rows], max(1, max_images // 4), seed)

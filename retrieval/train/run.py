@@ -150,7 +150,6 @@ def _lp_step(net: EmbeddingNet, dm: CdiscountDataModule, cfg: TrainConfig) -> Fr
     net.to(dev)
     try:
         return linear_probe_warm_start(net, dm.reader, dm.train_rows, dm.class_of(dm.train_rows), dm.val_rows,
-                                       dm.class_of(dm.val_rows), cfg.loss, cfg.schedule.lp_epochs,
-                                       cfg.schedule.lp_max_images, cfg.data.workers, cfg.data.seed)
+                                       dm.class_of(dm.val_rows), cfg)
     finally:
         net.to("cpu")
