@@ -304,14 +304,19 @@ def evaluate(index: Path = typer.Option(..., help="index folder (build-index --s
 @command()
 def serve(index: Path = typer.Option(..., help="index folder to serve"),
           host: str = typer.Option("127.0.0.1", help="address to listen on"),
-          port: int = typer.Option(8000, min=1, max=65535, help="TCP port")) -> None:
+          port: int = typer.Option(8000, min=1, max=65535, help="TCP port"),
+          token: Optional[str] = typer.Option(None, envvar="CDISCOUNT_TOKEN",
+                                              help="bearer token every write (POST /products) must carry"),
+          read_only: bool = typer.Option(False, help="refuse every write")) -> None:
     """Serve similar products over HTTP with a web page at / (API docs at /docs); needs the serve extra."""
     try:
         import uvicorn
-        from retrieval.serve.api import create_app
+        from retrieval.serve.api import ServeSettings, check_exposure, create_app
     except ImportError as e:
         raise UserError(f"serve needs the serve extra: pip install -e '.[serve]' ({e})") from None
-    uvicorn.run(create_app(index), host=host, port=port, log_level="info")
+    settings = ServeSettings(token, read_only)
+    check_exposure(host, settings)
+    uvicorn.run(create_app(index, settings), host=host, port=port, log_level="info")
 
 
 @command()

@@ -39,9 +39,11 @@ def _check_nearest(served, product_id: int, found: list[int], k: int, skip: int 
     cosine scan over every stored vector in plain numpy (ties, e.g. re-listed twins, may come in any order)."""
     b = open_index(served)
     vecs = np.stack([b.vector(i) for i in range(len(b.product_ids))])
-    sims = vecs @ vecs[int(np.flatnonzero(b.product_ids == product_id)[0])]
+    own = int(np.flatnonzero(b.product_ids == product_id)[0])
+    sims = vecs @ vecs[own]
     by_id = dict(zip(b.product_ids.tolist(), sims.tolist()))
-    expected = np.sort(sims)[::-1][skip:skip + k]
+    expected = np.sort(np.delete(sims, own))[::-1][skip:skip + k]  # the query is not its own neighbour
+    assert product_id not in found
     assert len(found) == k == len(set(found))
     np.testing.assert_allclose([by_id[i] for i in found], expected, atol=1e-5)
 
@@ -86,18 +88,81 @@ def test_pictures_health_and_docs(client, served, small_data):
     assert "<title>Similar products</title>" in client.get("/").text
 
 
+def _png(w: int, h: int) -> bytes:
+    """A valid PNG header claiming ``w x h`` pixels (a decompression bomb's first bytes; no pixel data needed)."""
+    import struct
+    import zlib
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))  # noqa: E731
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
 @pytest.mark.parametrize("data, files, status, words", [
     ({"product_id": 987654321}, None, 404, "not in the index"),
     ({}, [("images", ("x.jpg", b"not a picture", "image/jpeg"))], 400, "x.jpg: not a readable image"),
     ({"product_id": 1, "k": 0}, None, 422, "greater than or equal to 1"),
     ({"product_id": 1, "k": 1000}, None, 422, "less than or equal to 100"),
     ({}, None, 400, "exactly one of product_id or one or more images"),
-    ({"k": 2}, [("images", ("big.jpg", b"\xff" * (MAX_UPLOAD + 10), "image/jpeg"))], 413, "MB in all"),
+    ({"k": 2}, [("images", ("big.jpg", b"\xff" * (MAX_UPLOAD + (2 << 20)), "image/jpeg"))], 413, "request body over"),
+    ({}, [("images", ("empty.jpg", b"", "image/jpeg"))], 400, "empty.jpg: empty file"),
+    ({}, [("images", ("bomb.png", _png(20_000, 20_000), "image/png"))], 400, "over the 40,000,000-pixel limit"),
+    ({"product_id": -1}, None, 422, "greater than or equal to 0"),
+    ({"product_id": "abc"}, None, 422, "valid integer"),
+    ({"product_id": 2 ** 64}, None, 422, "less than or equal to"),
+    ({"product_id": 1, "offset": -1}, None, 422, "greater than or equal to 0"),
+    ({"product_id": 1, "offset": 10 ** 6}, None, 422, "less than or equal to 10000"),
+    ({"product_id": "FIRST", "category": 123}, None, 400, "category 123 is not in the model's category table"),
 ])
 def test_bad_input_is_a_4xx_and_the_server_keeps_serving(client, small_data, data, files, status, words):
+    if data.get("product_id") == "FIRST":
+        data = {**data, "product_id": _first(small_data).product_id}
     r = client.post("/similar", data=data, files=files)
     assert r.status_code == status and words in r.text
     assert client.post("/similar", data={"product_id": _first(small_data).product_id, "k": 1}).status_code == 200
+
+
+def test_the_query_product_is_not_its_own_neighbour_unless_asked(client, small_data):
+    p = _first(small_data)
+    got = client.post("/similar", data={"product_id": p.product_id, "k": 3}).json()["results"]
+    assert p.product_id not in [x["product_id"] for x in got] and len(got) == 3
+    own = client.post("/similar", data={"product_id": p.product_id, "k": 3, "include_self": True}).json()["results"]
+    assert own[0]["product_id"] == p.product_id and own[0]["similarity"] == pytest.approx(1.0, abs=1e-4)
+    shares = client.post("/classify", data={"product_id": p.product_id, "top": 20}).json()["categories"]
+    assert sum(x["fused"] for x in shares) == pytest.approx(1.0, abs=1e-4)  # probabilities over the candidates
+
+
+def test_writes_need_the_token_and_read_only_refuses_them(served, small_data, tmp_path):
+    from retrieval.serve.api import ServeSettings, check_exposure
+    p = _first(small_data)
+    new = {"_id": 555_000_002, "imgs": [{"picture": x} for x in p.images], "category_id": p.category_id}
+    files = {"file": ("new.bson", bson.encode(new), "application/octet-stream")}
+    folder = tmp_path / "idx"
+    shutil.copytree(served, folder)
+    with TestClient(create_app(folder, ServeSettings(token="s3cret"))) as c:
+        assert c.post("/products", files=files).status_code == 401
+        assert c.post("/products", files=files, headers={"Authorization": "Bearer nope"}).status_code == 403
+        r = c.post("/products", files=files, headers={"Authorization": "Bearer s3cret", "Origin": "http://evil.example"})
+        assert r.status_code == 403 and "another site" in r.text
+        before = c.get("/health").json()["products"]
+        ok = c.post("/products", files=files, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200 and ok.json()["added"] == 1 and c.get("/health").json()["products"] == before + 1
+    with TestClient(create_app(folder, ServeSettings(read_only=True))) as c:
+        r = c.post("/products", files=files)
+        assert r.status_code == 403 and "read-only" in r.text
+    with pytest.raises(ValueError, match="without a credential"):
+        check_exposure("0.0.0.0", ServeSettings())
+    check_exposure("0.0.0.0", ServeSettings(token="t"))
+    check_exposure("127.0.0.1", ServeSettings())
+
+
+def test_a_refused_upload_leaves_no_file_and_no_path_leaks(client, served):
+    from retrieval.infer.manifest import IndexFolder
+    uploads = IndexFolder(served).uploads
+    before = set(uploads.glob("*")) if uploads.exists() else set()
+    bad = client.post("/products", files={"file": ("junk.bson", b"\x05\x00\x00\x00junk", "application/octet-stream")})
+    assert bad.status_code == 400 and "junk" in bad.text
+    assert str(served) not in bad.text and "/tmp" not in bad.text
+    assert set(uploads.glob("*")) == before
 
 
 def test_adding_products_makes_them_findable(client, small_data, tmp_path):
@@ -105,7 +170,7 @@ def test_adding_products_makes_them_findable(client, small_data, tmp_path):
     new = {"_id": 555_000_001, "imgs": [{"picture": x} for x in p.images], "category_id": p.category_id}
     r = client.post("/products", files={"file": ("new.bson", bson.encode(new), "application/octet-stream")})
     assert r.status_code == 200 and r.json()["added"] == 1
-    found = client.post("/similar", data={"product_id": 555_000_001, "k": 2}).json()["results"]
+    found = client.post("/similar", data={"product_id": 555_000_001, "k": 2, "include_self": True}).json()["results"]
     assert 555_000_001 in [x["product_id"] for x in found]
     assert client.get("/products/555000001/images/0").content == p.images[0]  # served from the kept upload
     bad = client.post("/products", files={"file": ("junk.bson", b"\x05\x00\x00\x00junk", "application/octet-stream")})
@@ -164,6 +229,18 @@ def _cards(drv, n_min: int, timeout: float = 20.0) -> list:
     raise AssertionError(f"no results on the page: {drv.find_element(By.ID, 'status').text!r}")
 
 
+def test_a_script_injected_through_the_page_url_does_not_run(server, browser):
+    from selenium.webdriver.common.by import By
+    browser.get(f"{server}/?id=%22%3E%3Cimg%20src%3Dx%20onerror%3D%22window.__pwned%3D1%22%3E")
+    end = time.time() + 5
+    while not browser.find_element(By.ID, "status").text and time.time() < end:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    assert browser.execute_script("return window.__pwned") is None
+    assert "whole number" in browser.find_element(By.ID, "status").text
+    assert not browser.find_elements(By.CSS_SELECTOR, "#query img[src='x']")
+
+
 def test_page_searches_by_id_and_picture_and_more_like_this(server, browser, served, small_data, tmp_path):
     from selenium.webdriver.common.by import By
     p = _first(small_data)
@@ -199,3 +276,46 @@ def test_page_searches_by_id_and_picture_and_more_like_this(server, browser, ser
     shot = tmp_path / "page.png"
     browser.save_screenshot(str(shot))
     assert shot.stat().st_size > 10_000
+
+
+def test_queries_answer_from_the_old_generation_while_an_add_runs(served, small_data, tmp_path, monkeypatch):
+    """A slow add runs in the thread pool; /health and /similar keep answering at once, and the new product
+    appears only when the add commits."""
+    import httpx
+    import uvicorn
+    import retrieval.serve.api as api
+    folder = tmp_path / "idx"
+    shutil.copytree(served, folder)
+    real = api.add_to_index
+
+    def slow_add(*a, **k):
+        time.sleep(3.0)
+        return real(*a, **k)
+
+    monkeypatch.setattr(api, "add_to_index", slow_add)
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(folder), host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=srv.run, daemon=True).start()
+    while not srv.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    p = _first(small_data)
+    new = {"_id": 555_000_003, "imgs": [{"picture": x} for x in p.images], "category_id": p.category_id}
+    before = httpx.get(url + "/health").json()["products"]
+    result = {}
+    adder = threading.Thread(target=lambda: result.update(r=httpx.post(
+        url + "/products", files={"file": ("n.bson", bson.encode(new), "application/octet-stream")}, timeout=60)))
+    adder.start()
+    time.sleep(0.3)
+    worst = 0.0
+    while adder.is_alive():
+        t = time.perf_counter()
+        h = httpx.get(url + "/health", timeout=10).json()
+        s = httpx.post(url + "/similar", data={"product_id": p.product_id, "k": 2}, timeout=10)
+        worst = max(worst, time.perf_counter() - t)
+        if adder.is_alive():
+            assert h["products"] == before and s.status_code == 200  # the old generation, whole
+        time.sleep(0.05)
+    srv.should_exit = True
+    assert result["r"].status_code == 200 and result["r"].json()["products"] == before + 1
+    assert worst < 1.0  # nothing waited behind the 3-second add

@@ -17,8 +17,16 @@ from PIL import Image
 log = logging.getLogger(__name__)
 
 
+MAX_PIXELS = 40_000_000  # a Cdiscount picture has 32,400; anything past this is refused before decoding
+
+
 class ImageDecodeError(ValueError):
-    """A picture that is neither a decodable JPEG nor any image Pillow can read."""
+    """A picture that is neither a decodable JPEG nor any image Pillow can read (or one over MAX_PIXELS)."""
+
+
+def _check_pixels(width: int, height: int) -> None:
+    if width * height > MAX_PIXELS:
+        raise ImageDecodeError(f"picture of {width} x {height} pixels is over the {MAX_PIXELS:,}-pixel limit")
 
 
 def picture_hash(data: bytes) -> int:
@@ -34,14 +42,24 @@ def decode_image(data: bytes, min_size: int | None = None) -> np.ndarray:
     """
     if simplejpeg is not None and data[:2] == b"\xff\xd8":
         try:
+            h, w, *_ = simplejpeg.decode_jpeg_header(data)
+        except (ValueError, RuntimeError):
+            h = w = 0  # let Pillow decide below
+        _check_pixels(w, h)
+        try:
             kw = {"min_height": min_size, "min_width": min_size} if min_size else {}
             return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=True, **kw)
         except (ValueError, RuntimeError):
             pass  # CMYK, progressive oddities, damage: let Pillow decide
     try:
         with Image.open(io.BytesIO(data)) as im:
+            _check_pixels(*im.size)  # read from the header: nothing is decoded yet
             im.draft("RGB", (min_size, min_size)) if min_size else None
             return np.asarray(im.convert("RGB"))
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageDecodeError(f"picture over the {MAX_PIXELS:,}-pixel limit ({e})") from e
     except Exception as e:
         raise ImageDecodeError(f"undecodable picture ({len(data)} bytes): {e}") from e
 

@@ -70,6 +70,16 @@ class IndexBundle:
         return int(np.bincount(lab).argmax()) if len(lab) else 0
 
     @cached_property
+    def _id_order(self) -> np.ndarray:
+        return np.argsort(self.product_ids, kind="stable")
+
+    def position_of(self, product_id: int) -> int | None:
+        """Index position of ``product_id`` (binary search over the sorted ids), or None."""
+        order = self._id_order
+        i = int(np.searchsorted(self.product_ids, product_id, sorter=order))
+        return int(order[i]) if i < len(order) and self.product_ids[order[i]] == product_id else None
+
+    @cached_property
     def _part_starts(self) -> np.ndarray:
         return np.cumsum([c for _, c in self.manifest.parts])
 

@@ -47,10 +47,10 @@ class Neighbour:
 
 def product_position(bundle: IndexBundle, product_id: int) -> int:
     """Index position of ``product_id``; a clear error if it is not indexed."""
-    hit = np.flatnonzero(bundle.product_ids == product_id)
-    if len(hit) == 0:
-        raise UnknownProduct(f"product _id {product_id} is not in the index {bundle.folder}")
-    return int(hit[0])
+    pos = bundle.position_of(product_id)
+    if pos is None:
+        raise UnknownProduct(f"product _id {product_id} is not in the index")
+    return pos
 
 
 def product_pictures(bundle: IndexBundle, pos: int) -> list[bytes]:
@@ -138,6 +138,7 @@ def classify_pictures(bundle: IndexBundle, clf: FusedClassifier, pictures: list[
     c = Candidates.build(probs[None], sims, labels, np.ones(1, bool), dups)
     votes = clf.candidate_votes(c)
     scores = clf.candidate_scores(c, votes)[0]
+    probs = clf.probabilities(scores[None])[0]
     cats = bundle.categories
     out = []
     for j in np.argsort(-scores, kind="stable")[:top]:
@@ -147,7 +148,7 @@ def classify_pictures(bundle: IndexBundle, clf: FusedClassifier, pictures: list[
         l1, l2, l3 = (n.strip() for n in cats.names[cls])
         out.append({"category_id": int(cats.ids[cls]), "level1": l1, "level2": l2, "level3": l3,
                     "head": float(c.head[0, j]), "knn": float(votes[0][0, j]), "duplicate": float(c.dup_share[0, j]),
-                    "fused": float(scores[j])})
+                    "fused": float(probs[j]), "score": float(scores[j])})
     return out
 
 

@@ -1,13 +1,23 @@
 """HTTP API and web page over one index folder (FastAPI): similar products, categories, pictures, additions.
 
-``create_app(index_dir)`` opens the index once; ``python cli.py serve`` runs it under uvicorn. Queries take
-either a product id or uploaded pictures; bad input is a 4xx with a message, never a crash of the server.
+``create_app(index_dir, ServeSettings(...))`` opens the index once; ``python cli.py serve`` runs it under
+uvicorn. A server is an input surface for strangers:
+
+- every handler that touches torch or FAISS is a plain ``def``, which FastAPI runs in its thread pool, so the
+  event loop never waits behind a query or an add (``GET /health`` answers while products are added);
+- writes (``POST /products``) need ``Authorization: Bearer <token>``, are refused in read-only mode, and are
+  refused when the request's ``Origin`` is another site; one add runs at a time (the index folder's writer
+  lock), it commits a new generation, and queries keep the generation they started with until the swap;
+- request bodies are refused with 413 while they stream in (before the whole body is read), pictures over
+  a pixel cap are refused before decoding, and error messages carry no server path.
 """
 from __future__ import annotations
 
+import hmac
 import logging
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -15,40 +25,101 @@ from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from ..errors import UserError
-from ..infer.fused import calibrated
 from ..infer.folder import IndexBundle, add_to_index, open_index
-from ..infer.manifest import IndexFolder
+from ..infer.fused import calibrated
+from ..infer.manifest import IndexFolder, WriterBusy
 from ..infer.parts import LoaderSettings
 from ..infer.query import (UnknownProduct, classify_pictures, embed_pictures, neighbours, product_pictures,
-                      product_position)
+                           product_position)
 
 log = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("page.html")
 MAX_UPLOAD = 8 << 20       # bytes per request of pictures
 MAX_PRODUCTS_UPLOAD = 256 << 20  # bytes of a BSON file added by POST /products
 MAX_K = 100
+MAX_OFFSET = 10_000
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Who may write: ``token`` (a bearer token every write must carry), or ``read_only``; with neither, writes
+    are open, which :func:`check_exposure` allows on a loopback address only."""
+
+    token: str | None = None
+    read_only: bool = False
+
+
+def check_exposure(host: str, settings: ServeSettings) -> None:
+    """Refuse to serve writes without a token on an address other machines can reach."""
+    loopback = host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+    if not loopback and not settings.read_only and not settings.token:
+        raise UserError(f"--host {host} exposes POST /products to the network without a credential; pass --token "
+                        "(or set CDISCOUNT_TOKEN), or --read-only")
 
 
 class _State:
-    """The opened index, swapped whole (under a lock) when products are added."""
+    """The opened index (one generation), swapped whole under a lock when an add commits."""
 
     def __init__(self, folder: Path) -> None:
         self.folder, self.lock = folder, threading.Lock()
         self.bundle: IndexBundle = open_index(folder)
 
     def reload(self) -> None:
-        self.bundle = open_index(self.folder)
+        fresh = open_index(self.folder)
+        with self.lock:
+            self.bundle = fresh
 
 
-async def _pictures(files: list[UploadFile] | None) -> tuple[list[bytes], list[str]]:
-    data, names, total = [], [], 0
+class _BodyLimit:
+    """ASGI middleware: a body over its route's limit is answered 413 as soon as the limit is passed (or at once,
+    from Content-Length), before the application reads or parses it."""
+
+    def __init__(self, app, limits: dict[str, int], default: int) -> None:
+        self.app, self.limits, self.default = app, limits, default
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limits.get(scope["path"], self.default)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return await _reject(send, limit)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await _reject(send, limit)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _reject(send, limit: int) -> None:
+    body = f'{{"detail": "request body over {limit >> 20} MB"}}'.encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _pictures(files: list[UploadFile] | None) -> tuple[list[bytes], list[str]]:
+    data, names = [], []
     for f in files or []:
-        blob = await f.read(MAX_UPLOAD + 1 - total)
-        total += len(blob)
-        if total > MAX_UPLOAD:
-            raise HTTPException(413, f"pictures over {MAX_UPLOAD >> 20} MB in all")
+        blob = f.file.read()
+        if not blob:
+            raise HTTPException(400, f"{f.filename or 'picture'}: empty file")
         data.append(blob)
-        names.append(f.filename or f"picture {len(names)}")
+        names.append(Path(f.filename or f"picture {len(names)}").name)
     return data, names
 
 
@@ -57,16 +128,28 @@ def _check_one_query(product_id: int | None, data: list[bytes]) -> None:
         raise HTTPException(400, "give exactly one of product_id or one or more images")
 
 
-def _query_pictures(bundle: IndexBundle, product_id: int | None, data: list[bytes]) -> list[bytes]:
-    _check_one_query(product_id, data)
-    return data if data else product_pictures(bundle, product_position(bundle, product_id))
+def _authorise(request: Request, settings: ServeSettings) -> None:
+    if settings.read_only:
+        raise HTTPException(403, "this server is read-only")
+    origin = request.headers.get("origin")
+    if origin is not None and origin.split("://", 1)[-1] != request.headers.get("host", ""):
+        raise HTTPException(403, f"writes from another site ({origin}) are refused")
+    if settings.token:
+        given = request.headers.get("authorization", "")
+        if not given.startswith("Bearer "):
+            raise HTTPException(401, "this write needs Authorization: Bearer <token>",
+                                headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(given[7:].encode(), settings.token.encode()):
+            raise HTTPException(403, "wrong token")
 
 
-def create_app(index_dir: str | Path) -> FastAPI:
+def create_app(index_dir: str | Path, settings: ServeSettings = ServeSettings()) -> FastAPI:
     """The application serving ``index_dir``."""
     state = _State(Path(index_dir))
-    app = FastAPI(title="Cdiscount similar products", version="1",
+    app = FastAPI(title="Cdiscount similar products", version="2",
                   description="Similar-product search and category prediction over one index folder.")
+    app.add_middleware(_BodyLimit, limits={"/products": MAX_PRODUCTS_UPLOAD + (1 << 20)},
+                       default=MAX_UPLOAD + (1 << 20))
 
     @app.exception_handler(UnknownProduct)
     async def _unknown(_: Request, e: UnknownProduct) -> JSONResponse:
@@ -74,46 +157,56 @@ def create_app(index_dir: str | Path) -> FastAPI:
 
     @app.exception_handler(UserError)
     async def _user_error(_: Request, e: UserError) -> JSONResponse:
-        return JSONResponse({"detail": str(e)}, status_code=400)
+        return JSONResponse({"detail": str(e).replace(str(state.folder.resolve()), "<index>")
+                             .replace(str(state.folder), "<index>")}, status_code=400)
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
-        return FileResponse(PAGE, media_type="text/html")
+        return FileResponse(PAGE, media_type="text/html",
+                            headers={"Content-Security-Policy": "default-src 'self'; img-src 'self' blob:; "
+                                     "style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'"})
 
     @app.get("/health")
-    def health() -> dict:
-        """Whether the server is up, and what it serves."""
+    async def health() -> dict:
+        """Whether the server is up, and what it serves (answered on the event loop, never behind work)."""
         b = state.bundle
         return {"status": "ok", "products": len(b.product_ids), "categories": len(b.categories),
-                "backbone": b.manifest.backbone, "index": b.manifest.factory}
+                "backbone": b.manifest.backbone, "index": b.manifest.factory, "writes": not settings.read_only}
 
     @app.post("/similar")
-    async def similar(product_id: Annotated[int | None, Form()] = None,
-                      images: Annotated[list[UploadFile] | None, File(description="query pictures")] = None,
-                      k: Annotated[int, Form(ge=1, le=MAX_K)] = 12,
-                      offset: Annotated[int, Form(ge=0, le=10_000)] = 0,
-                      category: Annotated[int | None, Form(description="only this category id")] = None) -> dict:
+    def similar(product_id: Annotated[int | None, Form(ge=0, le=2 ** 63 - 1)] = None,
+                images: Annotated[list[UploadFile] | None, File(description="query pictures")] = None,
+                k: Annotated[int, Form(ge=1, le=MAX_K)] = 12,
+                offset: Annotated[int, Form(ge=0, le=MAX_OFFSET)] = 0,
+                category: Annotated[int | None, Form(description="only this category id")] = None,
+                include_self: Annotated[bool, Form(description="list the query product itself")] = False) -> dict:
         """The products most similar to an indexed product or to uploaded pictures, one result per product;
-        ``offset`` pages on (``next_offset``), ``category`` restricts the search itself."""
-        data, names = await _pictures(images)
-        b = state.bundle
+        ``offset`` pages on (``next_offset``), ``category`` restricts the search itself. A query product is
+        not its own neighbour unless ``include_self``."""
+        data, names = _pictures(images)
         _check_one_query(product_id, data)
+        b = state.bundle
         vec = embed_pictures(b, data, names)[0] if data else b.vector(product_position(b, product_id))
-        found, _ = neighbours(b, vec, k, category, offset)
+        found, _ = neighbours(b, vec, offset + k + 1, category)  # one more: the query product may be among them
+        if product_id is not None and not include_self:
+            found = [n for n in found if n.product_id != product_id]
+        found = found[offset:offset + k]
+        more = len(found) == k and offset + k <= MAX_OFFSET
         return {"query": {"product_id": product_id, "images": len(data), "category": category},
-                "offset": offset, "k": k, "next_offset": offset + len(found) if len(found) == k else None,
+                "offset": offset, "k": k, "next_offset": offset + k if more else None,
                 "results": [{**n.to_dict(), "path": n.path, "thumbnail": f"/products/{n.product_id}/images/0"}
                             for n in found]}
 
     @app.post("/classify")
-    async def classify(product_id: Annotated[int | None, Form()] = None,
-                       images: Annotated[list[UploadFile] | None, File(description="pictures of one product")] = None,
-                       top: Annotated[int, Form(ge=1, le=20)] = 5) -> dict:
+    def classify(product_id: Annotated[int | None, Form(ge=0, le=2 ** 63 - 1)] = None,
+                 images: Annotated[list[UploadFile] | None, File(description="pictures of one product")] = None,
+                 top: Annotated[int, Form(ge=1, le=20)] = 5) -> dict:
         """The top categories of one product (uploaded pictures, or an indexed product's own pictures) with
-        head, kNN, exact-duplicate and fused scores."""
-        data, names = await _pictures(images)
+        head, kNN and exact-duplicate shares and the fused probability (summing to 1 over the candidates)."""
+        data, names = _pictures(images)
+        _check_one_query(product_id, data)
         b = state.bundle
-        pictures = _query_pictures(b, product_id, data)
+        pictures = data if data else product_pictures(b, product_position(b, product_id))
         clf = calibrated(b.run, b.fallback_class)
         return {"calibration": clf.params(), "categories": classify_pictures(b, clf, pictures, top, names or None)}
 
@@ -128,28 +221,28 @@ def create_app(index_dir: str | Path) -> FastAPI:
         return Response(pictures[n], media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
     @app.post("/products")
-    async def add_products(file: Annotated[UploadFile, File(description="BSON file of products to add")]) -> dict:
-        """Add the products of an uploaded BSON file to the index (like add-to-index)."""
+    def add_products(request: Request,
+                     file: Annotated[UploadFile, File(description="BSON file of products to add")]) -> dict:
+        """Add the products of an uploaded BSON file to the index as a new generation (needs the token)."""
+        _authorise(request, settings)
         uploads = IndexFolder(state.folder).uploads
         uploads.mkdir(exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=uploads, suffix=".bson", delete=False) as tmp:
-            size = 0
-            while chunk := await file.read(1 << 20):
-                size += len(chunk)
-                if size > MAX_PRODUCTS_UPLOAD:
-                    tmp.close()
-                    Path(tmp.name).unlink()
-                    raise HTTPException(413, f"upload over {MAX_PRODUCTS_UPLOAD >> 20} MB")
+            while chunk := file.file.read(1 << 20):
                 tmp.write(chunk)
-        with state.lock:
-            try:
-                added, already = add_to_index(state.folder, tmp.name, LoaderSettings(workers=0))
-            except UserError as e:
-                Path(tmp.name).unlink()
-                raise HTTPException(400, f"upload {file.filename}: {e}") from None
-            if not added:
-                Path(tmp.name).unlink()
-            state.reload()
+        added = 0
+        try:
+            added, already = add_to_index(state.folder, tmp.name, LoaderSettings(workers=0))
+        except WriterBusy:
+            raise HTTPException(409, "another add is running on this index; try again when it has finished") from None
+        except UserError as e:
+            msg = str(e).replace(tmp.name, file.filename or "upload").replace(str(uploads), "")
+            raise HTTPException(400, f"upload {file.filename}: {msg}") from None
+        finally:
+            if not added:  # a refused or empty upload leaves nothing behind (its offset cache neither)
+                for leftover in uploads.glob(Path(tmp.name).name + "*"):
+                    leftover.unlink(missing_ok=True)
+        state.reload()
         return {"added": added, "already_indexed": already[:100], "products": len(state.bundle.product_ids)}
 
     return app
