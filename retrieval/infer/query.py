@@ -64,19 +64,25 @@ def embed_pictures(bundle: IndexBundle, pictures: list[bytes], names: list[str] 
                    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """One product from its picture bytes: (embedding ``[D]``, head probabilities ``[C]``, decoded RGB pictures).
     A picture that does not decode is an error naming it."""
+    x = picture_inputs(bundle, pictures, names)
+    pics = [decode_image(data) for data in pictures]  # full size, for the contact sheet
+    emb, probs = embed_images(bundle.net, x, torch.zeros(len(x), dtype=torch.long), 1,
+                              tta_flip=bundle.manifest.tta_flip)
+    return emb[0].cpu().numpy(), probs[0].cpu().numpy(), pics
+
+
+def picture_inputs(bundle: IndexBundle, pictures: list[bytes], names: list[str] | None = None) -> torch.Tensor:
+    """Model inputs ``[N, 3, S, S]`` uint8 of one product's picture bytes, decoded exactly as indexing decodes;
+    a picture that does not decode is an error naming it."""
     if not pictures:
         raise UserError("no picture given")
-    pics, inputs = [], []
-    net = bundle.net
+    inputs = []
     for i, data in enumerate(pictures):
         try:
-            inputs.append(picture_input(data, net.cfg.image_size))  # the indexing path's decode, exactly
-            pics.append(decode_image(data))  # full size, for the contact sheet
+            inputs.append(picture_input(data, bundle.net.cfg.image_size))
         except ImageDecodeError as e:
             raise UserError(f"{names[i] if names else f'picture {i}'}: not a readable image ({e})") from None
-    x = torch.stack(inputs)
-    emb, probs = embed_images(net, x, torch.zeros(len(x), dtype=torch.long), 1, tta_flip=bundle.manifest.tta_flip)
-    return emb[0].cpu().numpy(), probs[0].cpu().numpy(), pics
+    return torch.stack(inputs)
 
 
 def query_vector(bundle: IndexBundle, product_id: int | None = None, images: list[str | Path] | None = None
@@ -115,7 +121,12 @@ def neighbours(bundle: IndexBundle, vec: np.ndarray, k: int, category: int | Non
             raise UserError(f"category {category} is not in the model's category table")
         allowed = [int(cats.encode([category])[0])]
     sims, pos = bundle.index.search(vec[None], offset + k, allowed)
-    sims, pos = sims[0][offset:], pos[0][offset:]
+    return neighbours_from(bundle, sims[0][offset:], pos[0][offset:])
+
+
+def neighbours_from(bundle: IndexBundle, sims: np.ndarray, pos: np.ndarray) -> tuple[list[Neighbour], np.ndarray]:
+    """Search results ``sims [K]``, ``pos [K]`` (-1 = none) as :class:`Neighbour` records, and their positions."""
+    cats = bundle.categories
     keep = pos >= 0
     id_to_class = {c: i for i, c in enumerate(cats.ids)}
     out = []

@@ -29,8 +29,9 @@ from ..infer.folder import IndexBundle, add_to_index, open_index
 from ..infer.fused import calibrated
 from ..infer.manifest import IndexFolder, WriterBusy
 from ..infer.parts import LoaderSettings
-from ..infer.query import (UnknownProduct, classify_pictures, embed_pictures, neighbours, product_pictures,
-                           product_position)
+from ..infer.query import (UnknownProduct, classify_pictures, embed_pictures, neighbours, neighbours_from,
+                           picture_inputs, product_pictures, product_position)
+from .batching import QueryBatcher
 
 log = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("page.html")
@@ -146,6 +147,7 @@ def _authorise(request: Request, settings: ServeSettings) -> None:
 def create_app(index_dir: str | Path, settings: ServeSettings = ServeSettings()) -> FastAPI:
     """The application serving ``index_dir``."""
     state = _State(Path(index_dir))
+    batcher = QueryBatcher()
     app = FastAPI(title="Cdiscount similar products", version="2",
                   description="Similar-product search and category prediction over one index folder.")
     app.add_middleware(_BodyLimit, limits={"/products": MAX_PRODUCTS_UPLOAD + (1 << 20)},
@@ -186,8 +188,14 @@ def create_app(index_dir: str | Path, settings: ServeSettings = ServeSettings())
         data, names = _pictures(images)
         _check_one_query(product_id, data)
         b = state.bundle
-        vec = embed_pictures(b, data, names)[0] if data else b.vector(product_position(b, product_id))
-        found, _ = neighbours(b, vec, offset + k + 1, category)  # one more: the query product may be among them
+        depth = offset + k + 1  # one more: the query product may be among them
+        if category is None:  # the common query: batched with others in flight (one forward, one search)
+            x = picture_inputs(b, data, names) if data else None
+            vec = None if data else b.vector(product_position(b, product_id))
+            found, _ = neighbours_from(b, *batcher.search(b, depth, images=x, vec=vec))
+        else:
+            vec = embed_pictures(b, data, names)[0] if data else b.vector(product_position(b, product_id))
+            found, _ = neighbours(b, vec, depth, category)
         if product_id is not None and not include_self:
             found = [n for n in found if n.product_id != product_id]
         found = found[offset:offset + k]

@@ -1,0 +1,81 @@
+"""Dynamic batching of similar-product queries (as Triton and TorchServe do): queries that arrive within a few
+milliseconds of each other are embedded in one forward pass and searched in one FAISS call, on one worker
+thread, so throughput grows with the number of requests in flight instead of staying flat."""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..infer.embed import embed_images
+from ..infer.folder import IndexBundle
+
+
+@dataclass
+class _Job:
+    bundle: IndexBundle
+    k: int
+    images: torch.Tensor | None = None  # [N, 3, S, S] uint8: the pictures of one query product
+    vec: np.ndarray | None = None       # [D]: an indexed product's own vector
+    done: threading.Event = field(default_factory=threading.Event)
+    result: tuple[np.ndarray, np.ndarray] | None = None
+    error: BaseException | None = None
+
+
+class QueryBatcher:
+    """``search(bundle, k, images=... | vec=...) -> (sims [k], positions [k])``, batched with whatever other
+    queries arrive within ``max_wait`` seconds (at most ``max_batch`` a batch). Queries against different
+    generations of the index are never mixed in one search."""
+
+    def __init__(self, max_batch: int = 32, max_wait: float = 0.004) -> None:
+        self.max_batch, self.max_wait = max_batch, max_wait
+        self._queue: queue.Queue[_Job] = queue.Queue()
+        threading.Thread(target=self._run, name="query-batcher", daemon=True).start()
+
+    def search(self, bundle: IndexBundle, k: int, images: torch.Tensor | None = None,
+               vec: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        job = _Job(bundle, k, images, vec)
+        self._queue.put(job)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            deadline = time.monotonic() + self.max_wait
+            while len(batch) < self.max_batch:
+                left = deadline - time.monotonic()
+                try:
+                    batch.append(self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            for bundle in {id(j.bundle): j.bundle for j in batch}.values():
+                self._process(bundle, [j for j in batch if j.bundle is bundle])
+
+    @staticmethod
+    def _process(bundle: IndexBundle, jobs: list[_Job]) -> None:
+        try:
+            with_pictures = [j for j in jobs if j.images is not None]
+            if with_pictures:  # one forward over every picture of every query product
+                x = torch.cat([j.images for j in with_pictures])
+                owner = torch.cat([torch.full((len(j.images),), i, dtype=torch.long)
+                                   for i, j in enumerate(with_pictures)])
+                emb, _ = embed_images(bundle.net, x, owner, len(with_pictures), tta_flip=bundle.manifest.tta_flip)
+                for j, v in zip(with_pictures, emb.cpu().numpy()):
+                    j.vec = v
+            sims, pos = bundle.index.search(np.stack([j.vec for j in jobs]).astype(np.float32),
+                                            max(j.k for j in jobs))  # one FAISS call
+            for i, j in enumerate(jobs):
+                j.result = (sims[i, :j.k], pos[i, :j.k])
+        except BaseException as e:  # every waiting request hears of it
+            for j in jobs:
+                j.error = e
+        finally:
+            for j in jobs:
+                j.done.set()
