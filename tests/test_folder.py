@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,3 +85,55 @@ def test_commit_is_all_or_nothing(world):
         layout.commit(half_written)
     assert layout.generation() == live and len(open_index(world / "idx").product_ids) == 150
     assert not [p for p in (world / "idx" / "generations").iterdir() if p.name.startswith(".new-")]
+
+
+ADD = """
+import sys
+from retrieval.infer.folder import add_to_index
+from retrieval.infer.parts import LoaderSettings
+print("added", add_to_index(sys.argv[1], sys.argv[2], LoaderSettings(workers=0))[0], flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_of_an_add_leaves_old_or_new_and_the_next_add_is_right(world, tmp_path):
+    """An add in its own process, killed with SIGKILL at 10 random moments: each time the folder opens at the
+    old or the new generation with consistent counts, and a final add completes it exactly."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    root = Path(__file__).resolve().parents[1]
+    new = make_data(tmp_path / "new", SynthConfig(products=30, categories=3, seed=21, image_size=32),
+                    progress=False)["train.bson"]
+    script = tmp_path / "add.py"
+    script.write_text(ADD)
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    t = time.perf_counter()  # how long one whole add takes here, to spread the kills over it
+    probe = world / "probe"  # beside the index: its relative paths hold
+    shutil.copytree(world / "idx", probe)
+    done = subprocess.run([sys.executable, str(script), str(probe), str(new)], check=True, env=env,
+                          capture_output=True, text=True)
+    whole = time.perf_counter() - t
+    full = 150 + int(done.stdout.split()[-1])  # ids already indexed are skipped
+    rng = np.random.default_rng(7)
+    idx = world / "idx"
+    for moment in rng.uniform(0.2 * whole, whole, 10):
+        p = subprocess.Popen([sys.executable, str(script), str(idx), str(new)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        time.sleep(moment)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        b = open_index(idx)  # never torn
+        n = len(b.product_ids)
+        assert n in (150, full) and b.manifest.count == n == len(b.index) == len(b.arrays["category_ids"])
+        if n == full:
+            break
+    out = subprocess.run([sys.executable, str(script), str(idx), str(new)], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    b = open_index(idx)
+    assert len(b.product_ids) == full > 150 and len(set(b.product_ids.tolist())) == full
+    for pos in (150, full - 1):  # the added vectors are the added products' own
+        emb, _, _ = embed_pictures(b, product_pictures(b, pos))
+        assert float(emb @ b.vector(pos)) > 0.9999
