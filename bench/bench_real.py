@@ -30,6 +30,7 @@ from retrieval.data.images import decode_image, encode_jpeg
 from retrieval.data.offsets import RecordReader, load_offsets
 from retrieval.infer.evaluate import evaluate
 from retrieval.infer.folder import IndexSettings, build_index, open_index
+from retrieval.infer.fused import FusionOverrides
 from retrieval.infer.predict import predict, read_submission
 from retrieval.infer.query import similar
 from retrieval.model.config import ModelConfig
@@ -119,7 +120,7 @@ def finetune(work: Path, epochs: int, a: argparse.Namespace, qy: np.ndarray) -> 
            "fusion": m["fusion"], "cal": m["calibration"], "index": idx}
     for key, kw in (("head", {"alpha": 1.0, "beta": 0.0}), ("knn", {"alpha": 0.0, "beta": 0.0}), ("fused", {})):
         sub = work / f"{name}_{key}.csv"
-        predict(GROCERY / "test.bson", idx, sub, restart=True, **kw)
+        predict(GROCERY / "test.bson", idx, sub, FusionOverrides(**kw), restart=True)
         out[key] = read_submission(sub)[1] == qy
     return out
 

@@ -78,7 +78,8 @@ def main() -> None:
         make_data(big, SynthConfig(60 if a.quick else 600, 40, 0, 180), progress=False)
     print(f"## Loader vs training step ({os.cpu_count()} cores, 2 loader workers, bf16 where the CPU has it)\n")
     rows = []
-    for backbone, size, data, batch, nb in (("tiny", 64, small, 64, 30), ("convnext_tiny", 180, big, 32, 6)):
+    shots = ((5, 2) if a.quick else (30, 6))
+    for backbone, size, data, batch, nb in (("tiny", 64, small, 64, shots[0]), ("convnext_tiny", 180, big, 32, shots[1])):
         ld, st = loader_vs_step(data, work / f"probe_{backbone}", backbone, size, batch, nb)
         rows.append((f"{backbone} @ {size}px", f"{ld:,.0f}", f"{st:,.1f}", f"{ld / st:.1f}x", ">= 5x",
                      "ok" if ld / st >= 5 else "MISS"))

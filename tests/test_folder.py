@@ -137,3 +137,10 @@ def test_kill_9_at_random_moments_of_an_add_leaves_old_or_new_and_the_next_add_i
     for pos in (150, full - 1):  # the added vectors are the added products' own
         emb, _, _ = embed_pictures(b, product_pictures(b, pos))
         assert float(emb @ b.vector(pos)) > 0.9999
+
+
+def test_a_copy_of_the_folder_alone_still_finds_its_run_and_data(world, tmp_path):
+    copy = tmp_path / "deep" / "er" / "copy"
+    shutil.copytree(world / "idx", copy)
+    b = open_index(copy)
+    assert len(b.product_ids) == 150 and product_pictures(b, 0) == product_pictures(open_index(world / "idx"), 0)

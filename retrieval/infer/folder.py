@@ -61,7 +61,7 @@ class IndexBundle:
 
     @property
     def run(self) -> RunDir:
-        return RunDir(self.layout.resolve(self.manifest.run_dir))
+        return RunDir(self.layout.resolve(self.manifest.run_dir, self.manifest.origin))
 
     @cached_property
     def fallback_class(self) -> int:
@@ -112,7 +112,7 @@ def open_index(folder: str | Path, mmap: bool = False) -> IndexBundle:
     layout = IndexFolder(folder)
     gen = layout.generation()
     man = IndexManifest.load(IndexFolder.manifest_file(gen))
-    model_file = layout.resolve(man.model_file)
+    model_file = layout.resolve(man.model_file, man.origin)
     if not model_file.exists():
         raise FileNotFoundError(f"{layout.path}: its model file {model_file} is missing (moved without its run "
                                 "folder? keep the run beside the index, or rebuild)")
@@ -131,7 +131,7 @@ def open_index(folder: str | Path, mmap: bool = False) -> IndexBundle:
 def check_source(bundle: IndexBundle, source: int) -> Path:
     """Path of data file ``source``, refusing it if it is missing or changed since indexing."""
     src = bundle.manifest.sources[source]
-    path = bundle.layout.resolve(src.path)
+    path = bundle.layout.resolve(src.path, bundle.manifest.origin)
     if not path.exists():
         raise UserError(f"{bundle.folder}: indexed data file {src.path} is missing (looked for {path}); move data "
                         "files together with the index folder")
@@ -264,7 +264,7 @@ def _build(train_path: Path, run: RunDir, out: IndexFolder, settings: IndexSetti
         model_file=out.relative(model.path), model_sha256=model.sha256, run_dir=out.relative(run.path),
         backbone=net.cfg.backbone, image_size=net.cfg.image_size, dim=net.cfg.embed_dim, factory=factory,
         count=len(rows), split=split, tta_flip=tta_flip, store_key=key, parts=tuple(parts),
-        sources=(Source(out.relative(train_path), fp),), tuned_recall_at_10=recall, decode=stats.summary(),
+        sources=(Source(out.relative(train_path), fp),), origin=str(out.path.resolve()), tuned_recall_at_10=recall, decode=stats.summary(),
         embedding={"seconds": round(embed_s, 3), "images": stats.decoded})
     arrays = {"product_ids": table["product_id"][rows], "category_ids": table["category_id"][rows],
               "offsets": table["offset"][rows], "lengths": table["length"][rows].astype(np.int64),

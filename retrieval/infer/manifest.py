@@ -46,6 +46,7 @@ class IndexManifest:
     decode: str = ""
     embedding: dict = field(default_factory=dict)
     metric: str = "inner_product (cosine on unit vectors)"
+    origin: str = ""  # where the folder was built: relative paths are also tried from there (a copy elsewhere)
     version: int = MANIFEST_VERSION
 
     def with_added(self, parts: list[tuple[int, int]], source: Source) -> "IndexManifest":
@@ -148,10 +149,15 @@ class IndexFolder:
         except ValueError:  # another drive
             return str(Path(target).resolve())
 
-    def resolve(self, stored: str) -> Path:
-        """A path from a manifest, back to a usable path (relative ones are taken from the folder)."""
+    def resolve(self, stored: str, origin: str = "") -> Path:
+        """A path from a manifest, back to a usable path: relative ones are taken from the folder (which was
+        moved together with its data), else from where it was built (a copy of the folder alone)."""
         p = Path(stored)
-        return p if p.is_absolute() else (self.path / p).resolve()
+        if p.is_absolute():
+            return p
+        here = (self.path / p).resolve()
+        there = (Path(origin) / p).resolve() if origin else here
+        return here if here.exists() or not there.exists() else there
 
     def commit(self, write: Callable[[Path], None]) -> Path:
         """Write a new generation with ``write(folder)`` aside, fsync it, and make it current atomically."""
