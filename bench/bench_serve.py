@@ -80,8 +80,8 @@ def main() -> None:
     direct_img = len(pics) / (time.perf_counter() - t)
 
     port = _port()
-    server = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "serve", "--index", str(idx), "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "serve", "--index", str(idx), "--port", str(port),
+                               "--token", "bench"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
@@ -93,13 +93,15 @@ def main() -> None:
         by_id = lambda c, i: c.post("/similar", data={"product_id": int(ids[i % len(ids)]), "k": a.k})  # noqa: E731
         by_img = lambda c, i: c.post("/similar", data={"k": a.k},  # noqa: E731
                                      files=[("images", ("q.jpg", pics[i % len(pics)], "image/jpeg"))])
-        rows = []
+        rows, qps_at = [], {}
         for name, fn, ref in (("by id", by_id, direct_id), ("by picture", by_img, direct_img)):
             for conc in a.concurrency:
                 lat, wall = load(url, fn, a.requests, conc)
                 qps = a.requests / wall
                 rows.append((name, conc, f"{np.percentile(lat, 50) * 1e3:.1f}", f"{np.percentile(lat, 99) * 1e3:.1f}",
                              f"{qps:.0f}", f"{ref:.0f}", f"{qps / ref:.2f}x"))
+                qps_at[name, conc] = qps
+        during = health_during_add(url, p["data"] / "test.bson")
     finally:
         server.terminate()
         server.wait(10)
@@ -107,6 +109,34 @@ def main() -> None:
           f"{a.requests} requests per row; reference = the same query in one process, one at a time")
     common.print_table(rows, ("POST /similar", "in flight", "p50 ms", "p99 ms", "QPS", "reference q/s",
                               "QPS / reference"))
+    lo, hi = min(a.concurrency), max(a.concurrency)
+    print(f"\nby picture: QPS at {hi} in flight / at {lo} in flight = "
+          f"{qps_at['by picture', hi] / qps_at['by picture', lo]:.2f}x; by picture at {hi} / in-process "
+          f"{qps_at['by picture', hi] / direct_img:.2f}x; by id at {hi} / in-process {qps_at['by id', hi] / direct_id:.2f}x")
+    print(f"GET /health while POST /products adds {during['added']:,} products ({during['seconds']:.1f} s): "
+          f"p50 {during['p50'] * 1e3:.1f} ms, p99 {during['p99'] * 1e3:.1f} ms over {during['n']} probes")
+
+
+def health_during_add(url: str, bson_file: Path) -> dict:
+    """Latency of /health probes while an authenticated add of every product of ``bson_file`` runs."""
+    import threading
+    done, lat, out = threading.Event(), [], {}
+
+    def add():
+        t = time.perf_counter()
+        r = httpx.post(url + "/products", headers={"Authorization": "Bearer bench"}, timeout=600,
+                       files={"file": ("more.bson", bson_file.read_bytes(), "application/octet-stream")})
+        out.update(added=r.json().get("added", 0), seconds=time.perf_counter() - t)
+        done.set()
+
+    threading.Thread(target=add).start()
+    with httpx.Client(base_url=url, timeout=30) as c:
+        while not done.is_set():
+            t = time.perf_counter()
+            c.get("/health")
+            lat.append(time.perf_counter() - t)
+            time.sleep(0.01)
+    return {**out, "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)), "n": len(lat)}
 
 
 if __name__ == "__main__":

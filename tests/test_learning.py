@@ -208,3 +208,20 @@ def test_learnt_fusion_wins_where_trust_depends_on_closeness_and_not_on_noise():
     y2 = rng.integers(0, c, n)
     cal2 = calibrate(_cands(head, sims, labels), y2, fallback=0)
     assert cal2.cv_learnt <= cal2.cv_grid + 0.05
+
+
+def test_without_lp_ft_the_baseline_is_measured_and_the_new_layers_are_put_back(small_data, tmp_path):
+    import open_clip
+    from retrieval.model.export import load_model_file
+    from retrieval.train.run import train
+    weights = tmp_path / "tiny.pt"
+    torch.save(open_clip.create_model("tiny", force_image_size=32).state_dict(), weights)
+    heads = {}
+    for name, extra in (("measured", {}), ("plain", {"frozen_baseline": False})):
+        cfg = TrainConfig.build(pretrained=str(weights), image_size=32, embed_dim=16, batch_size=16, workers=0,
+                                val_fraction=0.2, max_steps=1, lr=0.0, lp_epochs=0, **extra)
+        train(small_data["train.bson"], tmp_path / name, cfg, small_data["category_names.csv"], progress=False)
+        heads[name] = load_model_file(tmp_path / name / "model.pt").net.head.weight
+    assert (tmp_path / "measured" / "frozen_baseline.json").exists()
+    assert not (tmp_path / "plain" / "frozen_baseline.json").exists()
+    assert torch.equal(heads["measured"], heads["plain"])  # the probe fitted for the report was not kept

@@ -84,6 +84,7 @@ class ScheduleSettings:
     lp_epochs: int = 0  # > 0: LP-FT, the new layers first fitted this many epochs on cached frozen features
     lp_max_images: int = 50_000  # images whose frozen features the LP step caches (a random sample of products)
     freeze_blocks: int = 0  # stem + this many backbone stages stay frozen (no backward through them)
+    frozen_baseline: bool = True  # with a pretrained backbone, measure kNN and linear probe on frozen features first
 
 
 @dataclass(frozen=True)

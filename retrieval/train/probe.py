@@ -25,6 +25,7 @@ from .losses import MetricLoss
 
 log = logging.getLogger(__name__)
 KNN_K, KNN_TAU = 20, 0.05  # the frozen kNN baseline's vote (DINO's recipe; fixed, not tuned)
+BASELINE_EPOCHS = 30  # epochs of the linear probe reported as a baseline when LP-FT itself is off
 
 
 @dataclass(frozen=True)
@@ -155,8 +156,9 @@ def sample_rows(rows: np.ndarray, n_images: np.ndarray, max_images: int, seed: i
 def linear_probe_warm_start(net: EmbeddingNet, reader: RecordReader, train_rows: np.ndarray,
                             train_labels: np.ndarray, val_rows: np.ndarray, val_labels: np.ndarray,
                             cfg: TrainConfig) -> FrozenBaseline:
-    """The LP step of LP-FT on ``net`` (in place): ``cfg.schedule.lp_epochs`` epochs over the frozen features
-    of at most ``lp_max_images`` training images; and the frozen baselines measured on the way."""
+    """The frozen baselines (kNN and linear probe over the frozen features of at most ``lp_max_images`` training
+    images) and, with ``cfg.schedule.lp_epochs`` > 0, the LP step of LP-FT: the fitted new layers stay in ``net``.
+    With LP-FT off the probe is fitted for the report only and the new layers are put back as they were."""
     epochs, max_images = cfg.schedule.lp_epochs, cfg.schedule.lp_max_images
     loss_cfg, workers, seed = cfg.loss, cfg.data.workers, cfg.data.seed
     n_img = reader.table["n_images"]
@@ -164,8 +166,13 @@ def linear_probe_warm_start(net: EmbeddingNet, reader: RecordReader, train_rows:
     vpick = sample_rows(np.arange(len(val_rows)), n_img[val_rows], max(1, max_images // 4), seed)
     train = frozen_features(net, reader, train_rows[pick], train_labels[pick], workers=workers)
     val = frozen_features(net, reader, val_rows[vpick], val_labels[vpick], workers=workers)
-    fit_new_layers(net, train, loss_cfg, epochs, seed=seed)
+    before = {k: v.clone() for k, v in net.proj.state_dict().items()}, \
+        {k: v.clone() for k, v in net.head.state_dict().items()}
+    fit_new_layers(net, train, loss_cfg, epochs or BASELINE_EPOCHS, seed=seed)
     base = frozen_baseline(net, train, val, val_labels[vpick])
+    if not epochs:
+        net.proj.load_state_dict(before[0])
+        net.head.load_state_dict(before[1])
     if base.knn is not None:
         log.info("frozen backbone on %d validation products: kNN %.4f, linear probe %.4f", base.val_products,
                  base.knn, base.linear_probe)

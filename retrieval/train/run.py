@@ -108,7 +108,7 @@ def train(train_path: str | Path, run_dir: str | Path, cfg: TrainConfig, categor
                 "run_dir": str(run.path.resolve())}
     s = cfg.schedule
     frozen = None
-    if not resume and s.lp_epochs > 0 and m.pretrained:
+    if not resume and m.pretrained and (s.lp_epochs > 0 or s.frozen_baseline):
         frozen = _lp_step(net, dm, cfg)
         if is_first_rank():
             run.write_frozen_baseline(frozen.to_dict())
