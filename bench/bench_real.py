@@ -169,7 +169,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="bench_out/real")
     ap.add_argument("--budgets", default="1,2,4,8", help="epoch budgets; the last is the headline run")
     ap.add_argument("--backbone", default="efficientnet_lite0")
-    ap.add_argument("--image-size", type=int, default=160)
+    ap.add_argument("--image-size", type=int, default=None, help="default: the recipe's")
     ap.add_argument("--set", nargs="*", default=[], help="recipe overrides, e.g. lr=1e-3 freeze_blocks=0")
     ap.add_argument("--recall-queries", type=int, default=150)
     ap.add_argument("--quick", action="store_true", help="one 1-epoch run at 64 px, 20 recall queries (smoke test)")
@@ -177,6 +177,7 @@ def main() -> None:
     a.set = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in a.set)}
     if a.quick:
         a.budgets, a.image_size, a.recall_queries = "1", 64, 20
+    a.image_size = a.image_size or TrainConfig.build(backbone=a.backbone, pretrained="imagenet", **a.set).model.image_size
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     qy = load_offsets(GROCERY / "test.bson", progress=False)["category_id"]
