@@ -338,3 +338,41 @@ def test_batched_queries_give_what_each_query_gives_alone(served, small_data):
         distinct = np.diff(sims) < -1e-5  # where neighbours are not tied (re-listed twins are), the same products
         assert np.array_equal(pos[:-1][distinct & np.r_[True, distinct[:-1]]],
                               alone_pos[:-1][distinct & np.r_[True, distinct[:-1]]])
+
+
+def _truncated_multipart() -> tuple[bytes, dict]:
+    body = (b"--XyZ\r\nContent-Disposition: form-data; name=\"images\"; filename=\"a.jpg\"\r\n"
+            b"Content-Type: image/jpeg\r\n\r\n\xff\xd8\xff\xe0 cut here")
+    return body, {"Content-Type": "multipart/form-data; boundary=XyZ"}
+
+
+def _damaged_bson() -> bytes:
+    good = bson.encode({"_id": 777_000_001, "imgs": [{"picture": b"\xff\xd8"}], "category_id": 1})
+    return good + good[:-9]  # the second record is cut short
+
+
+@pytest.mark.parametrize("method, path, kwargs, status, words", [
+    ("post", "/classify", {"data": {"top": 0, "product_id": 1}}, 422, "greater than or equal to 1"),
+    ("post", "/classify", {"data": {"top": 21, "product_id": 1}}, 422, "less than or equal to 20"),
+    ("post", "/classify", {"data": {}}, 400, "exactly one of product_id"),
+    ("post", "/classify", {"data": {"product_id": 987654321}}, 404, "not in the index"),
+    ("post", "/classify", {"files": [("images", ("n.txt", b"hello", "text/plain"))]}, 400, "n.txt: not a readable image"),
+    ("get", "/products/987654321/images/0", {}, 404, "not in the index"),
+    ("get", "/products/abc/images/0", {}, 422, "valid integer"),
+    ("get", "/products/FIRST/images/9", {}, 404, "no picture 9"),
+    ("post", "/products", {"files": {"file": ("d.bson", _damaged_bson(), "application/octet-stream")}}, 400,
+     "truncated"),
+    ("post", "/products", {"files": {"file": ("e.bson", b"", "application/octet-stream")}}, 400, "e.bson"),
+    ("post", "/products", {"data": {}}, 422, "file"),
+    ("post", "/similar", {"content": _truncated_multipart()[0], "headers": _truncated_multipart()[1]}, 400, ""),
+    ("post", "/similar", {"content": b"x" * 100, "headers": {"Content-Length": str(MAX_UPLOAD * 4)}}, 413,
+     "request body over"),
+])
+def test_more_bad_input_is_a_4xx_writes_nothing_and_the_server_keeps_serving(client, served, small_data, method,
+                                                                             path, kwargs, status, words):
+    p = _first(small_data)
+    count = client.get("/health").json()["products"]
+    r = getattr(client, method)(path.replace("FIRST", str(p.product_id)), **kwargs)
+    assert r.status_code == status and words in r.text, r.text
+    assert client.get("/health").json()["products"] == count  # nothing was added
+    assert client.post("/similar", data={"product_id": p.product_id, "k": 1}).status_code == 200

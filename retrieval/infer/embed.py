@@ -155,12 +155,24 @@ class ChunkStore:
     def done(self, i: int | str) -> bool:
         return self.path(i).exists()
 
+    @staticmethod
+    def vectors_file(folder: Path, i: int | str) -> Path:
+        """A part's embeddings ``[P, D]`` as a plain ``.npy`` beside it, for memory-mapped reads."""
+        return ChunkStore.part_file(folder, i).with_suffix(".emb.npy")
+
     def write(self, i: int | str, **arrays: np.ndarray) -> None:
-        """Written aside, fsynced, then renamed: a part file is whole or absent."""
+        """Written aside, fsynced, then renamed: a part file is whole or absent (its ``emb`` array, when it has
+        one, is also written as :meth:`vectors_file` first)."""
         final = self.path(i)
-        tmp = final.with_name("." + final.name[:-4] + ".tmp.npz")
+        if "emb" in arrays:
+            self._atomic(self.vectors_file(self.folder, i), lambda f: np.save(f, np.asarray(arrays["emb"], np.float32)))
+        self._atomic(final, lambda f: np.savez(f, **arrays))
+
+    @staticmethod
+    def _atomic(final: Path, write) -> None:
+        tmp = final.with_name("." + final.name + ".tmp")
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)

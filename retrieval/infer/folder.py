@@ -89,8 +89,19 @@ class IndexBundle:
         k = int(np.searchsorted(counts, position, side="right"))
         part = self.manifest.parts[k][0]
         start = 0 if k == 0 else int(counts[k - 1])
-        with np.load(ChunkStore.part_file(self.layout.embeddings, part), mmap_mode="r") as z:
-            return np.asarray(z["emb"][position - start])
+        return np.array(self._vectors(part)[position - start])
+
+    def _vectors(self, part: int | str) -> np.ndarray:
+        """A part's embeddings, memory-mapped once (only the rows asked for are read)."""
+        maps = self.__dict__.setdefault("_maps", {})
+        if part not in maps:
+            f = ChunkStore.vectors_file(self.layout.embeddings, part)
+            if f.exists():
+                maps[part] = np.load(f, mmap_mode="r")
+            else:  # a part written before the vectors file existed
+                with np.load(ChunkStore.part_file(self.layout.embeddings, part)) as z:
+                    maps[part] = z["emb"]
+        return maps[part]
 
     def commit(self) -> None:
         """Write this state as the folder's new generation (atomically; the caller holds the writer lock)."""

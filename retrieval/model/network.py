@@ -53,6 +53,11 @@ def _load_imagenet(visual: nn.Module, name: str) -> None:
     log.info("loaded offline ImageNet weights into %s", name)
 
 
+class _NoRandomInitNote(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
 def create_backbone(name: str, pretrained: str | None = None, image_size: int = 224
                     ) -> tuple[nn.Module, int, tuple, tuple]:
     """An open_clip image tower by name: ``(module, output dim, mean, std)``.
@@ -64,6 +69,8 @@ def create_backbone(name: str, pretrained: str | None = None, image_size: int = 
     if image_size < 16:
         raise UserError(f"image size {image_size} is too small (minimum 16)")
     tag = None if pretrained in (None, "", "imagenet") else pretrained
+    quiet = _NoRandomInitNote()  # open_clip says "initialized randomly" even when weights are loaded next
+    logging.getLogger().addFilter(quiet)
     try:
         model = open_clip.create_model(spec.open_clip_name, pretrained=tag, force_image_size=image_size)
     except Exception as e:
@@ -74,6 +81,8 @@ def create_backbone(name: str, pretrained: str | None = None, image_size: int = 
             f"could not load weights {pretrained!r} for backbone {name} ({type(e).__name__}: {e}). Known tags for "
             f"{name}: {', '.join(tags) or 'none'}. Without network access, download the weights file elsewhere and "
             f"pass its path: --pretrained /path/to/open_clip_{name}.bin") from e
+    finally:
+        logging.getLogger().removeFilter(quiet)
     visual = model.visual
     if pretrained == "imagenet":
         _load_imagenet(visual, name)
