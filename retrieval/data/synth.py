@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import bson
@@ -22,6 +21,7 @@ from tqdm import tqdm
 from ..errors import UserError
 from .categories import CategoryTable
 from .images import encode_jpeg
+from .synth_config import SynthConfig
 
 log = logging.getLogger(__name__)
 
@@ -34,23 +34,6 @@ _FG = np.array([[220, 30, 30], [30, 160, 40], [30, 60, 220], [240, 160, 0], [150
 _SHAPES = ("disk", "square", "triangle", "ring", "cross", "hbars", "diamond", "vbars")
 IMAGES_PER_PRODUCT_P = (0.62, 0.20, 0.10, 0.08)
 KEEP_PICTURES = 8  # items per category whose picture bytes are kept for exact re-listings
-
-
-@dataclass(frozen=True)
-class SynthConfig:
-    """What ``make-data`` generates."""
-
-    products: int = 2000
-    categories: int = 40
-    seed: int = 0
-    image_size: int = 180
-    test_fraction: float = 0.2
-    quality: int = 90
-    relist_fraction: float = 0.25  # share of products that re-list an earlier product of their category
-    exact_relist: float = 0.5      # share of re-listings that reuse the earlier listing's picture bytes
-    colour_jitter: float = 45.0    # per-product shift of the shape colour (level-3 cue); larger is harder
-    categories_csv: str | None = None  # draw the tree from this category_names.csv (all its rows) instead
-    largest_share: float | None = None  # skew: share of the largest category (default: Zipf 1/rank)
 
 
 def _hierarchy(n_cat: int) -> list[tuple[int, int, int]]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from ..errors import UserError
+from ..model.config import ModelConfig
 
 METRIC_LOSSES = ("multisimilarity", "subcenter_arcface", "none")
 DEFAULT_METRIC_LOSS = "multisimilarity"
@@ -33,12 +34,12 @@ PRETRAINED_RECIPE = {
 class ModelSettings:
     """The network to train; a resumed run must keep these."""
 
-    backbone: str = "tiny"
+    backbone: str = ModelConfig.backbone  # the model config's own defaults, spelled once
     pretrained: str | None = None
-    image_size: int = 64
-    embed_dim: int = 512
+    image_size: int = ModelConfig.image_size
+    embed_dim: int = ModelConfig.embed_dim
     hier_heads: bool = False  # auxiliary level-1/level-2 heads
-    pool: str = "avg"  # "avg" or "gem"
+    pool: str = ModelConfig.pool  # "avg" or "gem"
 
 
 @dataclass(frozen=True)
