@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from retrieval.data.bsonio import iter_products
 from retrieval.serve.api import MAX_UPLOAD, create_app
-from retrieval.infer.folder import open_index
+from retrieval.infer.bundle import open_index
 
 
 @pytest.fixture(scope="module")

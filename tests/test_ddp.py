@@ -11,7 +11,7 @@ import torch
 
 from retrieval.model.export import load_model_file
 from retrieval.infer.embed import ChunkStore
-from retrieval.infer.folder import open_index
+from retrieval.infer.bundle import open_index
 from retrieval.infer.manifest import IndexFolder
 from retrieval.infer.parts import LoaderSettings
 from retrieval.infer.predict import predict

@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 import cli
-from retrieval.infer.folder import open_index
+from retrieval.infer.bundle import open_index
 from index import knn_vote
 from retrieval.data.bsonio import iter_products
 from retrieval.data.categories import CategoryTable

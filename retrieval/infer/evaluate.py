@@ -22,7 +22,7 @@ from .embed import ChunkStore
 from .parts import LoaderSettings, PartWork, numbered, run_parts
 from .calibrate import KS, calibrate
 from .fused import Candidates, FusedClassifier, candidates_for
-from .folder import IndexBundle, check_source, open_index
+from .bundle import IndexBundle, check_source, open_index
 from .plots import evaluation_plots
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from ..model.runtime import is_first_rank
 from .embed import ChunkStore, Timer
 from .parts import LoaderSettings, PartWork, numbered, run_parts
 from .fused import FusedClassifier, FusionOverrides, calibrated, candidates_for
-from .folder import IndexBundle, open_index
+from .bundle import IndexBundle, open_index
 
 log = logging.getLogger(__name__)
 SEARCH_BATCH = 2048  # faiss uses BLAS only for large query batches (~500+ at d=256)

@@ -15,7 +15,7 @@ from ..data.offsets import RecordReader
 from ..errors import UserError
 from .embed import embed_images
 from .fused import Candidates, FusedClassifier, neighbour_labels
-from .folder import IndexBundle, check_source, open_index
+from .bundle import IndexBundle, check_source, open_index
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,8 @@ from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from ..errors import UserError
-from ..infer.folder import IndexBundle, add_to_index, open_index
+from ..infer.bundle import IndexBundle, open_index
+from ..infer.folder import add_to_index
 from ..infer.fused import calibrated
 from ..infer.manifest import IndexFolder, WriterBusy
 from ..infer.parts import LoaderSettings

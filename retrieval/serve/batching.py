@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..infer.embed import embed_images
-from ..infer.folder import IndexBundle
+from ..infer.bundle import IndexBundle
 
 
 @dataclass
