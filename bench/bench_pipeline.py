@@ -56,7 +56,7 @@ def stage_shares(test: Path, bundle, params: dict) -> dict[str, float]:
     emb, prob = np.concatenate(embs), np.concatenate(probs)
     t = time.perf_counter()
     has = np.ones(len(emb), bool)
-    sims, labels = neighbour_labels(bundle.index, emb, int(params["k"]), has)
+    sims, labels = neighbour_labels(bundle.vectors, emb, int(params["k"]), has)
     s["search"] = time.perf_counter() - t
     t = time.perf_counter()
     clf = FusedClassifier(params["alpha"], params["k"], params["tau"], params["beta"], 0, params["temperature"],

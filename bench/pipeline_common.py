@@ -104,7 +104,7 @@ def instance_rate(bundle, table, rows, images, owner, tta: bool) -> tuple[float,
     multi = np.flatnonzero(table["n_images"][rows] >= 2)
     pick = np.searchsorted(owner.numpy(), multi)
     q, _ = embed_images(net, images[pick], torch.arange(len(pick)), len(pick), tta_flip=tta)
-    _, pos = bundle.index.search(q.cpu().numpy(), 1)
+    _, pos = bundle.vectors.search(q.cpu().numpy(), 1)
     return float((bundle.product_ids[pos[:, 0]] == table["product_id"][rows][multi]).mean()), len(multi)
 
 

@@ -61,7 +61,7 @@ class VectorIndex:
 
     def __init__(self, index: faiss.Index, labels: np.ndarray | None = None, factory: str = "Flat",
                  nprobe: int | None = None, ef_search: int | None = None) -> None:
-        self.index, self.factory = index, factory
+        self.faiss_index, self.factory = index, factory
         self.labels = np.zeros(0, np.int64) if labels is None else np.asarray(labels, np.int64)
         self.nprobe, self.ef_search = nprobe, ef_search
         self._apply()
@@ -78,13 +78,13 @@ class VectorIndex:
     @property
     def ivf(self):
         try:
-            return faiss.extract_index_ivf(self.index)
+            return faiss.extract_index_ivf(self.faiss_index)
         except RuntimeError:
             return None
 
     @property
     def hnsw(self):
-        base = faiss.downcast_index(self.index)
+        base = faiss.downcast_index(self.faiss_index)
         return base.hnsw if hasattr(base, "hnsw") else None
 
     def _apply(self) -> None:
@@ -96,22 +96,22 @@ class VectorIndex:
             self.hnsw.efSearch = self.ef_search
 
     def __len__(self) -> int:
-        return self.index.ntotal
+        return self.faiss_index.ntotal
 
     @property
     def dim(self) -> int:
-        return self.index.d
+        return self.faiss_index.d
 
     def train(self, sample: np.ndarray) -> None:
         """Train IVF/PQ parts on ``sample [N, d]`` (on GPU when faiss has one)."""
-        if self.index.is_trained:
+        if self.faiss_index.is_trained:
             return
         x = np.ascontiguousarray(sample, np.float32)
         ivf = self.ivf
         if ivf is not None and faiss.get_num_gpus() > 0 and hasattr(faiss, "index_cpu_to_all_gpus"):
             ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
         log.info("training %s on %d vectors", self.factory, len(x))
-        self.index.train(x)
+        self.faiss_index.train(x)
 
     def add(self, vectors: np.ndarray, labels: np.ndarray) -> None:
         """Append ``vectors [N, d]`` with their ``labels [N]``; they get positions len..len+N-1."""
@@ -120,9 +120,9 @@ class VectorIndex:
             raise ValueError(f"vectors must be [N, {self.dim}], got {list(x.shape)}")
         if len(labels) != len(x):
             raise ValueError("one label per vector")
-        if not self.index.is_trained:
+        if not self.faiss_index.is_trained:
             self.train(x)
-        self.index.add(x)
+        self.faiss_index.add(x)
         self.labels = np.concatenate([self.labels, np.asarray(labels, np.int64)])
 
     def _params(self, allowed: np.ndarray | None):
@@ -154,7 +154,7 @@ class VectorIndex:
                 if exact is not None:
                     return exact
         params = self._params(allowed)
-        sims, pos = self.index.search(q, k, params=params) if params is not None else self.index.search(q, k)
+        sims, pos = self.faiss_index.search(q, k, params=params) if params is not None else self.faiss_index.search(q, k)
         return sims, pos
 
     def _search_subset(self, q: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -162,7 +162,7 @@ class VectorIndex:
         try:
             if self.ivf is not None:
                 self.ivf.make_direct_map()
-            vecs = self.index.reconstruct_batch(allowed.astype(np.int64))
+            vecs = self.faiss_index.reconstruct_batch(allowed.astype(np.int64))
         except RuntimeError:
             return None
         scores = q @ vecs.T
@@ -199,7 +199,7 @@ class VectorIndex:
         """``index.faiss`` (readable by FAISS tools), ``labels.npy`` and ``search.json``."""
         f = Path(folder)
         f.mkdir(parents=True, exist_ok=True)
-        index = self.index
+        index = self.faiss_index
         if faiss.get_num_gpus() > 0 and hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__:
             index = faiss.index_gpu_to_cpu(index)
         faiss.write_index(index, str(f / "index.faiss"))

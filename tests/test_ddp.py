@@ -76,7 +76,7 @@ def test_two_process_build_index_and_predict_match_one_process(small_data, train
     _run([str(script), "index", str(small_data["train.bson"]), str(trained_run), "-", str(idx2), "0"], cwd=tmp_path)
     one, two = open_index(indexes["all"]), open_index(idx2)
     assert one.manifest.parts == two.manifest.parts and len(one.manifest.parts) >= 3
-    assert np.array_equal(one.product_ids, two.product_ids) and np.array_equal(one.index.labels, two.index.labels)
+    assert np.array_equal(one.product_ids, two.product_ids) and np.array_equal(one.vectors.labels, two.vectors.labels)
     for p, _ in one.manifest.parts:
         a = np.load(ChunkStore.part_file(IndexFolder(indexes["all"]).embeddings, p))
         b = np.load(ChunkStore.part_file(IndexFolder(idx2).embeddings, p))

@@ -127,7 +127,7 @@ def test_kill_9_at_random_moments_of_an_add_leaves_old_or_new_and_the_next_add_i
         p.wait()
         b = open_index(idx)  # never torn
         n = len(b.product_ids)
-        assert n in (150, full) and b.manifest.count == n == len(b.index) == len(b.arrays["category_ids"])
+        assert n in (150, full) and b.manifest.count == n == len(b.vectors) == len(b.arrays["category_ids"])
         if n == full:
             break
     out = subprocess.run([sys.executable, str(script), str(idx), str(new)], env=env, capture_output=True, text=True)

@@ -55,7 +55,7 @@ def test_interrupted_build_resumes_to_the_same_index(small_data, trained_run, in
     a, b = open_index(indexes["all"]), open_index(out)
     assert np.array_equal(a.product_ids, b.product_ids)
     q = np.stack([a.vector(i) for i in range(0, 150, 7)])
-    assert np.array_equal(a.index.search(q, 5)[1], b.index.search(q, 5)[1])
+    assert np.array_equal(a.vectors.search(q, 5)[1], b.vectors.search(q, 5)[1])
 
 
 def test_mismatches_are_refused(small_data, trained_run, indexes, tmp_path):
@@ -142,7 +142,7 @@ def test_predict_one_row_per_product_in_order_even_for_bad_products(indexes, sma
     sid, scat = read_submission(tmp_path / "sub.csv")
     assert sid.tolist() == ids and rep.products == len(ids) and rep.without_image == 2
     b = open_index(indexes["all"])
-    mode = np.bincount(b.index.labels).argmax()
+    mode = np.bincount(b.vectors.labels).argmax()
     assert scat[3] == scat[7] == b.categories.ids[mode]
     lines = [json.loads(x) for x in (tmp_path / "scores.jsonl").read_text().splitlines()]
     assert [x["_id"] for x in lines] == ids and all(len(x["top"]) == 3 for x in lines)
@@ -181,7 +181,7 @@ def test_alpha_endpoints_are_knn_only_and_head_only_without_dup_vote(indexes, sm
     table = load_offsets(small_data["test.bson"])
     outs = list(embed_products(net, RecordReader(small_data["test.bson"], table), np.arange(len(table)), workers=0))
     emb, probs = np.concatenate([o.emb for o in outs]), np.concatenate([o.probs for o in outs])
-    sims, labels = neighbour_labels(b.index, emb, 5, np.ones(len(emb), bool))
+    sims, labels = neighbour_labels(b.vectors, emb, 5, np.ones(len(emb), bool))
     p = probs if alpha == 1 else knn_vote(sims, labels, len(cats), 0.05)
     assert np.array_equal(got, np.asarray(cats.ids)[p.argmax(1)])
 

@@ -29,7 +29,7 @@ class IndexBundle:
 
     folder: Path
     manifest: IndexManifest
-    index: VectorIndex
+    vectors: VectorIndex  # the FAISS layer (index.VectorIndex)
     arrays: dict[str, np.ndarray]
     loaded: LoadedModel
     duplicates: DuplicateTable  # picture hashes of indexed products (exact-duplicate vote)
@@ -57,7 +57,7 @@ class IndexBundle:
     @cached_property
     def fallback_class(self) -> int:
         """The most frequent class among indexed products (for products with no decodable image)."""
-        lab = self.index.labels[self.index.labels >= 0]
+        lab = self.vectors.labels[self.vectors.labels >= 0]
         return int(np.bincount(lab).argmax()) if len(lab) else 0
 
     @cached_property
@@ -96,10 +96,10 @@ class IndexBundle:
 
     def commit(self) -> None:
         """Write this state as the folder's new generation (atomically; the caller holds the writer lock)."""
-        self.manifest = replace(self.manifest, count=len(self.index))
+        self.manifest = replace(self.manifest, count=len(self.vectors))
 
         def write(gen: Path) -> None:
-            self.index.save(IndexFolder.vectors(gen))
+            self.vectors.save(IndexFolder.vectors(gen))
             for k in ARRAYS:
                 np.save(IndexFolder.array_file(gen, k), self.arrays[k])
             self.duplicates.save(IndexFolder.duplicates_file(gen))

@@ -53,7 +53,7 @@ def _eval_rows(bundle: IndexBundle, val_path: str | Path | None) -> tuple[Path, 
 
 def _part(bundle: IndexBundle, outs: list, y: np.ndarray) -> dict[str, np.ndarray]:
     """Candidates, the head's argmax and per-image correctness of one part's products (``y``: their classes)."""
-    c = candidates_for(bundle.index, bundle.duplicates, outs, max(KS))
+    c = candidates_for(bundle.vectors, bundle.duplicates, outs, max(KS))
     starts = np.cumsum([0] + [len(o.rows) for o in outs[:-1]])
     return {**{f.name: getattr(c, f.name) for f in fields(Candidates)},
             "head_pred": np.concatenate([o.probs for o in outs]).argmax(1),
@@ -68,7 +68,7 @@ def _candidates(bundle: IndexBundle, path: Path, table: np.ndarray, rows: np.nda
     rank other than 0 of a distributed run."""
     parts = numbered(rows, chunk)
     cls_of = {int(r): int(v) for r, v in zip(rows, y)}
-    key = {"model": bundle.manifest.model_sha256, "count": len(bundle.index), "data": file_fingerprint(path),
+    key = {"model": bundle.manifest.model_sha256, "count": len(bundle.vectors), "data": file_fingerprint(path),
            "rows": hashlib.sha1(rows.tobytes()).hexdigest(), "tta_flip": bundle.manifest.tta_flip}
     store = ChunkStore(scratch, key, restart=is_first_rank())
     work = PartWork(lambda outs: _part(bundle, outs, np.array([cls_of[int(r)] for o in outs for r in o.rows])),
@@ -111,7 +111,7 @@ def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir:
     knn_pred = FusedClassifier(0.0, knn_only["k"], knn_only["tau"], 0.0, fallback).predict_candidates(c)[0][:, 0]
     has_dup = (c.dups >= 0).any(1)
     l1, l2 = cats.parents()
-    counts = np.bincount(bundle.index.labels[bundle.index.labels >= 0], minlength=len(cats))[y]
+    counts = np.bincount(bundle.vectors.labels[bundle.vectors.labels >= 0], minlength=len(cats))[y]
     buckets = {}
     for lo, hi, name in BUCKETS:
         m = (counts >= lo) & (counts < hi)

@@ -66,7 +66,7 @@ def _fill_index(vi: VectorIndex, store: ChunkStore, parts: list, labels: np.ndar
     """Train (if needed) and fill ``vi`` from the stored parts; tune its search depth; returns recall@10."""
     n = sum(c for _, c in parts)
     blocks = lambda: (store.read(p)["emb"] for p, _ in parts)  # noqa: E731
-    if not vi.index.is_trained:
+    if not vi.faiss_index.is_trained:
         rng = np.random.default_rng(0)
         vi.train(np.concatenate([b[rng.random(len(b)) < min(1.0, 200_000 / n)] for b in blocks()]))
 
@@ -200,7 +200,7 @@ def _add(bundle: IndexBundle, new_path: Path, loader: LoaderSettings) -> tuple[i
     _embed_to_store(bundle.net, man.tta_flip, RecordReader(new_path, table), new_parts, store, loader,
                     "embedding new products")
     parts = [(p, len(r)) for p, r in new_parts]
-    bundle.index.add(store.read(parts[0][0])["emb"], labels)
+    bundle.vectors.add(store.read(parts[0][0])["emb"], labels)
     new_dups = _duplicates(store, parts, man.count)
     bundle.duplicates = bundle.duplicates.merged(new_dups.hashes, new_dups.positions)
     src = len(man.sources)

@@ -76,7 +76,7 @@ def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path,
     net, cats = bundle.net, bundle.categories
     tta_flip = bundle.manifest.tta_flip
     reader = RecordReader(test_path, table)
-    key = {"test": file_fingerprint(test_path), "model": bundle.manifest.model_sha256, "count": len(bundle.index),
+    key = {"test": file_fingerprint(test_path), "model": bundle.manifest.model_sha256, "count": len(bundle.vectors),
            "params": clf.params(), "tta_flip": tta_flip, "top": top, "chunk": chunk_products}
     store = ChunkStore(out_csv.with_name(out_csv.name + ".parts"), key, restart=restart and is_first_rank())
     default = clf.fallback
@@ -107,7 +107,7 @@ def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path,
 def _decide(bundle: IndexBundle, clf: FusedClassifier, outs: list, top: int, timer: Timer) -> dict[str, np.ndarray]:
     """Fused class (and top-N classes with scores) for a list of embedded batches, with one search."""
     t = time.perf_counter()
-    cands = candidates_for(bundle.index, bundle.duplicates, outs, clf.k)
+    cands = candidates_for(bundle.vectors, bundle.duplicates, outs, clf.k)
     t = timer.add("search", t)
     classes, scores = clf.predict_candidates(cands, max(1, top))
     out = {"pred": classes[:, 0]}

@@ -120,7 +120,7 @@ def neighbours(bundle: IndexBundle, vec: np.ndarray, k: int, category: int | Non
         if category not in cats.ids:
             raise UserError(f"category {category} is not in the model's category table")
         allowed = [int(cats.encode([category])[0])]
-    sims, pos = bundle.index.search(vec[None], offset + k, allowed)
+    sims, pos = bundle.vectors.search(vec[None], offset + k, allowed)
     return neighbours_from(bundle, sims[0][offset:], pos[0][offset:])
 
 
@@ -142,7 +142,7 @@ def classify_pictures(bundle: IndexBundle, clf: FusedClassifier, pictures: list[
     """The ``top`` fused categories of one product's pictures, each with its head, kNN, exact-duplicate and
     fused score."""
     emb, probs, _ = embed_pictures(bundle, pictures, names)
-    index = bundle.index
+    index = bundle.vectors
     sims, labels = neighbour_labels(index, emb[None], clf.k, np.ones(1, bool))
     dups = bundle.duplicates.product_labels(np.array([picture_hash(p) for p in pictures]),
                                             np.zeros(len(pictures), np.int64), 1, index.labels)

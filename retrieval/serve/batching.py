@@ -69,7 +69,7 @@ class QueryBatcher:
                 emb, _ = embed_images(bundle.net, x, owner, len(with_pictures), tta_flip=bundle.manifest.tta_flip)
                 for j, v in zip(with_pictures, emb.cpu().numpy()):
                     j.vec = v
-            sims, pos = bundle.index.search(np.stack([j.vec for j in jobs]).astype(np.float32),
+            sims, pos = bundle.vectors.search(np.stack([j.vec for j in jobs]).astype(np.float32),
                                             max(j.k for j in jobs))  # one FAISS call
             for i, j in enumerate(jobs):
                 j.result = (sims[i, :j.k], pos[i, :j.k])
