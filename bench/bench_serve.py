@@ -9,6 +9,7 @@ Usage: python bench/bench_serve.py [--requests 400] [--concurrency 1 4 16] [--wo
 from __future__ import annotations
 
 import argparse
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,7 +22,6 @@ import httpx
 import numpy as np
 from pipeline_common import prepared
 
-from retrieval.infer.manifest import IndexFolder
 from retrieval.infer.folder import IndexSettings, build_index, open_index
 from retrieval.infer.query import embed_pictures, neighbours, product_pictures
 
@@ -63,8 +63,8 @@ def main() -> None:
         a.requests, a.concurrency = 20, [1, 4]
     p = prepared(Path(a.workdir))
     idx = Path(a.workdir) / "index_serve"
-    if not IndexFolder(idx).exists():
-        build_index(p["data"] / "train.bson", p["run"], idx, IndexSettings("all"))
+    shutil.rmtree(idx, ignore_errors=True)  # fresh each run: the add below changes it
+    build_index(p["data"] / "train.bson", p["run"], idx, IndexSettings("all"))
     bundle = open_index(idx)
     ids = bundle.product_ids[np.random.default_rng(0).permutation(len(bundle.product_ids))[:a.requests]]
     pics = [product_pictures(bundle, int(np.flatnonzero(bundle.product_ids == i)[0]))[0] for i in ids]

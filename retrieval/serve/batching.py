@@ -28,10 +28,11 @@ class _Job:
 
 class QueryBatcher:
     """``search(bundle, k, images=... | vec=...) -> (sims [k], positions [k])``, batched with whatever other
-    queries arrive within ``max_wait`` seconds (at most ``max_batch`` a batch). Queries against different
-    generations of the index are never mixed in one search."""
+    queries are waiting when the worker picks up the next batch (continuous batching: no wait at low load; under
+    load, requests queue while a batch runs and go together), plus those arriving within ``max_wait`` seconds;
+    at most ``max_batch`` a batch. Queries against different generations of the index are never mixed."""
 
-    def __init__(self, max_batch: int = 32, max_wait: float = 0.004) -> None:
+    def __init__(self, max_batch: int = 32, max_wait: float = 0.0) -> None:
         self.max_batch, self.max_wait = max_batch, max_wait
         self._queue: queue.Queue[_Job] = queue.Queue()
         threading.Thread(target=self._run, name="query-batcher", daemon=True).start()
