@@ -55,6 +55,11 @@ class IndexBundle:
         return RunDir(self.layout.resolve(self.manifest.run_dir, self.manifest.origin))
 
     @cached_property
+    def class_of_id(self) -> dict[int, int]:
+        """Category id -> class index of the model (built once per opened generation)."""
+        return {int(c): i for i, c in enumerate(self.categories.ids)}
+
+    @cached_property
     def fallback_class(self) -> int:
         """The most frequent class among indexed products (for products with no decodable image)."""
         lab = self.vectors.labels[self.vectors.labels >= 0]

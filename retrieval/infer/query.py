@@ -128,7 +128,7 @@ def neighbours_from(bundle: IndexBundle, sims: np.ndarray, pos: np.ndarray) -> t
     """Search results ``sims [K]``, ``pos [K]`` (-1 = none) as :class:`Neighbour` records, and their positions."""
     cats = bundle.categories
     keep = pos >= 0
-    id_to_class = {c: i for i, c in enumerate(cats.ids)}
+    id_to_class = bundle.class_of_id
     out = []
     for s, p in zip(sims[keep], pos[keep]):
         cid = int(bundle.arrays["category_ids"][p])
