@@ -376,3 +376,21 @@ def test_more_bad_input_is_a_4xx_writes_nothing_and_the_server_keeps_serving(cli
     assert r.status_code == status and words in r.text, r.text
     assert client.get("/health").json()["products"] == count  # nothing was added
     assert client.post("/similar", data={"product_id": p.product_id, "k": 1}).status_code == 200
+
+
+def test_concurrent_adds_queue_behind_one_writer_and_errors_name_no_server_path(served, small_data, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    from retrieval.serve.api import _no_paths
+    folder = tmp_path / "idx"
+    shutil.copytree(served, folder)
+    p = _first(small_data)
+    uploads = [bson.encode({"_id": 555_100_000 + i, "imgs": [{"picture": p.images[0]}], "category_id": p.category_id})
+               for i in range(4)]
+    with TestClient(create_app(folder)) as c:
+        before = c.get("/health").json()["products"]
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda b: c.post("/products", files={"file": ("u.bson", b)}), uploads))
+        assert [r.status_code for r in got] == [200] * 4  # queued, none refused
+        assert c.get("/health").json()["products"] == before + 4
+    assert _no_paths(f"{tmp_path}/data/train.bson changed; looked for /srv/x/y.bson") == "train.bson changed; " \
+                                                                                           "looked for y.bson"

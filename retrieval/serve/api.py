@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ class _State:
 
     def __init__(self, folder: Path) -> None:
         self.folder, self.lock = folder, threading.Lock()
+        self.writer = threading.Lock()  # adds queue here, one at a time (another process's add: 409)
         self.bundle: IndexBundle = open_index(folder)
 
     def reload(self) -> None:
@@ -114,6 +116,14 @@ async def _reject(send, limit: int) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+_PATH = re.compile(r"(?:/[\w.\-]+)+/([\w.\-]+)")
+
+
+def _no_paths(message: str) -> str:
+    """A message for a stranger: every absolute path reduced to its file name."""
+    return _PATH.sub(r"\1", message)
+
+
 def _pictures(files: list[UploadFile] | None) -> tuple[list[bytes], list[str]]:
     data, names = [], []
     for f in files or []:
@@ -160,8 +170,7 @@ def create_app(index_dir: str | Path, settings: ServeSettings = ServeSettings())
 
     @app.exception_handler(UserError)
     async def _user_error(_: Request, e: UserError) -> JSONResponse:
-        return JSONResponse({"detail": str(e).replace(str(state.folder.resolve()), "<index>")
-                             .replace(str(state.folder), "<index>")}, status_code=400)
+        return JSONResponse({"detail": _no_paths(str(e))}, status_code=400)
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
@@ -241,11 +250,12 @@ def create_app(index_dir: str | Path, settings: ServeSettings = ServeSettings())
                 tmp.write(chunk)
         added = 0
         try:
-            added, already = add_to_index(state.folder, tmp.name, LoaderSettings(workers=0))
+            with state.writer:
+                added, already = add_to_index(state.folder, tmp.name, LoaderSettings(workers=0))
         except WriterBusy:
             raise HTTPException(409, "another add is running on this index; try again when it has finished") from None
         except UserError as e:
-            msg = str(e).replace(tmp.name, file.filename or "upload").replace(str(uploads), "")
+            msg = _no_paths(str(e).replace(tmp.name, file.filename or "upload"))
             raise HTTPException(400, f"upload {file.filename}: {msg}") from None
         finally:
             if not added:  # a refused or empty upload leaves nothing behind (its offset cache neither)
