@@ -91,12 +91,7 @@ class IndexBundle:
         """A part's embeddings, memory-mapped once (only the rows asked for are read)."""
         maps = self.__dict__.setdefault("_maps", {})
         if part not in maps:
-            f = ChunkStore.vectors_file(self.layout.embeddings, part)
-            if f.exists():
-                maps[part] = np.load(f, mmap_mode="r")
-            else:  # a part written before the vectors file existed
-                with np.load(ChunkStore.part_file(self.layout.embeddings, part)) as z:
-                    maps[part] = z["emb"]
+            maps[part] = np.load(ChunkStore.vectors_file(self.layout.embeddings, part), mmap_mode="r")
         return maps[part]
 
     def commit(self) -> None:

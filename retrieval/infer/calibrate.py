@@ -79,10 +79,10 @@ def _grid_correct(c: Candidates, y: np.ndarray, fold: np.ndarray, base: FusedCla
         for k in KS:
             for t in TAUS:
                 clf = replace(base, alpha=0.5, k=k, tau=t, beta=0.0)
-                votes = clf.candidate_votes(block)  # shared by every alpha and beta
+                feats = clf.features(block)  # shared by every alpha and beta
                 for a in ALPHAS:
                     for b in betas:
-                        pred = replace(clf, alpha=a, beta=b).predict_candidates(block, 1, votes)[0][:, 0]
+                        pred = replace(clf, alpha=a, beta=b).predict_candidates(block, 1, feats)[0][:, 0]
                         correct[(a, k, t, b)] += np.bincount(fb, weights=pred == yb, minlength=FOLDS).astype(np.int64)
     return correct
 

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from ..data.datasets import ProductBatch, ProductDataset, product_loader
-from ..data.images import DecodeStats
 from ..data.offsets import RecordReader
 from ..errors import UserError
 from ..model.network import EmbeddingNet, product_mean
@@ -72,8 +71,7 @@ def embed_images(net: EmbeddingNet, images: torch.Tensor, owner: torch.Tensor, n
 
 
 def embed_products(net: EmbeddingNet, reader: RecordReader, rows: np.ndarray, batch_images: int = 128,
-                   workers: int = 2, tta_flip: bool = False, stats: DecodeStats | None = None,
-                   timer: Timer | None = None) -> Iterator[ProductOutputs]:
+                   workers: int = 2, tta_flip: bool = False, timer: Timer | None = None) -> Iterator[ProductOutputs]:
     """Stream ``rows`` (offset-table rows, in order) through the network, a batch of products at a time."""
     net.eval()
     loader = product_loader(ProductDataset(reader, rows, net.cfg.image_size), batch_images, workers)
@@ -81,16 +79,16 @@ def embed_products(net: EmbeddingNet, reader: RecordReader, rows: np.ndarray, ba
     for b in loader:
         if timer:
             t = timer.add("read+decode", t)
-        out = batch_outputs(net, b, tta_flip, stats)
+        out = batch_outputs(net, b, tta_flip)
         if timer:
             t = timer.add("model", t)
         yield out
         t = time.perf_counter()
 
 
-def batch_outputs(net: EmbeddingNet, b: ProductBatch, tta_flip: bool = False, stats: DecodeStats | None = None
-                  ) -> ProductOutputs:
-    """The network's per-product outputs for one loader batch (products without a picture get zeros)."""
+def batch_outputs(net: EmbeddingNet, b: ProductBatch, tta_flip: bool = False) -> ProductOutputs:
+    """The network's per-product outputs for one loader batch (products without a picture get zeros; decode
+    counts travel in ``n_images`` and ``failed``, which every stored part keeps)."""
     n = len(b.rows)
     n_img = torch.bincount(b.owner, minlength=n).numpy()
     if len(b.images):
@@ -100,10 +98,6 @@ def batch_outputs(net: EmbeddingNet, b: ProductBatch, tta_flip: bool = False, st
         emb = np.zeros((n, net.cfg.embed_dim), np.float32)
         probs = np.zeros((n, net.cfg.n_classes), np.float32)
         img_pred = np.zeros(0, np.int64)
-    if stats is not None:
-        stats.decoded += int(n_img.sum())
-        stats.failed += int(b.failed.sum())
-        stats.products_without_image += int((n_img == 0).sum())
     return ProductOutputs(b.rows.numpy(), emb, probs, n_img, b.failed.numpy(), img_pred, b.owner.numpy(),
                           b.hashes.numpy())
 
@@ -161,12 +155,12 @@ class ChunkStore:
         return ChunkStore.part_file(folder, i).with_suffix(".emb.npy")
 
     def write(self, i: int | str, **arrays: np.ndarray) -> None:
-        """Written aside, fsynced, then renamed: a part file is whole or absent (its ``emb`` array, when it has
-        one, is also written as :meth:`vectors_file` first)."""
-        final = self.path(i)
+        """Written aside, fsynced, then renamed: a part file is whole or absent. An ``emb`` array is stored once,
+        as :meth:`vectors_file` (memory-mappable), written before the part file that marks the part done."""
         if "emb" in arrays:
-            self._atomic(self.vectors_file(self.folder, i), lambda f: np.save(f, np.asarray(arrays["emb"], np.float32)))
-        self._atomic(final, lambda f: np.savez(f, **arrays))
+            emb = np.asarray(arrays.pop("emb"), np.float32)
+            self._atomic(self.vectors_file(self.folder, i), lambda f: np.save(f, emb))
+        self._atomic(self.path(i), lambda f: np.savez(f, **arrays))
 
     @staticmethod
     def _atomic(final: Path, write) -> None:
@@ -178,6 +172,11 @@ class ChunkStore:
         os.replace(tmp, final)
 
     def read(self, i: int | str, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
-        """Part ``i``'s arrays (only ``keys``, when given: the others are not read)."""
+        """Part ``i``'s arrays, ``emb`` included where the part has one (only ``keys``, when given: the others
+        are not read)."""
+        vectors = self.vectors_file(self.folder, i)
         with np.load(self.path(i)) as z:
-            return {k: z[k] for k in (keys if keys is not None else z.files)}
+            out = {k: z[k] for k in (keys if keys is not None else z.files) if k != "emb"}
+        if (keys is None or "emb" in keys) and vectors.exists():
+            out["emb"] = np.load(vectors)
+        return out

@@ -1,4 +1,4 @@
-"""Index folders: build-index and add-to-index write them; :func:`open_index` reads one (model loaded once)."""
+"""Index folders: build-index and add-to-index write them (``bundle`` opens them)."""
 from __future__ import annotations
 
 import hashlib
@@ -7,8 +7,8 @@ import logging
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Iterable
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 from tqdm import tqdm
@@ -27,6 +27,8 @@ from .manifest import IndexFolder, IndexManifest, Source
 from .parts import LoaderSettings, PartWork, numbered, run_parts
 
 log = logging.getLogger(__name__)
+
+
 def _part_arrays(outs: Iterable[ProductOutputs]) -> dict[str, np.ndarray]:
     """What an index part keeps of its products' outputs: rows, embeddings, picture hashes and their owners
     (never the head's probabilities ``[P, C]``)."""
@@ -55,7 +57,7 @@ def _duplicates(store: ChunkStore, parts: list[tuple[int, int]], first_position:
     """Picture hashes of the stored parts, keyed to index positions from ``first_position``."""
     hashes, positions, start = [], [], first_position
     for p, n in parts:
-        z = store.read(p)
+        z = store.read(p, ("img_hash", "img_owner"))
         hashes.append(z["img_hash"])
         positions.append(z["img_owner"] + start)
         start += n
@@ -65,7 +67,7 @@ def _duplicates(store: ChunkStore, parts: list[tuple[int, int]], first_position:
 def _fill_index(vi: VectorIndex, store: ChunkStore, parts: list, labels: np.ndarray, target_recall: float) -> float:
     """Train (if needed) and fill ``vi`` from the stored parts; tune its search depth; returns recall@10."""
     n = sum(c for _, c in parts)
-    blocks = lambda: (store.read(p)["emb"] for p, _ in parts)  # noqa: E731
+    blocks = lambda: (store.read(p, ("emb",))["emb"] for p, _ in parts)  # noqa: E731
     if not vi.faiss_index.is_trained:
         rng = np.random.default_rng(0)
         vi.train(np.concatenate([b[rng.random(len(b)) < min(1.0, 200_000 / n)] for b in blocks()]))
@@ -81,7 +83,7 @@ def _fill_index(vi: VectorIndex, store: ChunkStore, parts: list, labels: np.ndar
         for _ in added_blocks():
             pass
         return 1.0
-    q = store.read(parts[0][0])["emb"][:1000]
+    q = store.read(parts[0][0], ("emb",))["emb"][:1000]
     return vi.tune(q, exact_topk(q, added_blocks(), 10)[1], target_recall)
 
 

@@ -139,9 +139,10 @@ class FusedClassifier:
         feats = np.stack([head, knn, c.dup_share, np.log(head + 1e-6), knn * top_sim, nearest], axis=-1)
         return np.where((c.classes >= 0)[..., None], feats, 0.0).astype(np.float32)
 
-    def candidate_scores(self, c: Candidates, votes: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-        """Fused scores ``[P, W]`` of each product's candidate classes (-inf on padding)."""
-        fused = self.features(c, votes) @ self.coefficients
+    def candidate_scores(self, c: Candidates, feats: np.ndarray | None = None) -> np.ndarray:
+        """Fused scores ``[P, W]`` of each product's candidate classes (-inf on padding); ``feats`` reuses
+        :meth:`features` of the same k, tau and temperature (they do not depend on the weights)."""
+        fused = (self.features(c) if feats is None else feats) @ self.coefficients
         return np.where(c.classes >= 0, fused, -np.inf)
 
     def probabilities(self, scores: np.ndarray) -> np.ndarray:
@@ -156,11 +157,11 @@ class FusedClassifier:
         total = s.sum(1, keepdims=True)
         return np.divide(s, total, out=np.zeros_like(s), where=total > 0)
 
-    def predict_candidates(self, c: Candidates, top: int = 1, votes: tuple[np.ndarray, np.ndarray] | None = None
+    def predict_candidates(self, c: Candidates, top: int = 1, feats: np.ndarray | None = None
                            ) -> tuple[np.ndarray, np.ndarray]:
         """``(classes [P, top], scores [P, top])`` best first; column 0 is the prediction (fallback where a
-        product has no image). ``votes`` reuses :meth:`candidate_votes` of the same k and tau."""
-        scores = self.candidate_scores(c, votes)
+        product has no image). ``feats``: as in :meth:`candidate_scores`."""
+        scores = self.candidate_scores(c, feats)
         order = np.argsort(-scores, axis=1, kind="stable")[:, :top]
         classes = np.take_along_axis(c.classes, order, 1).astype(np.int64)
         best = np.take_along_axis(scores, order, 1)

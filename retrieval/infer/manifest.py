@@ -1,4 +1,5 @@
-"""The index folder's manifest: a frozen, versioned record of what the index was built from."""
+"""The index folder: its manifest (a frozen, versioned record of what the index was built from) and
+:class:`IndexFolder`, the owner of every file in it (generations, atomic commit, the writer lock)."""
 from __future__ import annotations
 
 import fcntl

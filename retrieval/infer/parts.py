@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from ..data.images import DecodeStats
 from ..data.offsets import RecordReader
+from ..errors import UserError
 from ..model.runtime import Devices
 from .embed import ChunkStore, ProductOutputs, Timer, embed_products
 
@@ -28,7 +29,6 @@ class LoaderSettings:
     where: Devices | None = None
 
     def __post_init__(self) -> None:
-        from ..errors import UserError
         if self.batch_size < 1 or self.workers < 0:
             raise UserError(f"batch size must be at least 1 and workers at least 0, got {self.batch_size}, "
                             f"{self.workers}")

@@ -62,7 +62,7 @@ def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path,
 
     Work is saved per chunk of products in ``<out_csv>.parts/``; running again after an interruption
     resumes from the last finished chunk (``restart`` discards parts made with other settings).
-    Horizontal-flip TTA is used when the index was built with it. With ``where`` over several devices/nodes,
+    Horizontal-flip TTA is used when the index was built with it. With ``loader.where`` over several devices/nodes,
     every rank predicts its share of the chunks and rank 0 writes the submission (other ranks return None).
     """
     t_start = time.perf_counter()

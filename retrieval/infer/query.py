@@ -148,7 +148,7 @@ def classify_pictures(bundle: IndexBundle, clf: FusedClassifier, pictures: list[
                                             np.zeros(len(pictures), np.int64), 1, index.labels)
     c = Candidates.build(probs[None], sims, labels, np.ones(1, bool), dups)
     votes = clf.candidate_votes(c)
-    scores = clf.candidate_scores(c, votes)[0]
+    scores = clf.candidate_scores(c, clf.features(c, votes))[0]
     probs = clf.probabilities(scores[None])[0]
     cats = bundle.categories
     out = []
