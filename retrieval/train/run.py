@@ -39,7 +39,7 @@ class TrainResult:
     best_val_accuracy: float | None
     unlabelled: int
     module: RetrievalModule
-    frozen: FrozenBaseline | None = None  # the frozen backbone's validation accuracy (LP-FT runs)
+    frozen: FrozenBaseline | None = None  # the frozen backbone's validation accuracy (pretrained runs)
 
 
 def resolve_config(run_dir: str | Path, resume: bool, **given) -> TrainConfig:
@@ -144,7 +144,7 @@ def train(train_path: str | Path, run_dir: str | Path, cfg: TrainConfig, categor
 
 
 def _lp_step(net: EmbeddingNet, dm: CdiscountDataModule, cfg: TrainConfig) -> FrozenBaseline:
-    """LP-FT's first step on this rank's device (every rank computes the same, from the same seed)."""
+    """The frozen baselines (and LP-FT's first step) on this rank's device; every rank computes the same."""
     dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
         torch.device("cpu")
     net.to(dev)
