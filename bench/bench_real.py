@@ -11,12 +11,14 @@ against training minutes for several epoch budgets (each a full run of that leng
 The baselines here are written independently of the library (plain numpy / torch), so they check it.
 Usage: python bench/bench_real.py [--budgets 1,2,4,8] [--image-size 160] [--backbone efficientnet_lite0]
        [--workdir bench_out/real] [--set lr=1e-3 ...] [--quick]
+       (GROCERY_DIR=folder reads the data from elsewhere than ../shared/data/grocery)
 """
 from __future__ import annotations
 
 import argparse
 import ast
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -39,7 +41,7 @@ from retrieval.train.config import TrainConfig
 from retrieval.train.probe import frozen_features
 from retrieval.train.run import train
 
-GROCERY = Path(__file__).resolve().parents[2] / "shared" / "data" / "grocery"
+GROCERY = Path(os.environ.get("GROCERY_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data" / "grocery")
 
 
 def bootstrap(correct: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float]:

@@ -1,0 +1,152 @@
+"""Throughput at Cdiscount resolution (180 px) on the machine's accelerator, per backbone: the training loader, a
+training step (bf16 autocast and channels_last where CUDA is), the model's forward alone, embedding end to end
+(build-index: read, decode, model, write) and predict end to end; then the implied time of one epoch over the
+12.37M training images and of predicting the 3,095,080 test images.
+
+Each end-to-end figure is also given as a ratio to the forward-only rate measured in the same run.
+Usage: python bench/bench_gpu.py [--backbones efficientnet_lite0 efficientnet_lite2] [--products 6000]
+       [--workers N] [--workdir bench_out/gpu] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from common import print_table
+
+from retrieval.data.synth import SynthConfig, make_data
+from retrieval.infer.bundle import open_index
+from retrieval.infer.folder import IndexSettings, build_index
+from retrieval.infer.parts import LoaderSettings
+from retrieval.infer.predict import predict
+from retrieval.model.config import ModelConfig
+from retrieval.model.network import EmbeddingNet
+from retrieval.model.runtime import autocast_for, best_device
+from retrieval.rundir import RunDir
+from retrieval.train.config import DataSettings, TrainConfig
+from retrieval.train.datamodule import CdiscountDataModule
+from retrieval.train.module import RetrievalModule
+from retrieval.train.run import train
+
+TRAIN_IMAGES, TEST_IMAGES = 12_371_293, 3_095_080
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def loader_rate(data: Path, run: Path, size: int, batch: int, workers: int, n_batches: int) -> tuple[float, list]:
+    """Images/s of the training loader (read, decode, augment, collate); also returns one batch to train on."""
+    dm = CdiscountDataModule(str(data / "train.bson"), str(data / "category_names.csv"),
+                             DataSettings(batch_size=batch, val_fraction=0.0, workers=workers), RunDir(run), size)
+    it = iter(dm.train_dataloader())
+    first = next(it)  # the workers are up
+    t, seen = time.perf_counter(), 0
+    for _ in range(n_batches):
+        try:
+            seen += len(next(it)[1])
+        except StopIteration:
+            it = iter(dm.train_dataloader())
+    return seen / (time.perf_counter() - t), first
+
+
+def step_rate(backbone: str, size: int, batch: list, categories, steps: int) -> float:
+    """Images/s of forward + backward + AdamW step of the whole network on one batch held on the device."""
+    dev = best_device()
+    cfg = TrainConfig.build(backbone=backbone, image_size=size, embed_dim=256, metric_loss="subcenter_arcface")
+    net = EmbeddingNet(ModelConfig(backbone, None, size, 256, len(categories)))
+    mod = RetrievalModule(net.to(memory_format=torch.channels_last), cfg, categories, {}).to(dev)
+    mod.log_dict = lambda *a, **k: None
+    opt = torch.optim.AdamW(mod.parameters(), 1e-3)
+    b = [x.to(dev, non_blocking=True) for x in batch]
+    for i in range(steps + 3):
+        if i == 3:
+            _sync(dev)
+            t = time.perf_counter()
+        with autocast_for(dev):
+            loss = mod.training_step(b, i)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    _sync(dev)
+    return steps * len(b[1]) / (time.perf_counter() - t)
+
+
+def forward_rate(net, size: int, batch: int, reps: int) -> float:
+    """Images/s of the model's embedding forward alone, uint8 images already on the device."""
+    dev = next(net.parameters()).device
+    x = torch.randint(0, 255, (batch, 3, size, size), dtype=torch.uint8, device=dev)
+    with torch.inference_mode(), autocast_for(dev):
+        for i in range(reps + 2):
+            if i == 2:
+                _sync(dev)
+                t = time.perf_counter()
+            net(x)
+    _sync(dev)
+    return reps * batch / (time.perf_counter() - t)
+
+
+def one_backbone(work: Path, data: Path, backbone: str, a: argparse.Namespace, batch0: list, categories) -> list:
+    size = 180
+    step = step_rate(backbone, size, batch0, categories, 4 if a.quick else 20)
+    run = work / f"run_{backbone}"
+    shutil.rmtree(run, ignore_errors=True)
+    train(data / "train.bson", run, TrainConfig.build(backbone=backbone, image_size=size, embed_dim=256, max_steps=2,
+                                                      batch_size=16, val_fraction=0.0, workers=0),
+          data / "category_names.csv", progress=False)
+    loader = LoaderSettings(batch_size=a.batch, workers=a.workers)
+    index = work / f"index_{backbone}"
+    shutil.rmtree(index, ignore_errors=True)
+    man = build_index(data / "train.bson", run, index, IndexSettings("all"), loader)
+    net = open_index(index).net
+    fwd = forward_rate(net, size, a.batch, 3 if a.quick else 20)
+    embed_e2e = man.embedding["images"] / man.embedding["seconds"]
+    rep = predict(data / "test.bson", index, work / f"pred_{backbone}.csv", loader=loader, restart=True)
+    pred_e2e = rep.images / rep.seconds
+    return [(backbone, "train step (fwd+bwd+AdamW, batch %d)" % len(batch0[1]), step, "", f"{TRAIN_IMAGES / step / 3600:.2f} h per epoch"),
+            (backbone, "model forward only, embedding (batch %d)" % a.batch, fwd, "1.00x", ""),
+            (backbone, "embed end to end (build-index)", embed_e2e, f"{embed_e2e / fwd:.2f}x", ""),
+            (backbone, "predict end to end (whole command)", pred_e2e, f"{pred_e2e / fwd:.2f}x",
+             f"{TEST_IMAGES / pred_e2e / 3600:.2f} h for test.bson")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "efficientnet_lite2"])
+    ap.add_argument("--products", type=int, default=6000)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    ap.add_argument("--workdir", default="bench_out/gpu")
+    ap.add_argument("--quick", action="store_true", help="300 products, a few steps (smoke test)")
+    a = ap.parse_args()
+    if a.quick:
+        a.products, a.batch = 300, 32
+    work = Path(a.workdir)
+    data = work / "data180"
+    if not (data / "train.bson").exists():
+        t = time.perf_counter()
+        make_data(data, SynthConfig(a.products, 200, seed=0, image_size=180, test_fraction=0.5), progress=False)
+        print(f"generated {a.products:,} products at 180 px in {time.perf_counter() - t:.0f} s")
+    dev = best_device()
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU, {os.cpu_count()} cores"
+    lr, batch0 = loader_rate(data, work / "loader_run", 180, a.batch, a.workers, 4 if a.quick else 40)
+    dm_cats = CdiscountDataModule(str(data / "train.bson"), str(data / "category_names.csv"), DataSettings(),
+                                  RunDir(work / "loader_run"), 180).categories
+    rows = []
+    for backbone in a.backbones:
+        rows += one_backbone(work, data, backbone, a, batch0, dm_cats)
+    print(f"\n## Throughput at 180 px on {name} ({a.workers} loader workers, precision {'bf16' if dev.type == 'cuda' else 'auto'})\n")
+    print_table([("any", f"training loader (read, decode, augment; {a.workers} workers)", f"{lr:,.0f}", "",
+                  f"{TRAIN_IMAGES / lr / 3600:.2f} h per epoch if the loader were the limit")]
+                + [(b, what, f"{r:,.0f}", ratio, note) for b, what, r, ratio, note in rows],
+                ("backbone", "what", "img/s", "vs forward only", "implied"))
+
+
+if __name__ == "__main__":
+    main()
