@@ -49,6 +49,19 @@ def load(url: str, make_request, n: int, concurrency: int) -> tuple[np.ndarray, 
         return lat, time.perf_counter() - t0
 
 
+def wait_until_up(server: subprocess.Popen, url: str, log: Path, seconds: float = 120) -> None:
+    """Poll /health until the server answers; a server that exits or never answers is an error quoting its log."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and server.poll() is None:
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise RuntimeError(f"the server did not come up (exit code {server.poll()}); its log ends:\n"
+                       + log.read_text()[-3000:])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=400)
@@ -80,16 +93,12 @@ def main() -> None:
     direct_img = len(pics) / (time.perf_counter() - t)
 
     port = _port()
+    log = open(Path(a.workdir) / "serve.log", "w")
     server = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "serve", "--index", str(idx), "--port", str(port),
-                               "--token", "bench"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "--token", "bench"], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        wait_until_up(server, url, Path(log.name))
         by_id = lambda c, i: c.post("/similar", data={"product_id": int(ids[i % len(ids)]), "k": a.k})  # noqa: E731
         by_img = lambda c, i: c.post("/similar", data={"k": a.k},  # noqa: E731
                                      files=[("images", ("q.jpg", pics[i % len(pics)], "image/jpeg"))])

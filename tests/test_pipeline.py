@@ -237,17 +237,48 @@ def test_an_indexed_picture_sent_as_a_query_gives_the_stored_vector(trained_run,
     """One decode path: a product's own JPEG, uploaded, embeds to the vector the index holds and finds it first
     (pictures of 96 px for a 32 px model, so a decoder that down-scales gives other pixels than one that does not)."""
     from retrieval.data.synth import SynthConfig, make_data
-    from retrieval.infer.query import embed_pictures, product_pictures
+    import torch
+    from retrieval.infer.query import embed_pictures, picture_inputs, product_pictures
+    from retrieval.model.runtime import autocast_for
     data = make_data(tmp_path / "big", SynthConfig(products=40, categories=6, seed=3, image_size=96), progress=False)
     build_index(data["train.bson"], trained_run, tmp_path / "idx", IndexSettings("all"), LoaderSettings(workers=0))
     b = open_index(tmp_path / "idx")
     n_pics = np.array([len(product_pictures(b, p)) for p in range(len(b.product_ids))])
     for pos in np.flatnonzero(n_pics == 1)[:3]:
         picture = product_pictures(b, int(pos))[0]
-        emb, _, _ = embed_pictures(b, [picture])
         stored = b.vector(int(pos))
+        emb, _, _ = embed_pictures(b, [picture], mirror=False)
         cos = float(emb @ stored / (np.linalg.norm(emb) * np.linalg.norm(stored)))
         assert cos >= 0.9999
+        mirrored, _, _ = embed_pictures(b, [picture])  # the default: the picture and its mirror image, averaged
+        x = picture_inputs(b, [picture])
+        with torch.no_grad(), autocast_for(torch.device("cpu")):
+            both = b.net(x)[0].float() + b.net(x.flip(-1))[0].float()
+        assert np.allclose(mirrored, torch.nn.functional.normalize(both, dim=-1)[0].numpy(), atol=3e-3)
         f = tmp_path / "query.jpg"
         f.write_bytes(picture)
         assert similar(b, images=[f], k=1)[0].product_id == b.product_ids[pos]
+
+
+def test_gpu_shape_buckets_pad_with_images_that_change_nothing(trained_run):
+    """Product batches vary in image count; on a GPU they are padded to a few bucket sizes (one cuDNN plan each).
+    Padded outputs must equal the network's own outputs computed image by image."""
+    import torch
+    from retrieval.infer.embed import embed_images, shape_bucket
+    from retrieval.model.export import load_model_file
+    assert [shape_bucket(n) for n in (1, 2, 3, 5, 33, 64, 65, 128, 129, 300)] == \
+        [1, 2, 4, 8, 64, 64, 128, 128, 192, 320]
+    net = load_model_file(trained_run / "model.pt", torch.device("cpu")).net
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=g)
+    owner = torch.tensor([0, 0, 1, 2, 2])
+    emb, probs = embed_images(net, images, owner, 3, pad=True)
+    from retrieval.model.runtime import autocast_for
+    with torch.no_grad(), autocast_for(torch.device("cpu")):  # the precision embed_images runs at
+        one = [net(images[i:i + 1]) for i in range(5)]
+    e = torch.nn.functional.normalize(torch.cat([o[0] for o in one]).float(), dim=-1)
+    p = torch.cat([o[1] for o in one]).float().softmax(-1)
+    want_e = torch.stack([e[[0, 1]].mean(0), e[2], e[[3, 4]].mean(0)])
+    assert torch.allclose(emb, torch.nn.functional.normalize(want_e, dim=-1), atol=3e-3)
+    assert torch.allclose(probs, torch.stack([p[[0, 1]].mean(0), p[2], p[[3, 4]].mean(0)]), atol=3e-3)
+    assert len(emb) == 3 and len(probs) == 3

@@ -49,13 +49,25 @@ class Timer:
         return t
 
 
+def shape_bucket(n: int) -> int:
+    """The batch size ``n`` images are padded to on a GPU: a power of two up to 64, then a multiple of 64.
+
+    cuDNN plans every convolution afresh for each new input shape (about a second for a whole network), and
+    product batches hold a different number of images each time; a handful of buckets bounds that cost."""
+    return 1 << max(n - 1, 0).bit_length() if n <= 64 else -(-n // 64) * 64
+
+
 @torch.no_grad()
 def embed_images(net: EmbeddingNet, images: torch.Tensor, owner: torch.Tensor, n_products: int,
-                 tta_flip: bool = False, per_image: bool = False):
+                 tta_flip: bool = False, per_image: bool = False, pad: bool | None = None):
     """uint8 ``images [N, 3, S, S]`` of ``n_products`` -> (``emb [P, D]``, ``probs [P, C]``) product means
-    (and, with ``per_image``, the head's argmax ``[N]`` per image)."""
+    (and, with ``per_image``, the head's argmax ``[N]`` per image). ``pad`` (default: on CUDA) runs the network
+    on :func:`shape_bucket` images, zero images after the real ones (eval mode: they change nothing)."""
     dev = device_of(net)
+    n = len(images)
     x = images.to(dev, non_blocking=True)
+    if (dev.type == "cuda" if pad is None else pad) and shape_bucket(n) > n:
+        x = torch.cat([x, x.new_zeros((shape_bucket(n) - n, *x.shape[1:]))])
     owner = owner.to(dev)
     with autocast_for(dev):
         emb, logits, _ = net(x)
@@ -63,6 +75,7 @@ def embed_images(net: EmbeddingNet, images: torch.Tensor, owner: torch.Tensor, n
         if tta_flip:
             e2, l2, _ = net(x.flip(-1))
             emb, probs = emb + e2, (probs + l2.float().softmax(-1)) / 2
+    emb, probs = emb[:n], probs[:n]
     p_emb = product_mean(F.normalize(emb.float(), dim=-1), owner, n_products)
     p_probs = product_mean(probs, owner, n_products)
     if per_image:

@@ -53,6 +53,12 @@ def product_position(bundle: IndexBundle, product_id: int) -> int:
     return pos
 
 
+# A picture query is embedded together with its mirror image (one more forward per query, nothing at index
+# time): on grocery, a mirrored and cropped copy of an indexed photo found its product at rank 1 in 0.847 of
+# cases without, 0.903 with; the nearest product's category, 0.810 and 0.813 (bench_real, 300 and 600 queries).
+QUERY_MIRROR = True
+
+
 def product_pictures(bundle: IndexBundle, pos: int) -> list[bytes]:
     """The JPEG bytes of the indexed product at ``pos``, read from its BSON file."""
     a = bundle.arrays
@@ -60,14 +66,15 @@ def product_pictures(bundle: IndexBundle, pos: int) -> list[bytes]:
     return RecordReader(path, table=np.empty(0)).read_at(int(a["offsets"][pos]), int(a["lengths"][pos])).images
 
 
-def embed_pictures(bundle: IndexBundle, pictures: list[bytes], names: list[str] | None = None
-                   ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+def embed_pictures(bundle: IndexBundle, pictures: list[bytes], names: list[str] | None = None,
+                   mirror: bool = QUERY_MIRROR) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """One product from its picture bytes: (embedding ``[D]``, head probabilities ``[C]``, decoded RGB pictures).
+    ``mirror`` averages each picture with its mirror image (always so for an index built with ``tta_flip``).
     A picture that does not decode is an error naming it."""
     x = picture_inputs(bundle, pictures, names)
     pics = [decode_image(data) for data in pictures]  # full size, for the contact sheet
     emb, probs = embed_images(bundle.net, x, torch.zeros(len(x), dtype=torch.long), 1,
-                              tta_flip=bundle.manifest.tta_flip)
+                              tta_flip=mirror or bundle.manifest.tta_flip)
     return emb[0].cpu().numpy(), probs[0].cpu().numpy(), pics
 
 

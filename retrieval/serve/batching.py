@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..infer.embed import embed_images
+from ..infer.query import QUERY_MIRROR
 from ..infer.bundle import IndexBundle
 
 
@@ -67,7 +68,8 @@ class QueryBatcher:
                 x = torch.cat([j.images for j in with_pictures])
                 owner = torch.cat([torch.full((len(j.images),), i, dtype=torch.long)
                                    for i, j in enumerate(with_pictures)])
-                emb, _ = embed_images(bundle.net, x, owner, len(with_pictures), tta_flip=bundle.manifest.tta_flip)
+                emb, _ = embed_images(bundle.net, x, owner, len(with_pictures),
+                                      tta_flip=QUERY_MIRROR or bundle.manifest.tta_flip)
                 for j, v in zip(with_pictures, emb.cpu().numpy()):
                     j.vec = v
             sims, pos = bundle.vectors.search(np.stack([j.vec for j in jobs]).astype(np.float32),
