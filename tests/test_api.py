@@ -165,11 +165,18 @@ def test_a_refused_upload_leaves_no_file_and_no_path_leaks(client, served):
     assert set(uploads.glob("*")) == before
 
 
-def test_adding_products_makes_them_findable(client, small_data, tmp_path):
+def test_adding_products_makes_them_findable(client, served, small_data, tmp_path, monkeypatch):
+    import retrieval.infer.bundle as bundle_mod
+    reads = []
+    real = bundle_mod.load_model_file
+    monkeypatch.setattr(bundle_mod, "load_model_file", lambda *a, **k: reads.append(a) or real(*a, **k))
     p = _first(small_data)
     new = {"_id": 555_000_001, "imgs": [{"picture": x} for x in p.images], "category_id": p.category_id}
     r = client.post("/products", files={"file": ("new.bson", bson.encode(new), "application/octet-stream")})
     assert r.status_code == 200 and r.json()["added"] == 1
+    assert reads == []  # the server's loaded model is reused: the model file is not read and hashed again
+    on_disk = open_index(served)  # what is served is the committed generation
+    assert r.json()["products"] == len(on_disk.product_ids) and 555_000_001 in on_disk.product_ids
     found = client.post("/similar", data={"product_id": 555_000_001, "k": 2, "include_self": True}).json()["results"]
     assert 555_000_001 in [x["product_id"] for x in found]
     assert client.get("/products/555000001/images/0").content == p.images[0]  # served from the kept upload

@@ -108,9 +108,10 @@ class IndexBundle:
         self.layout.commit(write)
 
 
-def open_index(folder: str | Path, mmap: bool = False) -> IndexBundle:
+def open_index(folder: str | Path, mmap: bool = False, model: LoadedModel | None = None) -> IndexBundle:
     """Open an index folder's live generation and its model file (read and hashed once), refusing one whose
-    model changed or whose files disagree."""
+    model changed or whose files disagree. ``model``: an already loaded model, used instead of reading the file
+    again when it is the same file (path and sha256 as the manifest says)."""
     layout = IndexFolder(folder)
     gen = layout.generation()
     man = IndexManifest.load(IndexFolder.manifest_file(gen))
@@ -118,7 +119,8 @@ def open_index(folder: str | Path, mmap: bool = False) -> IndexBundle:
     if not model_file.exists():
         raise FileNotFoundError(f"{layout.path}: its model file {model_file} is missing (moved without its run "
                                 "folder? keep the run beside the index, or rebuild)")
-    loaded = load_model_file(model_file, best_device())
+    same = model is not None and model.sha256 == man.model_sha256 and Path(model.path) == model_file
+    loaded = model if same else load_model_file(model_file, best_device())
     if loaded.sha256 != man.model_sha256:
         raise UserError(f"{layout.path}: model file {model_file} changed since the index was built (sha256 differs); "
                         "rebuild the index")

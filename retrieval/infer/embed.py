@@ -70,11 +70,11 @@ def embed_images(net: EmbeddingNet, images: torch.Tensor, owner: torch.Tensor, n
         x = torch.cat([x, x.new_zeros((shape_bucket(n) - n, *x.shape[1:]))])
     owner = owner.to(dev)
     with autocast_for(dev):
-        emb, logits, _ = net(x)
+        m = len(x)
+        emb, logits, _ = net(torch.cat([x, x.flip(-1)]) if tta_flip else x)  # one forward for both views
         probs = logits.float().softmax(-1)
         if tta_flip:
-            e2, l2, _ = net(x.flip(-1))
-            emb, probs = emb + e2, (probs + l2.float().softmax(-1)) / 2
+            emb, probs = emb[:m] + emb[m:], (probs[:m] + probs[m:]) / 2
     emb, probs = emb[:n], probs[:n]
     p_emb = product_mean(F.normalize(emb.float(), dim=-1), owner, n_products)
     p_probs = product_mean(probs, owner, n_products)

@@ -8,7 +8,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 from tqdm import tqdm
@@ -18,7 +18,7 @@ from index import DuplicateTable, VectorIndex, choose_factory, exact_topk
 from ..data.images import DecodeStats
 from ..data.offsets import RecordReader, file_fingerprint, load_offsets
 from ..errors import UserError
-from ..model.export import load_model_file
+from ..model.export import LoadedModel, load_model_file
 from ..model.runtime import best_device, is_first_rank
 from ..rundir import RunDir
 from .embed import ChunkStore, ProductOutputs
@@ -164,12 +164,18 @@ def _build(train_path: Path, run: RunDir, out: IndexFolder, settings: IndexSetti
     return bundle.manifest
 
 
-def add_to_index(index_dir: str | Path, new_path: str | Path, loader: LoaderSettings = LoaderSettings()
+def add_to_index(index_dir: str | Path, new_path: str | Path, loader: LoaderSettings = LoaderSettings(),
+                 model: LoadedModel | None = None, on_commit: Callable[[IndexBundle], None] | None = None
                  ) -> tuple[int, list[int]]:
     """Embed the products of ``new_path`` and append them as a new generation; returns (added, ids already
-    indexed). Holds the folder's writer lock: a second writer is refused."""
+    indexed). Holds the folder's writer lock: a second writer is refused. A server passes its loaded ``model``
+    (not read again) and gets the committed generation, already open, through ``on_commit``."""
     with IndexFolder(index_dir).writer():
-        return _add(open_index(index_dir), Path(new_path), loader)
+        bundle = open_index(index_dir, model=model)
+        added, already = _add(bundle, Path(new_path), loader)
+        if added and on_commit is not None:
+            on_commit(bundle)
+        return added, already
 
 
 def _add(bundle: IndexBundle, new_path: Path, loader: LoaderSettings) -> tuple[int, list[int]]:

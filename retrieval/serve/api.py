@@ -68,8 +68,8 @@ class _State:
         self.writer = threading.Lock()  # adds queue here, one at a time (another process's add: 409)
         self.bundle: IndexBundle = open_index(folder)
 
-    def reload(self) -> None:
-        fresh = open_index(self.folder)
+    def swap(self, fresh: IndexBundle) -> None:
+        """Make a committed generation the one queries see (whole, under the lock)."""
         with self.lock:
             self.bundle = fresh
 
@@ -251,7 +251,8 @@ def create_app(index_dir: str | Path, settings: ServeSettings = ServeSettings())
         added = 0
         try:
             with state.writer:
-                added, already = add_to_index(state.folder, tmp.name, LoaderSettings(workers=0))
+                added, already = add_to_index(state.folder, tmp.name, LoaderSettings(workers=0),
+                                              model=state.bundle.loaded, on_commit=state.swap)
         except WriterBusy:
             raise HTTPException(409, "another add is running on this index; try again when it has finished") from None
         except UserError as e:
@@ -261,7 +262,6 @@ def create_app(index_dir: str | Path, settings: ServeSettings = ServeSettings())
             if not added:  # a refused or empty upload leaves nothing behind (its offset cache neither)
                 for leftover in uploads.glob(Path(tmp.name).name + "*"):
                     leftover.unlink(missing_ok=True)
-        state.reload()
         return {"added": added, "already_indexed": already[:100], "products": len(state.bundle.product_ids)}
 
     return app
