@@ -4,7 +4,10 @@ A real server (`python cli.py serve`, uvicorn) over the trained tiny-tower index
 threads keep C requests in flight. Printed: p50/p99 latency and QPS of POST /similar by product id and by an
 uploaded picture, against the same query run inside one process (index search alone; embedding + search)
 measured in the same run, so the ratio is the cost of HTTP, multipart parsing and JSON.
-Usage: python bench/bench_serve.py [--requests 400] [--concurrency 1 4 16] [--workdir bench_out/pipeline]
+A second run grows the index by --extra-vectors random vectors (Flat): a catalogue where the search is the cost,
+so that batching concurrent queries into one FAISS call shows.
+Usage: python bench/bench_serve.py [--requests 400] [--concurrency 1 4 16] [--extra-vectors 200000]
+       [--workdir bench_out/pipeline]
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import numpy as np
 from pipeline_common import prepared
 
 from retrieval.infer.folder import IndexSettings, build_index, open_index
+from retrieval.infer.manifest import IndexFolder
 from retrieval.infer.query import embed_pictures, neighbours, product_pictures
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,35 +66,39 @@ def wait_until_up(server: subprocess.Popen, url: str, log: Path, seconds: float 
                        + log.read_text()[-3000:])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--requests", type=int, default=400)
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--k", type=int, default=12)
-    ap.add_argument("--workdir", default="bench_out/pipeline")
-    ap.add_argument("--quick", action="store_true", help="200 products, 20 requests at 1 and 4 in flight (smoke test)")
-    a = ap.parse_args()
-    if a.quick:
-        import pipeline_common
-        pipeline_common.set_quick()
-        a.requests, a.concurrency = 20, [1, 4]
-    p = prepared(Path(a.workdir))
-    idx = Path(a.workdir) / "index_serve"
-    shutil.rmtree(idx, ignore_errors=True)  # fresh each run: the add below changes it
-    build_index(p["data"] / "train.bson", p["run"], idx, IndexSettings("all"))
-    bundle = open_index(idx)
-    ids = bundle.product_ids[np.random.default_rng(0).permutation(len(bundle.product_ids))[:a.requests]]
-    pics = [product_pictures(bundle, int(np.flatnonzero(bundle.product_ids == i)[0]))[0] for i in ids]
+def inflate(idx: Path, extra: int, seed: int = 0) -> None:
+    """Grow an index by ``extra`` random unit vectors, committed as a new generation: a catalogue where the
+    search, not the model or HTTP, is the cost of a query. The fake products carry product 0's pictures and
+    stored data; only real products are queried by id."""
+    b = open_index(idx)
+    rng = np.random.default_rng(seed)
+    v = rng.normal(size=(extra, b.manifest.dim)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    labels = rng.integers(0, len(b.categories.ids), extra)
+    b.vectors.add(v, labels)
+    fake = {"product_ids": int(b.product_ids.max()) + 1 + np.arange(extra, dtype=np.int64),
+            "category_ids": np.asarray(b.categories.ids, np.int64)[labels]}
+    b.arrays = {k: np.concatenate([a, fake[k] if k in fake else np.repeat(a[:1], extra)]) for k, a in b.arrays.items()}
+    with IndexFolder(idx).writer():
+        b.commit()
 
-    # the same work inside one process: the reference
+
+def serve_rows(idx: Path, a: argparse.Namespace, add_file: Path | None) -> tuple[list, dict, dict | None, str]:
+    """Load the server of ``idx`` at each concurrency, by id and by picture, against the in-process reference."""
+    bundle = open_index(idx)
+    n_real = int(sum(c for _, c in bundle.manifest.parts))  # real products come first; inflate() adds after
+    ids = bundle.product_ids[np.random.default_rng(0).permutation(n_real)[:a.requests]]
+    pics = [product_pictures(bundle, int(bundle.position_of(int(i))))[0] for i in ids]
+
+    # the same work inside one process, one query at a time: the reference
     t = time.perf_counter()
     for i in ids:
-        neighbours(bundle, bundle.vector(int(np.flatnonzero(bundle.product_ids == i)[0])), a.k)
-    direct_id = len(ids) / (time.perf_counter() - t)
+        neighbours(bundle, bundle.vector(bundle.position_of(int(i))), a.k)
+    ref = {"by id": len(ids) / (time.perf_counter() - t)}
     t = time.perf_counter()
     for pic in pics:
         neighbours(bundle, embed_pictures(bundle, [pic])[0], a.k)
-    direct_img = len(pics) / (time.perf_counter() - t)
+    ref["by picture"] = len(pics) / (time.perf_counter() - t)
 
     port = _port()
     log = open(Path(a.workdir) / "serve.log", "w")
@@ -103,25 +111,61 @@ def main() -> None:
         by_img = lambda c, i: c.post("/similar", data={"k": a.k},  # noqa: E731
                                      files=[("images", ("q.jpg", pics[i % len(pics)], "image/jpeg"))])
         rows, qps_at = [], {}
-        for name, fn, ref in (("by id", by_id, direct_id), ("by picture", by_img, direct_img)):
+        for name, fn in (("by id", by_id), ("by picture", by_img)):
             for conc in a.concurrency:
                 lat, wall = load(url, fn, a.requests, conc)
                 qps = a.requests / wall
-                rows.append((name, conc, f"{np.percentile(lat, 50) * 1e3:.1f}", f"{np.percentile(lat, 99) * 1e3:.1f}",
-                             f"{qps:.0f}", f"{ref:.0f}", f"{qps / ref:.2f}x"))
+                rows.append((f"{len(bundle.product_ids):,}", name, conc, f"{np.percentile(lat, 50) * 1e3:.1f}",
+                             f"{np.percentile(lat, 99) * 1e3:.1f}", f"{qps:.0f}", f"{ref[name]:.0f}",
+                             f"{qps / ref[name]:.2f}x"))
                 qps_at[name, conc] = qps
-        during = health_during_add(url, p["data"] / "test.bson")
+        during = health_during_add(url, add_file) if add_file else None
     finally:
         server.terminate()
         server.wait(10)
-    print(f"\n{len(bundle.product_ids):,} indexed products, {bundle.manifest.factory}, k={a.k}, "
-          f"{a.requests} requests per row; reference = the same query in one process, one at a time")
-    common.print_table(rows, ("POST /similar", "in flight", "p50 ms", "p99 ms", "QPS", "reference q/s",
-                              "QPS / reference"))
     lo, hi = min(a.concurrency), max(a.concurrency)
-    print(f"\nby picture: QPS at {hi} in flight / at {lo} in flight = "
-          f"{qps_at['by picture', hi] / qps_at['by picture', lo]:.2f}x; by picture at {hi} / in-process "
-          f"{qps_at['by picture', hi] / direct_img:.2f}x; by id at {hi} / in-process {qps_at['by id', hi] / direct_id:.2f}x")
+    summary = (f"{len(bundle.product_ids):,} products ({bundle.manifest.factory}): by picture at {hi} in flight / at "
+               f"{lo} = {qps_at['by picture', hi] / qps_at['by picture', lo]:.2f}x; by picture at {hi} / in-process "
+               f"{qps_at['by picture', hi] / ref['by picture']:.2f}x; by id at {hi} / in-process "
+               f"{qps_at['by id', hi] / ref['by id']:.2f}x")
+    return rows, qps_at, during, summary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=400)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--k", type=int, default=12)
+    ap.add_argument("--extra-vectors", type=int, default=200_000,
+                    help="a second run over the index grown by this many random vectors (0: none)")
+    ap.add_argument("--workdir", default="bench_out/pipeline")
+    ap.add_argument("--quick", action="store_true", help="200 products, 20 requests at 1 and 4 in flight (smoke test)")
+    a = ap.parse_args()
+    if a.quick:
+        import pipeline_common
+        pipeline_common.set_quick()
+        a.requests, a.concurrency, a.extra_vectors = 20, [1, 4], 2000
+    p = prepared(Path(a.workdir))
+    idx = Path(a.workdir) / "index_serve"
+    shutil.rmtree(idx, ignore_errors=True)  # fresh each run: the add below changes it
+    build_index(p["data"] / "train.bson", p["run"], idx, IndexSettings("all"))
+    big = Path(a.workdir) / "index_serve_big"
+    shutil.rmtree(big, ignore_errors=True)
+    shutil.copytree(idx, big)
+    rows, _, during, summary = serve_rows(idx, a, p["data"] / "test.bson")
+    summaries = [summary]
+    if a.extra_vectors:
+        inflate(big, a.extra_vectors)
+        more, _, _, summary = serve_rows(big, a, None)
+        rows += more
+        summaries.append(summary)
+    print(f"\nk={a.k}, {a.requests} requests per row; reference = the same query in one process, one at a time "
+          f"(by picture: the picture and its mirror image embedded, then searched)")
+    common.print_table(rows, ("indexed", "POST /similar", "in flight", "p50 ms", "p99 ms", "QPS", "reference q/s",
+                              "QPS / reference"))
+    print()
+    for line in summaries:
+        print(line)
     print(f"GET /health while POST /products adds {during['added']:,} products ({during['seconds']:.1f} s): "
           f"p50 {during['p50'] * 1e3:.1f} ms, p99 {during['p99'] * 1e3:.1f} ms over {during['n']} probes")
 

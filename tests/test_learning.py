@@ -225,3 +225,30 @@ def test_without_lp_ft_the_baseline_is_measured_and_the_new_layers_are_put_back(
     assert (tmp_path / "measured" / "frozen_baseline.json").exists()
     assert not (tmp_path / "plain" / "frozen_baseline.json").exists()
     assert torch.equal(heads["measured"], heads["plain"])  # the probe fitted for the report was not kept
+
+
+def test_class_size_arcface_margins_match_the_formula_by_hand():
+    """Margins run from margin_min (largest class) to margin (smallest), linear in n ** -0.25; the loss is the
+    cross-entropy of scaled cosines with cos(theta + m_y) at the target, computed here by hand (one sub-center)."""
+    from retrieval.train.losses import ClassSizeSubCenterArcFace, MetricLoss
+    counts = np.array([256, 16, 1])
+    loss = ClassSizeSubCenterArcFace(counts, 10.0, num_classes=3, embedding_size=4, margin=30.0, scale=8.0,
+                                     sub_centers=1)
+    r = counts ** -0.25
+    want_m = np.radians(10 + (r - r.min()) / (r.max() - r.min()) * 20)
+    assert np.allclose(loss.class_margin.numpy(), want_m, atol=1e-6) and loss.class_margin[0] < loss.class_margin[2]
+    g = torch.Generator().manual_seed(0)
+    emb, labels = torch.randn(5, 4, generator=g), torch.tensor([0, 1, 2, 2, 0])
+    with torch.no_grad():
+        loss.W.copy_(torch.randn(4, 3, generator=g))
+    cos = (torch.nn.functional.normalize(emb, dim=1) @ torch.nn.functional.normalize(loss.W, dim=0)).detach()
+    logits = cos.clone().double()
+    for i, y in enumerate(labels.tolist()):
+        logits[i, y] = np.cos(np.arccos(float(cos[i, y])) + want_m[y])
+    want = torch.nn.functional.cross_entropy(8.0 * logits, labels)
+    assert abs(float(loss(emb, labels)) - float(want)) < 1e-4
+    # the setting reaches the loss through the config; equal margins are plain SubCenterArcFace
+    cfg = TrainConfig.build(metric_loss="subcenter_arcface", arcface_margin_min=10.0).loss
+    assert isinstance(MetricLoss(cfg, 3, 4, counts).loss, ClassSizeSubCenterArcFace)
+    with pytest.raises(Exception, match="arcface_margin_min"):
+        TrainConfig.build(arcface_margin_min=40.0)

@@ -72,6 +72,7 @@ class LossSettings:
     arcface_margin: float = 28.6  # SubCenterArcFace (degrees)
     arcface_scale: float = 30.0
     arcface_sub_centers: int = 3
+    arcface_margin_min: float = 0.0  # > 0: class-size margins, from this (largest class) to arcface_margin (smallest)
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.loss.metric_loss not in METRIC_LOSSES:
             raise UserError(f"unknown metric loss {self.loss.metric_loss!r}; valid: {', '.join(METRIC_LOSSES)}")
+        if not 0 <= self.loss.arcface_margin_min <= self.loss.arcface_margin:
+            raise UserError(f"arcface_margin_min must be in [0, arcface_margin = {self.loss.arcface_margin}], got "
+                            f"{self.loss.arcface_margin_min}")
 
     @classmethod
     def build(cls, **flat) -> "TrainConfig":

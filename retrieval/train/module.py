@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -17,10 +18,11 @@ from .losses import MetricLoss, sampled_softmax_loss
 class RetrievalModule(pl.LightningModule):
     """Cross-entropy (label smoothing) + lambda x metric loss; validation per image and per product."""
 
-    def __init__(self, net: EmbeddingNet, cfg: TrainConfig, categories: CategoryTable, run_info: dict) -> None:
+    def __init__(self, net: EmbeddingNet, cfg: TrainConfig, categories: CategoryTable, run_info: dict,
+                 class_counts: np.ndarray | None = None) -> None:
         super().__init__()
         self.net, self.cfg, self.categories, self.run_info = net, cfg, categories, run_info
-        self.metric = MetricLoss(cfg.loss, net.cfg.n_classes, net.cfg.embed_dim)
+        self.metric = MetricLoss(cfg.loss, net.cfg.n_classes, net.cfg.embed_dim, class_counts)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, y, y1, y2 = batch

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -114,7 +115,9 @@ def train(train_path: str | Path, run_dir: str | Path, cfg: TrainConfig, categor
             run.write_frozen_baseline(frozen.to_dict())
     if s.freeze_blocks:
         log.info("backbone stem + %d stages frozen (%d tensors)", s.freeze_blocks, net.freeze_blocks(s.freeze_blocks))
-    module = RetrievalModule(net, cfg, cats, run_info)
+    classes = dm.class_of(dm.train_rows)
+    counts = np.bincount(classes[classes >= 0], minlength=len(cats))  # training products per class
+    module = RetrievalModule(net, cfg, cats, run_info, counts)
     if is_first_rank():  # the other ranks Lightning starts run this function again: they only read
         run.write_config({"train": cfg.to_dict(), "categories_csv": str(categories_csv) if categories_csv else None,
                           "train_path": str(train_path.resolve())})
