@@ -33,7 +33,7 @@ from ..infer.manifest import IndexFolder, WriterBusy
 from ..infer.parts import LoaderSettings
 from ..infer.query import (UnknownProduct, classify_pictures, embed_pictures, neighbours, neighbours_from,
                            picture_inputs, product_pictures, product_position)
-from .batching import QueryBatcher
+from .batching import QueryBatcher, warm_up
 
 log = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("page.html")
@@ -159,6 +159,8 @@ def create_app(index_dir: str | Path, settings: ServeSettings = ServeSettings())
     """The application serving ``index_dir``."""
     state = _State(Path(index_dir))
     batcher = QueryBatcher()
+    if warmed := warm_up(state.bundle, batcher.max_batch):
+        log.info("network run at %d batch sizes before serving (cuDNN plans each new shape once)", warmed)
     app = FastAPI(title="Cdiscount similar products", version="2",
                   description="Similar-product search and category prediction over one index folder.")
     app.add_middleware(_BodyLimit, limits={"/products": MAX_PRODUCTS_UPLOAD + (1 << 20)},

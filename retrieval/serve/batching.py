@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..infer.embed import embed_images
+from ..infer.embed import embed_images, shape_bucket
 from ..infer.query import QUERY_MIRROR
 from ..infer.bundle import IndexBundle
 
@@ -25,6 +25,20 @@ class _Job:
     done: threading.Event = field(default_factory=threading.Event)
     result: tuple[np.ndarray, np.ndarray] | None = None
     error: BaseException | None = None
+
+
+def warm_up(bundle: IndexBundle, max_images: int) -> int:
+    """On a GPU, run the network once at each padded batch size a query batch can take (``shape_bucket``), so
+    that no early request waits for cuDNN to plan a new shape. Returns how many sizes were run (0 on a CPU)."""
+    net = bundle.net
+    if next(net.parameters()).device.type != "cuda":
+        return 0
+    sizes = sorted({shape_bucket(n) for n in range(1, max_images + 1)})
+    s = net.cfg.image_size
+    for n in sizes:
+        embed_images(net, torch.zeros(n, 3, s, s, dtype=torch.uint8), torch.zeros(n, dtype=torch.long), 1,
+                     tta_flip=QUERY_MIRROR or bundle.manifest.tta_flip)
+    return len(sizes)
 
 
 class QueryBatcher:
