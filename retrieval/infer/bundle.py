@@ -108,10 +108,9 @@ class IndexBundle:
         self.layout.commit(write)
 
 
-def open_index(folder: str | Path, mmap: bool = False, model: LoadedModel | None = None) -> IndexBundle:
+def open_index(folder: str | Path, mmap: bool = False) -> IndexBundle:
     """Open an index folder's live generation and its model file (read and hashed once), refusing one whose
-    model changed or whose files disagree. ``model``: an already loaded model, used instead of reading the file
-    again when it is the same file (path and sha256 as the manifest says)."""
+    model changed or whose files disagree."""
     layout = IndexFolder(folder)
     gen = layout.generation()
     man = IndexManifest.load(IndexFolder.manifest_file(gen))
@@ -119,8 +118,7 @@ def open_index(folder: str | Path, mmap: bool = False, model: LoadedModel | None
     if not model_file.exists():
         raise FileNotFoundError(f"{layout.path}: its model file {model_file} is missing (moved without its run "
                                 "folder? keep the run beside the index, or rebuild)")
-    same = model is not None and model.sha256 == man.model_sha256 and Path(model.path) == model_file
-    loaded = model if same else load_model_file(model_file, best_device())
+    loaded = load_model_file(model_file, best_device())
     if loaded.sha256 != man.model_sha256:
         raise UserError(f"{layout.path}: model file {model_file} changed since the index was built (sha256 differs); "
                         "rebuild the index")

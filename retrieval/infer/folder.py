@@ -18,7 +18,7 @@ from index import DuplicateTable, VectorIndex, choose_factory, exact_topk
 from ..data.images import DecodeStats
 from ..data.offsets import RecordReader, file_fingerprint, load_offsets
 from ..errors import UserError
-from ..model.export import LoadedModel, load_model_file
+from ..model.export import load_model_file
 from ..model.runtime import best_device, is_first_rank
 from ..rundir import RunDir
 from .embed import ChunkStore, ProductOutputs
@@ -165,13 +165,12 @@ def _build(train_path: Path, run: RunDir, out: IndexFolder, settings: IndexSetti
 
 
 def add_to_index(index_dir: str | Path, new_path: str | Path, loader: LoaderSettings = LoaderSettings(),
-                 model: LoadedModel | None = None, on_commit: Callable[[IndexBundle], None] | None = None
-                 ) -> tuple[int, list[int]]:
+                 on_commit: Callable[[IndexBundle], None] | None = None) -> tuple[int, list[int]]:
     """Embed the products of ``new_path`` and append them as a new generation; returns (added, ids already
-    indexed). Holds the folder's writer lock: a second writer is refused. A server passes its loaded ``model``
-    (not read again) and gets the committed generation, already open, through ``on_commit``."""
+    indexed). Holds the folder's writer lock: a second writer is refused. A server gets the committed
+    generation, already open, through ``on_commit`` (instead of opening it again)."""
     with IndexFolder(index_dir).writer():
-        bundle = open_index(index_dir, model=model)
+        bundle = open_index(index_dir)
         added, already = _add(bundle, Path(new_path), loader)
         if added and on_commit is not None:
             on_commit(bundle)
