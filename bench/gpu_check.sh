@@ -27,10 +27,10 @@ for s in $sections; do
   t0=$(date +%s)
   case $s in
     speed)
-      timeout 330 "$PY" bench/bench_gpu.py $Q --workers "$WORKERS" --workdir /tmp/gpu_speed 2>&1 \
+      timeout 330 "$PY" bench/bench_gpu.py $Q --products 4000 --workers "$WORKERS" --workdir /tmp/gpu_speed 2>&1 \
         | grep -v -E "it/s\]|products/s\]|parts/s\]" | tee "$OUT/speed.md" ;;
     accuracy)
-      for spec in "efficientnet_lite0 224 20" "efficientnet_lite2 260 20"; do
+      for spec in "efficientnet_lite0 224 20" "efficientnet_lite2 260 12"; do
         set -- $spec
         timeout 300 "$PY" bench/bench_real.py $Q --backbone "$1" --image-size "$2" --budgets "$3" \
           --set workers="$WORKERS" --workdir "/tmp/gpu_real_$1" 2>&1 \
