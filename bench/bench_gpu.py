@@ -41,8 +41,10 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def loader_rate(data: Path, run: Path, size: int, batch: int, workers: int, n_batches: int) -> tuple[float, list]:
-    """Images/s of the training loader (read, decode, augment, collate); also returns one batch to train on."""
+def loader_rate(data: Path, run: Path, size: int, batch: int, workers: int, n_batches: int
+                ) -> tuple[float, list, object]:
+    """Images/s of the training loader (read, decode, augment, collate); also one batch to train on and the
+    category table."""
     dm = CdiscountDataModule(str(data / "train.bson"), str(data / "category_names.csv"),
                              DataSettings(batch_size=batch, val_fraction=0.0, workers=workers), RunDir(run), size)
     it = iter(dm.train_dataloader())
@@ -53,7 +55,7 @@ def loader_rate(data: Path, run: Path, size: int, batch: int, workers: int, n_ba
             seen += len(next(it)[1])
         except StopIteration:
             it = iter(dm.train_dataloader())
-    return seen / (time.perf_counter() - t), first
+    return seen / (time.perf_counter() - t), first, dm.categories
 
 
 def step_rate(backbone: str, size: int, batch: list, categories, steps: int) -> float:
@@ -135,12 +137,10 @@ def main() -> None:
         print(f"generated {a.products:,} products at 180 px in {time.perf_counter() - t:.0f} s")
     dev = best_device()
     name = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU, {os.cpu_count()} cores"
-    lr, batch0 = loader_rate(data, work / "loader_run", 180, a.batch, a.workers, 4 if a.quick else 40)
-    dm_cats = CdiscountDataModule(str(data / "train.bson"), str(data / "category_names.csv"), DataSettings(),
-                                  RunDir(work / "loader_run"), 180).categories
+    lr, batch0, cats = loader_rate(data, work / "loader_run", 180, a.batch, a.workers, 4 if a.quick else 40)
     rows = []
     for backbone in a.backbones:
-        rows += one_backbone(work, data, backbone, a, batch0, dm_cats)
+        rows += one_backbone(work, data, backbone, a, batch0, cats)
     print(f"\n## Throughput at 180 px on {name} ({a.workers} loader workers, precision {'bf16' if dev.type == 'cuda' else 'auto'})\n")
     print_table([("any", f"training loader (read, decode, augment; {a.workers} workers)", f"{lr:,.0f}", "",
                   f"{TRAIN_IMAGES / lr / 3600:.2f} h per epoch if the loader were the limit")]

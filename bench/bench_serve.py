@@ -123,6 +123,7 @@ def serve_rows(idx: Path, a: argparse.Namespace, add_file: Path | None) -> tuple
     finally:
         server.terminate()
         server.wait(10)
+        log.close()
     lo, hi = min(a.concurrency), max(a.concurrency)
     summary = (f"{len(bundle.product_ids):,} products ({bundle.manifest.factory}): by picture at {hi} in flight / at "
                f"{lo} = {qps_at['by picture', hi] / qps_at['by picture', lo]:.2f}x; by picture at {hi} / in-process "

@@ -250,5 +250,7 @@ def test_class_size_arcface_margins_match_the_formula_by_hand():
     # the setting reaches the loss through the config; equal margins are plain SubCenterArcFace
     cfg = TrainConfig.build(metric_loss="subcenter_arcface", arcface_margin_min=10.0).loss
     assert isinstance(MetricLoss(cfg, 3, 4, counts).loss, ClassSizeSubCenterArcFace)
+    with pytest.raises(ValueError, match="per class"):  # no silent stand-in for the class sizes
+        MetricLoss(cfg, 3, 4)
     with pytest.raises(Exception, match="arcface_margin_min"):
         TrainConfig.build(arcface_margin_min=40.0)

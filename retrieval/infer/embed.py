@@ -66,8 +66,9 @@ def embed_images(net: EmbeddingNet, images: torch.Tensor, owner: torch.Tensor, n
     dev = device_of(net)
     n = len(images)
     x = images.to(dev, non_blocking=True)
-    if (dev.type == "cuda" if pad is None else pad) and shape_bucket(n) > n:
-        x = torch.cat([x, x.new_zeros((shape_bucket(n) - n, *x.shape[1:]))])
+    padded = shape_bucket(n) if (dev.type == "cuda" if pad is None else pad) else n
+    if padded > n:
+        x = torch.cat([x, x.new_zeros((padded - n, *x.shape[1:]))])
     owner = owner.to(dev)
     with autocast_for(dev):
         m = len(x)

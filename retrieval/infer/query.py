@@ -59,6 +59,12 @@ def product_position(bundle: IndexBundle, product_id: int) -> int:
 QUERY_MIRROR = True
 
 
+def mirrored(bundle: IndexBundle, mirror: bool = QUERY_MIRROR) -> bool:
+    """Whether a picture query is embedded with its mirror image: if asked (the default), and always for an
+    index built with ``tta_flip``."""
+    return mirror or bundle.manifest.tta_flip
+
+
 def product_pictures(bundle: IndexBundle, pos: int) -> list[bytes]:
     """The JPEG bytes of the indexed product at ``pos``, read from its BSON file."""
     a = bundle.arrays
@@ -74,7 +80,7 @@ def embed_pictures(bundle: IndexBundle, pictures: list[bytes], names: list[str] 
     x = picture_inputs(bundle, pictures, names)
     pics = [decode_image(data) for data in pictures]  # full size, for the contact sheet
     emb, probs = embed_images(bundle.net, x, torch.zeros(len(x), dtype=torch.long), 1,
-                              tta_flip=mirror or bundle.manifest.tta_flip)
+                              tta_flip=mirrored(bundle, mirror))
     return emb[0].cpu().numpy(), probs[0].cpu().numpy(), pics
 
 

@@ -254,7 +254,7 @@ def create_app(index_dir: str | Path, settings: ServeSettings = ServeSettings())
         try:
             with state.writer:
                 # the writer embeds with its own copy of the model: sharing the serving one with the query
-                # thread stalled the event loop (soak test: /health p99 0.10-0.20 s against under 0.01 s)
+                # thread stalled the event loop (soak test: /health p99 0.10-0.20 s, over its 0.1 s bound)
                 added, already = add_to_index(state.folder, tmp.name, LoaderSettings(workers=0),
                                               on_commit=state.swap)
         except WriterBusy:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..infer.embed import embed_images, shape_bucket
-from ..infer.query import QUERY_MIRROR
+from ..infer.query import mirrored
 from ..infer.bundle import IndexBundle
 
 
@@ -37,7 +37,7 @@ def warm_up(bundle: IndexBundle, max_images: int) -> int:
     s = net.cfg.image_size
     for n in sizes:
         embed_images(net, torch.zeros(n, 3, s, s, dtype=torch.uint8), torch.zeros(n, dtype=torch.long), 1,
-                     tta_flip=QUERY_MIRROR or bundle.manifest.tta_flip)
+                     tta_flip=mirrored(bundle))
     return len(sizes)
 
 
@@ -82,8 +82,7 @@ class QueryBatcher:
                 x = torch.cat([j.images for j in with_pictures])
                 owner = torch.cat([torch.full((len(j.images),), i, dtype=torch.long)
                                    for i, j in enumerate(with_pictures)])
-                emb, _ = embed_images(bundle.net, x, owner, len(with_pictures),
-                                      tta_flip=QUERY_MIRROR or bundle.manifest.tta_flip)
+                emb, _ = embed_images(bundle.net, x, owner, len(with_pictures), tta_flip=mirrored(bundle))
                 for j, v in zip(with_pictures, emb.cpu().numpy()):
                     j.vec = v
             sims, pos = bundle.vectors.search(np.stack([j.vec for j in jobs]).astype(np.float32),

@@ -37,7 +37,7 @@ class ClassSizeSubCenterArcFace(losses.SubCenterArcFaceLoss):
 
 class MetricLoss(nn.Module):
     """``loss(embeddings [B, D], labels [B]) -> scalar``; rows with label < 0 are ignored. ``class_counts [C]``
-    (training images per class) is needed for class-size ArcFace margins."""
+    (training products per class) is needed for class-size ArcFace margins."""
 
     def __init__(self, cfg: LossSettings, n_classes: int, dim: int, class_counts: np.ndarray | None = None) -> None:
         super().__init__()
@@ -49,8 +49,9 @@ class MetricLoss(nn.Module):
             kw = dict(num_classes=n_classes, embedding_size=dim, margin=cfg.arcface_margin, scale=cfg.arcface_scale,
                       sub_centers=cfg.arcface_sub_centers)
             if cfg.arcface_margin_min > 0:
-                counts = class_counts if class_counts is not None else np.ones(n_classes)
-                self.loss = ClassSizeSubCenterArcFace(counts, cfg.arcface_margin_min, **kw)
+                if class_counts is None:
+                    raise ValueError("class-size ArcFace margins need the training products per class")
+                self.loss = ClassSizeSubCenterArcFace(class_counts, cfg.arcface_margin_min, **kw)
             else:
                 self.loss = losses.SubCenterArcFaceLoss(**kw)
 
