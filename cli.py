@@ -286,6 +286,9 @@ def predict(test_file: Path = typer.Argument(..., help="BSON file to classify"),
             tau: Optional[float] = typer.Option(None, min=1e-6, help="vote temperature (default: the calibration)"),
             beta: Optional[float] = typer.Option(None, min=0.0, help="weight of the vote of exactly duplicated indexed "
                                                  "pictures (default: the calibration)"),
+            peer_weight: Optional[float] = typer.Option(
+                None, min=0.0, max=0.99, help="weight mu of the peer propagation over the file's own products "
+                "(0 = off; default: the calibration's, off when --alpha or --beta is given)"),
             top: int = typer.Option(5, min=1, max=20, help="categories per product in --scores-out"),
             scores_out: Optional[Path] = typer.Option(
                 None, help="also write the top categories with scores, one JSON object per line (JSON Lines)"),
@@ -295,7 +298,7 @@ def predict(test_file: Path = typer.Argument(..., help="BSON file to classify"),
     """Predict a category for every product of TEST_FILE, in file order (resumes if interrupted)."""
     from retrieval.infer.fused import FusionOverrides
     from retrieval.infer.predict import ScoresOutput, predict as _predict
-    r = _predict(test_file, index, out, FusionOverrides(alpha, k, tau, beta),
+    r = _predict(test_file, index, out, FusionOverrides(alpha, k, tau, beta, peer_weight),
                  ScoresOutput(scores_out, top) if scores_out else None,
                  _loader(batch_size, workers, devices, num_nodes, accelerator), restart=restart)
     if r is None:  # another rank of a distributed run: rank 0 reports
@@ -304,7 +307,7 @@ def predict(test_file: Path = typer.Argument(..., help="BSON file to classify"),
     typer.echo(f"{r.products:,} rows written to {out}; {r.computed:,} predicted now ({r.rate:.0f} products/s)"
                + (f", {resumed:,} resumed from earlier parts" if resumed else "")
                + f"; {r.without_image} without a decodable image; alpha={r.params['alpha']} k={r.params['k']} "
-                 f"tau={r.params['tau']} beta={r.params['beta']}")
+                 f"tau={r.params['tau']} beta={r.params['beta']} peer weight={r.params['peers']['mu']}")
 
 
 @command()

@@ -145,7 +145,10 @@ def test_predict_one_row_per_product_in_order_even_for_bad_products(indexes, sma
     mode = np.bincount(b.vectors.labels).argmax()
     assert scat[3] == scat[7] == b.categories.ids[mode]
     lines = [json.loads(x) for x in (tmp_path / "scores.jsonl").read_text().splitlines()]
-    assert [x["_id"] for x in lines] == ids and all(len(x["top"]) == 3 for x in lines)
+    assert [x["_id"] for x in lines] == ids and all(1 <= len(x["top"]) <= 3 for x in lines)
+    assert [x["top"][0]["category_id"] for x in lines] == scat.tolist()
+    assert all(0.999 >= sum(t["score"] for t in x["top"]) - 1e-3 for x in lines)  # probabilities: sum <= 1
+    assert lines[3]["top"] == lines[7]["top"] == [{"category_id": int(scat[3]), "score": 1.0}]  # no image
     assert not (tmp_path / "sub.csv.parts").exists()
 
 

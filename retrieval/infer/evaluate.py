@@ -22,6 +22,7 @@ from .embed import ChunkStore
 from .parts import LoaderSettings, PartWork, numbered, run_parts
 from .calibrate import KS, calibrate
 from .fused import Candidates, FusedClassifier, candidates_for
+from .peers import PEER_KS, calibrate_peers, first_stage, peer_graph, propagate
 from .bundle import IndexBundle, check_source, open_index
 from .plots import evaluation_plots
 
@@ -56,20 +57,21 @@ def _part(bundle: IndexBundle, outs: list, y: np.ndarray) -> dict[str, np.ndarra
     c = candidates_for(bundle.vectors, bundle.duplicates, outs, max(KS))
     starts = np.cumsum([0] + [len(o.rows) for o in outs[:-1]])
     return {**{f.name: getattr(c, f.name) for f in fields(Candidates)},
+            "emb": np.concatenate([o.emb for o in outs]),
             "head_pred": np.concatenate([o.probs for o in outs]).argmax(1),
             "img_ok": np.concatenate([o.image_pred == y[o.image_owner + s] for o, s in zip(outs, starts)])}
 
 
 def _candidates(bundle: IndexBundle, path: Path, table: np.ndarray, rows: np.ndarray, y: np.ndarray,
                 loader: LoaderSettings, scratch: Path, chunk: int
-                ) -> tuple[Candidates, np.ndarray, np.ndarray, DecodeStats] | None:
+                ) -> tuple[Candidates, np.ndarray, np.ndarray, np.ndarray, DecodeStats] | None:
     """Embed ``rows`` part by part through the part driver (the parts meet in ``scratch``, removed after);
-    returns candidates, the head's argmax ``[N]``, per-image correctness and the decode counts, or None on a
-    rank other than 0 of a distributed run."""
+    returns candidates, the embeddings ``[N, D]``, the head's argmax ``[N]``, per-image correctness and the
+    decode counts, or None on a rank other than 0 of a distributed run."""
     parts = numbered(rows, chunk)
     cls_of = {int(r): int(v) for r, v in zip(rows, y)}
     key = {"model": bundle.manifest.model_sha256, "count": len(bundle.vectors), "data": file_fingerprint(path),
-           "rows": hashlib.sha1(rows.tobytes()).hexdigest(), "tta_flip": bundle.manifest.tta_flip}
+           "rows": hashlib.sha1(rows.tobytes()).hexdigest(), "tta_flip": bundle.manifest.tta_flip, "with": "emb"}
     store = ChunkStore(scratch, key, restart=is_first_rank())
     work = PartWork(lambda outs: _part(bundle, outs, np.array([cls_of[int(r)] for o in outs for r in o.rows])),
                     desc="evaluate")
@@ -79,7 +81,8 @@ def _candidates(bundle: IndexBundle, path: Path, table: np.ndarray, rows: np.nda
     got = [store.read(p) for p, _ in parts]
     shutil.rmtree(scratch)
     c = Candidates.concat([Candidates(**{f.name: g[f.name] for f in fields(Candidates)}) for g in got])
-    return (c, np.concatenate([g["head_pred"] for g in got]), np.concatenate([g["img_ok"] for g in got]), stats)
+    return (c, np.concatenate([g["emb"] for g in got]), np.concatenate([g["head_pred"] for g in got]),
+            np.concatenate([g["img_ok"] for g in got]), stats)
 
 
 def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir: str | Path | None = None,
@@ -99,13 +102,16 @@ def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir:
     found = _candidates(bundle, path, table, rows, y, loader, out / "parts", chunk_products)
     if found is None:
         return None
-    c, head_pred, img_ok, stats = found
+    c, emb, head_pred, img_ok, stats = found
     fallback = bundle.fallback_class
     head_pred = np.where(c.has_image, head_pred, fallback)
     cal = calibrate(c, y, fallback, seed)
     clf, grid = cal.classifier, cal.grid
     knn_only, no_dup = cal.best(alpha=0.0, beta=0.0), cal.best(beta=0.0)
-    top5, _ = clf.predict_candidates(c, 5)
+    first, graph = first_stage(clf, c), peer_graph([emb], c.has_image, max(PEER_KS))
+    peers, peer_grid = calibrate_peers(*first, graph, y)
+    without_peers = peer_grid[0]["accuracy"]
+    top5 = propagate(*first, graph, peers)[0][:, :5]
     pred = top5[:, 0]
     fused_acc = float((pred == y).mean())
     knn_pred = FusedClassifier(0.0, knn_only["k"], knn_only["tau"], 0.0, fallback).predict_candidates(c)[0][:, 0]
@@ -124,19 +130,30 @@ def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir:
         "knn_best": {"k": knn_only["k"], "tau": knn_only["tau"]}, "fused_accuracy": fused_acc,
         "fusion": {"rule": clf.rule, "cv_grid": cal.cv_grid, "cv_learnt": cal.cv_learnt,
                    "temperature": cal.temperature},
+        "peers": {**peers.params(), "fused_without_peers_accuracy": without_peers, "grid": peer_grid},
         "frozen_baseline": bundle.run.read_frozen_baseline(),
         "fused_without_duplicates_accuracy": no_dup["accuracy"], "duplicate_coverage": float(has_dup.mean()),
         "calibration": clf.params(), "fused_top5_accuracy": float((top5 == y[:, None]).any(1).mean()),
         "level1_accuracy": float((l1[pred] == l1[y]).mean()), "level2_accuracy": float((l2[pred] == l2[y]).mean()),
         "image_accuracy": float(img_ok.mean()) if len(img_ok) else 0.0, "by_frequency": buckets,
         "tta_flip": bundle.manifest.tta_flip, "decode": stats.summary(), "grid": grid}
-    bundle.run.write_calibration({**clf.params(), "val_fused_accuracy": fused_acc})
+    bundle.run.write_calibration({**clf.params(), "peers": peers.params(), "val_fused_accuracy": fused_acc})
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     metrics["plots"] = evaluation_plots(metrics, out)
-    log.info("head %.4f, kNN %.4f, fused %.4f (%s rule, k=%s, tau=%s)", metrics["head_accuracy"],
-             metrics["knn_accuracy"], fused_acc, clf.rule, clf.k, clf.tau)
+    log.info("head %.4f, kNN %.4f, fused %.4f (%s rule, k=%s, tau=%s; peer weight %s, %.4f without peers)",
+             metrics["head_accuracy"], metrics["knn_accuracy"], fused_acc, clf.rule, clf.k, clf.tau, peers.mu,
+             without_peers)
     return metrics
+
+
+def _peer_line(p: dict | None) -> str:
+    if not p:
+        return "not measured"
+    if not p["mu"]:
+        return f"off (no setting beat {p['fused_without_peers_accuracy']:.4f} without it)"
+    return (f"mu={p['mu']}, k={p['k']}, tau={p['tau']}: fused {p['fused_without_peers_accuracy']:.4f} without it "
+            "(the products scored together smooth their classes over their nearest neighbours among themselves)")
 
 
 def metrics_table(m: dict) -> str:
@@ -154,6 +171,7 @@ def metrics_table(m: dict) -> str:
                                 + (f", alpha={cal['alpha']}, beta={cal['beta']})" if fu["rule"] == "grid" else ")")),
              ("fusion choice", f"{fu['rule']}: cross-validated accuracy grid {fu['cv_grid']:.4f}, learnt "
                                f"{fu['cv_learnt']:.4f}"),
+            ("peer propagation", _peer_line(m.get("peers"))),
             ("fused, no dup vote", f"{m['fused_without_duplicates_accuracy']:.4f}  (exact duplicate in the index "
                                    f"for {m['duplicate_coverage']:.1%} of products)"),
             ("fused top-5", f"{m['fused_top5_accuracy']:.4f}"), ("level-1 accuracy", f"{m['level1_accuracy']:.4f}"),

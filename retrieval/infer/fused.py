@@ -175,12 +175,14 @@ DEFAULT = FusedClassifier()  # used where no calibration exists
 @dataclass(frozen=True)
 class FusionOverrides:
     """Values a user sets over the calibration (None: the calibration's, else :data:`DEFAULT`'s); checked by
-    :class:`FusedClassifier`. A given alpha or beta means the grid rule with those weights."""
+    :class:`FusedClassifier`. A given alpha or beta means the grid rule with those weights and, unless
+    ``peer_weight`` is given too, no peer propagation (:mod:`.peers`)."""
 
     alpha: float | None = None
     k: int | None = None
     tau: float | None = None
     beta: float | None = None
+    peer_weight: float | None = None
 
 
 def calibrated(run: RunDir, fallback: int, overrides: FusionOverrides = FusionOverrides()) -> FusedClassifier:

@@ -6,8 +6,9 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -18,6 +19,7 @@ from .embed import ChunkStore, Timer
 from .parts import LoaderSettings, PartWork, numbered, run_parts
 from .fused import FusedClassifier, FusionOverrides, calibrated, candidates_for
 from .bundle import IndexBundle, open_index
+from .peers import PeerSettings, calibrated_peers, first_stage, peer_graph, propagate
 
 log = logging.getLogger(__name__)
 SEARCH_BATCH = 2048  # faiss uses BLAS only for large query batches (~500+ at d=256)
@@ -73,23 +75,27 @@ def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path,
     table = load_offsets(test_path)
     bundle = open_index(index_dir)
     clf = calibrated(bundle.run, bundle.fallback_class, fusion)  # validates alpha, k, tau, beta
+    peers = calibrated_peers(bundle.run, fusion.peer_weight, off=fusion.alpha is not None or fusion.beta is not None)
     net, cats = bundle.net, bundle.categories
     tta_flip = bundle.manifest.tta_flip
     reader = RecordReader(test_path, table)
     key = {"test": file_fingerprint(test_path), "model": bundle.manifest.model_sha256, "count": len(bundle.vectors),
-           "params": clf.params(), "tta_flip": tta_flip, "top": top, "chunk": chunk_products}
+           "params": clf.params(), "peers": peers.params(), "tta_flip": tta_flip, "top": top, "chunk": chunk_products}
     store = ChunkStore(out_csv.with_name(out_csv.name + ".parts"), key, restart=restart and is_first_rank())
     default = clf.fallback
     ids_of = np.asarray(cats.ids, np.int64)
-    report, timer = PredictReport(params=clf.params()), Timer()
+    report, timer = PredictReport(params={**clf.params(), "peers": peers.params()}), Timer()
     parts = numbered(np.arange(len(table)), chunk_products)
     report.computed = sum(len(r) for p, r in parts if not store.done(p))
-    work = PartWork(lambda outs: _decide(bundle, clf, outs, top, timer), group=SEARCH_BATCH, desc="predict")
+    work = PartWork(lambda outs: _decide(bundle, clf, outs, peers, timer), group=SEARCH_BATCH, desc="predict")
     stats = run_parts(net, tta_flip, reader, parts, store, work, loader, timer)
     if stats is None:
         return None
     n_parts = len(parts)
-    n_written = _assemble(store, n_parts, table["product_id"], ids_of, out_csv, top, scores_out)
+    t = time.perf_counter()
+    n_written = _assemble(_with_peers(store, n_parts, replace(peers, keep=max(peers.keep, top))),
+                          table["product_id"], ids_of, out_csv, top, scores_out)
+    timer.add("peers+write", t)
     if n_written != len(table):
         raise AssertionError(f"wrote {n_written} rows for {len(table)} products")
     shutil.rmtree(store.folder)
@@ -104,35 +110,61 @@ def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path,
     return report
 
 
-def _decide(bundle: IndexBundle, clf: FusedClassifier, outs: list, top: int, timer: Timer) -> dict[str, np.ndarray]:
-    """Fused class (and top-N classes with scores) for a list of embedded batches, with one search."""
+def _decide(bundle: IndexBundle, clf: FusedClassifier, outs: list, peers: PeerSettings, timer: Timer
+            ) -> dict[str, np.ndarray]:
+    """The fused distribution over each product's candidates (classes and probabilities ``[P, W]``) for a list
+    of embedded batches, with one search; with peer propagation on, the embeddings too."""
     t = time.perf_counter()
     cands = candidates_for(bundle.vectors, bundle.duplicates, outs, clf.k)
     t = timer.add("search", t)
-    classes, scores = clf.predict_candidates(cands, max(1, top))
-    out = {"pred": classes[:, 0]}
-    if top:
-        out.update(top=classes, scores=scores)
+    classes, probs = first_stage(clf, cands)
+    out = {"classes": classes, "probs": probs}
+    if peers.on:
+        out["emb"] = np.concatenate([o.emb for o in outs])
     timer.add("fusion", t)
     return out
 
 
-def _assemble(store: ChunkStore, n_parts: int, product_ids: np.ndarray, ids_of: np.ndarray, out_csv: Path,
-              top: int, scores_out: str | Path | None) -> int:
+def _with_peers(store: ChunkStore, n_parts: int, peers: PeerSettings) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Each part's final ``(classes [P, keep], probs [P, keep])``, best first: the fused distributions, smoothed
+    over the products' peers in the whole file when peer propagation is on (the graph and the distributions of
+    all products are held in memory, ``O(P * (k + keep))``; the embeddings are memory-mapped)."""
+    if not peers.on:
+        for part in range(n_parts):
+            z = store.read(part, ("classes", "probs"))
+            yield propagate(z["classes"], z["probs"], None, peers)
+        return
+    got = [store.read(part, ("classes", "probs", "n_images")) for part in range(n_parts)]
+    blocks = [np.load(ChunkStore.vectors_file(store.folder, part), mmap_mode="r") for part in range(n_parts)]
+    width = max(g["classes"].shape[1] for g in got)
+    pad = lambda a, fill: np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=fill)  # noqa: E731
+    classes = np.concatenate([pad(g["classes"], -1) for g in got])
+    probs = np.concatenate([pad(g["probs"], 0) for g in got])
+    has_image = np.concatenate([g["n_images"] for g in got]) > 0
+    log.info("peer propagation over %d products (mu %s, k %d)", len(classes), peers.mu, peers.k)
+    f_c, f_v = propagate(classes, probs, peer_graph(blocks, has_image, peers.k), peers)
+    lo = 0
+    for g in got:
+        n = len(g["classes"])
+        yield f_c[lo:lo + n], f_v[lo:lo + n]
+        lo += n
+
+
+def _assemble(decided: Iterator[tuple[np.ndarray, np.ndarray]], product_ids: np.ndarray, ids_of: np.ndarray,
+              out_csv: Path, top: int, scores_out: str | Path | None) -> int:
     tmp = out_csv.with_name(out_csv.name + ".tmp")
     n = 0
     with open(tmp, "w", newline="") as f:
         f.write("_id,category_id\n")
         sf = open(scores_out, "w") if scores_out and top else None
-        for part in range(n_parts):
-            z = store.read(part)
-            pid = product_ids[n:n + len(z["pred"])]
-            f.writelines(f"{i},{c}\n" for i, c in zip(pid.tolist(), ids_of[z["pred"]].tolist()))
+        for classes, probs in decided:
+            pid = product_ids[n:n + len(classes)]
+            f.writelines(f"{i},{c}\n" for i, c in zip(pid.tolist(), ids_of[classes[:, 0]].tolist()))
             if sf:
-                for i, t, s in zip(pid.tolist(), z["top"], z["scores"]):
+                for i, t, s in zip(pid.tolist(), classes[:, :top], probs[:, :top]):
                     sf.write(json.dumps({"_id": i, "top": [{"category_id": int(ids_of[c]), "score": round(float(v), 6)}
-                                                            for c, v in zip(t, s)]}) + "\n")
-            n += len(z["pred"])
+                                                            for c, v in zip(t, s) if c >= 0]}) + "\n")
+            n += len(classes)
         if sf:
             sf.close()
     tmp.replace(out_csv)

@@ -1,0 +1,205 @@
+"""Peer propagation: products classified together (a test file, a validation split) smooth their fused class
+distributions over their nearest neighbours among themselves (label propagation, Zhou et al. 2004).
+
+Photos of one item, or of near-identical items, tend to sit together in a test file; where the head and the kNN
+over the index make the same mistake, the product's peers often do not. The weight ``mu`` (0 = off) and the
+graph (``k`` peers, weights ``exp(sim / tau)`` normalised per product) are chosen on validation by ``evaluate``.
+Distributions stay sparse: each product keeps its ``keep`` most likely classes, so memory is ``O(P * keep)``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, replace
+from typing import Sequence
+
+import numpy as np
+
+from index import VectorIndex, choose_factory
+
+from ..errors import UserError
+from ..rundir import RunDir
+from .fused import Candidates, FusedClassifier
+
+log = logging.getLogger(__name__)
+MUS = (0.0, 0.3, 0.5, 0.7, 0.9)
+PEER_KS = (5, 10, 20)
+PEER_TAUS = (0.05, 0.1)
+ROWS_PER_BLOCK = 65_536
+
+
+@dataclass(frozen=True)
+class PeerSettings:
+    """``F = (1 - mu) * B + mu * W @ F``, ``iters`` times, from the first-stage distributions ``B``."""
+
+    mu: float = 0.0
+    k: int = 10
+    tau: float = 0.05
+    iters: int = 10
+    keep: int = 10
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.mu < 1:
+            raise UserError(f"peer weight mu must be in [0, 1), got {self.mu}")
+        if self.k < 1 or self.iters < 1 or self.keep < 1:
+            raise UserError("peer k, iterations and classes kept must be at least 1")
+        if not self.tau > 0:
+            raise UserError(f"peer tau must be positive, got {self.tau}")
+
+    @property
+    def on(self) -> bool:
+        return self.mu > 0
+
+    def params(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class PeerGraph:
+    """Each product's ``k`` nearest other products: ``pos [P, k]`` (-1 = none) and weights ``w [P, k]`` that sum
+    to 1 over a product's peers (0 for a product without peers)."""
+
+    pos: np.ndarray
+    sims: np.ndarray
+
+    def weights(self, tau: float, k: int | None = None) -> np.ndarray:
+        s, p = self.sims[:, :k], self.pos[:, :k]
+        valid = p >= 0
+        top = np.where(valid, s, -np.inf).max(1, keepdims=True)
+        w = np.where(valid, np.exp((np.where(valid, s, 0) - np.where(np.isfinite(top), top, 0)) / tau), 0.0)
+        total = w.sum(1, keepdims=True)
+        return np.divide(w, total, out=np.zeros_like(w), where=total > 0).astype(np.float32)
+
+
+def peer_graph(blocks: Sequence[np.ndarray], has_image: np.ndarray, k: int, memory_budget: float = 4e9
+               ) -> PeerGraph:
+    """The ``k`` nearest other products of every product, from unit embeddings given as blocks ``[n_i, D]`` in
+    product order (memory-mapped arrays are fine: each block is read twice, to add and to search). Products
+    without an image neither have nor are peers."""
+    has_image = np.asarray(has_image, bool)
+    member = np.flatnonzero(has_image)  # index position -> product
+    pos = np.full((len(has_image), k), -1, np.int64)
+    sims = np.full((len(has_image), k), -np.inf, np.float32)
+    if len(member) < 2 or not blocks:
+        return PeerGraph(pos, sims)
+    d = blocks[0].shape[1]
+    index = VectorIndex.create(d, choose_factory(len(member), d, memory_budget))
+    starts = np.cumsum([0] + [len(b) for b in blocks])
+    if sum(len(b) for b in blocks) != len(has_image):
+        raise ValueError(f"{starts[-1]} embeddings for {len(has_image)} products")
+    if not index.faiss_index.is_trained:  # IVF: trained on a sample of the first blocks
+        index.train(np.concatenate([np.asarray(b)[has_image[s:s + len(b)]] for b, s in zip(blocks, starts)
+                                    if s < 200_000])[:200_000])
+    for b, s in zip(blocks, starts):
+        own = has_image[s:s + len(b)]
+        if own.any():
+            index.add(np.asarray(b)[own], np.full(int(own.sum()), -1))
+    kk = min(k + 1, len(member))
+    for b, s in zip(blocks, starts):
+        own = has_image[s:s + len(b)]
+        for lo in range(0, len(b), ROWS_PER_BLOCK):
+            sub = own[lo:lo + ROWS_PER_BLOCK]
+            prods = np.flatnonzero(sub) + s + lo
+            if not len(prods):
+                continue
+            sm, p = index.search(np.asarray(b[lo:lo + ROWS_PER_BLOCK])[sub], kk)
+            found = np.where(p >= 0, member[np.maximum(p, 0)], -1)
+            drop = found == prods[:, None]
+            drop[:, -1] |= ~drop.any(1)  # self not among the results (approximate index): drop the farthest
+            pos[prods, :kk - 1] = found[~drop].reshape(len(prods), kk - 1)
+            sims[prods, :kk - 1] = sm[~drop].reshape(len(prods), kk - 1)
+    sims[pos < 0] = -np.inf
+    return PeerGraph(pos, sims)
+
+
+def _sparse_rows(rows: np.ndarray, classes: np.ndarray, values: np.ndarray, n_rows: int, keep: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Sum ``values`` per (row, class) and keep each row's ``keep`` largest sums: ``(classes, values)``
+    ``[n_rows, keep]`` (class -1 and value 0 as padding)."""
+    ok = (classes >= 0) & (values > 0)
+    rows, classes, values = rows[ok], classes[ok].astype(np.int64), values[ok]
+    key = rows.astype(np.int64) * (int(classes.max(initial=0)) + 1) + classes
+    uniq, inv = np.unique(key, return_inverse=True)
+    total = np.bincount(inv, weights=values)
+    n_cls = int(classes.max(initial=0)) + 1
+    u_row, u_cls = uniq // n_cls, uniq % n_cls
+    order = np.lexsort((-total, u_row))  # by row, largest first
+    u_row, u_cls, total = u_row[order], u_cls[order], total[order]
+    first = np.searchsorted(u_row, np.arange(n_rows))
+    rank = np.arange(len(u_row)) - first[u_row]
+    sel = rank < keep
+    out_c = np.full((n_rows, keep), -1, np.int32)
+    out_v = np.zeros((n_rows, keep), np.float32)
+    out_c[u_row[sel], rank[sel]] = u_cls[sel]
+    out_v[u_row[sel], rank[sel]] = total[sel]
+    return out_c, out_v
+
+
+def propagate(classes: np.ndarray, probs: np.ndarray, graph: PeerGraph, s: PeerSettings
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Smoothed distributions from first-stage ones (``classes [P, W]``, ``probs [P, W]`` summing to 1 per
+    product; class -1 = padding): ``(classes [P, keep], probs [P, keep])``, each row best first, summing to 1
+    (a product without peers keeps its own distribution, truncated)."""
+    n = len(classes)
+    rows = np.repeat(np.arange(n), classes.shape[1])
+    base = _sparse_rows(rows, classes.ravel(), probs.ravel().astype(np.float64), n, s.keep)
+    if not s.on:
+        return base[0], _normalised(base[1])
+    w = graph.weights(s.tau, s.k)
+    pos = np.maximum(graph.pos[:, :s.k], 0)
+    alone = w.sum(1) == 0  # no peer: the whole weight stays on the product's own distribution
+    own = np.where(alone[:, None], 1.0, 1 - s.mu)
+    f_c, f_v = base
+    for _ in range(s.iters):
+        new_c, new_v = np.empty_like(f_c), np.empty_like(f_v)
+        for lo in range(0, n, ROWS_PER_BLOCK):
+            sl = slice(lo, min(lo + ROWS_PER_BLOCK, n))
+            m = sl.stop - lo
+            nb_c = f_c[pos[sl]].reshape(m, -1)  # [m, k * keep] the peers' current classes
+            nb_v = (f_v[pos[sl]] * (s.mu * w[sl])[..., None]).reshape(m, -1)
+            cat_c = np.concatenate([base[0][sl], nb_c], 1)
+            cat_v = np.concatenate([base[1][sl] * own[sl], nb_v], 1)
+            new_c[sl], new_v[sl] = _sparse_rows(np.repeat(np.arange(m), cat_c.shape[1]), cat_c.ravel(),
+                                                cat_v.ravel().astype(np.float64), m, s.keep)
+        f_c, f_v = new_c, _normalised(new_v)
+    return f_c, f_v
+
+
+def _normalised(v: np.ndarray) -> np.ndarray:
+    total = v.sum(1, keepdims=True)
+    return np.divide(v, total, out=np.zeros_like(v), where=total > 0).astype(np.float32)
+
+
+def first_stage(clf: FusedClassifier, c: Candidates) -> tuple[np.ndarray, np.ndarray]:
+    """The fused classifier's distribution over each product's candidates: ``(classes [P, W], probs [P, W])``;
+    a product without an image puts all its mass on ``clf.fallback``."""
+    probs = clf.probabilities(clf.candidate_scores(c))
+    classes = c.classes.copy()
+    classes[~c.has_image] = -1
+    classes[~c.has_image, 0] = clf.fallback
+    probs[~c.has_image] = 0.0
+    probs[~c.has_image, 0] = 1.0
+    return classes, probs
+
+
+def calibrate_peers(classes: np.ndarray, probs: np.ndarray, graph: PeerGraph, y: np.ndarray
+                    ) -> tuple[PeerSettings, list[dict]]:
+    """The peer settings with the best accuracy on labelled products ``y [P]`` (a grid over :data:`MUS`,
+    :data:`PEER_KS`, :data:`PEER_TAUS`; mu 0, no propagation, unless something beats it), and the grid."""
+    grid = []
+    for mu in MUS:
+        for k in PEER_KS if mu > 0 else PEER_KS[:1]:
+            for tau in PEER_TAUS if mu > 0 else PEER_TAUS[:1]:
+                s = PeerSettings(mu, k, tau)
+                grid.append({**s.params(), "accuracy": float((propagate(classes, probs, graph, s)[0][:, 0] == y).mean())})
+    best = max(grid, key=lambda g: g["accuracy"])  # first of equals: mu 0 wins a tie
+    return PeerSettings(**{k: v for k, v in best.items() if k != "accuracy"}), grid
+
+
+def calibrated_peers(run: RunDir, weight: float | None = None, off: bool = False) -> PeerSettings:
+    """The run's peer settings (from ``evaluate``; off without one), ``weight`` overriding its mu; ``off``
+    (a user-given alpha or beta: a plain mix was asked for) turns them off unless ``weight`` is given."""
+    saved = (run.read_calibration() or {}).get("peers") or {}
+    s = PeerSettings(**saved) if saved else PeerSettings()
+    if weight is not None:
+        return replace(s, mu=float(weight))
+    return replace(s, mu=0.0) if off else s
