@@ -119,8 +119,9 @@ def finetune(work: Path, epochs: int, a: argparse.Namespace, qy: np.ndarray) -> 
     build_index(GROCERY / "train.bson", run, idx, IndexSettings("all"))
     m = evaluate(idx, GROCERY / "val.bson", out_dir=work / f"{name}_eval")
     out = {"minutes": t_train / 60, "val": (m["head_accuracy"], m["knn_accuracy"], m["fused_accuracy"]),
-           "fusion": m["fusion"], "cal": m["calibration"], "index": idx}
-    for key, kw in (("head", {"alpha": 1.0, "beta": 0.0}), ("knn", {"alpha": 0.0, "beta": 0.0}), ("fused", {})):
+           "fusion": m["fusion"], "cal": m["calibration"], "peers": m["peers"], "index": idx}
+    for key, kw in (("head", {"alpha": 1.0, "beta": 0.0}), ("knn", {"alpha": 0.0, "beta": 0.0}),
+                    ("fused_np", {"peer_weight": 0.0}), ("fused", {})):
         sub = work / f"{name}_{key}.csv"
         predict(GROCERY / "test.bson", idx, sub, FusionOverrides(**kw), restart=True)
         out[key] = read_submission(sub)[1] == qy
@@ -152,7 +153,7 @@ def plot(work: Path, runs: dict[int, dict], base: dict) -> Path:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [runs[e]["minutes"] for e in sorted(runs)]
-    for key, label in (("head", "head"), ("knn", "kNN"), ("fused", "fused")):
+    for key, label in (("head", "head"), ("knn", "kNN"), ("fused_np", "fused, no peers"), ("fused", "fused")):
         ax.plot(xs, [runs[e][key].mean() for e in sorted(runs)], "o-", label=f"fine-tuned {label}")
     for key, label, style in (("lp", "linear probe (frozen)", "--"), ("knn", "kNN (frozen)", ":")):
         ax.axhline(base[key].mean(), color="grey", linestyle=style, label=label)
@@ -197,9 +198,12 @@ def main() -> None:
         r = runs[e]
         rows += [(f"(b) head, fine-tuned {e} epochs", r["head"], f"{r['minutes']:.1f}", ""),
                  (f"(c) kNN, fine-tuned {e} epochs", r["knn"], "", ""),
-                 (f"(d) fused, fine-tuned {e} epochs", r["fused"], "",
+                 (f"(d0) fused without peers, {e} epochs", r["fused_np"], "",
                   f"{r['fusion']['rule']} rule (CV grid {r['fusion']['cv_grid']:.3f} / learnt "
-                  f"{r['fusion']['cv_learnt']:.3f}), T {r['fusion']['temperature']:.2f}")]
+                  f"{r['fusion']['cv_learnt']:.3f}), T {r['fusion']['temperature']:.2f}"),
+                 (f"(d) fused, fine-tuned {e} epochs", r["fused"], "",
+                  f"peer weight {r['peers']['mu']}, k {r['peers']['k']}, tau {r['peers']['tau']} (on val.bson "
+                  f"{r['val'][2]:.3f} vs {r['peers']['fused_without_peers_accuracy']:.3f} without)")]
     table = [(what, float(c.mean()), "[{:.3f}, {:.3f}]".format(*bootstrap(c)), mins, note)
              for what, c, mins, note in rows]
     common.print_table(table, ("what", "test accuracy", "95% interval", "train minutes", "notes"))
@@ -208,6 +212,12 @@ def main() -> None:
     lo, hi = bootstrap(diff)
     print(f"\nfused - max(head, kNN, linear probe) at {budgets[-1]} epochs: {diff.mean():+.4f} "
           f"(paired 95% interval [{lo:+.4f}, {hi:+.4f}])")
+    for e in budgets:
+        r = runs[e]
+        d = r["fused"].astype(float) - max((r["head"], r["knn"], base["lp"]), key=np.mean).astype(float)
+        d0 = r["fused_np"].astype(float) - max((r["head"], r["knn"], base["lp"]), key=np.mean).astype(float)
+        print(f"  {e} epochs: fused - max {d.mean():+.4f} [{bootstrap(d)[0]:+.4f}, {bootstrap(d)[1]:+.4f}]; "
+              f"without peers {d0.mean():+.4f} [{bootstrap(d0)[0]:+.4f}, {bootstrap(d0)[1]:+.4f}]")
     print(f"val.bson at {budgets[-1]} epochs: head {main_run['val'][0]:.3f}, kNN {main_run['val'][1]:.3f}, "
           f"fused {main_run['val'][2]:.3f}\n")
     common.print_table([("instance recall@1 (mirrored, cropped copy finds its product)", inst),
