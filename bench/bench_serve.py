@@ -1,9 +1,11 @@
 """Latency and throughput of the HTTP API under a bounded concurrent load on 127.0.0.1.
 
-A real server (`python cli.py serve`, uvicorn) over the trained tiny-tower index of pipeline_common; clients in
-threads keep C requests in flight. Printed: p50/p99 latency and QPS of POST /similar by product id and by an
+A real server (`python cli.py serve`, uvicorn) over the trained tiny-tower index of pipeline_common; a lean load
+generator (bench/loadgen.py: asyncio, raw sockets, requests encoded once) keeps C requests in
+flight over C keep-alive connections. Printed: p50/p99 latency and QPS of POST /similar by product id and by an
 uploaded picture, against the same query run inside one process (index search alone; embedding + search)
-measured in the same run, so the ratio is the cost of HTTP, multipart parsing and JSON.
+measured in the same run, so the ratio is the cost of HTTP, multipart parsing and JSON; GET /health at the same
+concurrency is the floor that HTTP alone sets on this machine.
 A second run grows the index by --extra-vectors random vectors (Flat): a catalogue where the search is the cost,
 so that batching concurrent queries into one FAISS call shows.
 Usage: python bench/bench_serve.py [--requests 400] [--concurrency 1 4 16] [--extra-vectors 200000]
@@ -17,11 +19,11 @@ import socket
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import common
 import httpx
+import loadgen
 import numpy as np
 from pipeline_common import prepared
 
@@ -36,21 +38,6 @@ def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def load(url: str, make_request, n: int, concurrency: int) -> tuple[np.ndarray, float]:
-    """Latencies (s) of ``n`` requests with ``concurrency`` in flight, and the wall time."""
-    def one(i: int) -> float:
-        t = time.perf_counter()
-        r = make_request(client, i)
-        r.raise_for_status()
-        return time.perf_counter() - t
-    with httpx.Client(base_url=url, timeout=60, limits=httpx.Limits(max_connections=concurrency)) as client:
-        one(0)  # warm-up
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(concurrency) as pool:
-            lat = np.array(list(pool.map(one, range(n))))
-        return lat, time.perf_counter() - t0
 
 
 def wait_until_up(server: subprocess.Popen, url: str, log: Path, seconds: float = 120) -> None:
@@ -107,17 +94,20 @@ def serve_rows(idx: Path, a: argparse.Namespace, add_file: Path | None) -> tuple
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_up(server, url, Path(log.name))
-        by_id = lambda c, i: c.post("/similar", data={"product_id": int(ids[i % len(ids)]), "k": a.k})  # noqa: E731
-        by_img = lambda c, i: c.post("/similar", data={"k": a.k},  # noqa: E731
-                                     files=[("images", ("q.jpg", pics[i % len(pics)], "image/jpeg"))])
+        host = f"127.0.0.1:{port}"
+        kinds = {"GET /health": [loadgen.get_request(host, "/health")],
+                 "by id": [loadgen.form_request(host, "/similar", {"product_id": int(i), "k": a.k}) for i in ids],
+                 "by picture": [loadgen.multipart_request(host, "/similar", {"k": a.k}, [("images", "q.jpg", pic)])
+                                for pic in pics]}
         rows, qps_at = [], {}
-        for name, fn in (("by id", by_id), ("by picture", by_img)):
+        for name, requests in kinds.items():
             for conc in a.concurrency:
-                lat, wall = load(url, fn, a.requests, conc)
+                lat, wall = loadgen.load("127.0.0.1", port, requests, a.requests, conc)
                 qps = a.requests / wall
+                r = ref.get(name)
                 rows.append((f"{len(bundle.product_ids):,}", name, conc, f"{np.percentile(lat, 50) * 1e3:.1f}",
-                             f"{np.percentile(lat, 99) * 1e3:.1f}", f"{qps:.0f}", f"{ref[name]:.0f}",
-                             f"{qps / ref[name]:.2f}x"))
+                             f"{np.percentile(lat, 99) * 1e3:.1f}", f"{qps:.0f}", f"{r:.0f}" if r else "",
+                             f"{qps / r:.2f}x" if r else ""))
                 qps_at[name, conc] = qps
         during = health_during_add(url, add_file) if add_file else None
     finally:
