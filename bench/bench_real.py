@@ -174,7 +174,7 @@ def main() -> None:
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--image-size", type=int, default=None, help="default: the recipe's")
     ap.add_argument("--set", nargs="*", default=[], help="recipe overrides, e.g. lr=1e-3 freeze_blocks=0")
-    ap.add_argument("--recall-queries", type=int, default=150)
+    ap.add_argument("--recall-queries", type=int, default=600)
     ap.add_argument("--quick", action="store_true", help="one 1-epoch run at 64 px, 20 recall queries (smoke test)")
     a = ap.parse_args()
     a.set = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in a.set)}

@@ -347,6 +347,27 @@ def test_batched_queries_give_what_each_query_gives_alone(served, small_data):
                               alone_pos[:-1][distinct & np.r_[True, distinct[:-1]]])
 
 
+def test_a_bad_picture_in_a_batch_fails_its_own_query_only(served, small_data):
+    """Queries decoded on the batch thread: one that does not decode gets its error; the others in the same batch
+    (picture bytes, an indexed position) get what they get alone."""
+    from retrieval.errors import UserError
+    from retrieval.infer.query import embed_pictures, neighbours
+    from retrieval.serve.batching import QueryBatcher
+    b = open_index(served)
+    products = list(iter_products(small_data["test.bson"]))[:3]
+    batcher = QueryBatcher(max_batch=8, max_wait=0.2)  # all four arrive within one batch
+    futures = [batcher.submit(b, 4, pictures=products[0].images),
+               batcher.submit(b, 4, pictures=[b"\xff\xd8 not a jpeg"], names=["bad.jpg"]),
+               batcher.submit(b, 4, pictures=products[1].images),
+               batcher.submit(b, 4, position=7)]
+    with pytest.raises(UserError, match="bad.jpg"):
+        futures[1].result(timeout=30)
+    for fut, vec in ((futures[0], embed_pictures(b, products[0].images)[0]),
+                     (futures[2], embed_pictures(b, products[1].images)[0]), (futures[3], b.vector(7))):
+        sims, _ = fut.result(timeout=30)
+        np.testing.assert_allclose(sims, [n.similarity for n in neighbours(b, vec, 4)[0]], atol=1e-4)
+
+
 def _truncated_multipart() -> tuple[bytes, dict]:
     body = (b"--XyZ\r\nContent-Disposition: form-data; name=\"images\"; filename=\"a.jpg\"\r\n"
             b"Content-Type: image/jpeg\r\n\r\n\xff\xd8\xff\xe0 cut here")

@@ -25,6 +25,7 @@ MUS = (0.0, 0.3, 0.5, 0.7, 0.9)
 PEER_KS = (5, 10, 20)
 PEER_TAUS = (0.05, 0.1)
 ROWS_PER_BLOCK = 65_536
+MIN_GAIN = 0.005  # validation accuracy propagation must add before it is turned on
 
 
 @dataclass(frozen=True)
@@ -184,14 +185,18 @@ def first_stage(clf: FusedClassifier, c: Candidates) -> tuple[np.ndarray, np.nda
 def calibrate_peers(classes: np.ndarray, probs: np.ndarray, graph: PeerGraph, y: np.ndarray
                     ) -> tuple[PeerSettings, list[dict]]:
     """The peer settings with the best accuracy on labelled products ``y [P]`` (a grid over :data:`MUS`,
-    :data:`PEER_KS`, :data:`PEER_TAUS`; mu 0, no propagation, unless something beats it), and the grid."""
+    :data:`PEER_KS`, :data:`PEER_TAUS`), and the grid. Propagation stays off (mu 0) unless the best setting
+    beats it by :data:`MIN_GAIN` and by two products at least: the best of 25 settings on a few hundred
+    products would otherwise win by noise alone."""
     grid = []
     for mu in MUS:
         for k in PEER_KS if mu > 0 else PEER_KS[:1]:
             for tau in PEER_TAUS if mu > 0 else PEER_TAUS[:1]:
                 s = PeerSettings(mu, k, tau)
                 grid.append({**s.params(), "accuracy": float((propagate(classes, probs, graph, s)[0][:, 0] == y).mean())})
-    best = max(grid, key=lambda g: g["accuracy"])  # first of equals: mu 0 wins a tie
+    best = max(grid, key=lambda g: g["accuracy"])  # first of equals: the smaller mu
+    if best["accuracy"] - grid[0]["accuracy"] < max(MIN_GAIN, 2 / max(len(y), 1)):
+        best = grid[0]
     return PeerSettings(**{k: v for k, v in best.items() if k != "accuracy"}), grid
 
 

@@ -87,13 +87,15 @@ def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path,
     report, timer = PredictReport(params={**clf.params(), "peers": peers.params()}), Timer()
     parts = numbered(np.arange(len(table)), chunk_products)
     report.computed = sum(len(r) for p, r in parts if not store.done(p))
-    work = PartWork(lambda outs: _decide(bundle, clf, outs, peers, timer), group=SEARCH_BATCH, desc="predict")
+    peers = replace(peers, keep=max(peers.keep, top))
+    work = PartWork(lambda outs: _decide(bundle, clf, outs, peers, peers.keep, timer), group=SEARCH_BATCH,
+                    desc="predict")
     stats = run_parts(net, tta_flip, reader, parts, store, work, loader, timer)
     if stats is None:
         return None
     n_parts = len(parts)
     t = time.perf_counter()
-    n_written = _assemble(_with_peers(store, n_parts, replace(peers, keep=max(peers.keep, top))),
+    n_written = _assemble(_with_peers(store, n_parts, peers),
                           table["product_id"], ids_of, out_csv, top, scores_out)
     timer.add("peers+write", t)
     if n_written != len(table):
@@ -110,15 +112,16 @@ def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path,
     return report
 
 
-def _decide(bundle: IndexBundle, clf: FusedClassifier, outs: list, peers: PeerSettings, timer: Timer
+def _decide(bundle: IndexBundle, clf: FusedClassifier, outs: list, peers: PeerSettings, keep: int, timer: Timer
             ) -> dict[str, np.ndarray]:
-    """The fused distribution over each product's candidates (classes and probabilities ``[P, W]``) for a list
-    of embedded batches, with one search; with peer propagation on, the embeddings too."""
+    """The fused distribution over each product's candidates, its ``keep`` likeliest (classes and probabilities
+    ``[P, keep]``), for a list of embedded batches, with one search; with peer propagation on, the embeddings."""
     t = time.perf_counter()
     cands = candidates_for(bundle.vectors, bundle.duplicates, outs, clf.k)
     t = timer.add("search", t)
     classes, probs = first_stage(clf, cands)
-    out = {"classes": classes, "probs": probs}
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :keep]  # propagate keeps no more of a product's own
+    out = {"classes": np.take_along_axis(classes, order, 1), "probs": np.take_along_axis(probs, order, 1)}
     if peers.on:
         out["emb"] = np.concatenate([o.emb for o in outs])
     timer.add("fusion", t)

@@ -3,8 +3,10 @@
 ``create_app(index_dir, ServeSettings(...))`` opens the index once; ``python cli.py serve`` runs it under
 uvicorn. A server is an input surface for strangers:
 
-- every handler that touches torch or FAISS is a plain ``def``, which FastAPI runs in its thread pool, so the
-  event loop never waits behind a query or an add (``GET /health`` answers while products are added);
+- the event loop never runs torch or FAISS: ``POST /similar`` hands its query to the batch thread
+  (:class:`~.batching.QueryBatcher`: decode, one forward, one search for all queries in flight) and awaits its
+  future without holding a thread; every other handler that touches them is a plain ``def``, which FastAPI
+  runs in its thread pool (``GET /health`` answers while products are added);
 - writes (``POST /products``) need ``Authorization: Bearer <token>``, are refused in read-only mode, and are
   refused when the request's ``Origin`` is another site; one add runs at a time (the index folder's writer
   lock), it commits a new generation, and queries keep the generation they started with until the swap;
@@ -13,6 +15,7 @@ uvicorn. A server is an input surface for strangers:
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
@@ -24,6 +27,7 @@ from typing import Annotated
 
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from ..errors import UserError
 from ..infer.bundle import IndexBundle, open_index
@@ -124,15 +128,23 @@ def _no_paths(message: str) -> str:
     return _PATH.sub(r"\1", message)
 
 
-def _pictures(files: list[UploadFile] | None) -> tuple[list[bytes], list[str]]:
-    data, names = [], []
-    for f in files or []:
-        blob = f.file.read()
+def _checked(files: list[UploadFile], blobs: list[bytes]) -> tuple[list[bytes], list[str]]:
+    names = []
+    for f, blob in zip(files, blobs):
         if not blob:
             raise HTTPException(400, f"{f.filename or 'picture'}: empty file")
-        data.append(blob)
         names.append(Path(f.filename or f"picture {len(names)}").name)
-    return data, names
+    return blobs, names
+
+
+def _pictures(files: list[UploadFile] | None) -> tuple[list[bytes], list[str]]:
+    """The uploaded pictures' bytes and names (on a worker thread)."""
+    return _checked(files or [], [f.file.read() for f in files or []])
+
+
+async def _pictures_async(files: list[UploadFile] | None) -> tuple[list[bytes], list[str]]:
+    """The same, on the event loop: from memory, or (a large upload spooled to disk) on a worker thread."""
+    return _checked(files or [], [await f.read() for f in files or []])
 
 
 def _check_one_query(product_id: int | None, data: list[bytes]) -> None:
@@ -188,34 +200,38 @@ def create_app(index_dir: str | Path, settings: ServeSettings = ServeSettings())
                 "backbone": b.manifest.backbone, "index": b.manifest.factory, "writes": not settings.read_only}
 
     @app.post("/similar")
-    def similar(product_id: Annotated[int | None, Form(ge=0, le=2 ** 63 - 1)] = None,
-                images: Annotated[list[UploadFile] | None, File(description="query pictures")] = None,
-                k: Annotated[int, Form(ge=1, le=MAX_K)] = 12,
-                offset: Annotated[int, Form(ge=0, le=MAX_OFFSET)] = 0,
-                category: Annotated[int | None, Form(description="only this category id")] = None,
-                include_self: Annotated[bool, Form(description="list the query product itself")] = False) -> dict:
+    async def similar(product_id: Annotated[int | None, Form(ge=0, le=2 ** 63 - 1)] = None,
+                      images: Annotated[list[UploadFile] | None, File(description="query pictures")] = None,
+                      k: Annotated[int, Form(ge=1, le=MAX_K)] = 12,
+                      offset: Annotated[int, Form(ge=0, le=MAX_OFFSET)] = 0,
+                      category: Annotated[int | None, Form(description="only this category id")] = None,
+                      include_self: Annotated[bool, Form(description="list the query product itself")] = False
+                      ) -> JSONResponse:
         """The products most similar to an indexed product or to uploaded pictures, one result per product;
         ``offset`` pages on (``next_offset``), ``category`` restricts the search itself. A query product is
         not its own neighbour unless ``include_self``."""
-        data, names = _pictures(images)
+        data, names = await _pictures_async(images)
         _check_one_query(product_id, data)
         b = state.bundle
         depth = offset + k + 1  # one more: the query product may be among them
-        if category is None:  # the common query: batched with others in flight (one forward, one search)
-            x = picture_inputs(b, data, names) if data else None
-            vec = None if data else b.vector(product_position(b, product_id))
-            found, _ = neighbours_from(b, *batcher.search(b, depth, images=x, vec=vec))
+        if category is None:  # the common query: batched with others in flight (one forward, one search); the
+            # handler awaits the batch thread's future, so no thread is held and the event loop never blocks
+            pos = None if data else product_position(b, product_id)
+            job = batcher.submit(b, depth, pictures=data or None, names=names, position=pos)
+            found, _ = neighbours_from(b, *await asyncio.wrap_future(job))
         else:
-            vec = embed_pictures(b, data, names)[0] if data else b.vector(product_position(b, product_id))
-            found, _ = neighbours(b, vec, depth, category)
+            def search() -> list:
+                vec = embed_pictures(b, data, names)[0] if data else b.vector(product_position(b, product_id))
+                return neighbours(b, vec, depth, category)[0]
+            found = await run_in_threadpool(search)
         if product_id is not None and not include_self:
             found = [n for n in found if n.product_id != product_id]
         found = found[offset:offset + k]
         more = len(found) == k and offset + k <= MAX_OFFSET
-        return {"query": {"product_id": product_id, "images": len(data), "category": category},
-                "offset": offset, "k": k, "next_offset": offset + k if more else None,
-                "results": [{**n.to_dict(), "path": n.path, "thumbnail": f"/products/{n.product_id}/images/0"}
-                            for n in found]}
+        return JSONResponse({"query": {"product_id": product_id, "images": len(data), "category": category},
+                             "offset": offset, "k": k, "next_offset": offset + k if more else None,
+                             "results": [{**n.to_dict(), "path": n.path,
+                                          "thumbnail": f"/products/{n.product_id}/images/0"} for n in found]})
 
     @app.post("/classify")
     def classify(product_id: Annotated[int | None, Form(ge=0, le=2 ** 63 - 1)] = None,

@@ -3,7 +3,9 @@ milliseconds of each other are embedded in one forward pass and searched in one 
 thread, so throughput grows with the number of requests in flight instead of staying flat."""
 from __future__ import annotations
 
+import os
 import queue
+from concurrent.futures import Future, ThreadPoolExecutor
 import threading
 import time
 from dataclasses import dataclass, field
@@ -12,7 +14,7 @@ import numpy as np
 import torch
 
 from ..infer.embed import embed_images, shape_bucket
-from ..infer.query import mirrored
+from ..infer.query import mirrored, picture_inputs
 from ..infer.bundle import IndexBundle
 
 
@@ -20,11 +22,12 @@ from ..infer.bundle import IndexBundle
 class _Job:
     bundle: IndexBundle
     k: int
-    images: torch.Tensor | None = None  # [N, 3, S, S] uint8: the pictures of one query product
-    vec: np.ndarray | None = None       # [D]: an indexed product's own vector
-    done: threading.Event = field(default_factory=threading.Event)
-    result: tuple[np.ndarray, np.ndarray] | None = None
-    error: BaseException | None = None
+    images: torch.Tensor | None = None      # [N, 3, S, S] uint8: the decoded pictures of one query product
+    pictures: list[bytes] | None = None     # or its picture bytes, decoded on the batch thread
+    names: list[str] | None = None
+    position: int | None = None             # or an indexed product's position (its stored vector)
+    future: Future = field(default_factory=Future)
+    vec: np.ndarray | None = None
 
 
 def warm_up(bundle: IndexBundle, max_images: int) -> int:
@@ -50,16 +53,23 @@ class QueryBatcher:
     def __init__(self, max_batch: int = 32, max_wait: float = 0.0) -> None:
         self.max_batch, self.max_wait = max_batch, max_wait
         self._queue: queue.Queue[_Job] = queue.Queue()
+        self._decoders = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="query-decode")
         threading.Thread(target=self._run, name="query-batcher", daemon=True).start()
+
+    def submit(self, bundle: IndexBundle, k: int, images: torch.Tensor | None = None,
+               pictures: list[bytes] | None = None, names: list[str] | None = None, position: int | None = None,
+               vec: np.ndarray | None = None) -> Future:
+        """Queue one query (decoded ``images``, picture bytes, an index ``position`` or a vector ``vec [D]``);
+        the future gives ``(sims [k], positions [k])`` or raises the query's own error (a picture that does not
+        decode fails its query only). An asyncio handler awaits it without holding a thread."""
+        job = _Job(bundle, k, images, pictures, names, position, vec=vec)
+        self._queue.put(job)
+        return job.future
 
     def search(self, bundle: IndexBundle, k: int, images: torch.Tensor | None = None,
                vec: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        job = _Job(bundle, k, images, vec)
-        self._queue.put(job)
-        job.done.wait()
-        if job.error is not None:
-            raise job.error
-        return job.result
+        """:meth:`submit`, waited for."""
+        return self.submit(bundle, k, images=images, vec=vec).result()
 
     def _run(self) -> None:
         while True:
@@ -74,8 +84,24 @@ class QueryBatcher:
             for bundle in {id(j.bundle): j.bundle for j in batch}.values():
                 self._process(bundle, [j for j in batch if j.bundle is bundle])
 
-    @staticmethod
-    def _process(bundle: IndexBundle, jobs: list[_Job]) -> None:
+    def _inputs(self, bundle: IndexBundle, jobs: list[_Job]) -> list[_Job]:
+        """Decode pictures (on the decode threads: the decoders release the GIL) and read stored vectors; a job
+        that fails gets its error now and is left out of the batch."""
+        def prepare(j: _Job) -> bool:
+            try:
+                if j.pictures is not None:
+                    j.images = picture_inputs(bundle, j.pictures, j.names)
+                elif j.position is not None:
+                    j.vec = bundle.vector(j.position)
+                return True
+            except BaseException as e:
+                j.future.set_exception(e)
+                return False
+        decoding = sum(j.pictures is not None for j in jobs) > 1
+        return [j for j, ok in zip(jobs, self._decoders.map(prepare, jobs) if decoding else map(prepare, jobs)) if ok]
+
+    def _process(self, bundle: IndexBundle, jobs: list[_Job]) -> None:
+        jobs = self._inputs(bundle, jobs)
         try:
             with_pictures = [j for j in jobs if j.images is not None]
             if with_pictures:  # one forward over every picture of every query product
@@ -85,13 +111,12 @@ class QueryBatcher:
                 emb, _ = embed_images(bundle.net, x, owner, len(with_pictures), tta_flip=mirrored(bundle))
                 for j, v in zip(with_pictures, emb.cpu().numpy()):
                     j.vec = v
-            sims, pos = bundle.vectors.search(np.stack([j.vec for j in jobs]).astype(np.float32),
-                                            max(j.k for j in jobs))  # one FAISS call
-            for i, j in enumerate(jobs):
-                j.result = (sims[i, :j.k], pos[i, :j.k])
+            if jobs:
+                sims, pos = bundle.vectors.search(np.stack([j.vec for j in jobs]).astype(np.float32),
+                                                  max(j.k for j in jobs))  # one FAISS call
+                for i, j in enumerate(jobs):
+                    j.future.set_result((sims[i, :j.k], pos[i, :j.k]))
         except BaseException as e:  # every waiting request hears of it
             for j in jobs:
-                j.error = e
-        finally:
-            for j in jobs:
-                j.done.set()
+                if not j.future.done():
+                    j.future.set_exception(e)
