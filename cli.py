@@ -337,12 +337,16 @@ def serve(index: Path = typer.Option(..., help="index folder to serve"),
     """Serve similar products over HTTP with a web page at / (API docs at /docs); needs the serve extra."""
     try:
         import uvicorn
-        from retrieval.serve.api import ServeSettings, check_exposure, create_app
+        from retrieval.serve.api import ServeSettings, check_exposure, create_app, settle_heap
+        from retrieval.serve.batching import compute_threads
     except ImportError as e:
         raise UserError(f"serve needs the serve extra: pip install -e '.[serve]' ({e})") from None
     settings = ServeSettings(token, read_only)
     check_exposure(host, settings)
-    uvicorn.run(create_app(index, settings), host=host, port=port, log_level="info")
+    compute_threads()
+    app = create_app(index, settings)
+    settle_heap()
+    uvicorn.run(app, host=host, port=port, log_level="info")
 
 
 @command()
