@@ -56,13 +56,14 @@ class PeerSettings:
 
 @dataclass
 class PeerGraph:
-    """Each product's ``k`` nearest other products: ``pos [P, k]`` (-1 = none) and weights ``w [P, k]`` that sum
-    to 1 over a product's peers (0 for a product without peers)."""
+    """Each product's nearest other products, best first: ``pos [P, K]`` (-1 = none) and ``sims [P, K]``."""
 
     pos: np.ndarray
     sims: np.ndarray
 
     def weights(self, tau: float, k: int | None = None) -> np.ndarray:
+        """Weights ``[P, k]`` of the first ``k`` peers, ``exp(sim / tau)`` summing to 1 per product (all 0 for a
+        product without peers)."""
         s, p = self.sims[:, :k], self.pos[:, :k]
         valid = p >= 0
         top = np.where(valid, s, -np.inf).max(1, keepdims=True)
