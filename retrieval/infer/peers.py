@@ -22,8 +22,9 @@ from .fused import Candidates, FusedClassifier
 
 log = logging.getLogger(__name__)
 MUS = (0.0, 0.3, 0.5, 0.7, 0.9)
-PEER_KS = (5, 10, 20)
+PEER_KS = (5, 10)
 PEER_TAUS = (0.05, 0.1)
+MAX_CALIBRATE = 50_000  # validation products the grid is scored on (a random sample beyond that)
 ROWS_PER_BLOCK = 65_536
 MIN_GAIN = 0.005  # validation accuracy propagation must add before it is turned on
 
@@ -113,27 +114,31 @@ def peer_graph(blocks: Sequence[np.ndarray], has_image: np.ndarray, k: int, memo
     return PeerGraph(pos, sims)
 
 
-def _sparse_rows(rows: np.ndarray, classes: np.ndarray, values: np.ndarray, n_rows: int, keep: int
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Sum ``values`` per (row, class) and keep each row's ``keep`` largest sums: ``(classes, values)``
-    ``[n_rows, keep]`` (class -1 and value 0 as padding)."""
-    ok = (classes >= 0) & (values > 0)
-    rows, classes, values = rows[ok], classes[ok].astype(np.int64), values[ok]
-    key = rows.astype(np.int64) * (int(classes.max(initial=0)) + 1) + classes
-    uniq, inv = np.unique(key, return_inverse=True)
-    total = np.bincount(inv, weights=values)
-    n_cls = int(classes.max(initial=0)) + 1
-    u_row, u_cls = uniq // n_cls, uniq % n_cls
-    order = np.lexsort((-total, u_row))  # by row, largest first
-    u_row, u_cls, total = u_row[order], u_cls[order], total[order]
-    first = np.searchsorted(u_row, np.arange(n_rows))
-    rank = np.arange(len(u_row)) - first[u_row]
-    sel = rank < keep
-    out_c = np.full((n_rows, keep), -1, np.int32)
-    out_v = np.zeros((n_rows, keep), np.float32)
-    out_c[u_row[sel], rank[sel]] = u_cls[sel]
-    out_v[u_row[sel], rank[sel]] = total[sel]
-    return out_c, out_v
+def _sparse_rows(classes: np.ndarray, values: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sum ``values [R, M]`` per class within each row of ``classes [R, M]`` (-1 = padding) and keep each row's
+    ``keep`` largest sums: ``(classes, values)`` ``[R, keep]``, best first (class -1 and value 0 as padding).
+    Row-wise sorts only: cost ``O(R * M log M)``, whatever the number of classes."""
+    r, m = classes.shape
+    values = np.where((classes >= 0) & (values > 0), values, 0.0)
+    classes = np.where(values > 0, classes, -1)
+    order = np.argsort(classes, axis=1, kind="stable")
+    c = np.take_along_axis(classes, order, 1)
+    v = np.take_along_axis(values, order, 1)
+    start = np.ones((r, m), bool)
+    start[:, 1:] = c[:, 1:] != c[:, :-1]  # first entry of each run of one class in a row
+    flat = np.flatnonzero(start.ravel())
+    sums = np.add.reduceat(v.ravel(), flat)  # one sum per (row, class) run
+    total = np.zeros(r * m)
+    total[flat] = sums
+    total = np.where((c.ravel() >= 0) & start.ravel(), total, 0.0).reshape(r, m)
+    top = np.argsort(-total, axis=1, kind="stable")[:, :keep]
+    out_v = np.take_along_axis(total, top, 1)
+    out_c = np.where(out_v > 0, np.take_along_axis(c, top, 1), -1)
+    if out_c.shape[1] < keep:
+        pad = keep - out_c.shape[1]
+        out_c = np.pad(out_c, ((0, 0), (0, pad)), constant_values=-1)
+        out_v = np.pad(out_v, ((0, 0), (0, pad)))
+    return out_c.astype(np.int32), out_v.astype(np.float32)
 
 
 def propagate(classes: np.ndarray, probs: np.ndarray, graph: PeerGraph, s: PeerSettings
@@ -142,8 +147,7 @@ def propagate(classes: np.ndarray, probs: np.ndarray, graph: PeerGraph, s: PeerS
     product; class -1 = padding): ``(classes [P, keep], probs [P, keep])``, each row best first, summing to 1
     (a product without peers keeps its own distribution, truncated)."""
     n = len(classes)
-    rows = np.repeat(np.arange(n), classes.shape[1])
-    base = _sparse_rows(rows, classes.ravel(), probs.ravel().astype(np.float64), n, s.keep)
+    base = _sparse_rows(np.asarray(classes), np.asarray(probs, np.float64), s.keep)
     if not s.on:
         return base[0], _normalised(base[1])
     w = graph.weights(s.tau, s.k)
@@ -160,8 +164,7 @@ def propagate(classes: np.ndarray, probs: np.ndarray, graph: PeerGraph, s: PeerS
             nb_v = (f_v[pos[sl]] * (s.mu * w[sl])[..., None]).reshape(m, -1)
             cat_c = np.concatenate([base[0][sl], nb_c], 1)
             cat_v = np.concatenate([base[1][sl] * own[sl], nb_v], 1)
-            new_c[sl], new_v[sl] = _sparse_rows(np.repeat(np.arange(m), cat_c.shape[1]), cat_c.ravel(),
-                                                cat_v.ravel().astype(np.float64), m, s.keep)
+            new_c[sl], new_v[sl] = _sparse_rows(cat_c, cat_v.astype(np.float64), s.keep)
         f_c, f_v = new_c, _normalised(new_v)
     return f_c, f_v
 
@@ -175,6 +178,8 @@ def first_stage(clf: FusedClassifier, c: Candidates) -> tuple[np.ndarray, np.nda
     """The fused classifier's distribution over each product's candidates: ``(classes [P, W], probs [P, W])``;
     a product without an image puts all its mass on ``clf.fallback``."""
     probs = clf.probabilities(clf.candidate_scores(c))
+    flat = probs.sum(1) <= 0  # nothing scored above 0 (e.g. the kNN alone, no neighbour): candidates tie
+    probs[flat] = (c.classes[flat] >= 0) / np.maximum((c.classes[flat] >= 0).sum(1, keepdims=True), 1)
     classes = c.classes.copy()
     classes[~c.has_image] = -1
     classes[~c.has_image, 0] = clf.fallback
@@ -187,7 +192,7 @@ def calibrate_peers(classes: np.ndarray, probs: np.ndarray, graph: PeerGraph, y:
                     ) -> tuple[PeerSettings, list[dict]]:
     """The peer settings with the best accuracy on labelled products ``y [P]`` (a grid over :data:`MUS`,
     :data:`PEER_KS`, :data:`PEER_TAUS`), and the grid. Propagation stays off (mu 0) unless the best setting
-    beats it by :data:`MIN_GAIN` and by two products at least: the best of 25 settings on a few hundred
+    beats it by :data:`MIN_GAIN` and by two products at least: the best of 17 settings on a few hundred
     products would otherwise win by noise alone."""
     grid = []
     for mu in MUS:
@@ -199,6 +204,18 @@ def calibrate_peers(classes: np.ndarray, probs: np.ndarray, graph: PeerGraph, y:
     if best["accuracy"] - grid[0]["accuracy"] < max(MIN_GAIN, 2 / max(len(y), 1)):
         best = grid[0]
     return PeerSettings(**{k: v for k, v in best.items() if k != "accuracy"}), grid
+
+
+def choose_peers(classes: np.ndarray, probs: np.ndarray, emb: np.ndarray, has_image: np.ndarray, y: np.ndarray,
+                 seed: int = 0) -> tuple[PeerSettings, list[dict]]:
+    """:func:`calibrate_peers` over the peer graph of validation products (embeddings ``emb [P, D]``); beyond
+    :data:`MAX_CALIBRATE` products, over a random sample of them and its own graph (sparser than the whole:
+    propagation can only look less useful, never more)."""
+    rows = np.arange(len(y))
+    if len(rows) > MAX_CALIBRATE:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, MAX_CALIBRATE, replace=False))
+    graph = peer_graph([emb[rows]], has_image[rows], max(PEER_KS))
+    return calibrate_peers(classes[rows], probs[rows], graph, y[rows])
 
 
 def calibrated_peers(run: RunDir, weight: float | None = None, off: bool = False) -> PeerSettings:
