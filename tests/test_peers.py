@@ -123,3 +123,17 @@ def test_peers_span_the_whole_file_whatever_the_parts_and_match_dense_propagatio
     plain = tmp_path / "plain.csv"  # a given alpha turns peers off unless a peer weight is given too
     predict(small_data["test.bson"], indexes["all"], plain, FusionOverrides(alpha=1.0, beta=0.0), **kw)
     assert read_submission(plain)[1].tolist() == np.asarray(b.categories.ids)[base.argmax(1)].tolist()
+
+
+def test_peer_graph_over_an_approximate_index_never_lists_a_product_as_its_own_peer():
+    rng = np.random.default_rng(3)
+    centres = _unit(rng.normal(size=(200, 16)))
+    emb = _unit(centres[rng.integers(0, 200, 24_000)] + 0.3 * rng.normal(size=(24_000, 16)))
+    g = peer_graph([emb[:10_000], emb[10_000:]], np.ones(len(emb), bool), 5)  # 24,000 vectors: an IVF index
+    assert not (g.pos == np.arange(len(emb))[:, None]).any() and (g.pos >= 0).all()
+    q = rng.choice(len(emb), 300, replace=False)
+    s = emb[q] @ emb.T
+    s[np.arange(len(q)), q] = -9
+    truth = np.argsort(-s, 1)[:, :5]
+    recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(g.pos[q].tolist(), truth.tolist())])
+    assert recall > 0.8
