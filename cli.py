@@ -1,6 +1,8 @@
 """Command line: a thin typer layer over the `retrieval` library. Run as ``python cli.py COMMAND`` (or ``cdiscount``)."""
 from __future__ import annotations
 
+import os
+
 import functools
 import logging
 import sys
@@ -333,8 +335,12 @@ def serve(index: Path = typer.Option(..., help="index folder to serve"),
           port: int = typer.Option(8000, min=1, max=65535, help="TCP port"),
           token: Optional[str] = typer.Option(None, envvar="CDISCOUNT_TOKEN",
                                               help="bearer token every write (POST /products) must carry"),
-          read_only: bool = typer.Option(False, help="refuse every write")) -> None:
+          read_only: bool = typer.Option(False, help="refuse every write"),
+          access_log: bool = typer.Option(False, help="log every request (writes are logged regardless)")) -> None:
     """Serve similar products over HTTP with a web page at / (API docs at /docs); needs the serve extra."""
+    # idle OpenMP threads sleep instead of spinning on the core the event loop needs (read when torch and faiss
+    # load, below); a value the user set wins
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         import uvicorn
         from retrieval.serve.api import ServeSettings, check_exposure, create_app, settle_heap
@@ -346,7 +352,7 @@ def serve(index: Path = typer.Option(..., help="index folder to serve"),
     compute_threads()
     app = create_app(index, settings)
     settle_heap()
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log)
 
 
 @command()

@@ -153,7 +153,20 @@ def _check_one_query(product_id: int | None, data: list[bytes]) -> None:
         raise HTTPException(400, "give exactly one of product_id or one or more images")
 
 
+def _client(request: Request) -> str:
+    return f"{request.client.host}:{request.client.port}" if request.client else "unknown client"
+
+
 def _authorise(request: Request, settings: ServeSettings) -> None:
+    """Refuse a write (401/403) unless it may go ahead; every refusal is logged (the access log may be off)."""
+    try:
+        _check_write(request, settings)
+    except HTTPException as e:
+        log.warning("write refused (%d) for %s: %s", e.status_code, _client(request), e.detail)
+        raise
+
+
+def _check_write(request: Request, settings: ServeSettings) -> None:
     if settings.read_only:
         raise HTTPException(403, "this server is read-only")
     origin = request.headers.get("origin")
@@ -290,6 +303,9 @@ def create_app(index_dir: str | Path, settings: ServeSettings = ServeSettings())
             if not added:  # a refused or empty upload leaves nothing behind (its offset cache neither)
                 for leftover in uploads.glob(Path(tmp.name).name + "*"):
                     leftover.unlink(missing_ok=True)
-        return {"added": added, "already_indexed": already[:100], "products": len(state.bundle.product_ids)}
+        total = len(state.bundle.product_ids)
+        log.info("POST /products from %s: %s, %d added, %d already indexed; %d products", _client(request),
+                 file.filename, added, len(already), total)
+        return {"added": added, "already_indexed": already[:100], "products": total}
 
     return app
