@@ -37,7 +37,7 @@ from ..infer.fused import calibrated
 from ..infer.manifest import IndexFolder, WriterBusy
 from ..infer.parts import LoaderSettings
 from ..infer.query import (UnknownProduct, classify_pictures, embed_pictures, neighbours, neighbours_from,
-                           picture_inputs, product_pictures, product_position)
+                           product_pictures, product_position)
 from .batching import QueryBatcher, warm_up
 
 log = logging.getLogger(__name__)
