@@ -1,10 +1,9 @@
 """Command line: a thin typer layer over the `retrieval` library. Run as ``python cli.py COMMAND`` (or ``cdiscount``)."""
 from __future__ import annotations
 
-import os
-
 import functools
 import logging
+import os
 import sys
 import warnings
 from enum import Enum

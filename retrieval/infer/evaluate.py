@@ -22,7 +22,7 @@ from .embed import ChunkStore
 from .parts import LoaderSettings, PartWork, numbered, run_parts
 from .calibrate import KS, calibrate
 from .fused import Candidates, FusedClassifier, candidates_for
-from .peers import choose_peers, first_stage, peer_graph, propagate
+from .peers import PEER_KS, PeerSettings, choose_peers, first_stage, peer_graph, propagate
 from .bundle import IndexBundle, check_source, open_index
 from .plots import evaluation_plots
 
@@ -108,11 +108,11 @@ def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir:
     cal = calibrate(c, y, fallback, seed)
     clf, grid = cal.classifier, cal.grid
     knn_only, no_dup = cal.best(alpha=0.0, beta=0.0), cal.best(beta=0.0)
-    first = first_stage(clf, c)
-    peers, peer_grid = choose_peers(*first, emb, c.has_image, y, seed)
-    without_peers = float((first[0][np.arange(len(y)), first[1].argmax(1)] == y).mean())
-    graph = peer_graph([emb], c.has_image, peers.k) if peers.on else None
-    top5 = propagate(*first, graph, peers)[0][:, :5]
+    first, graph = first_stage(clf, c), peer_graph([emb], c.has_image, max(PEER_KS))
+    peers, peer_grid = choose_peers(*first, graph, emb, c.has_image, y, seed)
+    plain = propagate(*first, graph, PeerSettings())[0]  # mu 0: the first stage, as predict writes it
+    without_peers = float((plain[:, 0] == y).mean())
+    top5 = (propagate(*first, graph, peers)[0] if peers.on else plain)[:, :5]
     pred = top5[:, 0]
     fused_acc = float((pred == y).mean())
     knn_pred = FusedClassifier(0.0, knn_only["k"], knn_only["tau"], 0.0, fallback).predict_candidates(c)[0][:, 0]

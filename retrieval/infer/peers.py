@@ -87,7 +87,7 @@ def peer_graph(blocks: Sequence[np.ndarray], has_image: np.ndarray, k: int, memo
     d = blocks[0].shape[1]
     index = VectorIndex.create(d, choose_factory(len(member), d, memory_budget))
     starts = np.cumsum([0] + [len(b) for b in blocks])
-    if sum(len(b) for b in blocks) != len(has_image):
+    if starts[-1] != len(has_image):
         raise ValueError(f"{starts[-1]} embeddings for {len(has_image)} products")
     if not index.faiss_index.is_trained:  # IVF: trained on a sample of the first blocks
         index.train(np.concatenate([np.asarray(b)[has_image[s:s + len(b)]] for b, s in zip(blocks, starts)
@@ -114,7 +114,7 @@ def peer_graph(blocks: Sequence[np.ndarray], has_image: np.ndarray, k: int, memo
     return PeerGraph(pos, sims)
 
 
-def _sparse_rows(classes: np.ndarray, values: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
+def top_classes(classes: np.ndarray, values: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
     """Sum ``values [R, M]`` per class within each row of ``classes [R, M]`` (-1 = padding) and keep each row's
     ``keep`` largest sums: ``(classes, values)`` ``[R, keep]``, best first (class -1 and value 0 as padding).
     Row-wise sorts only: cost ``O(R * M log M)``, whatever the number of classes."""
@@ -147,7 +147,7 @@ def propagate(classes: np.ndarray, probs: np.ndarray, graph: PeerGraph, s: PeerS
     product; class -1 = padding): ``(classes [P, keep], probs [P, keep])``, each row best first, summing to 1
     (a product without peers keeps its own distribution, truncated)."""
     n = len(classes)
-    base = _sparse_rows(np.asarray(classes), np.asarray(probs, np.float64), s.keep)
+    base = top_classes(np.asarray(classes), np.asarray(probs, np.float64), s.keep)
     if not s.on:
         return base[0], _normalised(base[1])
     w = graph.weights(s.tau, s.k)
@@ -164,7 +164,7 @@ def propagate(classes: np.ndarray, probs: np.ndarray, graph: PeerGraph, s: PeerS
             nb_v = (f_v[pos[sl]] * (s.mu * w[sl])[..., None]).reshape(m, -1)
             cat_c = np.concatenate([base[0][sl], nb_c], 1)
             cat_v = np.concatenate([base[1][sl] * own[sl], nb_v], 1)
-            new_c[sl], new_v[sl] = _sparse_rows(cat_c, cat_v.astype(np.float64), s.keep)
+            new_c[sl], new_v[sl] = top_classes(cat_c, cat_v.astype(np.float64), s.keep)
         f_c, f_v = new_c, _normalised(new_v)
     return f_c, f_v
 
@@ -206,16 +206,17 @@ def calibrate_peers(classes: np.ndarray, probs: np.ndarray, graph: PeerGraph, y:
     return PeerSettings(**{k: v for k, v in best.items() if k != "accuracy"}), grid
 
 
-def choose_peers(classes: np.ndarray, probs: np.ndarray, emb: np.ndarray, has_image: np.ndarray, y: np.ndarray,
-                 seed: int = 0) -> tuple[PeerSettings, list[dict]]:
-    """:func:`calibrate_peers` over the peer graph of validation products (embeddings ``emb [P, D]``); beyond
-    :data:`MAX_CALIBRATE` products, over a random sample of them and its own graph (sparser than the whole:
-    propagation can only look less useful, never more)."""
-    rows = np.arange(len(y))
-    if len(rows) > MAX_CALIBRATE:
-        rows = np.sort(np.random.default_rng(seed).choice(rows, MAX_CALIBRATE, replace=False))
-    graph = peer_graph([emb[rows]], has_image[rows], max(PEER_KS))
-    return calibrate_peers(classes[rows], probs[rows], graph, y[rows])
+def choose_peers(classes: np.ndarray, probs: np.ndarray, graph: PeerGraph, emb: np.ndarray, has_image: np.ndarray,
+                 y: np.ndarray, seed: int = 0) -> tuple[PeerSettings, list[dict]]:
+    """:func:`calibrate_peers` over ``graph``, the peer graph of all validation products (at least
+    ``max(PEER_KS)`` peers each); beyond :data:`MAX_CALIBRATE` products, over a random sample of them and its own
+    graph from their embeddings ``emb [P, D]`` (sparser than the whole: propagation can only look less useful,
+    never more)."""
+    if len(y) <= MAX_CALIBRATE:
+        return calibrate_peers(classes, probs, graph, y)
+    rows = np.sort(np.random.default_rng(seed).choice(len(y), MAX_CALIBRATE, replace=False))
+    sample = peer_graph([emb[rows]], has_image[rows], max(PEER_KS))
+    return calibrate_peers(classes[rows], probs[rows], sample, y[rows])
 
 
 def calibrated_peers(run: RunDir, weight: float | None = None, off: bool = False) -> PeerSettings:

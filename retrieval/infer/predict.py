@@ -19,7 +19,7 @@ from .embed import ChunkStore, Timer
 from .parts import LoaderSettings, PartWork, numbered, run_parts
 from .fused import FusedClassifier, FusionOverrides, calibrated, candidates_for
 from .bundle import IndexBundle, open_index
-from .peers import PeerSettings, calibrated_peers, first_stage, peer_graph, propagate
+from .peers import PeerSettings, calibrated_peers, first_stage, peer_graph, propagate, top_classes
 
 log = logging.getLogger(__name__)
 SEARCH_BATCH = 2048  # faiss uses BLAS only for large query batches (~500+ at d=256)
@@ -119,9 +119,8 @@ def _decide(bundle: IndexBundle, clf: FusedClassifier, outs: list, peers: PeerSe
     t = time.perf_counter()
     cands = candidates_for(bundle.vectors, bundle.duplicates, outs, clf.k)
     t = timer.add("search", t)
-    classes, probs = first_stage(clf, cands)
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :keep]  # propagate keeps no more of a product's own
-    out = {"classes": np.take_along_axis(classes, order, 1), "probs": np.take_along_axis(probs, order, 1)}
+    classes, probs = top_classes(*first_stage(clf, cands), keep)  # propagate keeps no more of a product's own
+    out = {"classes": classes, "probs": probs}
     if peers.on:
         out["emb"] = np.concatenate([o.emb for o in outs])
     timer.add("fusion", t)
