@@ -332,13 +332,13 @@ def test_batched_queries_give_what_each_query_gives_alone(served, small_data):
     """Sixteen picture queries in flight at once go through one forward and one search; each gets exactly the
     neighbours (and similarities) the same query gets on its own, unbatched."""
     from concurrent.futures import ThreadPoolExecutor
-    from retrieval.infer.query import embed_pictures, neighbours, picture_inputs
+    from retrieval.infer.query import embed_pictures, neighbours
     from retrieval.serve.batching import QueryBatcher
     b = open_index(served)
     products = list(iter_products(small_data["test.bson"]))[:16]
     batcher = QueryBatcher(max_batch=16, max_wait=0.05)
     with ThreadPoolExecutor(16) as pool:
-        got = list(pool.map(lambda p: batcher.search(b, 5, images=picture_inputs(b, p.images)), products))
+        got = list(pool.map(lambda p: batcher.submit(b, 5, pictures=p.images).result(), products))
     for p, (sims, pos) in zip(products, got):
         alone, alone_pos = neighbours(b, embed_pictures(b, p.images)[0], 5)
         np.testing.assert_allclose(sims, [n.similarity for n in alone], atol=1e-4)

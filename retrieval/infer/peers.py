@@ -199,7 +199,8 @@ def calibrate_peers(classes: np.ndarray, probs: np.ndarray, graph: PeerGraph, y:
         for k in PEER_KS if mu > 0 else PEER_KS[:1]:
             for tau in PEER_TAUS if mu > 0 else PEER_TAUS[:1]:
                 s = PeerSettings(mu, k, tau)
-                grid.append({**s.params(), "accuracy": float((propagate(classes, probs, graph, s)[0][:, 0] == y).mean())})
+                hits = propagate(classes, probs, graph, s)[0][:, 0] == y
+                grid.append({**s.params(), "accuracy": float(hits.mean())})
     best = max(grid, key=lambda g: g["accuracy"])  # first of equals: the smaller mu
     if best["accuracy"] - grid[0]["accuracy"] < max(MIN_GAIN, 2 / max(len(y), 1)):
         best = grid[0]

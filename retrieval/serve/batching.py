@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 import queue
-from concurrent.futures import Future, ThreadPoolExecutor
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import faiss
@@ -23,12 +23,12 @@ from ..infer.bundle import IndexBundle
 class _Job:
     bundle: IndexBundle
     k: int
-    images: torch.Tensor | None = None      # [N, 3, S, S] uint8: the decoded pictures of one query product
-    pictures: list[bytes] | None = None     # or its picture bytes, decoded on the batch thread
+    pictures: list[bytes] | None = None     # the picture bytes of one query product, decoded on the batch thread
     names: list[str] | None = None
     position: int | None = None             # or an indexed product's position (its stored vector)
     future: Future = field(default_factory=Future)
-    vec: np.ndarray | None = None
+    images: torch.Tensor | None = None      # [N, 3, S, S] uint8: the decoded pictures
+    vec: np.ndarray | None = None           # [D]: the query's vector (stored, or embedded in the batch)
 
 
 def compute_threads(cpus: int | None = None) -> int:
@@ -64,10 +64,11 @@ def warm_up(bundle: IndexBundle, max_images: int) -> int:
 
 
 class QueryBatcher:
-    """``search(bundle, k, images=... | vec=...) -> (sims [k], positions [k])``, batched with whatever other
-    queries are waiting when the worker picks up the next batch (continuous batching: no wait at low load; under
-    load, requests queue while a batch runs and go together), plus those arriving within ``max_wait`` seconds;
-    at most ``max_batch`` a batch. Queries against different generations of the index are never mixed."""
+    """``submit(bundle, k, pictures=... | position=...)`` -> a future of ``(sims [k], positions [k])``, batched
+    with whatever other queries are waiting when the worker picks up the next batch (continuous batching: no wait
+    at low load; under load, requests queue while a batch runs and go together), plus those arriving within
+    ``max_wait`` seconds; at most ``max_batch`` a batch. Queries against different generations of the index are
+    never mixed."""
 
     def __init__(self, max_batch: int = 32, max_wait: float = 0.0) -> None:
         self.max_batch, self.max_wait = max_batch, max_wait
@@ -75,20 +76,14 @@ class QueryBatcher:
         self._decoders = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="query-decode")
         threading.Thread(target=self._run, name="query-batcher", daemon=True).start()
 
-    def submit(self, bundle: IndexBundle, k: int, images: torch.Tensor | None = None,
-               pictures: list[bytes] | None = None, names: list[str] | None = None, position: int | None = None,
-               vec: np.ndarray | None = None) -> Future:
-        """Queue one query (decoded ``images``, picture bytes, an index ``position`` or a vector ``vec [D]``);
-        the future gives ``(sims [k], positions [k])`` or raises the query's own error (a picture that does not
-        decode fails its query only). An asyncio handler awaits it without holding a thread."""
-        job = _Job(bundle, k, images, pictures, names, position, vec=vec)
+    def submit(self, bundle: IndexBundle, k: int, pictures: list[bytes] | None = None,
+               names: list[str] | None = None, position: int | None = None) -> Future:
+        """Queue one query (a product's picture bytes, or an indexed product's ``position``); the future gives
+        ``(sims [k], positions [k])`` or raises the query's own error (a picture that does not decode fails its
+        query only). An asyncio handler awaits it without holding a thread."""
+        job = _Job(bundle, k, pictures=pictures, names=names, position=position)
         self._queue.put(job)
         return job.future
-
-    def search(self, bundle: IndexBundle, k: int, images: torch.Tensor | None = None,
-               vec: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`submit`, waited for."""
-        return self.submit(bundle, k, images=images, vec=vec).result()
 
     def _run(self) -> None:
         while True:
