@@ -214,10 +214,11 @@ def main() -> None:
           f"(paired 95% interval [{lo:+.4f}, {hi:+.4f}])")
     for e in budgets:
         r = runs[e]
-        d = r["fused"].astype(float) - max((r["head"], r["knn"], base["lp"]), key=np.mean).astype(float)
-        d0 = r["fused_np"].astype(float) - max((r["head"], r["knn"], base["lp"]), key=np.mean).astype(float)
-        print(f"  {e} epochs: fused - max {d.mean():+.4f} [{bootstrap(d)[0]:+.4f}, {bootstrap(d)[1]:+.4f}]; "
-              f"without peers {d0.mean():+.4f} [{bootstrap(d0)[0]:+.4f}, {bootstrap(d0)[1]:+.4f}]")
+        best = max((r["head"], r["knn"], base["lp"]), key=np.mean).astype(float)
+        d, d0 = r["fused"] - best, r["fused_np"] - best
+        (lo, hi), (lo0, hi0) = bootstrap(d), bootstrap(d0)
+        print(f"  {e} epochs: fused - max {d.mean():+.4f} [{lo:+.4f}, {hi:+.4f}]; "
+              f"without peers {d0.mean():+.4f} [{lo0:+.4f}, {hi0:+.4f}]")
     print(f"val.bson at {budgets[-1]} epochs: head {main_run['val'][0]:.3f}, kNN {main_run['val'][1]:.3f}, "
           f"fused {main_run['val'][2]:.3f}\n")
     common.print_table([("instance recall@1 (mirrored, cropped copy finds its product)", inst),
