@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from urllib.parse import urlencode
 
 import numpy as np
 
 
 def form_request(host: str, path: str, fields: dict[str, object]) -> bytes:
     """A POST of url-encoded form fields, ready to send."""
-    from urllib.parse import urlencode
     body = urlencode({k: str(v) for k, v in fields.items()}).encode()
     return _request(host, path, "application/x-www-form-urlencoded", body)
 
