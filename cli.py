@@ -104,7 +104,7 @@ ACCELERATOR = typer.Option("auto", help="Lightning accelerator: auto, cpu, gpu")
 
 
 def _loader(batch_size: int, workers: int, devices: str = "1", num_nodes: int = 1, accelerator: str = "auto"):
-    from retrieval.infer.parts import LoaderSettings
+    from retrieval.infer.pipeline.embed import LoaderSettings
     from retrieval.model.runtime import Devices
     return LoaderSettings(batch_size, workers, Devices(int(devices) if devices.isdigit() else devices, num_nodes,
                                                        accelerator))
@@ -199,7 +199,8 @@ def train(train_file: Path = typer.Argument(..., help="training BSON file"),
                       help=f"validation share {_default('val_fraction')}"),
           seed: Optional[int] = typer.Option(None, help=f"random seed {_default('seed')}")) -> None:
     """Fine-tune an open_clip backbone with a metric-learning loss plus a classification head."""
-    from retrieval.train.run import resolve_config, train as _train
+    from retrieval.train.run import resolve_config
+    from retrieval.train.run import train as _train
     given = {"backbone": backbone.value if backbone else None, "pretrained": pretrained, "image_size": image_size,
              "embed_dim": embed_dim, "metric_loss": metric_loss.value if metric_loss else None,
              "metric_weight": metric_weight, "hier_heads": hier_heads, "sampled_negatives": sampled_negatives,
@@ -237,7 +238,8 @@ def build_index(train_file: Path = typer.Argument(..., help="labelled BSON file 
                 restart: bool = typer.Option(False, help="discard unfinished parts made with other settings"),
                 devices: str = DEVICES, num_nodes: int = NODES, accelerator: str = ACCELERATOR) -> None:
     """Embed every product and build a FAISS index (resumes an interrupted build)."""
-    from retrieval.infer.folder import IndexSettings, build_index as _build
+    from retrieval.infer.indexdir.build import IndexSettings
+    from retrieval.infer.indexdir.build import build_index as _build
     man = _build(train_file, model, out, IndexSettings(split, index_type, tta_flip, memory_budget=memory_budget_gb * 1e9),
                  _loader(batch_size, workers, devices, num_nodes, accelerator), restart=restart)
     if man is None:  # another rank of a distributed run: rank 0 reports
@@ -255,6 +257,7 @@ def similar(index: Path = typer.Option(..., help="index folder"),
             sheet: Optional[Path] = typer.Option(None, help="also draw a contact sheet PNG here")) -> None:
     """The k products most similar to an indexed product or to image files."""
     import json
+
     from retrieval.infer.query import similar as _similar
     found = _similar(index, product_id, image or None, k, category, sheet)
     if json_out:
@@ -272,7 +275,7 @@ def add_to_index(new_file: Path = typer.Argument(..., help="BSON file of new pro
                  index: Path = typer.Option(..., help="index folder"), batch_size: int = BATCH,
                  workers: int = WORKERS) -> None:
     """Append new products to an index without retraining or rebuilding."""
-    from retrieval.infer.folder import add_to_index as _add
+    from retrieval.infer.indexdir.build import add_to_index as _add
     added, dups = _add(index, new_file, _loader(batch_size, workers))
     typer.echo(f"added {added} products; {len(dups)} already indexed" + (f" (e.g. {dups[:5]})" if dups else ""))
 
@@ -297,8 +300,9 @@ def predict(test_file: Path = typer.Argument(..., help="BSON file to classify"),
             restart: bool = typer.Option(False, help="discard unfinished parts made with other settings"),
             devices: str = DEVICES, num_nodes: int = NODES, accelerator: str = ACCELERATOR) -> None:
     """Predict a category for every product of TEST_FILE, in file order (resumes if interrupted)."""
-    from retrieval.infer.fused import FusionOverrides
-    from retrieval.infer.predict import ScoresOutput, predict as _predict
+    from retrieval.infer.predict import ScoresOutput
+    from retrieval.infer.predict import predict as _predict
+    from retrieval.infer.scoring.fused import FusionOverrides
     r = _predict(test_file, index, out, FusionOverrides(alpha, k, tau, beta, peer_weight),
                  ScoresOutput(scores_out, top) if scores_out else None,
                  _loader(batch_size, workers, devices, num_nodes, accelerator), restart=restart)
@@ -320,7 +324,8 @@ def evaluate(index: Path = typer.Option(..., help="index folder (build-index --s
              max_products: Optional[int] = typer.Option(None, min=1, help="score a random sample of this many"),
              devices: str = DEVICES, num_nodes: int = NODES, accelerator: str = ACCELERATOR) -> None:
     """Head, kNN and fused accuracy on held-out products; saves the best alpha, k, tau, beta for predict."""
-    from retrieval.infer.evaluate import evaluate as _evaluate, metrics_table
+    from retrieval.infer.evaluate import evaluate as _evaluate
+    from retrieval.infer.evaluate import metrics_table
     m = _evaluate(index, val_file, out, _loader(batch_size, workers, devices, num_nodes, accelerator), max_products)
     if m is None:  # another rank of a distributed run: rank 0 reports
         return
@@ -342,6 +347,7 @@ def serve(index: Path = typer.Option(..., help="index folder to serve"),
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         import uvicorn
+
         from retrieval.serve.api import ServeSettings, check_exposure, create_app, settle_heap
         from retrieval.serve.batching import compute_threads
     except ImportError as e:
@@ -361,6 +367,7 @@ def demo(workdir: Path = typer.Option(Path("demo_work"), help="empty folder for 
          epochs: int = typer.Option(5, min=1, help="training epochs"), workers: int = WORKERS) -> None:
     """Run the whole system on generated data and print a summary."""
     import json
+
     from retrieval.demo import DemoConfig, run_demo
     s = run_demo(workdir, DemoConfig(products=products, categories=n_categories, epochs=epochs, workers=workers))
     typer.echo(json.dumps(s, indent=1))

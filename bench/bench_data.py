@@ -13,13 +13,12 @@ from pathlib import Path
 
 import bson
 import numpy as np
+from common import best_time, print_table
 from PIL import Image
 
-from common import best_time, print_table
-
 from retrieval.data.bsonio import iter_products
-from retrieval.data.offsets import RecordReader, scan_offsets
 from retrieval.data.images import decode_image
+from retrieval.data.offsets import RecordReader, scan_offsets
 from retrieval.data.synth import SynthConfig, make_data
 
 # Peak RSS is read from VmHWM: unlike getrusage's ru_maxrss it starts afresh at exec, so the child does not

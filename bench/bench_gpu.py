@@ -16,13 +16,12 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import print_table
 
 from retrieval.data.synth import SynthConfig, make_data
-from retrieval.infer.bundle import open_index
-from retrieval.infer.folder import IndexSettings, build_index
-from retrieval.infer.parts import LoaderSettings
+from retrieval.infer.indexdir.build import IndexSettings, build_index
+from retrieval.infer.indexdir.bundle import open_index
+from retrieval.infer.pipeline.embed import LoaderSettings
 from retrieval.infer.predict import predict
 from retrieval.model.config import ModelConfig
 from retrieval.model.network import EmbeddingNet

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from common import print_table
 
 from index import VectorIndex, choose_factory, exact_topk, recall_at_k

@@ -13,19 +13,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from common import print_table
 from pipeline_common import decoded_images, forward_only, prepared, prepared_convnext
 
-from retrieval.infer.manifest import IndexFolder
-from retrieval.data.offsets import RecordReader, load_offsets
 from retrieval.data.datasets import to_model_input
-from retrieval.infer.embed import embed_images
-from retrieval.infer.evaluate import evaluate
 from retrieval.data.images import decode_image
-from retrieval.infer.folder import IndexSettings, build_index, open_index
-from retrieval.infer.fused import Candidates, FusedClassifier, neighbour_labels
+from retrieval.data.offsets import RecordReader, load_offsets
+from retrieval.infer.evaluate import evaluate
+from retrieval.infer.indexdir.build import IndexSettings, build_index, open_index
+from retrieval.infer.indexdir.folder import IndexFolder
+from retrieval.infer.pipeline.embed import embed_images
 from retrieval.infer.predict import predict
+from retrieval.infer.scoring.candidates import Candidates, neighbour_labels
+from retrieval.infer.scoring.fused import FusedClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
 

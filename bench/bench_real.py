@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from retrieval.data.images import decode_image, encode_jpeg
 from retrieval.data.offsets import RecordReader, load_offsets
 from retrieval.infer.evaluate import evaluate
-from retrieval.infer.folder import IndexSettings, build_index, open_index
-from retrieval.infer.fused import FusionOverrides
+from retrieval.infer.indexdir.build import IndexSettings, build_index, open_index
 from retrieval.infer.predict import predict, read_submission
 from retrieval.infer.query import similar
+from retrieval.infer.scoring.fused import FusionOverrides
 from retrieval.model.config import ModelConfig
 from retrieval.model.network import EmbeddingNet
 from retrieval.train.config import TrainConfig

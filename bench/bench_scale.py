@@ -61,7 +61,7 @@ def run_stage(stage: str, work: Path, n: int, steps: int, extra: dict) -> dict:
         res = train(data / "train.bson", run, cfg, data / "category_names.csv", progress=False)
         result = res.best_val_accuracy
     elif stage == "build-index":
-        from retrieval.infer.folder import IndexSettings, build_index
+        from retrieval.infer.indexdir.build import IndexSettings, build_index
         shutil.rmtree(idx, ignore_errors=True)
         result = build_index(data / "train.bson", run, idx, IndexSettings("train")).count
     elif stage == "evaluate":
@@ -91,6 +91,7 @@ def head_softmax_times(classes: int = 5270, dim: int = 1280, batch: int = 256, n
     """Seconds per forward+backward of the classification head alone: full softmax vs sampled."""
     import torch
     import torch.nn.functional as F
+
     from retrieval.train.losses import sampled_softmax_loss
     head = torch.nn.Linear(dim, classes)
     z = torch.randn(batch, dim, requires_grad=True)

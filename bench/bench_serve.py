@@ -27,8 +27,8 @@ import loadgen
 import numpy as np
 from pipeline_common import prepared
 
-from retrieval.infer.folder import IndexSettings, build_index, open_index
-from retrieval.infer.manifest import IndexFolder
+from retrieval.infer.indexdir.build import IndexSettings, build_index, open_index
+from retrieval.infer.indexdir.folder import IndexFolder
 from retrieval.infer.query import embed_pictures, neighbours, product_pictures
 
 ROOT = Path(__file__).resolve().parents[1]

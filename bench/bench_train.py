@@ -12,18 +12,17 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import print_table
 
 from retrieval.data.synth import SynthConfig, make_data
+from retrieval.model.config import ModelConfig
+from retrieval.model.network import EmbeddingNet
 from retrieval.model.runtime import autocast_for
 from retrieval.rundir import RunDir
 from retrieval.train.config import DataSettings, TrainConfig
 from retrieval.train.datamodule import CdiscountDataModule
 from retrieval.train.module import RetrievalModule
 from retrieval.train.run import train
-from retrieval.model.config import ModelConfig
-from retrieval.model.network import EmbeddingNet
 
 
 def loader_vs_step(data: Path, run: Path, backbone: str, size: int, batch: int, n_batches: int) -> tuple:

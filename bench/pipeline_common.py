@@ -8,15 +8,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrieval.data.offsets import RecordReader, load_offsets
 from retrieval.data.datasets import to_model_input
-from retrieval.infer.embed import embed_images
 from retrieval.data.images import decode_image
-from retrieval.infer.folder import IndexSettings, build_index, open_index
+from retrieval.data.offsets import RecordReader, load_offsets
 from retrieval.data.synth import SynthConfig, make_data
+from retrieval.infer.indexdir.build import IndexSettings, build_index, open_index
+from retrieval.infer.pipeline.embed import embed_images
 from retrieval.train.config import TrainConfig
 from retrieval.train.run import train
-
 
 SIZES = {"products": 4000, "epochs": 5, "convnext_products": 300}
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 
 
-
 class DuplicateTable:
     """Sorted ``hashes [M]`` (int64) of indexed pictures and the index ``positions [M]`` of their products."""
 

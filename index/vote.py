@@ -1,4 +1,4 @@
-"""kNN vote over neighbours' categories (numpy only); the one fusion rule is ``retrieval.infer.fused.FusedClassifier``."""
+"""kNN vote over neighbours' categories (numpy only); the one fusion rule is ``retrieval.infer.scoring.fused.FusedClassifier``."""
 from __future__ import annotations
 
 import numpy as np

@@ -10,8 +10,8 @@ from .data.offsets import load_offsets
 from .data.synth import SynthConfig, make_data
 from .errors import UserError
 from .infer.evaluate import evaluate
-from .infer.folder import IndexSettings, build_index
-from .infer.parts import LoaderSettings
+from .infer.indexdir.build import IndexSettings, build_index
+from .infer.pipeline.embed import LoaderSettings
 from .infer.predict import predict, score_submission
 from .infer.query import similar
 from .train.config import TrainConfig

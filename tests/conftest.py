@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from retrieval.data.synth import SynthConfig, make_data
-from retrieval.infer.folder import IndexSettings
-from retrieval.infer.parts import LoaderSettings
+from retrieval.infer.indexdir.build import IndexSettings
+from retrieval.infer.pipeline.embed import LoaderSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -51,7 +51,7 @@ def trained_run(small_data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def indexes(small_data, trained_run, tmp_path_factory) -> dict[str, Path]:
     """A train-split index and an all-products index of ``small_data``."""
-    from retrieval.infer.folder import build_index
+    from retrieval.infer.indexdir.build import build_index
     root = tmp_path_factory.mktemp("indexes")
     for split in ("train", "all"):
         build_index(small_data["train.bson"], trained_run, root / split, IndexSettings(split, chunk_products=40), LoaderSettings(workers=0))

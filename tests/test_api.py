@@ -13,8 +13,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from retrieval.data.bsonio import iter_products
+from retrieval.infer.indexdir.bundle import open_index
 from retrieval.serve.api import MAX_UPLOAD, create_app
-from retrieval.infer.bundle import open_index
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,7 @@ def test_writes_need_the_token_and_read_only_refuses_them(served, small_data, tm
 
 
 def test_a_refused_upload_leaves_no_file_and_no_path_leaks(client, served):
-    from retrieval.infer.manifest import IndexFolder
+    from retrieval.infer.indexdir.folder import IndexFolder
     uploads = IndexFolder(served).uploads
     before = set(uploads.glob("*")) if uploads.exists() else set()
     bad = client.post("/products", files={"file": ("junk.bson", b"\x05\x00\x00\x00junk", "application/octet-stream")})
@@ -166,7 +166,7 @@ def test_a_refused_upload_leaves_no_file_and_no_path_leaks(client, served):
 
 
 def test_adding_products_makes_them_findable(client, served, small_data, tmp_path, monkeypatch):
-    import retrieval.infer.bundle as bundle_mod
+    import retrieval.infer.indexdir.bundle as bundle_mod
     reads = []
     real = bundle_mod.load_model_file
     monkeypatch.setattr(bundle_mod, "load_model_file", lambda *a, **k: reads.append(a) or real(*a, **k))
@@ -290,6 +290,7 @@ def test_queries_answer_from_the_old_generation_while_an_add_runs(served, small_
     appears only when the add commits."""
     import httpx
     import uvicorn
+
     import retrieval.serve.api as api
     folder = tmp_path / "idx"
     shutil.copytree(served, folder)
@@ -332,6 +333,7 @@ def test_batched_queries_give_what_each_query_gives_alone(served, small_data):
     """Sixteen picture queries in flight at once go through one forward and one search; each gets exactly the
     neighbours (and similarities) the same query gets on its own, unbatched."""
     from concurrent.futures import ThreadPoolExecutor
+
     from retrieval.infer.query import embed_pictures, neighbours
     from retrieval.serve.batching import QueryBatcher
     b = open_index(served)
@@ -408,6 +410,7 @@ def test_more_bad_input_is_a_4xx_writes_nothing_and_the_server_keeps_serving(cli
 
 def test_concurrent_adds_queue_behind_one_writer_and_errors_name_no_server_path(served, small_data, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
+
     from retrieval.serve.api import _no_paths
     folder = tmp_path / "idx"
     shutil.copytree(served, folder)

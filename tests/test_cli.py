@@ -55,7 +55,7 @@ def test_cli_happy_path(tmp_path):
 
 
 def _first_id(index_dir):
-    from retrieval.infer.bundle import open_index
+    from retrieval.infer.indexdir.bundle import open_index
     return int(open_index(index_dir).product_ids[0])
 
 

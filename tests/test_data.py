@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from retrieval.data.bsonio import BsonFormatError, iter_products
-from retrieval.data.offsets import RecordReader, load_offsets, scan_offsets
 from retrieval.data.categories import CategoryTable
 from retrieval.data.images import ImageDecodeError, decode_image, encode_jpeg
+from retrieval.data.offsets import RecordReader, load_offsets, scan_offsets
 from retrieval.data.synth import SynthConfig, make_data
 from tests.conftest import shared_file
 

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval.model.export import load_model_file
-from retrieval.infer.embed import ChunkStore
-from retrieval.infer.bundle import open_index
-from retrieval.infer.manifest import IndexFolder
-from retrieval.infer.parts import LoaderSettings
+from retrieval.infer.indexdir.bundle import open_index
+from retrieval.infer.indexdir.folder import IndexFolder
+from retrieval.infer.pipeline.embed import LoaderSettings
+from retrieval.infer.pipeline.store import PartStore
 from retrieval.infer.predict import predict
+from retrieval.model.export import load_model_file
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -54,8 +54,8 @@ def test_a_second_rank_reads_the_split_and_never_writes_it(small_data, trained_r
 SCRIPT = """
 import sys
 from retrieval.model.runtime import Devices
-from retrieval.infer.folder import IndexSettings, build_index
-from retrieval.infer.parts import LoaderSettings
+from retrieval.infer.indexdir.build import IndexSettings, build_index
+from retrieval.infer.pipeline.embed import LoaderSettings
 from retrieval.infer.predict import predict
 from retrieval.infer.evaluate import evaluate
 where = Devices(2, 1, "cpu")
@@ -79,7 +79,7 @@ def test_two_process_build_index_and_predict_match_one_process(small_data, train
     assert np.array_equal(one.product_ids, two.product_ids) and np.array_equal(one.vectors.labels, two.vectors.labels)
     for p, _ in one.manifest.parts:
         folders = IndexFolder(indexes["all"]).embeddings, IndexFolder(idx2).embeddings
-        a, b = (dict(np.load(ChunkStore.part_file(f, p)), emb=np.load(ChunkStore.vectors_file(f, p))) for f in folders)
+        a, b = (dict(np.load(PartStore.part_file(f, p)), emb=np.load(PartStore.vectors_file(f, p))) for f in folders)
         assert np.array_equal(a["rows"], b["rows"]) and np.allclose(a["emb"], b["emb"], atol=1e-6)
         assert np.array_equal(a["img_hash"], b["img_hash"])
     assert np.array_equal(one.duplicates.hashes, two.duplicates.hashes)
@@ -102,6 +102,7 @@ def test_two_process_build_index_and_predict_match_one_process(small_data, train
 
 def test_two_process_evaluate_matches_one_process(trained_run, indexes, tmp_path):
     import json
+
     from retrieval.infer.evaluate import evaluate
     script = tmp_path / "two.py"
     script.write_text(SCRIPT)

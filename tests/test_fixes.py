@@ -12,18 +12,18 @@ import torch
 from typer.testing import CliRunner
 
 import cli
-from retrieval.infer.bundle import open_index
 from index import knn_vote
 from retrieval.data.bsonio import iter_products
 from retrieval.data.categories import CategoryTable
 from retrieval.data.datasets import collate_products
 from retrieval.data.synth import SynthConfig, make_data
 from retrieval.errors import UserError
+from retrieval.infer.indexdir.bundle import open_index
+from retrieval.infer.pipeline.embed import LoaderSettings
 from retrieval.infer.predict import predict, read_submission
 from retrieval.infer.query import Neighbour
+from retrieval.infer.scoring.fused import FusionOverrides
 from retrieval.train.run import resolve_config
-from retrieval.infer.parts import LoaderSettings
-from retrieval.infer.fused import FusionOverrides
 
 runner = CliRunner()
 
@@ -149,9 +149,9 @@ def test_category_csv_bom_duplicates_and_encoding(tmp_path):
 
 
 def test_unlabelled_training_products_are_counted(small_data, tmp_path):
+    from retrieval.rundir import RunDir
     from retrieval.train.config import TrainConfig
     from retrieval.train.datamodule import CdiscountDataModule
-    from retrieval.rundir import RunDir
     docs = [{"_id": p.product_id, "imgs": [{"picture": x} for x in p.images], "category_id": p.category_id}
             for p in iter_products(small_data["train.bson"])]
     for d in docs[:7]:

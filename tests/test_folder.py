@@ -9,11 +9,10 @@ import pytest
 
 from retrieval.data.synth import SynthConfig, make_data
 from retrieval.errors import UserError
-from retrieval.infer.folder import add_to_index, build_index, open_index
-from retrieval.infer.manifest import IndexFolder, WriterBusy
+from retrieval.infer.indexdir.build import IndexSettings, add_to_index, build_index, open_index
+from retrieval.infer.indexdir.folder import IndexFolder, WriterBusy
+from retrieval.infer.pipeline.embed import LoaderSettings
 from retrieval.infer.query import embed_pictures, product_pictures, similar
-from retrieval.infer.folder import IndexSettings
-from retrieval.infer.parts import LoaderSettings
 
 
 @pytest.fixture()
@@ -89,8 +88,8 @@ def test_commit_is_all_or_nothing(world):
 
 ADD = """
 import sys
-from retrieval.infer.folder import add_to_index
-from retrieval.infer.parts import LoaderSettings
+from retrieval.infer.indexdir.build import add_to_index
+from retrieval.infer.pipeline.embed import LoaderSettings
 print("added", add_to_index(sys.argv[1], sys.argv[2], LoaderSettings(workers=0))[0], flush=True)
 """
 

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval.infer.calibrate import TEMPERATURES, calibrate, fit_temperature
-from retrieval.infer.fused import Candidates, FusedClassifier
+from retrieval.infer.scoring.calibrate import TEMPERATURES, calibrate, fit_temperature
+from retrieval.infer.scoring.candidates import Candidates
+from retrieval.infer.scoring.fused import FusedClassifier
 from retrieval.model.config import ModelConfig
-from retrieval.model.network import GeM, EmbeddingNet
-from retrieval.train.config import LossSettings, PRETRAINED_RECIPE, TrainConfig
+from retrieval.model.network import EmbeddingNet, GeM
+from retrieval.train.config import PRETRAINED_RECIPE, LossSettings, TrainConfig
 from retrieval.train.probe import Features, fit_new_layers, frozen_baseline
 
 
@@ -74,6 +75,7 @@ def test_lp_ft_run_applies_the_recipe_and_writes_the_frozen_baseline(small_data,
     """train() with a pretrained backbone (a local weights file) and --lp-epochs: frozen_baseline.json holds
     the kNN of the frozen tower (recomputed here by hand)."""
     import open_clip
+
     from retrieval.data.offsets import RecordReader, load_offsets
     from retrieval.train.probe import frozen_features
     from retrieval.train.run import train
@@ -212,6 +214,7 @@ def test_learnt_fusion_wins_where_trust_depends_on_closeness_and_not_on_noise():
 
 def test_without_lp_ft_the_baseline_is_measured_and_the_new_layers_are_put_back(small_data, tmp_path):
     import open_clip
+
     from retrieval.model.export import load_model_file
     from retrieval.train.run import train
     weights = tmp_path / "tiny.pt"

@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 
 from retrieval.data.offsets import RecordReader, load_offsets
-from retrieval.infer.bundle import open_index
-from retrieval.infer.embed import embed_products
-from retrieval.infer.fused import FusionOverrides
-from retrieval.infer.parts import LoaderSettings
-from retrieval.infer.peers import PeerSettings, calibrate_peers, peer_graph, propagate
+from retrieval.infer.indexdir.bundle import open_index
+from retrieval.infer.pipeline.embed import LoaderSettings, embed_products
 from retrieval.infer.predict import predict, read_submission
+from retrieval.infer.scoring.fused import FusionOverrides
+from retrieval.infer.scoring.peers import PeerSettings, calibrate_peers, peer_graph, propagate
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -9,22 +9,20 @@ import bson
 import numpy as np
 import pytest
 
-import retrieval.infer.parts as parts_mod
+import retrieval.infer.pipeline.parts as parts_mod
 from index import knn_vote
 from retrieval.data.bsonio import iter_products
 from retrieval.data.offsets import RecordReader, load_offsets
-from retrieval.infer.embed import ChunkStore, embed_products
-from retrieval.infer.manifest import IndexFolder
-from retrieval.infer.evaluate import evaluate
-from retrieval.infer.folder import add_to_index, build_index, open_index
 from retrieval.errors import UserError
-from retrieval.infer.fused import neighbour_labels
-from retrieval.infer.predict import predict, read_submission, score_submission
+from retrieval.infer.evaluate import evaluate
+from retrieval.infer.indexdir.build import IndexSettings, add_to_index, build_index, open_index
+from retrieval.infer.indexdir.folder import IndexFolder
+from retrieval.infer.pipeline.embed import LoaderSettings, embed_products
+from retrieval.infer.pipeline.store import PartStore
+from retrieval.infer.predict import ScoresOutput, predict, read_submission, score_submission
 from retrieval.infer.query import similar
-from retrieval.infer.folder import IndexSettings
-from retrieval.infer.parts import LoaderSettings
-from retrieval.infer.fused import FusionOverrides
-from retrieval.infer.predict import ScoresOutput
+from retrieval.infer.scoring.candidates import neighbour_labels
+from retrieval.infer.scoring.fused import FusionOverrides
 
 
 def test_train_index_holds_only_training_products(indexes, trained_run, small_data):
@@ -42,16 +40,16 @@ def test_interrupted_build_resumes_to_the_same_index(small_data, trained_run, in
     out = tmp_path / "idx"
     build_index(small_data["train.bson"], trained_run, out, IndexSettings("all", chunk_products=40), LoaderSettings(workers=0))
     layout = IndexFolder(out)
-    first = ChunkStore.part_file(layout.embeddings, 0).stat().st_mtime_ns
+    first = PartStore.part_file(layout.embeddings, 0).stat().st_mtime_ns
     # an interruption after two parts: later parts are missing and no generation was ever committed
     for p in (2, 3):
-        ChunkStore.part_file(layout.embeddings, p).unlink()
+        PartStore.part_file(layout.embeddings, p).unlink()
     (out / "CURRENT").unlink()
     shutil.rmtree(out / "generations")
     with pytest.raises(FileNotFoundError, match="no index here"):
         open_index(out)
     build_index(small_data["train.bson"], trained_run, out, IndexSettings("all", chunk_products=40), LoaderSettings(workers=0))
-    assert ChunkStore.part_file(layout.embeddings, 0).stat().st_mtime_ns == first  # not recomputed
+    assert PartStore.part_file(layout.embeddings, 0).stat().st_mtime_ns == first  # not recomputed
     a, b = open_index(indexes["all"]), open_index(out)
     assert np.array_equal(a.product_ids, b.product_ids)
     q = np.stack([a.vector(i) for i in range(0, 150, 7)])
@@ -215,7 +213,8 @@ def test_evaluate_refuses_indexes_holding_scored_products_and_calibrates(indexes
 
 def test_exact_duplicate_vote_is_a_third_fused_signal(indexes, small_data, tmp_path):
     from retrieval.data.images import picture_hash
-    from retrieval.infer.fused import Candidates, FusedClassifier
+    from retrieval.infer.scoring.candidates import Candidates
+    from retrieval.infer.scoring.fused import FusedClassifier
     b = open_index(indexes["train"])
     reader = RecordReader(small_data["train.bson"])
     rows = np.load(b.run.split_file)["train_rows"]
@@ -239,8 +238,9 @@ def test_exact_duplicate_vote_is_a_third_fused_signal(indexes, small_data, tmp_p
 def test_an_indexed_picture_sent_as_a_query_gives_the_stored_vector(trained_run, tmp_path):
     """One decode path: a product's own JPEG, uploaded, embeds to the vector the index holds and finds it first
     (pictures of 96 px for a 32 px model, so a decoder that down-scales gives other pixels than one that does not)."""
-    from retrieval.data.synth import SynthConfig, make_data
     import torch
+
+    from retrieval.data.synth import SynthConfig, make_data
     from retrieval.infer.query import embed_pictures, picture_inputs, product_pictures
     from retrieval.model.runtime import autocast_for
     data = make_data(tmp_path / "big", SynthConfig(products=40, categories=6, seed=3, image_size=96), progress=False)
@@ -267,7 +267,8 @@ def test_gpu_shape_buckets_pad_with_images_that_change_nothing(trained_run):
     """Product batches vary in image count; on a GPU they are padded to a few bucket sizes (one cuDNN plan each).
     Padded outputs must equal the network's own outputs computed image by image."""
     import torch
-    from retrieval.infer.embed import embed_images, shape_bucket
+
+    from retrieval.infer.pipeline.embed import embed_images, shape_bucket
     from retrieval.model.export import load_model_file
     assert [shape_bucket(n) for n in (1, 2, 3, 5, 33, 64, 65, 128, 129, 300)] == \
         [1, 2, 4, 8, 64, 64, 128, 128, 192, 320]

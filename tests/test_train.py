@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from retrieval.data.datasets import make_split
-from retrieval.train.losses import MetricLoss, sampled_softmax_loss
 from retrieval.errors import UserError
 from retrieval.model.config import ModelConfig
 from retrieval.model.export import load_model_file
 from retrieval.model.network import EmbeddingNet, create_backbone
 from retrieval.model.registry import list_backbones
 from retrieval.train.config import LossSettings, TrainConfig
+from retrieval.train.losses import MetricLoss, sampled_softmax_loss
 from retrieval.train.run import train
 
 FAST = dict(image_size=32, embed_dim=32, batch_size=16, workers=0, val_fraction=0.2, lr=3e-3)

@@ -5,8 +5,8 @@ import bson
 import numpy as np
 import pytest
 import torch
-
 from conftest import shared_file
+
 from retrieval.data.images import decode_image
 from retrieval.model.network import create_backbone
 from retrieval.train.sampler import MPerClassSampler
@@ -18,6 +18,7 @@ GRANNY_SMITH = 948  # ImageNet class index
                                          ("efficientnet_lite2", (1, 3, 3, 4, 4, 5, 1))])
 def test_efficientnet_lite_weights_load_strict_and_recognise_a_real_apple(name, stages):
     import timm
+
     from retrieval.model.weights import load_imagenet_state
     ref = timm.create_model(f"tf_{name}", pretrained=False)
     assert tuple(len(s) for s in ref.blocks) == stages  # lite2 repeats its middle stages more than lite0

@@ -11,8 +11,17 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .bsonio import (_INT32, _MAX_DOC, _MIN_DOC, BsonFormatError, Product, _check_length, _open_checked,
-                     _scan_slow, decode_record)
+from .bsonio import (
+    _INT32,
+    _MAX_DOC,
+    _MIN_DOC,
+    BsonFormatError,
+    Product,
+    _check_length,
+    _open_checked,
+    _scan_slow,
+    decode_record,
+)
 
 log = logging.getLogger(__name__)
 

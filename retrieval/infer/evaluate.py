@@ -18,13 +18,15 @@ from ..data.images import DecodeStats
 from ..data.offsets import RecordReader, file_fingerprint, load_offsets
 from ..errors import UserError
 from ..model.runtime import is_first_rank
-from .embed import ChunkStore
-from .parts import LoaderSettings, PartWork, numbered, run_parts
-from .calibrate import KS, calibrate
-from .fused import Candidates, FusedClassifier, candidates_for
-from .peers import PEER_KS, PeerSettings, choose_peers, first_stage, peer_graph, propagate
-from .bundle import IndexBundle, check_source, open_index
+from .indexdir.bundle import IndexBundle, check_source, open_index
+from .pipeline.embed import LoaderSettings
+from .pipeline.parts import PartWork, numbered, run_parts
+from .pipeline.store import PartStore
 from .plots import evaluation_plots
+from .scoring.calibrate import KS, calibrate
+from .scoring.candidates import Candidates, candidates_for
+from .scoring.fused import FusedClassifier
+from .scoring.peers import PEER_KS, PeerSettings, choose_peers, first_stage, peer_graph, propagate
 
 log = logging.getLogger(__name__)
 BUCKETS = ((1, 10, "1-9"), (10, 100, "10-99"), (100, 1000, "100-999"), (1000, 10 ** 12, "1000+"))
@@ -72,7 +74,7 @@ def _candidates(bundle: IndexBundle, path: Path, table: np.ndarray, rows: np.nda
     cls_of = {int(r): int(v) for r, v in zip(rows, y)}
     key = {"model": bundle.manifest.model_sha256, "count": len(bundle.vectors), "data": file_fingerprint(path),
            "rows": hashlib.sha1(rows.tobytes()).hexdigest(), "tta_flip": bundle.manifest.tta_flip, "with": "emb"}
-    store = ChunkStore(scratch, key, restart=is_first_rank())
+    store = PartStore(scratch, key, restart=is_first_rank())
     work = PartWork(lambda outs: _part(bundle, outs, np.array([cls_of[int(r)] for o in outs for r in o.rows])),
                     desc="evaluate")
     stats = run_parts(bundle.net, bundle.manifest.tta_flip, RecordReader(path, table), parts, store, work, loader)

@@ -15,11 +15,13 @@ import numpy as np
 from ..data.offsets import RecordReader, file_fingerprint, load_offsets
 from ..errors import UserError
 from ..model.runtime import is_first_rank
-from .embed import ChunkStore, Timer
-from .parts import LoaderSettings, PartWork, numbered, run_parts
-from .fused import FusedClassifier, FusionOverrides, calibrated, candidates_for
-from .bundle import IndexBundle, open_index
-from .peers import PeerSettings, calibrated_peers, first_stage, peer_graph, propagate, top_classes
+from .indexdir.bundle import IndexBundle, open_index
+from .pipeline.embed import LoaderSettings, Timer
+from .pipeline.parts import PartWork, numbered, run_parts
+from .pipeline.store import PartStore
+from .scoring.candidates import candidates_for
+from .scoring.fused import FusedClassifier, FusionOverrides, load_fusion
+from .scoring.peers import PeerSettings, first_stage, load_peers, peer_graph, propagate, top_classes
 
 log = logging.getLogger(__name__)
 SEARCH_BATCH = 2048  # faiss uses BLAS only for large query batches (~500+ at d=256)
@@ -74,14 +76,14 @@ def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path,
     test_path, out_csv = Path(test_path), Path(out_csv)
     table = load_offsets(test_path)
     bundle = open_index(index_dir)
-    clf = calibrated(bundle.run, bundle.fallback_class, fusion)  # validates alpha, k, tau, beta
-    peers = calibrated_peers(bundle.run, fusion.peer_weight, off=fusion.alpha is not None or fusion.beta is not None)
+    clf = load_fusion(bundle.run, bundle.fallback_class, fusion)  # validates alpha, k, tau, beta
+    peers = load_peers(bundle.run, fusion.peer_weight, off=fusion.alpha is not None or fusion.beta is not None)
     net, cats = bundle.net, bundle.categories
     tta_flip = bundle.manifest.tta_flip
     reader = RecordReader(test_path, table)
     key = {"test": file_fingerprint(test_path), "model": bundle.manifest.model_sha256, "count": len(bundle.vectors),
            "params": clf.params(), "peers": peers.params(), "tta_flip": tta_flip, "top": top, "chunk": chunk_products}
-    store = ChunkStore(out_csv.with_name(out_csv.name + ".parts"), key, restart=restart and is_first_rank())
+    store = PartStore(out_csv.with_name(out_csv.name + ".parts"), key, restart=restart and is_first_rank())
     default = clf.fallback
     ids_of = np.asarray(cats.ids, np.int64)
     report, timer = PredictReport(params={**clf.params(), "peers": peers.params()}), Timer()
@@ -127,7 +129,7 @@ def _decide(bundle: IndexBundle, clf: FusedClassifier, outs: list, peers: PeerSe
     return out
 
 
-def _with_peers(store: ChunkStore, n_parts: int, peers: PeerSettings) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _with_peers(store: PartStore, n_parts: int, peers: PeerSettings) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Each part's final ``(classes [P, keep], probs [P, keep])``, best first: the fused distributions, smoothed
     over the products' peers in the whole file when peer propagation is on (the graph and the distributions of
     all products are held in memory, ``O(P * (k + keep))``; the embeddings are memory-mapped)."""
@@ -137,7 +139,7 @@ def _with_peers(store: ChunkStore, n_parts: int, peers: PeerSettings) -> Iterato
             yield propagate(z["classes"], z["probs"], None, peers)
         return
     got = [store.read(part, ("classes", "probs", "n_images")) for part in range(n_parts)]
-    blocks = [np.load(ChunkStore.vectors_file(store.folder, part), mmap_mode="r") for part in range(n_parts)]
+    blocks = [np.load(PartStore.vectors_file(store.folder, part), mmap_mode="r") for part in range(n_parts)]
     width = max(g["classes"].shape[1] for g in got)
     pad = lambda a, fill: np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=fill)  # noqa: E731
     classes = np.concatenate([pad(g["classes"], -1) for g in got])

@@ -13,9 +13,10 @@ from ..data.datasets import picture_input
 from ..data.images import ImageDecodeError, decode_image, picture_hash
 from ..data.offsets import RecordReader
 from ..errors import UserError
-from .embed import embed_images
-from .fused import Candidates, FusedClassifier, neighbour_labels
-from .bundle import IndexBundle, check_source, open_index
+from .indexdir.bundle import IndexBundle, check_source, open_index
+from .pipeline.embed import embed_images
+from .scoring.candidates import Candidates, neighbour_labels
+from .scoring.fused import FusedClassifier
 
 log = logging.getLogger(__name__)
 

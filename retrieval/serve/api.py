@@ -31,13 +31,20 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import UserError
-from ..infer.bundle import IndexBundle, open_index
-from ..infer.folder import add_to_index
-from ..infer.fused import calibrated
-from ..infer.manifest import IndexFolder, WriterBusy
-from ..infer.parts import LoaderSettings
-from ..infer.query import (UnknownProduct, classify_pictures, embed_pictures, neighbours, neighbours_from,
-                           product_pictures, product_position)
+from ..infer.indexdir.build import add_to_index
+from ..infer.indexdir.bundle import IndexBundle, open_index
+from ..infer.indexdir.folder import IndexFolder, WriterBusy
+from ..infer.pipeline.embed import LoaderSettings
+from ..infer.query import (
+    UnknownProduct,
+    classify_pictures,
+    embed_pictures,
+    neighbours,
+    neighbours_from,
+    product_pictures,
+    product_position,
+)
+from ..infer.scoring.fused import load_fusion
 from .batching import QueryBatcher, warm_up
 
 log = logging.getLogger(__name__)
@@ -264,7 +271,7 @@ def create_app(index_dir: str | Path, settings: ServeSettings = ServeSettings())
         _check_one_query(product_id, data)
         b = state.bundle
         pictures = data if data else product_pictures(b, product_position(b, product_id))
-        clf = calibrated(b.run, b.fallback_class)
+        clf = load_fusion(b.run, b.fallback_class)
         return {"calibration": clf.params(), "categories": classify_pictures(b, clf, pictures, top, names or None)}
 
     @app.get("/products/{product_id}/images/{n}", response_class=Response,

@@ -14,9 +14,9 @@ import faiss
 import numpy as np
 import torch
 
-from ..infer.embed import embed_images, shape_bucket
+from ..infer.indexdir.bundle import IndexBundle
+from ..infer.pipeline.embed import embed_images, shape_bucket
 from ..infer.query import mirrored, picture_inputs
-from ..infer.bundle import IndexBundle
 
 
 @dataclass

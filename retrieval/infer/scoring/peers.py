@@ -16,9 +16,10 @@ import numpy as np
 
 from index import VectorIndex, choose_factory
 
-from ..errors import UserError
-from ..rundir import RunDir
-from .fused import Candidates, FusedClassifier
+from ...errors import UserError
+from ...rundir import RunDir
+from .candidates import Candidates
+from .fused import FusedClassifier
 
 log = logging.getLogger(__name__)
 MUS = (0.0, 0.3, 0.5, 0.7, 0.9)
@@ -220,7 +221,7 @@ def choose_peers(classes: np.ndarray, probs: np.ndarray, graph: PeerGraph, emb: 
     return calibrate_peers(classes[rows], probs[rows], sample, y[rows])
 
 
-def calibrated_peers(run: RunDir, weight: float | None = None, off: bool = False) -> PeerSettings:
+def load_peers(run: RunDir, weight: float | None = None, off: bool = False) -> PeerSettings:
     """The run's peer settings (from ``evaluate``; off without one), ``weight`` overriding its mu; ``off``
     (a user-given alpha or beta: a plain mix was asked for) turns them off unless ``weight`` is given."""
     saved = (run.read_calibration() or {}).get("peers") or {}

@@ -10,14 +10,15 @@ import numpy as np
 
 from index import DuplicateTable, VectorIndex
 
-from ..data.categories import CategoryTable
-from ..data.offsets import file_fingerprint
-from ..errors import UserError
-from ..model.export import LoadedModel, load_model_file
-from ..model.runtime import best_device
-from ..rundir import RunDir
-from .embed import ChunkStore
-from .manifest import IndexFolder, IndexManifest
+from ...data.categories import CategoryTable
+from ...data.offsets import file_fingerprint
+from ...errors import UserError
+from ...model.export import LoadedModel, load_model_file
+from ...model.runtime import best_device
+from ...rundir import RunDir
+from ..pipeline.store import PartStore
+from .folder import IndexFolder
+from .manifest import IndexManifest
 
 ARRAYS = ("product_ids", "category_ids", "offsets", "lengths", "sources")
 
@@ -91,7 +92,7 @@ class IndexBundle:
         """A part's embeddings, memory-mapped once (only the rows asked for are read)."""
         maps = self.__dict__.setdefault("_maps", {})
         if part not in maps:
-            maps[part] = np.load(ChunkStore.vectors_file(self.layout.embeddings, part), mmap_mode="r")
+            maps[part] = np.load(PartStore.vectors_file(self.layout.embeddings, part), mmap_mode="r")
         return maps[part]
 
     def commit(self) -> None:

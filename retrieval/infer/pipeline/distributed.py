@@ -19,13 +19,13 @@ import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Sampler
 
-from ..data.datasets import ProductDataset, collate_products
-from ..data.offsets import RecordReader
-from ..model.network import EmbeddingNet
+from ...data.datasets import ProductDataset, collate_products
+from ...data.offsets import RecordReader
+from ...model.network import EmbeddingNet
 from .embed import ProductOutputs, batch_outputs
 
 if TYPE_CHECKING:
-    from .parts import LoaderSettings
+    from .embed import LoaderSettings
 
 log = logging.getLogger(__name__)
 OnPart = Callable[[int, list[ProductOutputs]], None]

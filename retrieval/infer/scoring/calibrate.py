@@ -9,7 +9,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from .fused import FEATURES, Candidates, FusedClassifier
+from .candidates import Candidates
+from .fused import FEATURES, FusedClassifier
 
 log = logging.getLogger(__name__)
 ALPHAS = tuple(round(float(a), 2) for a in np.linspace(0, 1, 11))

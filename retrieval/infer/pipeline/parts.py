@@ -9,33 +9,13 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from ..data.images import DecodeStats
-from ..data.offsets import RecordReader
-from ..errors import UserError
-from ..model.runtime import Devices
-from .embed import ChunkStore, ProductOutputs, Timer, embed_products
+from ...data.images import DecodeStats
+from ...data.offsets import RecordReader
+from .embed import LoaderSettings, ProductOutputs, Timer, embed_products
+from .store import PartStore
 
 COUNTS = ("n_images", "failed")  # arrays [P] every part keeps besides what its command keeps
 Reduce = Callable[[list[ProductOutputs]], dict[str, np.ndarray]]
-
-
-@dataclass(frozen=True)
-class LoaderSettings:
-    """How products are fed to the network: images per batch, loader worker processes, and where to run
-    (``None`` or one device: this process, without Lightning)."""
-
-    batch_size: int = 256
-    workers: int = 2
-    where: Devices | None = None
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.workers < 0:
-            raise UserError(f"batch size must be at least 1 and workers at least 0, got {self.batch_size}, "
-                            f"{self.workers}")
-
-    @property
-    def distributed(self) -> bool:
-        return self.where is not None and self.where.distributed
 
 
 @dataclass(frozen=True)
@@ -66,7 +46,7 @@ def _reduce_groups(work: PartWork, outs) -> dict[str, np.ndarray]:
     return {**arrays, **{k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in counts.items()}}
 
 
-def decode_counts(store: ChunkStore, parts: list[int]) -> DecodeStats:
+def decode_counts(store: PartStore, parts: list[int]) -> DecodeStats:
     """Decode counts summed over the stored ``parts``."""
     stats = DecodeStats()
     for p in parts:
@@ -77,7 +57,7 @@ def decode_counts(store: ChunkStore, parts: list[int]) -> DecodeStats:
     return stats
 
 
-def run_parts(net, tta_flip: bool, reader: RecordReader, parts: list[tuple[int, np.ndarray]], store: ChunkStore,
+def run_parts(net, tta_flip: bool, reader: RecordReader, parts: list[tuple[int, np.ndarray]], store: PartStore,
               work: PartWork, loader: LoaderSettings, timer: Timer | None = None) -> DecodeStats | None:
     """Embed every part ``(number, offset-table rows)`` not yet in ``store`` and write ``work``'s arrays plus
     :data:`COUNTS` for it. Returns the decode counts of all ``parts`` (resumed ones too), or None on a rank

@@ -15,16 +15,18 @@ from tqdm import tqdm
 
 from index import DuplicateTable, VectorIndex, choose_factory, exact_topk
 
-from ..data.images import DecodeStats
-from ..data.offsets import RecordReader, file_fingerprint, load_offsets
-from ..errors import UserError
-from ..model.export import load_model_file
-from ..model.runtime import best_device, is_first_rank
-from ..rundir import RunDir
-from .embed import ChunkStore, ProductOutputs
+from ...data.images import DecodeStats
+from ...data.offsets import RecordReader, file_fingerprint, load_offsets
+from ...errors import UserError
+from ...model.export import load_model_file
+from ...model.runtime import best_device, is_first_rank
+from ...rundir import RunDir
+from ..pipeline.embed import LoaderSettings, ProductOutputs
+from ..pipeline.parts import PartWork, numbered, run_parts
+from ..pipeline.store import PartStore
 from .bundle import ARRAYS, IndexBundle, open_index
-from .manifest import IndexFolder, IndexManifest, Source
-from .parts import LoaderSettings, PartWork, numbered, run_parts
+from .folder import IndexFolder
+from .manifest import IndexManifest, Source
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ def _part_arrays(outs: Iterable[ProductOutputs]) -> dict[str, np.ndarray]:
     return {name: np.concatenate(a) for name, a in kept.items()}
 
 
-def _embed_to_store(net, tta: bool, reader: RecordReader, parts: list[tuple[int, np.ndarray]], store: ChunkStore,
+def _embed_to_store(net, tta: bool, reader: RecordReader, parts: list[tuple[int, np.ndarray]], store: PartStore,
                     loader: LoaderSettings, desc: str) -> tuple[DecodeStats, float] | None:
     """Embed ``parts`` into the store (over several devices/nodes when ``loader`` says so); returns the decode
     counts of all the parts and the seconds spent, or None on a rank other than 0 of a distributed run."""
@@ -53,7 +55,7 @@ def _embed_to_store(net, tta: bool, reader: RecordReader, parts: list[tuple[int,
     return None if stats is None else (stats, time.perf_counter() - t)
 
 
-def _duplicates(store: ChunkStore, parts: list[tuple[int, int]], first_position: int) -> DuplicateTable:
+def _duplicates(store: PartStore, parts: list[tuple[int, int]], first_position: int) -> DuplicateTable:
     """Picture hashes of the stored parts, keyed to index positions from ``first_position``."""
     hashes, positions, start = [], [], first_position
     for p, n in parts:
@@ -64,7 +66,7 @@ def _duplicates(store: ChunkStore, parts: list[tuple[int, int]], first_position:
     return DuplicateTable(np.concatenate(hashes), np.concatenate(positions))
 
 
-def _fill_index(vi: VectorIndex, store: ChunkStore, parts: list, labels: np.ndarray, target_recall: float) -> float:
+def _fill_index(vi: VectorIndex, store: PartStore, parts: list, labels: np.ndarray, target_recall: float) -> float:
     """Train (if needed) and fill ``vi`` from the stored parts; tune its search depth; returns recall@10."""
     n = sum(c for _, c in parts)
     blocks = lambda: (store.read(p, ("emb",))["emb"] for p, _ in parts)  # noqa: E731
@@ -137,7 +139,7 @@ def _build(train_path: Path, run: RunDir, out: IndexFolder, settings: IndexSetti
         raise UserError(f"{train_path}: no labelled products to index")
     key = {"model_sha256": model.sha256, "data": fp, "split": split, "tta_flip": tta_flip, "chunk": chunk_products,
            "picture_hashes": True}
-    store = ChunkStore(out.embeddings, key, restart=restart and is_first_rank())
+    store = PartStore(out.embeddings, key, restart=restart and is_first_rank())
     parts = numbered(rows, chunk_products)
     done = _embed_to_store(net, tta_flip, RecordReader(train_path, table), parts, store, loader, "embedding")
     if done is None:
@@ -198,7 +200,7 @@ def _add(bundle: IndexBundle, new_path: Path, loader: LoaderSettings) -> tuple[i
     if (~ok).any():
         log.warning("%d new products have no known category: findable by `similar`, but they do not vote", (~ok).sum())
     man = bundle.manifest
-    store = ChunkStore(layout.embeddings, man.store_key)
+    store = PartStore(layout.embeddings, man.store_key)
     fp = file_fingerprint(new_path)
     # a part is keyed by what it holds (the file's fingerprint and the rows), never by a counter: a part left by
     # an add that died before its commit is reused only for the very same products

@@ -1,0 +1,1 @@
+"""The index folder: its owner (IndexFolder: generations, commit, writer lock), manifest, build/add and open."""

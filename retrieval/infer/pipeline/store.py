@@ -1,0 +1,94 @@
+"""PartStore: numbered (or content-keyed) part files of embedded products, written atomically, resumable."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def _differences(old: dict, new: dict) -> str:
+    """The settings that differ between two store keys, in words."""
+    diffs = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = _differences(a, b)
+            diffs += [f"{k}.{d}" for d in inner.split("; ")] if inner else []
+        elif a != b:
+            diffs.append(f"{k} {a} -> {b}")
+    return "; ".join(diffs)
+
+
+class PartStore:
+    """Numbered ``part_XXXXX.npz`` files written atomically; a run started again skips finished parts.
+
+    ``key`` (the settings the parts depend on) is saved in ``store.json``. A store made with another key
+    is refused with the differing settings named, or wiped first with ``restart``.
+    """
+
+    def __init__(self, folder: str | Path, key: dict, restart: bool = False) -> None:
+        self.folder = Path(folder)
+        meta = self.folder / "store.json"
+        if meta.exists():
+            old = json.loads(meta.read_text())
+            if old != key:
+                if not restart:
+                    raise UserError(f"{self.folder} holds unfinished work made with other settings "
+                                    f"({_differences(old, key)}); pass --restart to discard it, or choose another "
+                                    "output")
+                log.warning("discarding %s (made with other settings)", self.folder)
+                shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if not meta.exists():
+            meta.write_text(json.dumps(key))
+
+    @staticmethod
+    def part_file(folder: Path, i: int | str) -> Path:
+        """A numbered part (``part_00007.npz``) or one keyed by what it holds (``part_<key>.npz``)."""
+        return Path(folder) / (f"part_{i:05d}.npz" if isinstance(i, int) else f"part_{i}.npz")
+
+    def path(self, i: int | str) -> Path:
+        return self.part_file(self.folder, i)
+
+    def done(self, i: int | str) -> bool:
+        return self.path(i).exists()
+
+    @staticmethod
+    def vectors_file(folder: Path, i: int | str) -> Path:
+        """A part's embeddings ``[P, D]`` as a plain ``.npy`` beside it, for memory-mapped reads."""
+        return PartStore.part_file(folder, i).with_suffix(".emb.npy")
+
+    def write(self, i: int | str, **arrays: np.ndarray) -> None:
+        """Written aside, fsynced, then renamed: a part file is whole or absent. An ``emb`` array is stored once,
+        as :meth:`vectors_file` (memory-mappable), written before the part file that marks the part done."""
+        if "emb" in arrays:
+            emb = np.asarray(arrays.pop("emb"), np.float32)
+            self._atomic(self.vectors_file(self.folder, i), lambda f: np.save(f, emb))
+        self._atomic(self.path(i), lambda f: np.savez(f, **arrays))
+
+    @staticmethod
+    def _atomic(final: Path, write) -> None:
+        tmp = final.with_name("." + final.name + ".tmp")
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+
+    def read(self, i: int | str, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        """Part ``i``'s arrays, ``emb`` included where the part has one (only ``keys``, when given: the others
+        are not read)."""
+        vectors = self.vectors_file(self.folder, i)
+        with np.load(self.path(i)) as z:
+            out = {k: z[k] for k in (keys if keys is not None else z.files) if k != "emb"}
+        if (keys is None or "emb" in keys) and vectors.exists():
+            out["emb"] = np.load(vectors)
+        return out

@@ -1,0 +1,1 @@
+"""Scoring: candidates, the one fusion rule, its calibration, and peer propagation."""

@@ -1,0 +1,82 @@
+"""Candidates: per product, the classes the fused rule can rank first, with the head's probabilities, the
+neighbours found in the index and the exact-duplicate labels."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from index import DuplicateTable, VectorIndex, duplicate_share
+
+HEAD_TOP = 20  # head classes kept per product besides the neighbours' classes
+
+
+@dataclass
+class Candidates:
+    """Per product, the only classes the fused rule can rank first: the head's top ``m`` plus the neighbours'
+    and exact duplicates' classes (sorted, deduplicated, -1 padded), with the head's exact probability for each.
+    Fused scores over these equal the dense ``[P, C]`` ones, so the top-m ranking never needs all C classes."""
+
+    classes: np.ndarray    # [P, W] int32 class index, -1 = padding
+    head: np.ndarray       # [P, W] float32 head probability of each candidate
+    sims: np.ndarray       # [P, K] neighbour similarities
+    labels: np.ndarray     # [P, K] neighbour class, -1 = none
+    has_image: np.ndarray  # [P] bool
+    dups: np.ndarray       # [P, D] class of each exactly matching indexed picture, -1 = none
+
+    @classmethod
+    def build(cls, p_head: np.ndarray, sims: np.ndarray, labels: np.ndarray, has_image: np.ndarray,
+              dups: np.ndarray | None = None, m: int = HEAD_TOP) -> "Candidates":
+        """From dense head probabilities ``[P, C]``, neighbours ``[P, K]`` and exact-match labels ``[P, D]``."""
+        m = min(m, p_head.shape[1])
+        dups = np.full((len(p_head), 1), -1, np.int32) if dups is None else np.asarray(dups, np.int32)
+        top = np.argpartition(-p_head, m - 1, axis=1)[:, :m] if m < p_head.shape[1] else \
+            np.broadcast_to(np.arange(m), (len(p_head), m))
+        cand = np.sort(np.concatenate([top, labels, dups], 1), axis=1)
+        cand[:, 1:][cand[:, 1:] == cand[:, :-1]] = -1
+        head = np.where(cand >= 0, np.take_along_axis(p_head, np.maximum(cand, 0), 1), 0.0)
+        return cls(cand.astype(np.int32), head.astype(np.float32), np.asarray(sims, np.float32),
+                   np.asarray(labels, np.int32), np.asarray(has_image, bool), dups)
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    @cached_property
+    def dup_share(self) -> np.ndarray:
+        """Share ``[P, W]`` of each candidate among the product's exact-duplicate labels (0 without a match)."""
+        return duplicate_share(self.classes, self.dups)
+
+    def rows(self, sl: slice) -> "Candidates":
+        return Candidates(self.classes[sl], self.head[sl], self.sims[sl], self.labels[sl], self.has_image[sl],
+                          self.dups[sl])
+
+    @classmethod
+    def concat(cls, parts: list["Candidates"]) -> "Candidates":
+        def stack(arrays: list[np.ndarray], fill: float) -> np.ndarray:
+            width = max(a.shape[1] for a in arrays)
+            return np.concatenate([np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=fill) for a in arrays])
+        return cls(stack([p.classes for p in parts], -1), stack([p.head for p in parts], 0),
+                   np.concatenate([p.sims for p in parts]), np.concatenate([p.labels for p in parts]),
+                   np.concatenate([p.has_image for p in parts]), stack([p.dups for p in parts], -1))
+
+
+def candidates_for(index: VectorIndex, duplicates: DuplicateTable, outs: list, k: int) -> Candidates:
+    """Candidates of embedded batches ``outs`` (:class:`~.embed.ProductOutputs`): one search of ``k``
+    neighbours for all their products, and the exact-duplicate lookup of all their pictures."""
+    emb, probs = np.concatenate([o.emb for o in outs]), np.concatenate([o.probs for o in outs])
+    has = np.concatenate([o.n_images for o in outs]) > 0
+    sims, labels = neighbour_labels(index, emb, k, has)
+    starts = np.cumsum([0] + [len(o.rows) for o in outs[:-1]])
+    owner = np.concatenate([o.image_owner + s for o, s in zip(outs, starts)])
+    dups = duplicates.product_labels(np.concatenate([o.image_hash for o in outs]), owner, len(emb), index.labels)
+    return Candidates.build(probs, sims, labels, has, dups)
+
+
+def neighbour_labels(index: VectorIndex, emb: np.ndarray, k: int, has_image: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k ``(sims [P, k], class labels [P, k])``; missing neighbours and products without image get -1."""
+    sims, pos = index.search(emb, k)
+    labels = np.where(pos >= 0, index.labels[np.maximum(pos, 0)], -1)
+    labels[~has_image] = -1
+    return sims, labels
