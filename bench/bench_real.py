@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from index import knn_vote
 from retrieval.data.images import decode_image, encode_jpeg
 from retrieval.data.offsets import RecordReader, load_offsets
 from retrieval.infer.evaluate import evaluate
@@ -36,7 +37,7 @@ from retrieval.infer.predict import predict, read_submission
 from retrieval.infer.query import similar
 from retrieval.infer.scoring.fused import FusionOverrides
 from retrieval.model.config import ModelConfig
-from retrieval.model.network import EmbeddingNet
+from retrieval.model.network import EmbeddingNet, product_mean
 from retrieval.train.config import TrainConfig
 from retrieval.train.probe import frozen_features
 from retrieval.train.run import train
@@ -56,23 +57,15 @@ def product_features(path: Path, backbone: str, size: int) -> tuple[np.ndarray, 
     net = EmbeddingNet(ModelConfig(backbone, "imagenet", size, 8, 1))
     table = load_offsets(path, progress=False)
     f = frozen_features(net, RecordReader(path, table), np.arange(len(table)), np.zeros(len(table), np.int64))
-    x = torch.zeros(f.n_products, f.x.shape[1]).index_add_(0, f.owner, f.x)
-    return x.numpy() / np.maximum(np.bincount(f.owner.numpy(), minlength=f.n_products), 1)[:, None], \
-        table["category_id"]
+    return product_mean(f.x, f.owner, f.n_products).numpy(), table["category_id"]
 
 
 def knn_predict(tx, ty, qx, k: int, tau: float) -> np.ndarray:
-    """Cosine kNN vote, weights exp(sim / tau): a plain loop over queries."""
-    a, b = tx / np.linalg.norm(tx, axis=1, keepdims=True), qx / np.linalg.norm(qx, axis=1, keepdims=True)
-    sims = b @ a.T
-    out = np.empty(len(b), ty.dtype)
-    for i, s in enumerate(sims):
-        top = np.argsort(-s)[:k]
-        votes: dict[int, float] = {}
-        for j in top:
-            votes[int(ty[j])] = votes.get(int(ty[j]), 0.0) + float(np.exp((s[j] - s[top[0]]) / tau))
-        out[i] = max(votes, key=votes.get)
-    return out
+    """Cosine kNN vote (the index's vote: weights exp(sim / tau) over the k nearest) -> category ids ``[Q]``."""
+    a, b = F.normalize(torch.as_tensor(tx), dim=1), F.normalize(torch.as_tensor(qx), dim=1)
+    classes, y = np.unique(ty, return_inverse=True)
+    sims, pos = (b @ a.T).topk(min(k, len(a)), dim=1)
+    return classes[knn_vote(sims.numpy(), y[pos.numpy()], len(classes), tau).argmax(1)]
 
 
 def linear_probe(tx, ty, qx, wd: float) -> np.ndarray:

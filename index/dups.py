@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .vote import class_shares
+
 
 class DuplicateTable:
     """Sorted ``hashes [M]`` (int64) of indexed pictures and the index ``positions [M]`` of their products."""
@@ -72,6 +74,4 @@ class DuplicateTable:
 def duplicate_share(classes: np.ndarray, dup_labels: np.ndarray) -> np.ndarray:
     """Share ``[P, W]`` of each candidate class among a product's exact-match labels ``dup_labels [P, D]``
     (-1 = none); all zero for a product without a match."""
-    hits = (classes[:, :, None] == dup_labels[:, None, :]) & (dup_labels[:, None, :] >= 0)
-    total = (dup_labels >= 0).sum(1, keepdims=True)
-    return np.divide(hits.sum(2), total, out=np.zeros(classes.shape, np.float32), where=total > 0)
+    return class_shares(classes, dup_labels, np.ones(dup_labels.shape, np.float32))

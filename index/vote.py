@@ -1,4 +1,6 @@
-"""kNN vote over neighbours' categories (numpy only); the one fusion rule is ``retrieval.infer.scoring.fused.FusedClassifier``."""
+"""The kNN vote's one home (numpy only): neighbour weights, class shares, dense votes and the row normaliser
+every distribution here uses. The fusion rule that consumes them is
+``retrieval.infer.scoring.fused.FusedClassifier``."""
 from __future__ import annotations
 
 import numpy as np
@@ -18,6 +20,23 @@ def vote_weights(sims: np.ndarray, labels: np.ndarray, tau: float, k: int | None
     return w.astype(np.float32), labels
 
 
+def normalise_rows(v: np.ndarray) -> np.ndarray:
+    """``v [R, M]`` divided by its row sums (float32); a row summing to 0 stays all zero."""
+    v = np.asarray(v)
+    total = v.sum(axis=1, keepdims=True)
+    return np.divide(v, total, out=np.zeros(v.shape, np.result_type(v.dtype, np.float32)), where=total > 0
+                     ).astype(np.float32, copy=False)
+
+
+def class_shares(classes: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Share ``[P, W]`` of each class in ``classes [P, W]`` among a row's weighted ``labels [P, K]``
+    (``weights [P, K]``; label -1 counts for nothing); all zero for a row whose weights sum to 0."""
+    w = np.where(labels >= 0, weights, 0.0).astype(np.float32)
+    hits = np.einsum("pwk,pk->pw", (classes[:, :, None] == labels[:, None, :]).astype(np.float32), w)
+    total = w.sum(1, keepdims=True)
+    return np.divide(hits, total, out=np.zeros(hits.shape, np.float32), where=total > 0)
+
+
 def knn_vote(sims: np.ndarray, labels: np.ndarray, n_classes: int, tau: float = 0.07,
              k: int | None = None) -> np.ndarray:
     """Category distribution ``[Q, C]`` from neighbours ``sims [Q, K]`` / ``labels [Q, K]`` (class index, -1 = none).
@@ -30,6 +49,5 @@ def knn_vote(sims: np.ndarray, labels: np.ndarray, n_classes: int, tau: float = 
     out = np.zeros((len(w), n_classes), np.float32)
     rows = np.repeat(np.arange(len(w)), w.shape[1])
     np.add.at(out, (rows[valid.ravel()], labels.ravel()[valid.ravel()]), w.ravel()[valid.ravel()])
-    total = out.sum(axis=1, keepdims=True)
-    return np.divide(out, total, out=out, where=total > 0)
+    return normalise_rows(out)
 

@@ -19,14 +19,21 @@ from ..data.offsets import RecordReader, file_fingerprint, load_offsets
 from ..errors import UserError
 from ..model.runtime import is_first_rank
 from .indexdir.bundle import IndexBundle, check_source, open_index
-from .pipeline.embed import LoaderSettings
+from .pipeline.embed import LoaderSettings, ProductOutputs
 from .pipeline.parts import PartWork, numbered, run_parts
 from .pipeline.store import PartStore
 from .plots import evaluation_plots
 from .scoring.calibrate import KS, calibrate
 from .scoring.candidates import Candidates, candidates_for
 from .scoring.fused import FusedClassifier
-from .scoring.peers import PEER_KS, PeerSettings, choose_peers, first_stage, peer_graph, propagate
+from .scoring.peers import (
+    PEER_KS,
+    PeerSettings,
+    choose_peers,
+    first_stage,
+    peer_graph,
+    propagate,
+)
 
 log = logging.getLogger(__name__)
 BUCKETS = ((1, 10, "1-9"), (10, 100, "10-99"), (100, 1000, "100-999"), (1000, 10 ** 12, "1000+"))
@@ -57,11 +64,9 @@ def _eval_rows(bundle: IndexBundle, val_path: str | Path | None) -> tuple[Path, 
 def _part(bundle: IndexBundle, outs: list, y: np.ndarray) -> dict[str, np.ndarray]:
     """Candidates, the head's argmax and per-image correctness of one part's products (``y``: their classes)."""
     c = candidates_for(bundle.vectors, bundle.duplicates, outs, max(KS))
-    starts = np.cumsum([0] + [len(o.rows) for o in outs[:-1]])
+    o = ProductOutputs.concat(outs)
     return {**{f.name: getattr(c, f.name) for f in fields(Candidates)},
-            "emb": np.concatenate([o.emb for o in outs]),
-            "head_pred": np.concatenate([o.probs for o in outs]).argmax(1),
-            "img_ok": np.concatenate([o.image_pred == y[o.image_owner + s] for o, s in zip(outs, starts)])}
+            "emb": o.emb, "head_pred": o.probs.argmax(1), "img_ok": o.image_pred == y[o.image_owner]}
 
 
 def _candidates(bundle: IndexBundle, path: Path, table: np.ndarray, rows: np.ndarray, y: np.ndarray,

@@ -19,9 +19,16 @@ from .indexdir.bundle import IndexBundle, open_index
 from .pipeline.embed import LoaderSettings, Timer
 from .pipeline.parts import PartWork, numbered, run_parts
 from .pipeline.store import PartStore
-from .scoring.candidates import candidates_for
+from .scoring.candidates import candidates_for, pad_columns
 from .scoring.fused import FusedClassifier, FusionOverrides, load_fusion
-from .scoring.peers import PeerSettings, first_stage, load_peers, peer_graph, propagate, top_classes
+from .scoring.peers import (
+    PeerSettings,
+    first_stage,
+    load_peers,
+    peer_graph,
+    propagate,
+    top_classes,
+)
 
 log = logging.getLogger(__name__)
 SEARCH_BATCH = 2048  # faiss uses BLAS only for large query batches (~500+ at d=256)
@@ -141,9 +148,8 @@ def _with_peers(store: PartStore, n_parts: int, peers: PeerSettings) -> Iterator
     got = [store.read(part, ("classes", "probs", "n_images")) for part in range(n_parts)]
     blocks = [np.load(PartStore.vectors_file(store.folder, part), mmap_mode="r") for part in range(n_parts)]
     width = max(g["classes"].shape[1] for g in got)
-    pad = lambda a, fill: np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=fill)  # noqa: E731
-    classes = np.concatenate([pad(g["classes"], -1) for g in got])
-    probs = np.concatenate([pad(g["probs"], 0) for g in got])
+    classes = np.concatenate([pad_columns(g["classes"], width, -1) for g in got])
+    probs = np.concatenate([pad_columns(g["probs"], width, 0) for g in got])
     has_image = np.concatenate([g["n_images"] for g in got]) > 0
     log.info("peer propagation over %d products (mu %s, k %d)", len(classes), peers.mu, peers.k)
     f_c, f_v = propagate(classes, probs, peer_graph(blocks, has_image, peers.k), peers)

@@ -73,13 +73,17 @@ def product_pictures(bundle: IndexBundle, pos: int) -> list[bytes]:
     return RecordReader(path, table=np.empty(0)).read_at(int(a["offsets"][pos]), int(a["lengths"][pos])).images
 
 
+SHEET_PX = 200  # pictures on a contact sheet are decoded (DCT-scaled) to at least this many pixels a side
+
+
 def embed_pictures(bundle: IndexBundle, pictures: list[bytes], names: list[str] | None = None,
-                   mirror: bool = QUERY_MIRROR) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """One product from its picture bytes: (embedding ``[D]``, head probabilities ``[C]``, decoded RGB pictures).
-    ``mirror`` averages each picture with its mirror image (always so for an index built with ``tta_flip``).
-    A picture that does not decode is an error naming it."""
+                   mirror: bool = QUERY_MIRROR, sheet: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """One product from its picture bytes: (embedding ``[D]``, head probabilities ``[C]``, decoded RGB pictures
+    for a contact sheet, only if ``sheet``, else none). ``mirror`` averages each picture with its mirror image
+    (always so for an index built with ``tta_flip``). A picture that does not decode is an error naming it."""
     x = picture_inputs(bundle, pictures, names)
-    pics = [decode_image(data) for data in pictures]  # full size, for the contact sheet
+    pics = [decode_image(data, min_size=SHEET_PX) for data in pictures] if sheet else []
     emb, probs = embed_images(bundle.net, x, torch.zeros(len(x), dtype=torch.long), 1,
                               tta_flip=mirrored(bundle, mirror))
     return emb[0].cpu().numpy(), probs[0].cpu().numpy(), pics
@@ -110,14 +114,15 @@ def query_vector(bundle: IndexBundle, product_id: int | None = None, images: lis
     for f in images:
         if not Path(f).is_file():
             raise FileNotFoundError(f"{f}: no such image file")
-    emb, _, pics = embed_pictures(bundle, [Path(f).read_bytes() for f in images], [str(f) for f in images])
+    emb, _, pics = embed_pictures(bundle, [Path(f).read_bytes() for f in images], [str(f) for f in images],
+                                  sheet=True)
     return emb, pics
 
 
 def _first_picture(bundle: IndexBundle, pos: int) -> np.ndarray | None:
     pictures = product_pictures(bundle, pos)
     try:
-        return decode_image(pictures[0]) if pictures else None
+        return decode_image(pictures[0], min_size=SHEET_PX) if pictures else None
     except ImageDecodeError:
         return None
 
@@ -152,14 +157,20 @@ def neighbours_from(bundle: IndexBundle, sims: np.ndarray, pos: np.ndarray) -> t
 
 
 def classify_pictures(bundle: IndexBundle, clf: FusedClassifier, pictures: list[bytes], top: int = 5,
-                      names: list[str] | None = None) -> list[dict]:
+                      names: list[str] | None = None, exclude: int | None = None) -> list[dict]:
     """The ``top`` fused categories of one product's pictures, each with its head, kNN, exact-duplicate and
-    fused score."""
+    fused score; ``exclude``: an index position left out of the vote (a product's own, when it is the query)."""
     emb, probs, _ = embed_pictures(bundle, pictures, names)
+    return classify_outputs(bundle, clf, emb, probs, [picture_hash(p) for p in pictures], top, exclude)
+
+
+def classify_outputs(bundle: IndexBundle, clf: FusedClassifier, emb: np.ndarray, probs: np.ndarray,
+                     hashes: list[int], top: int = 5, exclude: int | None = None) -> list[dict]:
+    """:func:`classify_pictures` from a product's embedding ``[D]``, head probabilities ``[C]`` and picture
+    hashes: its neighbours and exact duplicates, less those at index position ``exclude``, vote with the head."""
     index = bundle.vectors
-    sims, labels = neighbour_labels(index, emb[None], clf.k, np.ones(1, bool))
-    dups = bundle.duplicates.product_labels(np.array([picture_hash(p) for p in pictures]),
-                                            np.zeros(len(pictures), np.int64), 1, index.labels)
+    sims, labels = _labels_without(index, emb, clf.k, exclude)
+    dups = _duplicate_labels(bundle, np.array(hashes, np.int64), exclude)
     c = Candidates.build(probs[None], sims, labels, np.ones(1, bool), dups)
     votes = clf.candidate_votes(c)
     scores = clf.candidate_scores(c, clf.features(c, votes))[0]
@@ -174,6 +185,34 @@ def classify_pictures(bundle: IndexBundle, clf: FusedClassifier, pictures: list[
         out.append({"category_id": int(cats.ids[cls]), "level1": l1, "level2": l2, "level3": l3,
                     "head": float(c.head[0, j]), "knn": float(votes[0][0, j]), "duplicate": float(c.dup_share[0, j]),
                     "fused": float(probs[j]), "score": float(scores[j])})
+    return out
+
+
+def _labels_without(index, emb: np.ndarray, k: int, exclude: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """``neighbour_labels`` of one embedding, searched one deeper and without position ``exclude``."""
+    if exclude is None:
+        return neighbour_labels(index, emb[None], k, np.ones(1, bool))
+    sims, pos = index.search(emb[None], k + 1)
+    keep = pos[0] != exclude
+    sims, pos = sims[0][keep][:k], pos[0][keep][:k]
+    labels = np.where(pos >= 0, index.labels[np.maximum(pos, 0)], -1)
+    return sims[None], labels[None]
+
+
+def _duplicate_labels(bundle: IndexBundle, hashes: np.ndarray, exclude: int | None) -> np.ndarray:
+    """Labels ``[1, D]`` of the indexed pictures equal to ``hashes``, less those of position ``exclude``."""
+    labels = bundle.vectors.labels
+    if exclude is None:
+        return bundle.duplicates.product_labels(hashes, np.zeros(len(hashes), np.int64), 1, labels)
+    _, pos = bundle.duplicates.matches(hashes)
+    return _padded(labels[pos[pos != exclude]])
+
+
+def _padded(lab: np.ndarray, cap: int = 16) -> np.ndarray:
+    """Labels as one ``[1, cap]`` row, unlabelled (-1) ones left out, -1 padded (as ``product_labels``)."""
+    lab = lab[lab >= 0][:cap]
+    out = np.full((1, cap), -1, np.int32)
+    out[0, :len(lab)] = lab
     return out
 
 

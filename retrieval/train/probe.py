@@ -16,9 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from index import knn_vote
+
 from ..data.datasets import ProductDataset, product_loader
 from ..data.offsets import RecordReader
-from ..model.network import EmbeddingNet
+from ..model.network import EmbeddingNet, product_mean
 from ..model.runtime import autocast_for, device_of
 from .config import LossSettings, TrainConfig
 from .losses import MetricLoss
@@ -114,11 +116,6 @@ def fit_new_layers(net: EmbeddingNet, feats: Features, loss_cfg: LossSettings, e
 
 
 @torch.no_grad()
-def _product_mean(x: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
-    return torch.zeros(n, x.shape[1]).index_add_(0, owner, x) / torch.bincount(owner, minlength=n).clamp(min=1)[:, None]
-
-
-@torch.no_grad()
 def frozen_baseline(net: EmbeddingNet, train: Features, val: Features, val_labels: np.ndarray) -> FrozenBaseline:
     """kNN (k 20, tau 0.05, cosine over training products' mean features) and the fitted probe's head (mean
     of image probabilities), as validation product accuracy on products that have a decodable image."""
@@ -126,14 +123,13 @@ def frozen_baseline(net: EmbeddingNet, train: Features, val: Features, val_label
         return FrozenBaseline(None, None, len(train.x), val.n_products)
     y = torch.as_tensor(val_labels)
     has = torch.bincount(val.owner, minlength=val.n_products) > 0
-    tr = F.normalize(_product_mean(F.normalize(train.x, dim=-1), train.owner, train.n_products), dim=-1)
+    tr = F.normalize(product_mean(F.normalize(train.x, dim=-1), train.owner, train.n_products), dim=-1)
     tr_y = torch.full((train.n_products,), -1, dtype=torch.long).index_copy_(0, train.owner, train.y)
-    q = F.normalize(_product_mean(F.normalize(val.x, dim=-1), val.owner, val.n_products), dim=-1)
+    q = F.normalize(product_mean(F.normalize(val.x, dim=-1), val.owner, val.n_products), dim=-1)
     hits = 0
     for lo in range(0, len(q), 1024):  # blocks of queries: never a dense [val, train] matrix of the whole set
         sims, pos = (q[lo:lo + 1024] @ tr.T).topk(min(KNN_K, len(tr)), dim=1)
-        votes = torch.zeros(len(sims), net.cfg.n_classes).scatter_add_(1, tr_y[pos].clamp(min=0),
-                                                                       torch.exp((sims - sims[:, :1]) / KNN_TAU))
+        votes = torch.from_numpy(knn_vote(sims.numpy(), tr_y[pos].numpy(), net.cfg.n_classes, KNN_TAU))
         hits += int(((votes.argmax(1) == y[lo:lo + 1024]) & has[lo:lo + 1024]).sum())
     knn = hits / max(1, int(has.sum()))
     was_training = net.training
@@ -141,7 +137,7 @@ def frozen_baseline(net: EmbeddingNet, train: Features, val: Features, val_label
     dev = device_of(net)
     probs = torch.cat([net.head(net.neck(x.to(dev))[1]).float().softmax(-1).cpu() for x in val.x.split(4096)])
     net.train(was_training)
-    lp = float(((_product_mean(probs, val.owner, val.n_products).argmax(1) == y) & has).sum()) / max(1, int(has.sum()))
+    lp = float(((product_mean(probs, val.owner, val.n_products).argmax(1) == y) & has).sum()) / max(1, int(has.sum()))
     return FrozenBaseline(float(knn), lp, len(train.x), val.n_products)
 
 

@@ -8,7 +8,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -31,17 +31,11 @@ from .manifest import IndexManifest, Source
 log = logging.getLogger(__name__)
 
 
-def _part_arrays(outs: Iterable[ProductOutputs]) -> dict[str, np.ndarray]:
+def _part_arrays(outs: list[ProductOutputs]) -> dict[str, np.ndarray]:
     """What an index part keeps of its products' outputs: rows, embeddings, picture hashes and their owners
     (never the head's probabilities ``[P, C]``)."""
-    kept: dict[str, list[np.ndarray]] = {"rows": [], "emb": [], "img_hash": [], "img_owner": []}
-    done = 0
-    for o in outs:
-        for name, a in (("rows", o.rows), ("emb", o.emb), ("img_hash", o.image_hash),
-                        ("img_owner", o.image_owner + done)):
-            kept[name].append(a)
-        done += len(o.rows)
-    return {name: np.concatenate(a) for name, a in kept.items()}
+    o = ProductOutputs.concat(outs)
+    return {"rows": o.rows, "emb": o.emb, "img_hash": o.image_hash, "img_owner": o.image_owner}
 
 
 def _embed_to_store(net, tta: bool, reader: RecordReader, parts: list[tuple[int, np.ndarray]], store: PartStore,

@@ -51,6 +51,14 @@ class ProductOutputs:
     image_owner: np.ndarray  # [N] product index (in this batch) of each image
     image_hash: np.ndarray  # [N] int64 picture_hash of each image's bytes
 
+    @classmethod
+    def concat(cls, outs: list["ProductOutputs"]) -> "ProductOutputs":
+        """Several batches as one: arrays joined in order, image owners shifted to the joined products."""
+        starts = np.cumsum([0] + [len(o.rows) for o in outs[:-1]])
+        cat = lambda name: np.concatenate([getattr(o, name) for o in outs])  # noqa: E731
+        return cls(cat("rows"), cat("emb"), cat("probs"), cat("n_images"), cat("failed"), cat("image_pred"),
+                   np.concatenate([o.image_owner + s for o, s in zip(outs, starts)]), cat("image_hash"))
+
 
 @dataclass
 class Timer:

@@ -9,6 +9,14 @@ import numpy as np
 
 from index import DuplicateTable, VectorIndex, duplicate_share
 
+from ..pipeline.embed import ProductOutputs
+
+
+def pad_columns(a: np.ndarray, width: int, fill: float) -> np.ndarray:
+    """``a [R, M]`` widened to ``[R, width]`` with ``fill`` on the right (unchanged when already that wide)."""
+    return a if a.shape[1] >= width else np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=fill)
+
+
 HEAD_TOP = 20  # head classes kept per product besides the neighbours' classes
 
 
@@ -55,22 +63,20 @@ class Candidates:
     def concat(cls, parts: list["Candidates"]) -> "Candidates":
         def stack(arrays: list[np.ndarray], fill: float) -> np.ndarray:
             width = max(a.shape[1] for a in arrays)
-            return np.concatenate([np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=fill) for a in arrays])
+            return np.concatenate([pad_columns(a, width, fill) for a in arrays])
         return cls(stack([p.classes for p in parts], -1), stack([p.head for p in parts], 0),
                    np.concatenate([p.sims for p in parts]), np.concatenate([p.labels for p in parts]),
                    np.concatenate([p.has_image for p in parts]), stack([p.dups for p in parts], -1))
 
 
 def candidates_for(index: VectorIndex, duplicates: DuplicateTable, outs: list, k: int) -> Candidates:
-    """Candidates of embedded batches ``outs`` (:class:`~.embed.ProductOutputs`): one search of ``k``
+    """Candidates of embedded batches ``outs`` (:class:`~..pipeline.embed.ProductOutputs`): one search of ``k``
     neighbours for all their products, and the exact-duplicate lookup of all their pictures."""
-    emb, probs = np.concatenate([o.emb for o in outs]), np.concatenate([o.probs for o in outs])
-    has = np.concatenate([o.n_images for o in outs]) > 0
-    sims, labels = neighbour_labels(index, emb, k, has)
-    starts = np.cumsum([0] + [len(o.rows) for o in outs[:-1]])
-    owner = np.concatenate([o.image_owner + s for o, s in zip(outs, starts)])
-    dups = duplicates.product_labels(np.concatenate([o.image_hash for o in outs]), owner, len(emb), index.labels)
-    return Candidates.build(probs, sims, labels, has, dups)
+    o = ProductOutputs.concat(outs)
+    has = o.n_images > 0
+    sims, labels = neighbour_labels(index, o.emb, k, has)
+    dups = duplicates.product_labels(o.image_hash, o.image_owner, len(o.emb), index.labels)
+    return Candidates.build(o.probs, sims, labels, has, dups)
 
 
 def neighbour_labels(index: VectorIndex, emb: np.ndarray, k: int, has_image: np.ndarray

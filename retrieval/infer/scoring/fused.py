@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from index import vote_weights
+from index import class_shares, normalise_rows, vote_weights
 
 from ...errors import UserError
 from ...rundir import RunDir
@@ -71,16 +71,12 @@ class FusedClassifier:
     def candidate_votes(self, c: Candidates) -> tuple[np.ndarray, np.ndarray]:
         """kNN share ``[P, W]`` of each candidate class, and whether a product has any neighbour ``[P, 1]``."""
         w, lab = vote_weights(c.sims, c.labels, self.tau, self.k)
-        total = w.sum(1, keepdims=True)
-        knn = np.einsum("pwk,pk->pw", c.classes[:, :, None] == lab[:, None, :], w)
-        return np.divide(knn, total, out=np.zeros_like(knn), where=total > 0), total > 0
+        return class_shares(c.classes, lab, w), w.sum(1, keepdims=True) > 0
 
     def features(self, c: Candidates, votes: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         """Features ``[P, W, F]`` of each product's candidate classes (0 on padding)."""
         knn, has_knn = votes if votes is not None else self.candidate_votes(c)
-        head = np.where(c.classes >= 0, np.maximum(c.head, 0.0), 0.0) ** (1.0 / self.temperature)
-        total = head.sum(1, keepdims=True)
-        head = np.divide(head, total, out=np.zeros_like(head), where=total > 0)
+        head = normalise_rows(np.where(c.classes >= 0, np.maximum(c.head, 0.0), 0.0) ** (1.0 / self.temperature))
         top_sim = np.where(has_knn, np.nan_to_num(c.sims[:, :1], neginf=0.0), 0.0)
         nearest = (c.classes == c.labels[:, :1]) & (c.labels[:, :1] >= 0)
         feats = np.stack([head, knn, c.dup_share, np.log(head + 1e-6), knn * top_sim, nearest], axis=-1)
@@ -101,8 +97,7 @@ class FusedClassifier:
         else:
             top = np.where(finite, scores, -np.inf).max(1, keepdims=True)
             s = np.where(finite, np.exp(scores - np.where(np.isfinite(top), top, 0.0)), 0.0)
-        total = s.sum(1, keepdims=True)
-        return np.divide(s, total, out=np.zeros_like(s), where=total > 0)
+        return normalise_rows(s)
 
     def predict_candidates(self, c: Candidates, top: int = 1, feats: np.ndarray | None = None
                            ) -> tuple[np.ndarray, np.ndarray]:

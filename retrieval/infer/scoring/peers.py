@@ -14,11 +14,11 @@ from typing import Sequence
 
 import numpy as np
 
-from index import VectorIndex, choose_factory
+from index import VectorIndex, choose_factory, normalise_rows, vote_weights
 
 from ...errors import UserError
 from ...rundir import RunDir
-from .candidates import Candidates
+from .candidates import Candidates, pad_columns
 from .fused import FusedClassifier
 
 log = logging.getLogger(__name__)
@@ -66,12 +66,7 @@ class PeerGraph:
     def weights(self, tau: float, k: int | None = None) -> np.ndarray:
         """Weights ``[P, k]`` of the first ``k`` peers, ``exp(sim / tau)`` summing to 1 per product (all 0 for a
         product without peers)."""
-        s, p = self.sims[:, :k], self.pos[:, :k]
-        valid = p >= 0
-        top = np.where(valid, s, -np.inf).max(1, keepdims=True)
-        w = np.where(valid, np.exp((np.where(valid, s, 0) - np.where(np.isfinite(top), top, 0)) / tau), 0.0)
-        total = w.sum(1, keepdims=True)
-        return np.divide(w, total, out=np.zeros_like(w), where=total > 0).astype(np.float32)
+        return normalise_rows(vote_weights(self.sims, self.pos, tau, k)[0])
 
 
 def peer_graph(blocks: Sequence[np.ndarray], has_image: np.ndarray, k: int, memory_budget: float = 4e9
@@ -136,9 +131,7 @@ def top_classes(classes: np.ndarray, values: np.ndarray, keep: int) -> tuple[np.
     out_v = np.take_along_axis(total, top, 1)
     out_c = np.where(out_v > 0, np.take_along_axis(c, top, 1), -1)
     if out_c.shape[1] < keep:
-        pad = keep - out_c.shape[1]
-        out_c = np.pad(out_c, ((0, 0), (0, pad)), constant_values=-1)
-        out_v = np.pad(out_v, ((0, 0), (0, pad)))
+        out_c, out_v = pad_columns(out_c, keep, -1), pad_columns(out_v, keep, 0)
     return out_c.astype(np.int32), out_v.astype(np.float32)
 
 
@@ -150,7 +143,7 @@ def propagate(classes: np.ndarray, probs: np.ndarray, graph: PeerGraph, s: PeerS
     n = len(classes)
     base = top_classes(np.asarray(classes), np.asarray(probs, np.float64), s.keep)
     if not s.on:
-        return base[0], _normalised(base[1])
+        return base[0], normalise_rows(base[1])
     w = graph.weights(s.tau, s.k)
     pos = np.maximum(graph.pos[:, :s.k], 0)
     alone = w.sum(1) == 0  # no peer: the whole weight stays on the product's own distribution
@@ -166,13 +159,8 @@ def propagate(classes: np.ndarray, probs: np.ndarray, graph: PeerGraph, s: PeerS
             cat_c = np.concatenate([base[0][sl], nb_c], 1)
             cat_v = np.concatenate([base[1][sl] * own[sl], nb_v], 1)
             new_c[sl], new_v[sl] = top_classes(cat_c, cat_v.astype(np.float64), s.keep)
-        f_c, f_v = new_c, _normalised(new_v)
+        f_c, f_v = new_c, normalise_rows(new_v)
     return f_c, f_v
-
-
-def _normalised(v: np.ndarray) -> np.ndarray:
-    total = v.sum(1, keepdims=True)
-    return np.divide(v, total, out=np.zeros_like(v), where=total > 0).astype(np.float32)
 
 
 def first_stage(clf: FusedClassifier, c: Candidates) -> tuple[np.ndarray, np.ndarray]:
