@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import sys
 import warnings
 from enum import Enum
@@ -340,24 +339,13 @@ def serve(index: Path = typer.Option(..., help="index folder to serve"),
           token: Optional[str] = typer.Option(None, envvar="CDISCOUNT_TOKEN",
                                               help="bearer token every write (POST /products) must carry"),
           read_only: bool = typer.Option(False, help="refuse every write"),
+          allowed_host: Optional[List[str]] = typer.Option(
+              None, help="a host name requests may carry in Host (and writes in Origin) besides the loopback "
+                         "names and --host; repeatable"),
           access_log: bool = typer.Option(False, help="log every request (writes are logged regardless)")) -> None:
     """Serve similar products over HTTP with a web page at / (API docs at /docs); needs the serve extra."""
-    # idle OpenMP threads sleep instead of spinning on the core the event loop needs (read when torch and faiss
-    # load, below); a value the user set wins
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    try:
-        import uvicorn
-
-        from retrieval.serve.api import ServeSettings, check_exposure, create_app, settle_heap
-        from retrieval.serve.batching import compute_threads
-    except ImportError as e:
-        raise UserError(f"serve needs the serve extra: pip install -e '.[serve]' ({e})") from None
-    settings = ServeSettings(token, read_only)
-    check_exposure(host, settings)
-    compute_threads()
-    app = create_app(index, settings)
-    settle_heap()
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log)
+    from retrieval.serve import ServeSettings, run_server
+    run_server(index, ServeSettings(token, read_only, tuple(allowed_host or ())), host, port, access_log)
 
 
 @command()

@@ -18,15 +18,38 @@ log = logging.getLogger(__name__)
 
 
 MAX_PIXELS = 40_000_000  # a Cdiscount picture has 32,400; anything past this is refused before decoding
+# Pictures that cannot be decoded reduced (every format but baseline JPEG: PNG, WebP, GIF, BMP, progressive
+# JPEG, whose coefficients are all held) are decoded at full size first, so they get a lower cap: at most
+# 4 bytes a pixel, 64 MiB a picture. A 39 KB blank PNG of 6,324 x 6,324 (40 Mpx) is refused from its header.
+MAX_FULL_PIXELS = 4096 * 4096
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # what Pillow may open (no EPS/Ghostscript, no TIFF)
 
 
 class ImageDecodeError(ValueError):
-    """A picture that is neither a decodable JPEG nor any image Pillow can read (or one over MAX_PIXELS)."""
+    """A picture that is neither a decodable JPEG nor any image Pillow can read (or one over a pixel cap)."""
 
 
-def _check_pixels(width: int, height: int) -> None:
-    if width * height > MAX_PIXELS:
-        raise ImageDecodeError(f"picture of {width} x {height} pixels is over the {MAX_PIXELS:,}-pixel limit")
+def _check_pixels(width: int, height: int, cap: int = MAX_PIXELS, what: str = "") -> None:
+    if width * height > cap:
+        raise ImageDecodeError(f"picture of {width} x {height} pixels is over the {cap:,}-pixel limit{what}")
+
+
+def _progressive(data: bytes) -> bool:
+    """Whether JPEG ``data`` is progressive (SOF2/SOF6/SOF10/SOF14): a walk over the marker segments."""
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return False
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0xC2, 0xC6, 0xCA, 0xCE):
+            return True
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) or marker == 0xDA:
+            return False  # another frame type, or the scan began
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return False
 
 
 def picture_hash(data: bytes) -> int:
@@ -35,10 +58,12 @@ def picture_hash(data: bytes) -> int:
 
 
 def decode_image(data: bytes, min_size: int | None = None) -> np.ndarray:
-    """Decode JPEG (or any Pillow-readable) bytes to an RGB array ``[H, W, 3]`` uint8.
+    """Decode JPEG (or PNG, WebP, GIF, BMP) bytes to an RGB array ``[H, W, 3]`` uint8.
 
-    ``min_size`` lets libjpeg-turbo down-scale in the DCT domain while keeping both sides
-    ``>= min_size`` (much faster when the model wants small images). Grayscale and CMYK come out as RGB.
+    ``min_size`` decodes a reduced picture keeping both sides ``>= min_size`` (what the model needs): JPEG
+    down-scales in the DCT domain (libjpeg-turbo, or Pillow's ``draft``), so a 40 Mpx JPEG never exists at full
+    size; other formats are decoded whole (under :data:`MAX_FULL_PIXELS`) and reduced by an integer factor.
+    Every pixel cap is checked from the header, before anything is decoded. Grayscale and CMYK come out as RGB.
     """
     if simplejpeg is not None and data[:2] == b"\xff\xd8":
         try:
@@ -46,22 +71,40 @@ def decode_image(data: bytes, min_size: int | None = None) -> np.ndarray:
         except (ValueError, RuntimeError):
             h = w = 0  # let Pillow decide below
         _check_pixels(w, h)
+        if w * h > MAX_FULL_PIXELS and _progressive(data):
+            _check_pixels(w, h, MAX_FULL_PIXELS, " for a progressive JPEG")
         try:
             kw = {"min_height": min_size, "min_width": min_size} if min_size else {}
             return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=True, **kw)
         except (ValueError, RuntimeError):
             pass  # CMYK, progressive oddities, damage: let Pillow decide
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            _check_pixels(*im.size)  # read from the header: nothing is decoded yet
-            im.draft("RGB", (min_size, min_size)) if min_size else None
-            return np.asarray(im.convert("RGB"))
+        with Image.open(io.BytesIO(data), formats=FORMATS) as im:
+            return _pillow_decode(im, min_size)
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as e:
         raise ImageDecodeError(f"picture over the {MAX_PIXELS:,}-pixel limit ({e})") from e
     except Exception as e:
         raise ImageDecodeError(f"undecodable picture ({len(data)} bytes): {e}") from e
+
+
+def _pillow_decode(im: Image.Image, min_size: int | None) -> np.ndarray:
+    """An opened picture (only its header read so far) as RGB, reduced toward ``min_size`` where given."""
+    w, h = im.size
+    _check_pixels(w, h)
+    if im.format == "JPEG" and not im.info.get("progressive"):
+        if min_size:
+            im.draft("RGB", (min_size, min_size))  # DCT scaling: the reduced picture is all that is decoded
+    else:
+        _check_pixels(w, h, MAX_FULL_PIXELS, f" for a {im.format} picture" if im.format != "JPEG"
+                      else " for a progressive JPEG")
+    factor = min(im.size) // min_size if min_size else 1
+    if factor >= 2:
+        if im.mode not in ("L", "LA", "RGB", "RGBA", "CMYK", "YCbCr", "I", "F"):
+            im = im.convert("RGB")  # palette, 1-bit, 16-bit: Image.reduce takes none of them
+        im = im.reduce(factor)
+    return np.asarray(im.convert("RGB"))
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:

@@ -19,16 +19,27 @@ from ..infer.pipeline.embed import embed_images, shape_bucket
 from ..infer.query import mirrored, picture_inputs
 
 
+class Busy(RuntimeError):
+    """The query queue is full: the server is at capacity (the HTTP answer is 503 with ``Retry-After``)."""
+
+    retry_after = 1  # seconds
+
+
 @dataclass
 class _Job:
     bundle: IndexBundle
-    k: int
+    k: int                                  # neighbours wanted; 0: embed only (the result is (vec, probs))
     pictures: list[bytes] | None = None     # the picture bytes of one query product, decoded on the batch thread
     names: list[str] | None = None
     position: int | None = None             # or an indexed product's position (its stored vector)
     future: Future = field(default_factory=Future)
     images: torch.Tensor | None = None      # [N, 3, S, S] uint8: the decoded pictures
     vec: np.ndarray | None = None           # [D]: the query's vector (stored, or embedded in the batch)
+    probs: np.ndarray | None = None         # [C]: the head's probabilities (embedded queries only)
+
+    @property
+    def n_pictures(self) -> int:
+        return len(self.pictures or ())
 
 
 def compute_threads(cpus: int | None = None) -> int:
@@ -59,7 +70,7 @@ def warm_up(bundle: IndexBundle, max_images: int) -> int:
     s = net.cfg.image_size
     for n in sizes:
         embed_images(net, torch.zeros(n, 3, s, s, dtype=torch.uint8), torch.zeros(n, dtype=torch.long), 1,
-                     tta_flip=mirrored(bundle))
+                     mirrored(bundle))
     return len(sizes)
 
 
@@ -67,34 +78,61 @@ class QueryBatcher:
     """``submit(bundle, k, pictures=... | position=...)`` -> a future of ``(sims [k], positions [k])``, batched
     with whatever other queries are waiting when the worker picks up the next batch (continuous batching: no wait
     at low load; under load, requests queue while a batch runs and go together), plus those arriving within
-    ``max_wait`` seconds; at most ``max_batch`` a batch. Queries against different generations of the index are
-    never mixed."""
+    ``max_wait`` seconds; at most ``max_batch`` queries and ``max_pictures`` pictures a batch (a query with more
+    goes alone). ``embed(bundle, pictures)`` -> a future of ``(vec [D], probs [C])``, batched the same way.
+    At most ``max_queued`` queries wait: past that, ``submit`` raises :class:`Busy` at once. Every picture is
+    decoded here, on ``decoders`` threads, so decoding memory is bounded whatever the load. Queries against
+    different generations of the index are never mixed."""
 
-    def __init__(self, max_batch: int = 32, max_wait: float = 0.0) -> None:
-        self.max_batch, self.max_wait = max_batch, max_wait
-        self._queue: queue.Queue[_Job] = queue.Queue()
-        self._decoders = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="query-decode")
+    def __init__(self, max_batch: int = 32, max_wait: float = 0.0, max_pictures: int = 64, max_queued: int = 32,
+                 decoders: int | None = None) -> None:
+        self.max_batch, self.max_wait, self.max_pictures = max_batch, max_wait, max_pictures
+        self._queue: queue.Queue[_Job] = queue.Queue(maxsize=max_queued)
+        self._decoders = ThreadPoolExecutor(decoders or min(4, os.cpu_count() or 1), thread_name_prefix="query-decode")
+        self._held: _Job | None = None  # taken from the queue, but over the picture cap of the batch then
         threading.Thread(target=self._run, name="query-batcher", daemon=True).start()
 
     def submit(self, bundle: IndexBundle, k: int, pictures: list[bytes] | None = None,
                names: list[str] | None = None, position: int | None = None) -> Future:
         """Queue one query (a product's picture bytes, or an indexed product's ``position``); the future gives
         ``(sims [k], positions [k])`` or raises the query's own error (a picture that does not decode fails its
-        query only). An asyncio handler awaits it without holding a thread."""
-        job = _Job(bundle, k, pictures=pictures, names=names, position=position)
-        self._queue.put(job)
+        query only). An asyncio handler awaits it without holding a thread. :class:`Busy` if the queue is full."""
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        return self._put(_Job(bundle, k, pictures=pictures, names=names, position=position))
+
+    def embed(self, bundle: IndexBundle, pictures: list[bytes], names: list[str] | None = None) -> Future:
+        """Queue one product's pictures for embedding only: the future gives ``(vec [D], probs [C])``."""
+        return self._put(_Job(bundle, 0, pictures=pictures, names=names))
+
+    def _put(self, job: _Job) -> Future:
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise Busy(f"{self._queue.maxsize} queries are waiting; try again shortly") from None
         return job.future
+
+    def _next_batch(self) -> list[_Job]:
+        """The next batch: the job held over (or the next to arrive), then whatever waits, within the caps."""
+        first, self._held = self._held or self._queue.get(), None
+        batch, pictures = [first], first.n_pictures
+        deadline = time.monotonic() + self.max_wait
+        while len(batch) < self.max_batch:
+            left = deadline - time.monotonic()
+            try:
+                job = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if pictures + job.n_pictures > self.max_pictures:
+                self._held = job  # first of the next batch
+                break
+            batch.append(job)
+            pictures += job.n_pictures
+        return batch
 
     def _run(self) -> None:
         while True:
-            batch = [self._queue.get()]
-            deadline = time.monotonic() + self.max_wait
-            while len(batch) < self.max_batch:
-                left = deadline - time.monotonic()
-                try:
-                    batch.append(self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait())
-                except queue.Empty:
-                    break
+            batch = self._next_batch()
             for bundle in {id(j.bundle): j.bundle for j in batch}.values():
                 self._process(bundle, [j for j in batch if j.bundle is bundle])
 
@@ -122,14 +160,18 @@ class QueryBatcher:
                 x = torch.cat([j.images for j in with_pictures])
                 owner = torch.cat([torch.full((len(j.images),), i, dtype=torch.long)
                                    for i, j in enumerate(with_pictures)])
-                emb, _ = embed_images(bundle.net, x, owner, len(with_pictures), tta_flip=mirrored(bundle))
-                for j, v in zip(with_pictures, emb.cpu().numpy()):
-                    j.vec = v
-            if jobs:
-                faiss.omp_set_num_threads(search_threads(len(jobs), len(bundle.vectors)))  # this thread's calls
-                sims, pos = bundle.vectors.search(np.stack([j.vec for j in jobs]).astype(np.float32),
-                                                  max(j.k for j in jobs))  # one FAISS call
-                for i, j in enumerate(jobs):
+                emb, probs = embed_images(bundle.net, x, owner, len(with_pictures), mirrored(bundle))
+                for j, v, p in zip(with_pictures, emb.cpu().numpy(), probs.cpu().numpy()):
+                    j.vec, j.probs, j.images = v, p, None  # the decoded pictures are not needed past the forward
+            for j in jobs:
+                if j.k == 0:
+                    j.future.set_result((j.vec, j.probs))
+            searched = [j for j in jobs if j.k > 0]
+            if searched:
+                faiss.omp_set_num_threads(search_threads(len(searched), len(bundle.vectors)))  # this thread's
+                sims, pos = bundle.vectors.search(np.stack([j.vec for j in searched]).astype(np.float32),
+                                                  max(j.k for j in searched))  # one FAISS call
+                for i, j in enumerate(searched):
                     j.future.set_result((sims[i, :j.k], pos[i, :j.k]))
         except BaseException as e:  # every waiting request hears of it
             for j in jobs:
