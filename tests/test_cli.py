@@ -8,6 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
+from retrieval.infer.indexdir.bundle import open_index
+from retrieval.infer.query import Neighbour
 
 runner = CliRunner()
 
@@ -55,7 +57,6 @@ def test_cli_happy_path(tmp_path):
 
 
 def _first_id(index_dir):
-    from retrieval.infer.indexdir.bundle import open_index
     return int(open_index(index_dir).product_ids[0])
 
 
@@ -70,8 +71,12 @@ def test_cli_bad_inputs_give_clear_errors(tmp_path, small_data):
     assert r.exit_code == 2 and "'nope' is not one of" in r.output and "RN50" in r.output
     r = run("similar", "--index", tmp_path / "noindex", "--product-id", 1)
     assert r.exit_code == 2 and "noindex: no index here" in r.output
-    r = run("predict", tmp_path / "missing.bson", "--index", tmp_path / "noindex")
-    assert r.exit_code == 2
+    out = tmp_path / "sub.csv"
+    r = run("predict", tmp_path / "missing.bson", "--index", tmp_path / "noindex", "--out", out)
+    assert r.exit_code == 2 and "missing.bson: no such BSON file" in r.output, r.output
+    r = run("predict", small_data["test.bson"], "--index", tmp_path / "noindex", "--out", out)
+    assert r.exit_code == 2 and "noindex: no index here" in r.output, r.output
+    assert not out.exists() and not (tmp_path / "sub.csv.parts").exists()  # refused before writing anything
 
 
 def test_demo_runs_every_stage_and_refuses_a_used_folder(tmp_path):
@@ -90,3 +95,45 @@ def test_demo_runs_every_stage_and_refuses_a_used_folder(tmp_path):
     assert summary["similar_top"][0][0] == summary["similar_query"]
     r = run("demo", "--workdir", tmp_path / "d", "--products", 120, "--n-categories", 4, "--epochs", 1, "--workers", 0)
     assert r.exit_code == 2 and "already holds files" in r.output
+
+
+def test_cli_rejects_bad_numbers_and_says_how_to_resume(indexes, small_data, tmp_path, monkeypatch):
+    for args in (("--k", 0), ("--k", -3), ("--batch-size", 0), ("--alpha", 2)):
+        r = run("predict", small_data["test.bson"], "--index", indexes["all"], "--out", tmp_path / "s.csv", *args)
+        assert r.exit_code == 2 and "Invalid value" in r.output, r.output
+    import retrieval.infer.predict as mod
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(mod, "predict", interrupted)
+    r = run("predict", small_data["test.bson"], "--index", indexes["all"], "--out", tmp_path / "s.csv")
+    assert r.exit_code == 130 and "run `predict` again to resume" in r.output
+
+
+def test_cli_reports_user_errors_in_one_line_but_lets_bugs_through(indexes, monkeypatch):
+    r = run("similar", "--index", indexes["all"], "--product-id", -5)
+    assert r.exit_code == 2 and "error: product _id -5 is not in the index" in r.output
+    import retrieval.infer.query as mod
+
+    def bug(*a, **k):
+        raise RuntimeError("a real bug")
+    monkeypatch.setattr(mod, "similar", bug)
+    r = run("similar", "--index", indexes["all"], "--product-id", 1)
+    assert isinstance(r.exception, RuntimeError)
+
+
+def test_every_option_has_help():
+    import typer.main
+    group = typer.main.get_command(app)
+    for name, cmd in group.commands.items():
+        for p in cmd.params:
+            if p.param_type_name == "option" and p.name != "help":
+                assert p.help, f"{name} --{p.name} has no help"
+    assert "training products" in run("make-data", "--help").output
+
+
+def test_similar_text_has_a_header_and_unknown_categories_read_unknown(indexes):
+    r = run("similar", "--index", indexes["all"], "--product-id", int(open_index(indexes["all"]).product_ids[0]),
+            "-k", 2)
+    assert r.exit_code == 0 and r.output.splitlines()[0].split()[:3] == ["rank", "product", "_id"]
+    assert Neighbour(1, 0.5, 42, "", "", "").path == "unknown"

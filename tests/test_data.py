@@ -8,13 +8,16 @@ import pickle
 import bson
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from retrieval.data.bsonio import BsonFormatError, iter_products
 from retrieval.data.categories import CategoryTable
+from retrieval.data.datasets import collate_products
 from retrieval.data.images import ImageDecodeError, decode_image, encode_jpeg
 from retrieval.data.offsets import RecordReader, load_offsets, scan_offsets
 from retrieval.data.synth import SynthConfig, make_data
+from retrieval.errors import UserError
 from tests.conftest import shared_file
 
 
@@ -289,7 +292,12 @@ def test_generator_over_the_real_category_tree(tmp_path):
     out = make_data(tmp_path / "d", SynthConfig(products=600, seed=1, image_size=16, categories_csv=str(
         shared_file("category_names.csv")), largest_share=0.011), progress=False)
     assert CategoryTable.from_csv(out["category_names.csv"]) == real
-    real.encode([p.category_id for p in iter_products(out["train.bson"])])
+    ids = [p.category_id for p in iter_products(out["train.bson"])]
+    with open(shared_file("category_names.csv"), newline="", encoding="utf-8-sig") as f:  # read here, not by the table
+        real_ids = {int(row["category_id"]) for row in csv.DictReader(f)}
+    assert len(ids) == 600 and set(ids) <= real_ids
+    assert len(set(ids)) > 200  # spread over the tree (307 of its 5270 leaves for this seed), not a handful
+    assert [real.ids[i] for i in real.encode(ids)] == ids  # every label is a class of the real table
 
 
 def test_stats_on_real_example(tmp_path):
@@ -312,3 +320,32 @@ def test_training_augmentation_colour_jitter_is_bounded_and_off_by_default():
     tinted[..., 0] = 200  # saturation jitter moves the channels apart or together
     spreads = {int(np.ptp(to_model_input(tinted, 32, True, Augment(colour=0.5))[:, 0, 0].numpy())) for _ in range(20)}
     assert len(spreads) > 5
+
+
+def test_collate_accepts_a_first_product_without_pictures():
+    img = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    b = collate_products([([], 0, -1, 1, []), ([img, img], 1, -1, 0, [7, 8]), ([], 2, -1, 0, [])])
+    assert b.images.shape == (2, 3, 8, 8) and b.owner.tolist() == [1, 1] and b.failed.tolist() == [1, 0, 0]
+    assert b.hashes.tolist() == [7, 8]
+    assert collate_products([([], 5, -1, 0, [])]).images.shape[0] == 0
+
+
+def test_make_data_refuses_to_overwrite(tmp_path):
+    cfg = SynthConfig(products=10, categories=2, image_size=16)
+    make_data(tmp_path, cfg, progress=False)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        make_data(tmp_path, cfg, progress=False)
+    assert make_data(tmp_path, SynthConfig(products=12, categories=2, image_size=16), progress=False,
+                     overwrite=True)["train.bson"].exists()
+
+
+def test_category_csv_bom_duplicates_and_encoding(tmp_path):
+    p = tmp_path / "c.csv"
+    p.write_bytes("\ufeffcategory_id,category_level1,category_level2,category_level3\n1,A,B,C\n".encode("utf-8"))
+    assert CategoryTable.from_csv(p).ids == (1,)
+    p.write_text("category_id,category_level1,category_level2,category_level3\n1,A,B,C\n2,A,B,D\n1,A,B,E\n")
+    with pytest.raises(UserError, match=r"c.csv, line 4: category_id 1 repeats line 2"):
+        CategoryTable.from_csv(p)
+    p.write_bytes(b"category_id,category_level1,category_level2,category_level3\n1,A,B,C\n2,A,B,\xe9t\xe9\n")
+    with pytest.raises(UserError, match=r"c.csv, line 3: not UTF-8"):
+        CategoryTable.from_csv(p)

@@ -15,17 +15,33 @@ from retrieval.infer.pipeline.embed import LoaderSettings
 from retrieval.infer.query import embed_pictures, product_pictures, similar
 
 
-@pytest.fixture()
-def world(tmp_path, small_data, trained_run):
+def _build_world(root: Path, small_data, trained_run) -> Path:
     """A folder holding data, run and index side by side (what a user moves together)."""
-    root = tmp_path / "world"
     shutil.copytree(small_data["train.bson"].parent, root / "data")
     shutil.copytree(trained_run, root / "run")
-    build_index(root / "data" / "train.bson", root / "run", root / "idx", IndexSettings("all"), LoaderSettings(workers=0))
+    build_index(root / "data" / "train.bson", root / "run", root / "idx", IndexSettings("all"),
+                LoaderSettings(workers=0))
     return root
 
 
-def test_a_moved_folder_still_opens_and_a_missing_source_is_named(world, tmp_path):
+@pytest.fixture(scope="module")
+def built_world(tmp_path_factory, small_data, trained_run):
+    """One world built for the module: tests that change it take their own copy through ``world``."""
+    return _build_world(tmp_path_factory.mktemp("built") / "world", small_data, trained_run)
+
+
+@pytest.fixture()
+def world(tmp_path, built_world):
+    """This test's own copy of ``built_world`` (a copy keeps its relative paths: data, run and index move together),
+    free to be moved, locked, added to or broken."""
+    root = tmp_path / "world"
+    shutil.copytree(built_world, root)
+    return root
+
+
+def test_a_moved_folder_still_opens_and_a_missing_source_is_named(small_data, trained_run, tmp_path):
+    # built here, not copied: a copy would still find the shared world's data through the folder's origin
+    world = _build_world(tmp_path / "world", small_data, trained_run)
     before = open_index(world / "idx")
     pid, pictures = int(before.product_ids[3]), product_pictures(before, 3)
     moved = tmp_path / "elsewhere" / "moved"
@@ -138,8 +154,8 @@ def test_kill_9_at_random_moments_of_an_add_leaves_old_or_new_and_the_next_add_i
         assert float(emb @ b.vector(pos)) > 0.9999
 
 
-def test_a_copy_of_the_folder_alone_still_finds_its_run_and_data(world, tmp_path):
-    copy = tmp_path / "deep" / "er" / "copy"
-    shutil.copytree(world / "idx", copy)
+def test_a_copy_of_the_folder_alone_still_finds_its_run_and_data(built_world, tmp_path):
+    copy = tmp_path / "deep" / "er" / "copy"  # only reads the shared folder: copies its index elsewhere
+    shutil.copytree(built_world / "idx", copy)
     b = open_index(copy)
-    assert len(b.product_ids) == 150 and product_pictures(b, 0) == product_pictures(open_index(world / "idx"), 0)
+    assert len(b.product_ids) == 150 and product_pictures(b, 0) == product_pictures(open_index(built_world / "idx"), 0)

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import csv
 
+import bson
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from retrieval.data.bsonio import iter_products
 from retrieval.data.datasets import make_split
 from retrieval.errors import UserError
 from retrieval.model.config import ModelConfig
@@ -16,7 +18,7 @@ from retrieval.model.network import EmbeddingNet, create_backbone
 from retrieval.model.registry import list_backbones
 from retrieval.train.config import LossSettings, TrainConfig
 from retrieval.train.losses import MetricLoss, sampled_softmax_loss
-from retrieval.train.run import train
+from retrieval.train.run import resolve_config, train
 
 FAST = dict(image_size=32, embed_dim=32, batch_size=16, workers=0, val_fraction=0.2, lr=3e-3)
 
@@ -148,9 +150,6 @@ def test_bad_arguments(small_data, tmp_path):
 
 
 def test_options_train_on_a_file_with_a_corrupt_picture(small_data, tmp_path):
-    import bson
-
-    from retrieval.data.bsonio import iter_products
     docs = [{"_id": p.product_id, "imgs": [{"picture": x} for x in p.images], "category_id": p.category_id}
             for p in iter_products(small_data["train.bson"])]
     docs[0]["imgs"].insert(0, {"picture": b"\xff\xd8 corrupt"})
@@ -174,3 +173,25 @@ def test_options_train_on_a_file_with_a_corrupt_picture(small_data, tmp_path):
     module = RetrievalModule(net.train(), cfg, cats, {})
     module.log_dict = lambda *a, **k: None
     assert torch.isfinite(module.training_step(batch, 0))
+
+
+def test_resume_refuses_changed_model_settings(trained_run):
+    with pytest.raises(UserError, match=r"image_size 32 -> 64"):
+        resolve_config(trained_run, True, image_size=64)
+    with pytest.raises(UserError, match=r"backbone 'tiny' -> 'RN50'"):
+        resolve_config(trained_run, True, backbone="RN50")
+    cfg = resolve_config(trained_run, True, epochs=9, image_size=32)
+    assert cfg.schedule.epochs == 9 and cfg.model.image_size == 32 and cfg.model.embed_dim == 32
+
+
+def test_unlabelled_training_products_are_counted(small_data, tmp_path):
+    from retrieval.rundir import RunDir
+    from retrieval.train.datamodule import CdiscountDataModule
+    docs = [{"_id": p.product_id, "imgs": [{"picture": x} for x in p.images], "category_id": p.category_id}
+            for p in iter_products(small_data["train.bson"])]
+    for d in docs[:7]:
+        del d["category_id"]
+    path = tmp_path / "train.bson"
+    path.write_bytes(b"".join(bson.encode(d) for d in docs))
+    dm = CdiscountDataModule(str(path), None, TrainConfig().data, RunDir(tmp_path / "run"), 32)
+    assert dm.unlabelled == 7 and len(dm.labelled_rows) == len(docs) - 7

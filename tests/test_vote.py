@@ -1,4 +1,6 @@
 """The kNN vote's one home (index/vote.py) against plain Python loops."""
+import warnings
+
 import numpy as np
 
 from index import class_shares, knn_vote, normalise_rows, vote_weights
@@ -33,3 +35,12 @@ def test_normalise_rows_and_dense_vote_match_a_loop():
         np.testing.assert_allclose(got[q], votes / votes.sum(), rtol=1e-5)
     w, _ = vote_weights(sims, labels, 0.1, 2)
     assert w.shape == (2, 2) and w[1, 1] == 0  # the -inf neighbour weighs nothing
+
+
+def test_vote_with_more_neighbours_asked_than_indexed_is_quiet():
+    sims = np.array([[0.9, -3.4028235e38, -np.inf]], np.float32)  # FAISS pads missing results
+    labels = np.array([[1, -1, -1]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = knn_vote(sims, labels, 3, tau=0.01)
+    assert p.tolist() == [[0.0, 1.0, 0.0]]
