@@ -340,8 +340,8 @@ def serve(index: Path = typer.Option(..., help="index folder to serve"),
                                               help="bearer token every write (POST /products) must carry"),
           read_only: bool = typer.Option(False, help="refuse every write"),
           allowed_host: Optional[List[str]] = typer.Option(
-              None, metavar="NAME", help="a host name requests may carry in Host (and writes in Origin) besides the loopback "
-                         "names and --host; repeatable"),
+              None, metavar="NAME", help="a host name requests may carry in Host (and writes in Origin) besides "
+                                         "the loopback names and --host; repeatable"),
           access_log: bool = typer.Option(False, help="log every request (writes are logged regardless)")) -> None:
     """Serve similar products over HTTP with a web page at / (API docs at /docs); needs the serve extra."""
     from retrieval.serve import ServeSettings, run_server
