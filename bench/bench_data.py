@@ -104,7 +104,8 @@ def main() -> None:
          ">= 2.5x", "ok" if t_pil / t_dct >= 2.5 else "MISS"),
     ]
     if real_pics:
-        rows_out += [("real train_example pictures: PIL", f"{len(real_pics) / t_real_pil:,.0f} img/s", "reference", "", ""),
+        rows_out += [("real train_example pictures: PIL", f"{len(real_pics) / t_real_pil:,.0f} img/s", "reference",
+                      "", ""),
                      ("real train_example pictures: simplejpeg", f"{len(real_pics) / t_real:,.0f} img/s",
                       f"{t_real_pil / t_real:.2f}x PIL", ">= 2.5x", "ok" if t_real_pil / t_real >= 2.5 else "MISS")]
     rows_out += [

@@ -110,7 +110,8 @@ def one_backbone(work: Path, data: Path, backbone: str, a: argparse.Namespace, b
     embed_e2e = man.embedding["images"] / man.embedding["seconds"]
     rep = predict(data / "test.bson", index, work / f"pred_{backbone}.csv", loader=loader, restart=True)
     pred_e2e = rep.images / rep.seconds
-    return [(backbone, "train step (fwd+bwd+AdamW, batch %d)" % len(batch0[1]), step, "", f"{TRAIN_IMAGES / step / 3600:.2f} h per epoch"),
+    return [(backbone, "train step (fwd+bwd+AdamW, batch %d)" % len(batch0[1]), step, "",
+             f"{TRAIN_IMAGES / step / 3600:.2f} h per epoch"),
             (backbone, "model forward only, embedding (batch %d)" % a.batch, fwd, "1.00x", ""),
             (backbone, "embed end to end (build-index)", embed_e2e, f"{embed_e2e / fwd:.2f}x", ""),
             (backbone, "predict end to end (whole command)", pred_e2e, f"{pred_e2e / fwd:.2f}x",
@@ -140,7 +141,8 @@ def main() -> None:
     rows = []
     for backbone in a.backbones:
         rows += one_backbone(work, data, backbone, a, batch0, cats)
-    print(f"\n## Throughput at 180 px on {name} ({a.workers} loader workers, precision {'bf16' if dev.type == 'cuda' else 'auto'})\n")
+    precision = "bf16" if dev.type == "cuda" else "auto"
+    print(f"\n## Throughput at 180 px on {name} ({a.workers} loader workers, precision {precision})\n")
     print_table([("any", f"training loader (read, decode, augment; {a.workers} workers)", f"{lr:,.0f}", "",
                   f"{TRAIN_IMAGES / lr / 3600:.2f} h per epoch if the loader were the limit")]
                 + [(b, what, f"{r:,.0f}", ratio, note) for b, what, r, ratio, note in rows],

@@ -150,7 +150,7 @@ def plot(work: Path, runs: dict[int, dict], base: dict) -> Path:
         ax.plot(xs, [runs[e][key].mean() for e in sorted(runs)], "o-", label=f"fine-tuned {label}")
     for key, label, style in (("lp", "linear probe (frozen)", "--"), ("knn", "kNN (frozen)", ":")):
         ax.axhline(base[key].mean(), color="grey", linestyle=style, label=label)
-    for e, x in zip(sorted(runs), xs):
+    for e, x in zip(sorted(runs), xs, strict=True):
         ax.annotate(f"{e} ep", (x, runs[e]["fused"].mean()), textcoords="offset points", xytext=(0, 6), fontsize=8)
     ax.set(xlabel="training minutes (2 CPU cores)", ylabel="test product accuracy", title="Grocery Store, real photos")
     ax.legend(fontsize=8)
@@ -173,7 +173,8 @@ def main() -> None:
     a.set = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in a.set)}
     if a.quick:
         a.budgets, a.image_size, a.recall_queries = "1", 64, 20
-    a.image_size = a.image_size or TrainConfig.build(backbone=a.backbone, pretrained="imagenet", **a.set).model.image_size
+    a.image_size = a.image_size or \
+        TrainConfig.build(backbone=a.backbone, pretrained="imagenet", **a.set).model.image_size
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     qy = load_offsets(GROCERY / "test.bson", progress=False)["category_id"]

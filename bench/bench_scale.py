@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import common
@@ -132,17 +133,17 @@ def main() -> None:
     rows = []
     for stage in STAGES:
         row: list = [stage]
-        for i, n in enumerate(a.sizes):
+        for n in a.sizes:
             r = found[stage, n]
             row += [f"{r['seconds']:.1f}", f"{r['rss_mb']:.0f} / {r['worker_rss_mb']:.0f}"]
-        for n0, n1 in zip(a.sizes, a.sizes[1:]):
+        for n0, n1 in pairwise(a.sizes):
             r0, r1 = found[stage, n0], found[stage, n1]
             row += [f"{r1['seconds'] / r0['seconds']:.2f}x", f"{r1['rss_mb'] / r0['rss_mb']:.2f}x"]
         rows.append(tuple(row))
     header = ["stage"]
     for n in a.sizes:
         header += [f"s @ {n:,}", f"peak RSS MB (main / worker) @ {n:,}"]
-    for n0, n1 in zip(a.sizes, a.sizes[1:]):
+    for n0, n1 in pairwise(a.sizes):
         header += [f"time {n0:,}->{n1:,}", f"RSS {n0:,}->{n1:,}"]
     print()
     common.print_table(rows, tuple(header))

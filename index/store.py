@@ -52,7 +52,7 @@ def exact_topk(queries: np.ndarray, parts, k: int) -> tuple[np.ndarray, np.ndarr
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
     """Mean fraction of the true top-k ids found in the approximate top-k (both ``[Q, >=k]``)."""
-    hits = sum(len(set(f[:k]) & set(t[:k])) for f, t in zip(found.tolist(), truth.tolist()))
+    hits = sum(len(set(f[:k]) & set(t[:k])) for f, t in zip(found.tolist(), truth.tolist(), strict=True))
     return hits / (len(truth) * k)
 
 
@@ -154,8 +154,9 @@ class VectorIndex:
                 if exact is not None:
                     return exact
         params = self._params(allowed)
-        sims, pos = self.faiss_index.search(q, k, params=params) if params is not None else self.faiss_index.search(q, k)
-        return sims, pos
+        if params is not None:
+            return self.faiss_index.search(q, k, params=params)
+        return self.faiss_index.search(q, k)
 
     def _search_subset(self, q: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """Exact search among ``allowed`` positions (vectors as stored), or None if they can't be reconstructed."""

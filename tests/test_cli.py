@@ -39,7 +39,8 @@ def test_cli_happy_path(tmp_path):
     assert r.exit_code == 0, r.output
     lines = (tmp_path / "sub.csv").read_text().splitlines()
     assert lines[0] == "_id,category_id"
-    assert [x.split(",")[0] for x in lines[1:]] == [x.split(",")[0] for x in (d / "test_labels.csv").read_text().splitlines()[1:]]
+    truth = (d / "test_labels.csv").read_text().splitlines()
+    assert [x.split(",")[0] for x in lines[1:]] == [x.split(",")[0] for x in truth[1:]]
     r = run("similar", "--index", tmp_path / "all", "--product-id", _first_id(tmp_path / "all"), "-k", 3, "--json")
     found = json.loads(r.output.strip().splitlines()[-1])
     assert len(found) == 3 and found[0]["product_id"] == _first_id(tmp_path / "all") and found[0]["similarity"] > 0.999
@@ -88,7 +89,7 @@ def test_demo_runs_every_stage_and_refuses_a_used_folder(tmp_path):
     with open(art["submission"], newline="") as f, open(tmp_path / "d" / "data" / "test_labels.csv", newline="") as g:
         sub, truth = list(csv.DictReader(f)), list(csv.DictReader(g))  # the accuracy, recomputed by hand
     assert [r["_id"] for r in sub] == [r["_id"] for r in truth]
-    hand = sum(a["category_id"] == b["category_id"] for a, b in zip(sub, truth)) / len(truth)
+    hand = sum(a["category_id"] == b["category_id"] for a, b in zip(sub, truth, strict=True)) / len(truth)
     assert summary["test_accuracy"] == pytest.approx(hand) and hand > 1 / 4  # better than chance over 4 categories
     for key in ("checkpoint", "evaluation", "submission", "contact_sheet"):
         assert Path(art[key]).exists()

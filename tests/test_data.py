@@ -51,7 +51,7 @@ def test_real_category_csv_parses_quotes_and_trailing_spaces():
     assert len(table) == 5270 and table.n_level1 == 49 and table.n_level2 == 483
     with open(shared_file("category_names.csv"), newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))[1:]
-    by_id = dict(zip(table.ids, table.names))
+    by_id = dict(zip(table.ids, table.names, strict=True))
     quoted = [r for r in rows if '"' in r[3] or "," in r[3]]
     assert quoted, "the real file has quoted names"
     for r in quoted + [r for r in rows if r[3].endswith(" ")]:
@@ -242,7 +242,8 @@ def test_generated_data_layout_and_determinism(tmp_path):
     for p in train:
         by_cat.setdefault(p.category_id, []).append(p)
     pairs = [(v[0], v[1]) for v in by_cat.values() if len(v) >= 2]
-    other = np.mean([np.abs(decode_image(x.images[0]).astype(int) - decode_image(y.images[0])).mean() for x, y in pairs])
+    other = np.mean([np.abs(decode_image(x.images[0]).astype(int) - decode_image(y.images[0])).mean()
+                     for x, y in pairs])
     assert same < other
 
 

@@ -114,7 +114,7 @@ def test_duplicate_table_finds_exact_pictures_and_labels_products(tmp_path):
     from index import DuplicateTable, duplicate_share
     table = DuplicateTable(np.array([5, 3, 5, 9]), np.array([0, 1, 2, 3]))
     qi, pos = table.matches(np.array([5, 9, 4, 3]))
-    assert sorted(zip(qi.tolist(), pos.tolist())) == [(0, 0), (0, 2), (1, 3), (3, 1)]
+    assert sorted(zip(qi.tolist(), pos.tolist(), strict=True)) == [(0, 0), (0, 2), (1, 3), (3, 1)]
     labels = np.array([10, 11, 12, -1])  # position 3 has no category: it does not vote
     got = table.product_labels(np.array([5, 9, 4, 3]), np.array([0, 0, 1, 2]), 3, labels, cap=4)
     assert [sorted(r[r >= 0].tolist()) for r in got] == [[10, 12], [], [11]]

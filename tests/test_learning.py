@@ -40,7 +40,7 @@ def _knn_by_hand(train: Features, val: Features, k: int = 20, tau: float = 0.05)
     tx, ty = means(train)
     qx, qy = means(val)
     hits = 0
-    for q, y in zip(qx, qy):
+    for q, y in zip(qx, qy, strict=True):
         s = tx @ q
         top = np.argsort(-s)[:k]
         votes: dict[int, float] = {}
@@ -58,7 +58,8 @@ def test_linear_probe_step_fits_the_new_layers_and_reports_frozen_baselines():
     before = [p.detach().clone() for p in net.backbone.parameters()]
     acc = fit_new_layers(net, train, LossSettings(), epochs=20)
     assert acc > 0.95
-    assert all(torch.equal(a, b) for a, b in zip(before, net.backbone.parameters()))  # the backbone untouched
+    # the backbone untouched
+    assert all(torch.equal(a, b) for a, b in zip(before, net.backbone.parameters(), strict=True))
     base = frozen_baseline(net, train, val, val.y[val.owner.unique_consecutive(return_counts=True)[1].cumsum(0) - 1]
                            .numpy())
     assert base.knn == pytest.approx(_knn_by_hand(train, val))
@@ -121,7 +122,8 @@ def test_gem_is_average_pooling_at_p1_and_tends_to_max_pooling():
     gem = GeM(200.0)  # (mean x^p)^(1/p) >= max / 25^(1/p): within 2% of max pooling over 5 x 5
     assert torch.allclose(gem(x), x.amax(dim=(2, 3)), rtol=0.02)
     net = EmbeddingNet(ModelConfig("tiny", None, 32, 8, 3, pool="gem"))
-    assert isinstance(net.backbone.trunk.global_pool, GeM) and net(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))[0].shape == (2, 8)
+    assert isinstance(net.backbone.trunk.global_pool, GeM)
+    assert net(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))[0].shape == (2, 8)
 
 
 def test_frozen_stages_do_not_move_and_keep_their_statistics():
@@ -138,7 +140,7 @@ def test_frozen_stages_do_not_move_and_keep_their_statistics():
     torch.nn.functional.cross_entropy(logits, torch.arange(8) % 3).backward()
     opt.step()
     assert n > 0 and not any(p.requires_grad for m in frozen for p in m.parameters())
-    for m, b in zip(frozen, before):  # weights and batch-norm running statistics alike
+    for m, b in zip(frozen, before, strict=True):  # weights and batch-norm running statistics alike
         assert all(torch.equal(v, b[k]) for k, v in m.state_dict().items())
     assert any(not torch.equal(v, later[k]) for k, v in net.proj.state_dict().items())
 

@@ -169,7 +169,8 @@ def test_options_train_on_a_file_with_a_corrupt_picture(small_data, tmp_path):
     l1, l2 = cats.parents()
     ds = ImageDataset(reader, np.arange(20), cats.encode(reader.table["category_id"][:20]), 32, l1, l2)
     assert ds[0][1:] == (-100, -100, -100) and ds[1][1] >= 0
-    batch = [torch.stack([ds[i][0] for i in range(8)])] + [torch.tensor([ds[i][j] for i in range(8)]) for j in (1, 2, 3)]
+    batch = [torch.stack([ds[i][0] for i in range(8)])]
+    batch += [torch.tensor([ds[i][j] for i in range(8)]) for j in (1, 2, 3)]
     module = RetrievalModule(net.train(), cfg, cats, {})
     module.log_dict = lambda *a, **k: None
     assert torch.isfinite(module.training_step(batch, 0))

@@ -14,9 +14,9 @@ def test_class_shares_match_a_loop():
     weights[3] = 0  # a row with no weight at all
     got = class_shares(classes, labels, weights)
     for p in range(40):
-        total = sum(w for lab, w in zip(labels[p], weights[p]) if lab >= 0)
+        total = sum(w for lab, w in zip(labels[p], weights[p], strict=True) if lab >= 0)
         for j, c in enumerate(classes[p]):
-            hit = sum(w for lab, w in zip(labels[p], weights[p]) if lab >= 0 and lab == c)
+            hit = sum(w for lab, w in zip(labels[p], weights[p], strict=True) if lab >= 0 and lab == c)
             assert abs(got[p, j] - (hit / total if total > 0 else 0.0)) < 1e-5
 
 
@@ -28,8 +28,8 @@ def test_normalise_rows_and_dense_vote_match_a_loop():
     got = knn_vote(sims, labels, 4, tau=0.1, k=3)
     for q in range(2):
         votes = np.zeros(4)
-        best = max(s for s, lab in zip(sims[q], labels[q]) if lab >= 0 and np.isfinite(s))
-        for s, lab in zip(sims[q], labels[q]):
+        best = max(s for s, lab in zip(sims[q], labels[q], strict=True) if lab >= 0 and np.isfinite(s))
+        for s, lab in zip(sims[q], labels[q], strict=True):
             if lab >= 0 and np.isfinite(s):
                 votes[lab] += np.exp((s - best) / 0.1)
         np.testing.assert_allclose(got[q], votes / votes.sum(), rtol=1e-5)

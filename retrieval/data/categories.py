@@ -63,7 +63,8 @@ class CategoryTable:
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as e:
             line = raw[:e.start].count(b"\n") + 1
-            raise UserError(f"{p}, line {line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
+            raise UserError(f"{p}, line {line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") \
+                from None
         reader = csv.reader(io.StringIO(text, newline=""))
         header = next(reader, None)
         if header is None or [h.strip() for h in header] != CSV_HEADER:
@@ -97,7 +98,7 @@ class CategoryTable:
         with open(path, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(CSV_HEADER)
-            for cid, n in zip(self.ids, self.names):
+            for cid, n in zip(self.ids, self.names, strict=True):
                 w.writerow([cid, *n])
 
     def to_dict(self) -> dict:
@@ -105,7 +106,7 @@ class CategoryTable:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CategoryTable":
-        return cls.from_rows([(int(i), *n) for i, n in zip(d["ids"], d["names"])])
+        return cls.from_rows([(int(i), *n) for i, n in zip(d["ids"], d["names"], strict=True)])
 
     def save(self, path: str | os.PathLike) -> None:
         Path(path).write_text(json.dumps(self.to_dict()))

@@ -85,10 +85,10 @@ def file_stats(path: str | Path, categories: CategoryTable | None = None, out_di
     names: dict[int, str] = {}
     if categories is not None and cat_counts:
         cls = categories.encode(list(cat_counts), source=str(path))
-        for cid, c in zip(cat_counts, cls):
+        for cid, c in zip(cat_counts, cls, strict=True):
             names[cid] = " > ".join(s.strip() for s in categories.names[c])
         levels["level1"], levels["level2"], levels["level3"] = Counter(), Counter(), Counter()
-        for cid, c in zip(cat_counts, cls):
+        for cid, c in zip(cat_counts, cls, strict=True):
             l1, l2, l3 = categories.names[c]
             levels["level1"][l1] += cat_counts[cid]
             levels["level2"][l2] += cat_counts[cid]

@@ -146,7 +146,8 @@ class EmbeddingNet(nn.Module):
             return 0
         trunk = getattr(self.backbone, "trunk", None)
         blocks = getattr(trunk, "blocks", None) or getattr(trunk, "stages", None) or \
-            [getattr(trunk, f"layer{i}") for i in range(1, 5) if hasattr(trunk, f"layer{i}")]  # EfficientNet, ConvNeXt, ResNet
+            [getattr(trunk, f"layer{i}") for i in range(1, 5) if hasattr(trunk, f"layer{i}")]
+        # (blocks: EfficientNet; stages: ConvNeXt; layer1..4: ResNet)
         if not blocks:
             raise UserError(f"--freeze-blocks needs a timm tower with stages; {self.cfg.backbone} has none")
         if n > len(blocks):

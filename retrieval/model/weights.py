@@ -14,7 +14,8 @@ import torch
 from ..errors import UserError
 from .registry import backbone_spec
 
-STAGE_BLOCKS = (1, 2, 2, 3, 3, 4, 1)  # blocks per stage of lite0; lite1/2 repeat the middle stages more (depth x1.1/1.2)
+# blocks per stage of lite0; lite1/2 repeat the middle stages more (depth x1.1/1.2)
+STAGE_BLOCKS = (1, 2, 2, 3, 3, 4, 1)
 _TOP = {"_conv_stem.weight": "conv_stem.weight", "_conv_head.weight": "conv_head.weight",
         "_fc.weight": "classifier.weight", "_fc.bias": "classifier.bias"}
 _FIRST = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}  # no expansion

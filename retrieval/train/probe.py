@@ -94,7 +94,7 @@ def fit_new_layers(net: EmbeddingNet, feats: Features, loss_cfg: LossSettings, e
     for m in layers:
         m.train()
     correct = 0
-    for epoch in range(epochs):
+    for _ in range(epochs):
         correct = 0
         for idx in torch.randperm(n, generator=g).split(batch_size):
             if len(idx) < 2:
