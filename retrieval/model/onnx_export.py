@@ -210,10 +210,10 @@ QUANTISED = ("Conv", "Gemm", "MatMul", "Add", "Mul", "Clip", "Relu", "GlobalAver
 
 
 def fp32_nodes(path: str | Path) -> list[str]:
-    """Nodes left fp32: the first convolution (it sees the raw picture; fp32 there raised lite0's worst cosine 0.963 -> 0.972)
-    and everything after the backbone (projection, batch norm, heads, L2 norm: no compute, the embedding's last
-    digits). Backbone nodes are told by the legacy exporter's names (``/net/backbone/...``); in a graph named
-    otherwise, the nodes after the last GlobalAveragePool / Flatten stand for them."""
+    """Nodes left fp32: the first convolution (it sees the raw picture; fp32 there raised lite0's worst cosine
+    0.963 -> 0.972) and everything after the backbone (projection, batch norm, heads, L2 norm: no compute, the
+    embedding's last digits). Backbone nodes are told by the legacy exporter's names (``/net/backbone/...``); in
+    a graph named otherwise, the nodes after the last GlobalAveragePool / Flatten stand for them."""
     onnx, _ = require_onnx()
     nodes = list(onnx.load(str(path)).graph.node)
     convs = [n.name for n in nodes if n.op_type == "Conv"][:1]
