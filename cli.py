@@ -105,8 +105,7 @@ ACCELERATOR = typer.Option("auto", help="Lightning accelerator: auto, cpu, gpu")
 def _loader(batch_size: int, workers: int, devices: str = "1", num_nodes: int = 1, accelerator: str = "auto"):
     from retrieval.infer.pipeline.embed import LoaderSettings
     from retrieval.model.runtime import Devices
-    return LoaderSettings(batch_size, workers, Devices(int(devices) if devices.isdigit() else devices, num_nodes,
-                                                       accelerator))
+    return LoaderSettings(batch_size, workers, Devices(devices, num_nodes, accelerator))
 
 
 @command("make-data")
@@ -127,14 +126,16 @@ def make_data(out_dir: Path = typer.Argument(..., help="folder to write the data
                                                     help="share of products re-listing an earlier item"),
               exact_relist: float = typer.Option(_SYNTH.exact_relist, min=0.0, max=1.0,
                                                  help="share of re-listings reusing the earlier picture bytes"),
-              colour_jitter: float = typer.Option(_SYNTH.colour_jitter, min=0.0,
-                                                  help="per-product colour shift; larger is harder"),
+              colour_shift: float = typer.Option(_SYNTH.colour_shift, min=0.0,
+                                                 help="per-product colour shift; larger is harder"),
+              colour_jitter: Optional[float] = typer.Option(None, "--colour-jitter", min=0.0, hidden=True,
+                                                            help="old name of --colour-shift"),
               overwrite: bool = typer.Option(False, help="replace data already in OUT_DIR")) -> None:
     """Generate train.bson, test.bson, test_labels.csv and category_names.csv in the Kaggle layout."""
     from retrieval.data.synth import make_data as _make
     paths = _make(out_dir, SynthConfig(products, n_categories, seed, image_size, test_fraction,
                                        relist_fraction=relist_fraction, exact_relist=exact_relist,
-                                       colour_jitter=colour_jitter,
+                                       colour_shift=colour_shift if colour_jitter is None else colour_jitter,
                                        categories_csv=str(categories_csv) if categories_csv else None,
                                        largest_share=largest_share), overwrite=overwrite)
     for p in paths.values():
@@ -172,7 +173,7 @@ def train(train_file: Path = typer.Argument(..., help="training BSON file"),
               None, min=0.05, max=1.0, help=
                           f"random crops keep at least this share of a picture {_default('crop_min')}"),
           colour_aug: Optional[float] = typer.Option(None, min=0.0, max=0.9, help="brightness/contrast/saturation "
-                                                     f"jitter, factors in [1-J, 1+J] {_default('colour_jitter')}"),
+                                                     f"jitter, factors in [1-J, 1+J] {_default('colour_aug')}"),
           lp_epochs: Optional[int] = typer.Option(
               None, min=0, help="LP-FT: first fit the new layers this many epochs on cached frozen features "
               f"(0: off) {_default('lp_epochs')}"),
@@ -198,6 +199,7 @@ def train(train_file: Path = typer.Argument(..., help="training BSON file"),
                       help=f"validation share {_default('val_fraction')}"),
           seed: Optional[int] = typer.Option(None, help=f"random seed {_default('seed')}")) -> None:
     """Fine-tune an open_clip backbone with a metric-learning loss plus a classification head."""
+    from retrieval.model.runtime import parse_devices
     from retrieval.train.run import resolve_config
     from retrieval.train.run import train as _train
     given = {"backbone": backbone.value if backbone else None, "pretrained": pretrained, "image_size": image_size,
@@ -205,11 +207,11 @@ def train(train_file: Path = typer.Argument(..., help="training BSON file"),
              "metric_weight": metric_weight, "hier_heads": hier_heads, "sampled_negatives": sampled_negatives,
              "m_per_class": m_per_class, "lp_epochs": lp_epochs, "freeze_blocks": freeze_blocks, "pool": pool,
              "arcface_margin_min": arcface_margin_min,
-             "crop_min": crop_min, "colour_jitter": colour_aug, "epochs": epochs,
+             "crop_min": crop_min, "colour_aug": colour_aug, "epochs": epochs,
              "max_steps": max_steps,
              "checkpoint_every_steps": checkpoint_every, "batch_size": batch_size, "lr": lr,
              "backbone_lr_mult": backbone_lr_mult, "val_fraction": val_fraction, "seed": seed, "precision": precision,
-             "devices": int(devices) if devices.isdigit() else devices, "num_nodes": num_nodes, "workers": workers,
+             "devices": parse_devices(devices), "num_nodes": num_nodes, "workers": workers,
              "accelerator": accelerator}
     cfg = resolve_config(out, resume, **{k: v for k, v in given.items() if v is not None})
     res = _train(train_file, out, cfg, categories, resume=resume)
@@ -230,8 +232,9 @@ def build_index(train_file: Path = typer.Argument(..., help="labelled BSON file 
                 out: Path = typer.Option(..., help="index folder"),
                 split: str = typer.Option("train", help="train: the run's training split; all: every product"),
                 index_type: str = typer.Option("auto", help="auto or a FAISS factory string"),
-                batch_size: int = BATCH, tta_flip: bool = typer.Option(
+                batch_size: int = BATCH, mirror: bool = typer.Option(
                     False, help="average each image with its mirror (then used by predict, evaluate, similar)"),
+                tta_flip: bool = typer.Option(False, "--tta-flip", hidden=True, help="old name of --mirror"),
                 workers: int = WORKERS,
                 memory_budget_gb: float = typer.Option(8.0, min=0.01, help="RAM the index may use (chooses its type)"),
                 restart: bool = typer.Option(False, help="discard unfinished parts made with other settings"),
@@ -239,7 +242,7 @@ def build_index(train_file: Path = typer.Argument(..., help="labelled BSON file 
     """Embed every product and build a FAISS index (resumes an interrupted build)."""
     from retrieval.infer.indexdir.build import IndexSettings
     from retrieval.infer.indexdir.build import build_index as _build
-    man = _build(train_file, model, out, IndexSettings(split, index_type, tta_flip, memory_budget=memory_budget_gb * 1e9),
+    man = _build(train_file, model, out, IndexSettings(split, index_type, mirror or tta_flip, memory_budget=memory_budget_gb * 1e9),
                  _loader(batch_size, workers, devices, num_nodes, accelerator), restart=restart)
     if man is None:  # another rank of a distributed run: rank 0 reports
         return
@@ -253,12 +256,13 @@ def similar(index: Path = typer.Option(..., help="index folder"),
             k: int = typer.Option(10, "-k", "--k", min=1, help="neighbours to list"),
             category: Optional[int] = typer.Option(None, help="only products of this category id"),
             json_out: bool = typer.Option(False, "--json", help="machine-readable output"),
-            sheet: Optional[Path] = typer.Option(None, help="also draw a contact sheet PNG here")) -> None:
+            sheet: Optional[Path] = typer.Option(None, help="also draw a contact sheet PNG here"),
+            include_self: bool = typer.Option(False, help="list the query product itself (--product-id)")) -> None:
     """The k products most similar to an indexed product or to image files."""
     import json
 
     from retrieval.infer.query import similar as _similar
-    found = _similar(index, product_id, image or None, k, category, sheet)
+    found = _similar(index, product_id, image or None, k, category, sheet, include_self)
     if json_out:
         typer.echo(json.dumps([n.to_dict() for n in found]))
         return
@@ -296,6 +300,8 @@ def predict(test_file: Path = typer.Argument(..., help="BSON file to classify"),
             scores_out: Optional[Path] = typer.Option(
                 None, help="also write the top categories with scores, one JSON object per line (JSON Lines)"),
             batch_size: int = BATCH, workers: int = WORKERS,
+            part_products: int = typer.Option(20_000, min=1, help="products per part (the unit of resuming and of "
+                                              "sharing work between devices)"),
             restart: bool = typer.Option(False, help="discard unfinished parts made with other settings"),
             devices: str = DEVICES, num_nodes: int = NODES, accelerator: str = ACCELERATOR) -> None:
     """Predict a category for every product of TEST_FILE, in file order (resumes if interrupted)."""
@@ -304,7 +310,8 @@ def predict(test_file: Path = typer.Argument(..., help="BSON file to classify"),
     from retrieval.infer.scoring.fused import FusionOverrides
     r = _predict(test_file, index, out, FusionOverrides(alpha, k, tau, beta, peer_weight),
                  ScoresOutput(scores_out, top) if scores_out else None,
-                 _loader(batch_size, workers, devices, num_nodes, accelerator), restart=restart)
+                 _loader(batch_size, workers, devices, num_nodes, accelerator), part_products=part_products,
+                 restart=restart)
     if r is None:  # another rank of a distributed run: rank 0 reports
         return
     resumed = r.products - r.computed
@@ -353,12 +360,10 @@ def demo(workdir: Path = typer.Option(Path("demo_work"), help="empty folder for 
          products: int = typer.Option(4000, min=20, help="training products to generate"),
          n_categories: int = typer.Option(200, min=2, help="categories to generate"),
          epochs: int = typer.Option(5, min=1, help="training epochs"), workers: int = WORKERS) -> None:
-    """Run the whole system on generated data and print a summary."""
-    import json
-
-    from retrieval.demo import DemoConfig, run_demo
+    """Run the whole system on generated data and print a summary (all figures in WORKDIR/summary.json)."""
+    from retrieval.demo import DemoConfig, run_demo, summary_table
     s = run_demo(workdir, DemoConfig(products=products, categories=n_categories, epochs=epochs, workers=workers))
-    typer.echo(json.dumps(s, indent=1))
+    typer.echo(summary_table(s))
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ def main() -> None:
     ap.add_argument("--products", type=int, default=6000)
     ap.add_argument("--categories", type=int, default=200)
     ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--colour-jitter", type=float, default=75.0)
+    ap.add_argument("--colour-shift", type=float, default=75.0)
     ap.add_argument("--quick", action="store_true", help="300 products, 10 categories, 1 epoch, no demo (smoke test)")
     a = ap.parse_args()
     if a.quick:
@@ -96,8 +96,8 @@ def main() -> None:
         pipeline_common.set_quick()
         a.products, a.categories, a.epochs, a.skip_demo = 300, 10, 1, True
     work = Path(a.workdir)
-    p = prepared(work, a.products, a.categories, a.epochs, a.colour_jitter)
-    print(f"generated data: {a.products:,} products, {a.categories} categories, colour jitter {a.colour_jitter}, "
+    p = prepared(work, a.products, a.categories, a.epochs, a.colour_shift)
+    print(f"generated data: {a.products:,} products, {a.categories} categories, colour shift {a.colour_shift}, "
           f"64 px; tiny tower, {a.epochs} epochs\n")
     train_bson, test_bson = p["data"] / "train.bson", p["data"] / "test.bson"
     for split in ("train", "all"):

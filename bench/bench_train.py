@@ -72,7 +72,7 @@ def main() -> None:
     if not (small / "train.bson").exists():
         make_data(small, SynthConfig(400 if a.quick else 4000, 40, 0, 64), progress=False)
     if not (hard / "train.bson").exists():
-        make_data(hard, SynthConfig(400 if a.quick else 4000, 200, 0, 64, colour_jitter=75.0), progress=False)
+        make_data(hard, SynthConfig(400 if a.quick else 4000, 200, 0, 64, colour_shift=75.0), progress=False)
     if not (big / "train.bson").exists():
         make_data(big, SynthConfig(60 if a.quick else 600, 40, 0, 180), progress=False)
     print(f"## Loader vs training step ({os.cpu_count()} cores, 2 loader workers, bf16 where the CPU has it)\n")

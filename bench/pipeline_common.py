@@ -26,12 +26,12 @@ def set_quick() -> None:
 
 
 def prepared(work: Path, products: int | None = None, categories: int = 40, epochs: int | None = None,
-             colour_jitter: float = 45.0, relist_fraction: float = 0.25) -> dict:
+             colour_shift: float = 45.0, relist_fraction: float = 0.25) -> dict:
     """Generated data and a trained tiny-tower run under ``work`` (made once)."""
     products, epochs = products or SIZES["products"], epochs or SIZES["epochs"]
     data = work / "data"
     if not (data / "train.bson").exists():
-        make_data(data, SynthConfig(products, categories, seed=0, image_size=64, colour_jitter=colour_jitter,
+        make_data(data, SynthConfig(products, categories, seed=0, image_size=64, colour_shift=colour_shift,
                                     relist_fraction=relist_fraction), progress=False)
     run = work / "run"
     if not (run / "checkpoints" / "last.ckpt").exists():
@@ -97,12 +97,12 @@ def throughput(work: Path, p: dict, name: str) -> tuple[tuple, object, np.ndarra
     return row, bundle, rows, images, owner
 
 
-def instance_rate(bundle, table, rows, images, owner, tta: bool) -> tuple[float, int]:
+def instance_rate(bundle, table, rows, images, owner, mirror: bool) -> tuple[float, int]:
     """Share of products with >= 2 images whose first image alone finds the product at rank 1."""
     net = bundle.net
     multi = np.flatnonzero(table["n_images"][rows] >= 2)
     pick = np.searchsorted(owner.numpy(), multi)
-    q, _ = embed_images(net, images[pick], torch.arange(len(pick)), len(pick), tta_flip=tta)
+    q, _ = embed_images(net, images[pick], torch.arange(len(pick)), len(pick), mirror=mirror)
     _, pos = bundle.vectors.search(q.cpu().numpy(), 1)
     return float((bundle.product_ids[pos[:, 0]] == table["product_id"][rows][multi]).mean()), len(multi)
 
@@ -115,12 +115,12 @@ def embedding_rows(work: Path) -> list[tuple]:
     row, bundle, rows, images, owner = throughput(work, p, "tiny")
     out_rows.append(row)
     table = load_offsets(p["data"] / "train.bson", progress=False)
-    hit, n = instance_rate(bundle, table, rows, images, owner, tta=False)
+    hit, n = instance_rate(bundle, table, rows, images, owner, mirror=False)
     out_rows.append((f"instance retrieval rank 1 ({n} products with >= 2 images)", f"{hit:.3f}", "", ">= 0.95",
                      "ok" if hit >= 0.95 else "MISS"))
     tta_dir = work / "index_bench_tiny_tta"
     shutil.rmtree(tta_dir, ignore_errors=True)
-    build_index(p["data"] / "train.bson", p["run"], tta_dir, IndexSettings("all", tta_flip=True))
-    hit, n = instance_rate(open_index(tta_dir), table, rows, images, owner, tta=True)
-    out_rows.append(("  same, index and query with --tta-flip", f"{hit:.3f}", "", ">= 0.95", "ok" if hit >= 0.95 else "MISS"))
+    build_index(p["data"] / "train.bson", p["run"], tta_dir, IndexSettings("all", mirror=True))
+    hit, n = instance_rate(open_index(tta_dir), table, rows, images, owner, mirror=True)
+    out_rows.append(("  same, index and query with --mirror-flip", f"{hit:.3f}", "", ">= 0.95", "ok" if hit >= 0.95 else "MISS"))
     return out_rows

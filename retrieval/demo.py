@@ -1,6 +1,7 @@
 """The demo: the whole system on generated data (make-data, train, build-index, evaluate, predict, similar)."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ class DemoConfig:
     categories: int = 200
     image_size: int = 64
     epochs: int = 5
-    colour_jitter: float = 75.0  # hard enough that head, kNN and fused accuracies differ
+    colour_shift: float = 75.0  # hard enough that head, kNN and fused accuracies differ
     seed: int = 0
     workers: int = 2
 
@@ -48,7 +49,7 @@ def run_demo(workdir: str | Path, cfg: DemoConfig = DemoConfig()) -> dict:
         times[name] = round(time.perf_counter() - t0 - sum(times.values()), 1)
 
     data = make_data(work / "data", SynthConfig(cfg.products, cfg.categories, cfg.seed, cfg.image_size,
-                                                colour_jitter=cfg.colour_jitter))
+                                                colour_shift=cfg.colour_shift))
     lap("make-data")
     tcfg = TrainConfig.build(image_size=cfg.image_size, embed_dim=128, epochs=cfg.epochs, batch_size=64,
                              workers=cfg.workers, val_fraction=0.1, seed=cfg.seed)
@@ -67,7 +68,7 @@ def run_demo(workdir: str | Path, cfg: DemoConfig = DemoConfig()) -> dict:
     sheet = work / "similar.png"
     found = similar(work / "index_all", product_id=query, k=8, sheet=sheet)
     lap("similar")
-    return {
+    summary = {
         "val_head_accuracy": metrics["head_accuracy"], "val_knn_accuracy": metrics["knn_accuracy"],
         "val_fused_accuracy": metrics["fused_accuracy"],
         "val_fused_without_duplicate_vote": metrics["fused_without_duplicates_accuracy"],
@@ -79,8 +80,33 @@ def run_demo(workdir: str | Path, cfg: DemoConfig = DemoConfig()) -> dict:
                       "metrics": str(run / "logs" / "metrics.csv"),
                       "evaluation": str(work / "eval" / "metrics.json"), "eval_plots": metrics["plots"],
                       "index_train": str(work / "index_train"), "index_all": str(work / "index_all"),
-                      "submission": str(sub), "contact_sheet": str(sheet)},
+                      "submission": str(sub), "contact_sheet": str(sheet), "summary": str(work / "summary.json")},
+        "products": cfg.products, "categories": cfg.categories,
     }
+    (work / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def summary_table(s: dict) -> str:
+    """The demo's summary for a person: accuracies, the similar products found, timings and where things are."""
+    a = s["artefacts"]
+    rows = [f"demo: {s['products']:,} generated products in {s['categories']} categories, "
+            f"{s['total_seconds']:.0f} s",
+            "",
+            f"{'':<22}{'head':>8}{'kNN':>8}{'fused':>8}",
+            f"{'validation accuracy':<22}{s['val_head_accuracy']:>8.3f}{s['val_knn_accuracy']:>8.3f}"
+            f"{s['val_fused_accuracy']:>8.3f}",
+            f"{'test accuracy':<22}{'':>16}{s['test_accuracy']:>8.3f}   (the submission, scored)",
+            "",
+            f"similar to product {s['similar_query']}: "
+            + ", ".join(f"{pid} ({sim:.3f})" for pid, sim in s["similar_top"]),
+            "seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in s["seconds"].items()),
+            "",
+            f"submission     {a['submission']}",
+            f"index          {a['index_all']}",
+            f"contact sheet  {a['contact_sheet']}",
+            f"everything     {a['summary']} (JSON)"]
+    return "\n".join(rows)
 
 
 def _some_train_id(path: Path) -> int:

@@ -36,16 +36,26 @@ def small_data(tmp_path_factory) -> dict[str, Path]:
                                                                  test_fraction=0.2), progress=False)
 
 
+TRAINED_EPOCHS = 3
+
+
 @pytest.fixture(scope="session")
-def trained_run(small_data, tmp_path_factory) -> Path:
-    """A tiny-tower run trained for a few epochs on ``small_data``."""
+def trained(small_data, tmp_path_factory):
+    """``(run folder, TrainResult)`` of a tiny-tower run trained for ``TRAINED_EPOCHS`` epochs on ``small_data``;
+    the result keeps the trained module in memory. Tests only read it."""
     from retrieval.train.config import TrainConfig
     from retrieval.train.run import train
     run = tmp_path_factory.mktemp("trained")
-    train(small_data["train.bson"], run, TrainConfig.build(image_size=32, embed_dim=32, batch_size=16, workers=0,
-                                                           val_fraction=0.2, epochs=3, lr=3e-3),
-          small_data["category_names.csv"], progress=False)
-    return run
+    res = train(small_data["train.bson"], run, TrainConfig.build(image_size=32, embed_dim=32, batch_size=16, workers=0,
+                                                                 val_fraction=0.2, epochs=TRAINED_EPOCHS, lr=3e-3),
+                small_data["category_names.csv"], progress=False)
+    return run, res
+
+
+@pytest.fixture(scope="session")
+def trained_run(trained) -> Path:
+    """The run folder of ``trained``."""
+    return trained[0]
 
 
 @pytest.fixture(scope="session")
@@ -54,5 +64,6 @@ def indexes(small_data, trained_run, tmp_path_factory) -> dict[str, Path]:
     from retrieval.infer.indexdir.build import build_index
     root = tmp_path_factory.mktemp("indexes")
     for split in ("train", "all"):
-        build_index(small_data["train.bson"], trained_run, root / split, IndexSettings(split, chunk_products=40), LoaderSettings(workers=0))
+        build_index(small_data["train.bson"], trained_run, root / split, IndexSettings(split, part_products=40),
+                    LoaderSettings(workers=0))
     return {"train": root / "train", "all": root / "all"}

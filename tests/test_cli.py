@@ -41,9 +41,13 @@ def test_cli_happy_path(tmp_path):
     assert lines[0] == "_id,category_id"
     truth = (d / "test_labels.csv").read_text().splitlines()
     assert [x.split(",")[0] for x in lines[1:]] == [x.split(",")[0] for x in truth[1:]]
-    r = run("similar", "--index", tmp_path / "all", "--product-id", _first_id(tmp_path / "all"), "-k", 3, "--json")
+    first = _first_id(tmp_path / "all")
+    r = run("similar", "--index", tmp_path / "all", "--product-id", first, "-k", 3, "--json")
     found = json.loads(r.output.strip().splitlines()[-1])
-    assert len(found) == 3 and found[0]["product_id"] == _first_id(tmp_path / "all") and found[0]["similarity"] > 0.999
+    assert len(found) == 3 and first not in [f["product_id"] for f in found]  # as POST /similar: not itself
+    r = run("similar", "--index", tmp_path / "all", "--product-id", first, "-k", 3, "--json", "--include-self")
+    with_self = json.loads(r.output.strip().splitlines()[-1])
+    assert any(f["product_id"] == first and f["similarity"] > 0.999 for f in with_self)
     r = run("add-to-index", d / "train.bson", "--index", tmp_path / "all", "--workers", 0)
     assert r.exit_code == 0 and "added 0 products" in r.output
     # a real process: only the project's messages, no loader chatter, no "initialized randomly" before the weights
@@ -84,7 +88,10 @@ def test_demo_runs_every_stage_and_refuses_a_used_folder(tmp_path):
     import csv
     r = run("demo", "--workdir", tmp_path / "d", "--products", 120, "--n-categories", 4, "--epochs", 1, "--workers", 0)
     assert r.exit_code == 0, r.output
-    summary = json.loads(r.output[r.output.index("{"):])
+    assert "{" not in r.output and "validation accuracy" in r.output  # a table for a person, JSON in a file
+    summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    table = r.output[r.output.index("demo: "):]  # the summary, after the stages' progress lines
+    assert f"{summary['test_accuracy']:.3f}" in table and len(table.strip().splitlines()) < 20
     art = summary["artefacts"]
     with open(art["submission"], newline="") as f, open(tmp_path / "d" / "data" / "test_labels.csv", newline="") as g:
         sub, truth = list(csv.DictReader(f)), list(csv.DictReader(g))  # the accuracy, recomputed by hand
@@ -93,7 +100,7 @@ def test_demo_runs_every_stage_and_refuses_a_used_folder(tmp_path):
     assert summary["test_accuracy"] == pytest.approx(hand) and hand > 1 / 4  # better than chance over 4 categories
     for key in ("checkpoint", "evaluation", "submission", "contact_sheet"):
         assert Path(art[key]).exists()
-    assert summary["similar_top"][0][0] == summary["similar_query"]
+    assert summary["similar_top"] and summary["similar_query"] not in [p for p, _ in summary["similar_top"]]
     r = run("demo", "--workdir", tmp_path / "d", "--products", 120, "--n-categories", 4, "--epochs", 1, "--workers", 0)
     assert r.exit_code == 2 and "already holds files" in r.output
 

@@ -1,4 +1,6 @@
-"""Two processes on CPU (Lightning DDP over gloo): training, build-index and predict match one process."""
+"""Two processes on CPU (Lightning DDP over gloo): training, build-index and predict match one process.
+
+The two-process tests are ``slow``; the rank-1 reading of the split runs in this process, in the fast suite."""
 from __future__ import annotations
 
 import subprocess
@@ -17,7 +19,6 @@ from retrieval.infer.predict import predict
 from retrieval.model.export import load_model_file
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
 
 
 def _run(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -26,6 +27,7 @@ def _run(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return out
 
 
+@pytest.mark.slow
 def test_two_process_training_gives_a_loadable_model(small_data, tmp_path):
     run = tmp_path / "run"
     out = _run(["cli.py", "train", str(small_data["train.bson"]), "--out", str(run), "--categories",
@@ -61,14 +63,15 @@ from retrieval.infer.evaluate import evaluate
 where = Devices(2, 1, "cpu")
 what, data, run, index, out, chunk = sys.argv[1:]
 if what == "index":
-    build_index(data, run, out, IndexSettings("all", chunk_products=40), LoaderSettings(workers=0, where=where))
+    build_index(data, run, out, IndexSettings("all", part_products=40), LoaderSettings(workers=0, where=where))
 elif what == "evaluate":
-    evaluate(index, out_dir=out, loader=LoaderSettings(workers=0, where=where), chunk_products=7)
+    evaluate(index, out_dir=out, loader=LoaderSettings(workers=0, where=where), part_products=7)
 else:
-    predict(data, index, out, loader=LoaderSettings(workers=0, where=where), chunk_products=int(chunk))
+    predict(data, index, out, loader=LoaderSettings(workers=0, where=where), part_products=int(chunk))
 """
 
 
+@pytest.mark.slow
 def test_two_process_build_index_and_predict_match_one_process(small_data, trained_run, indexes, tmp_path):
     script = tmp_path / "two.py"
     script.write_text(SCRIPT)
@@ -92,7 +95,7 @@ def test_two_process_build_index_and_predict_match_one_process(small_data, train
 
     for chunk in (8, 1000):  # 4 parts over 2 ranks; 1 part, so that rank 1 has nothing to do
         single = tmp_path / f"one_{chunk}.csv"
-        predict(small_data["test.bson"], indexes["all"], single, loader=LoaderSettings(workers=0), chunk_products=chunk)
+        predict(small_data["test.bson"], indexes["all"], single, loader=LoaderSettings(workers=0), part_products=chunk)
         double = tmp_path / f"two_{chunk}.csv"
         _run([str(script), "predict", str(small_data["test.bson"]), "-", str(indexes["all"]), str(double),
               str(chunk)], cwd=tmp_path)
@@ -100,13 +103,14 @@ def test_two_process_build_index_and_predict_match_one_process(small_data, train
         assert not (tmp_path / f"two_{chunk}.csv.parts").exists()
 
 
+@pytest.mark.slow
 def test_two_process_evaluate_matches_one_process(trained_run, indexes, tmp_path):
     import json
 
     from retrieval.infer.evaluate import evaluate
     script = tmp_path / "two.py"
     script.write_text(SCRIPT)
-    one = evaluate(indexes["train"], out_dir=tmp_path / "one", loader=LoaderSettings(workers=0), chunk_products=7)
+    one = evaluate(indexes["train"], out_dir=tmp_path / "one", loader=LoaderSettings(workers=0), part_products=7)
     _run([str(script), "evaluate", "-", "-", str(indexes["train"]), str(tmp_path / "two"), "0"], cwd=tmp_path)
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert one["products"] == two["products"] > 14 and one["images"] == two["images"]  # >= 3 parts over 2 ranks

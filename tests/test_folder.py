@@ -49,7 +49,7 @@ def test_a_moved_folder_still_opens_and_a_missing_source_is_named(small_data, tr
     shutil.move(world, moved)
     after = open_index(moved / "idx")
     assert np.array_equal(after.product_ids, before.product_ids)
-    assert similar(after, product_id=pid, k=1)[0].product_id == pid
+    assert similar(after, product_id=pid, k=1, include_self=True)[0].product_id == pid
     assert product_pictures(after, 3) == pictures  # read from the moved data file
     (moved / "data" / "train.bson").rename(moved / "data" / "gone.bson")
     with pytest.raises(UserError, match=r"indexed data file .*train\.bson is missing"):

@@ -106,7 +106,7 @@ def test_peers_span_the_whole_file_whatever_the_parts_and_match_dense_propagatio
     for chunk in (7, 1000):
         out = tmp_path / f"c{chunk}.csv"
         predict(small_data["test.bson"], indexes["all"], out, FusionOverrides(alpha=1.0, beta=0.0, peer_weight=0.8),
-                chunk_products=chunk, **kw)
+                part_products=chunk, **kw)
         outs[chunk] = read_submission(out)[1]
     assert outs[7].tolist() == outs[1000].tolist()
     # independently: the head's tempered probabilities over all 6 classes, propagated with dense matrices
@@ -134,5 +134,5 @@ def test_peer_graph_over_an_approximate_index_never_lists_a_product_as_its_own_p
     s = emb[q] @ emb.T
     s[np.arange(len(q)), q] = -9
     truth = np.argsort(-s, 1)[:, :5]
-    recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(g.pos[q].tolist(), truth.tolist())])
+    recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(g.pos[q].tolist(), truth.tolist(), strict=True)])
     assert recall > 0.8

@@ -4,6 +4,8 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import subprocess
+import sys
 
 import bson
 import numpy as np
@@ -38,7 +40,8 @@ def test_train_index_holds_only_training_products(indexes, trained_run, small_da
 
 def test_interrupted_build_resumes_to_the_same_index(small_data, trained_run, indexes, tmp_path):
     out = tmp_path / "idx"
-    build_index(small_data["train.bson"], trained_run, out, IndexSettings("all", chunk_products=40), LoaderSettings(workers=0))
+    build_index(small_data["train.bson"], trained_run, out, IndexSettings("all", part_products=40),
+                LoaderSettings(workers=0))
     layout = IndexFolder(out)
     first = PartStore.part_file(layout.embeddings, 0).stat().st_mtime_ns
     # an interruption after two parts: later parts are missing and no generation was ever committed
@@ -48,7 +51,8 @@ def test_interrupted_build_resumes_to_the_same_index(small_data, trained_run, in
     shutil.rmtree(out / "generations")
     with pytest.raises(FileNotFoundError, match="no index here"):
         open_index(out)
-    build_index(small_data["train.bson"], trained_run, out, IndexSettings("all", chunk_products=40), LoaderSettings(workers=0))
+    build_index(small_data["train.bson"], trained_run, out, IndexSettings("all", part_products=40),
+                LoaderSettings(workers=0))
     assert PartStore.part_file(layout.embeddings, 0).stat().st_mtime_ns == first  # not recomputed
     a, b = open_index(indexes["all"]), open_index(out)
     assert np.array_equal(a.product_ids, b.product_ids)
@@ -58,9 +62,11 @@ def test_interrupted_build_resumes_to_the_same_index(small_data, trained_run, in
 
 def test_mismatches_are_refused(small_data, trained_run, indexes, tmp_path):
     with pytest.raises(UserError, match="holds unfinished work made with other settings.*split all -> train"):
-        build_index(small_data["train.bson"], trained_run, indexes["all"], IndexSettings("train", chunk_products=40), LoaderSettings(workers=0))
+        build_index(small_data["train.bson"], trained_run, indexes["all"], IndexSettings("train", part_products=40),
+                    LoaderSettings(workers=0))
     with pytest.raises(ValueError, match="not the file run"):
-        build_index(small_data["test.bson"], trained_run, tmp_path / "x", IndexSettings("train"), LoaderSettings(workers=0))
+        build_index(small_data["test.bson"], trained_run, tmp_path / "x", IndexSettings("train"),
+                    LoaderSettings(workers=0))
     copy = tmp_path / "copy"
     shutil.copytree(indexes["train"], copy)
     ck = tmp_path / "model.pt"
@@ -80,15 +86,21 @@ def test_similar_by_id_by_images_and_by_category(indexes, small_data, tmp_path):
     b = open_index(indexes["all"])
     pid = int(b.product_ids[10])
     found = similar(b, product_id=pid, k=5, sheet=tmp_path / "s.png")
-    assert found[0].product_id == pid and found[0].similarity == pytest.approx(1.0, abs=1e-4)
+    assert len(found) == 5 and pid not in [n.product_id for n in found]  # not its own neighbour by default
+    with_self = similar(b, product_id=pid, k=5, include_self=True)
+    assert pid in [n.product_id for n in with_self]
+    self_hit = next(n for n in with_self if n.product_id == pid)
+    assert self_hit.similarity == pytest.approx(1.0, abs=1e-4)
+    # the same list with the product itself taken out (the other results keep their order)
+    assert [n.product_id for n in found][:4] == [n.product_id for n in with_self if n.product_id != pid][:4]
     assert (tmp_path / "s.png").stat().st_size > 2000
     prod = next(p for p in iter_products(small_data["train.bson"]) if p.product_id == pid)
     files = []
     for i, pic in enumerate(prod.images):
         files.append(tmp_path / f"q{i}.jpg")
         files[-1].write_bytes(pic)
-    by_img = similar(b, images=files, k=3)
-    assert by_img[0].product_id == pid and by_img[0].similarity > 0.99
+    by_img = similar(b, images=files, k=3)  # a re-listing of the same item may tie with it: among the first 3
+    assert any(n.product_id == pid and n.similarity > 0.99 for n in by_img)
     other = next(c for c in b.categories.ids if c != prod.category_id)
     assert all(n.category_id == other for n in similar(b, product_id=pid, k=4, category=other))
     with pytest.raises(UserError, match="not in the index"):
@@ -114,7 +126,7 @@ def test_add_to_index_makes_new_products_findable(indexes, small_data, tmp_path)
     b = open_index(idx)
     assert len(b.product_ids) == len(set(b.product_ids.tolist()))
     for d in docs[:5]:  # found first (with any exact re-listing of the same pictures: an equally right answer)
-        hits = similar(b, product_id=d["_id"], k=3)
+        hits = similar(b, product_id=d["_id"], k=3, include_self=True)
         assert d["_id"] in [h.product_id for h in hits if h.similarity >= hits[0].similarity - 1e-4]
     from retrieval.data.images import picture_hash
     pos = int(np.flatnonzero(b.product_ids == docs[0]["_id"])[0])
@@ -125,7 +137,8 @@ def test_add_to_index_makes_new_products_findable(indexes, small_data, tmp_path)
 
 
 def _bad_test_file(small_data, tmp_path):
-    docs = [{"_id": p.product_id, "imgs": [{"picture": x} for x in p.images]} for p in iter_products(small_data["test.bson"])]
+    docs = [{"_id": p.product_id, "imgs": [{"picture": x} for x in p.images]}
+            for p in iter_products(small_data["test.bson"])]
     docs.insert(3, {"_id": 999_001, "imgs": []})
     docs.insert(7, {"_id": 999_002, "imgs": [{"picture": b"\xff\xd8 broken"}]})
     path = tmp_path / "test_bad.bson"
@@ -135,7 +148,7 @@ def _bad_test_file(small_data, tmp_path):
 
 def test_predict_one_row_per_product_in_order_even_for_bad_products(indexes, small_data, tmp_path):
     path, ids = _bad_test_file(small_data, tmp_path)
-    rep = predict(path, indexes["all"], tmp_path / "sub.csv", loader=LoaderSettings(workers=0), chunk_products=8,
+    rep = predict(path, indexes["all"], tmp_path / "sub.csv", loader=LoaderSettings(workers=0), part_products=8,
                   scores=ScoresOutput(tmp_path / "scores.jsonl", 3))
     sid, scat = read_submission(tmp_path / "sub.csv")
     assert sid.tolist() == ids and rep.products == len(ids) and rep.without_image == 2
@@ -152,7 +165,7 @@ def test_predict_one_row_per_product_in_order_even_for_bad_products(indexes, sma
 
 def test_predict_resumes_after_interruption(indexes, small_data, tmp_path, monkeypatch):
     full = tmp_path / "full.csv"
-    predict(small_data["test.bson"], indexes["all"], full, loader=LoaderSettings(workers=0), chunk_products=8)
+    predict(small_data["test.bson"], indexes["all"], full, loader=LoaderSettings(workers=0), part_products=8)
     calls = {"n": 0}
     real = parts_mod.embed_products
 
@@ -165,17 +178,18 @@ def test_predict_resumes_after_interruption(indexes, small_data, tmp_path, monke
     monkeypatch.setattr(parts_mod, "embed_products", dying)
     part = tmp_path / "part.csv"
     with pytest.raises(KeyboardInterrupt):
-        predict(small_data["test.bson"], indexes["all"], part, loader=LoaderSettings(workers=0), chunk_products=8)
+        predict(small_data["test.bson"], indexes["all"], part, loader=LoaderSettings(workers=0), part_products=8)
     assert not part.exists() and len(list((tmp_path / "part.csv.parts").glob("part_*.npz"))) == 2
     monkeypatch.setattr(parts_mod, "embed_products", real)
-    predict(small_data["test.bson"], indexes["all"], part, loader=LoaderSettings(workers=0), chunk_products=8)
+    predict(small_data["test.bson"], indexes["all"], part, loader=LoaderSettings(workers=0), part_products=8)
     assert part.read_text() == full.read_text()
     assert score_submission(part, small_data["test_labels.csv"]) > 1 / 6
 
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 def test_alpha_endpoints_are_knn_only_and_head_only_without_dup_vote(indexes, small_data, tmp_path, alpha):
-    predict(small_data["test.bson"], indexes["all"], tmp_path / "s.csv", FusionOverrides(alpha, 5, 0.05, 0.0), loader=LoaderSettings(workers=0))
+    predict(small_data["test.bson"], indexes["all"], tmp_path / "s.csv", FusionOverrides(alpha, 5, 0.05, 0.0),
+            loader=LoaderSettings(workers=0))
     _, got = read_submission(tmp_path / "s.csv")
     b = open_index(indexes["all"])
     net, cats = b.net, b.categories
@@ -208,7 +222,8 @@ def test_evaluate_refuses_indexes_holding_scored_products_and_calibrates(indexes
     assert m["fused_accuracy"] == pytest.approx(float((got == truth).mean()))
     with open(small_data["category_names.csv"], newline="") as f:
         level1 = {int(r["category_id"]): r["category_level1"] for r in csv.DictReader(f)}
-    assert m["level1_accuracy"] == pytest.approx(float(np.mean([level1[a] == level1[b] for a, b in zip(got, truth)])))
+    hand = np.mean([level1[a] == level1[b] for a, b in zip(got, truth, strict=True)])
+    assert m["level1_accuracy"] == pytest.approx(float(hand))
 
 
 def test_exact_duplicate_vote_is_a_third_fused_signal(indexes, small_data, tmp_path):
@@ -286,3 +301,39 @@ def test_gpu_shape_buckets_pad_with_images_that_change_nothing(trained_run):
     assert torch.allclose(emb, torch.nn.functional.normalize(want_e, dim=-1), atol=3e-3)
     assert torch.allclose(probs, torch.stack([p[[0, 1]].mean(0), p[2], p[[3, 4]].mean(0)]), atol=3e-3)
     assert len(emb) == 3 and len(probs) == 3
+
+
+def test_predict_writes_a_row_when_the_first_product_has_no_picture(indexes, small_data, tmp_path):
+    docs = [{"_id": p.product_id, "imgs": [{"picture": x} for x in p.images]}
+            for p in iter_products(small_data["test.bson"])]
+    docs.insert(0, {"_id": 5, "imgs": [{"picture": b"\xff\xd8 not a jpeg"}]})
+    path = tmp_path / "t.bson"
+    path.write_bytes(b"".join(bson.encode(d) for d in docs))
+    predict(path, indexes["all"], tmp_path / "s.csv", loader=LoaderSettings(workers=0))
+    ids, _ = read_submission(tmp_path / "s.csv")
+    assert ids.tolist() == [d["_id"] for d in docs]
+
+
+def test_predict_checks_arguments_before_making_state_and_can_restart(indexes, small_data, tmp_path):
+    out = tmp_path / "s.csv"
+    for bad in ({"k": 0}, {"alpha": 1.5}, {"tau": 0.0}):
+        with pytest.raises(UserError):
+            predict(small_data["test.bson"], indexes["all"], out, FusionOverrides(**bad),
+                    loader=LoaderSettings(workers=0))
+        assert not (tmp_path / "s.csv.parts").exists()
+    with pytest.raises(UserError, match="batch size must be at least 1"):
+        LoaderSettings(batch_size=0)
+    parts = tmp_path / "s.csv.parts"
+    parts.mkdir()
+    (parts / "store.json").write_text('{"test": {}, "params": {"alpha": 0.9}}')  # left by an earlier, other run
+    with pytest.raises(UserError, match=r"other settings \(.*params.alpha 0.9 -> .*--restart"):
+        predict(small_data["test.bson"], indexes["all"], out, loader=LoaderSettings(workers=0))
+    rep = predict(small_data["test.bson"], indexes["all"], out, loader=LoaderSettings(workers=0), restart=True)
+    assert rep.products == rep.computed == 30 and out.exists()
+
+
+def test_serving_never_imports_training():
+    code = ("import sys, retrieval.infer.query, retrieval.infer.predict, retrieval.infer.evaluate; "
+            "bad = [m for m in sys.modules if m.startswith(('pytorch_lightning', 'lightning', 'retrieval.train', "
+            "'pytorch_metric_learning'))]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

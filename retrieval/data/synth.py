@@ -124,11 +124,11 @@ def _render(code: tuple[int, int, int], ident: dict, s: int, rng: np.random.Gene
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _identity(rng: np.random.Generator, colour_jitter: float) -> dict:
+def _identity(rng: np.random.Generator, colour_shift: float) -> dict:
     return {"cy": rng.uniform(0.38, 0.62), "cx": rng.uniform(0.38, 0.62), "r": rng.uniform(0.2, 0.3),
             "ty": rng.choice([0.04, 0.76]), "tx": rng.uniform(0.04, 0.76), "tag": rng.random((4, 4)) < 0.5,
             "tag_rgb": rng.uniform(0, 255, 3), "bg_shift": rng.uniform(-20, 20, 3),
-            "fg_shift": rng.uniform(-colour_jitter, colour_jitter, 3)}
+            "fg_shift": rng.uniform(-colour_shift, colour_shift, 3)}
 
 
 TAIL_EXPONENT = 2.0  # (rank + k0)^-2: Cdiscount-like, thousands of categories under 100 of 7M products
@@ -202,7 +202,7 @@ def make_data(out_dir: str | Path, cfg: SynthConfig, progress: bool = True, over
                 ident = earlier[int(rng.integers(len(earlier)))]
                 reuse = ident.get("pics", [])[:n_imgs[i]] if rng.random() < cfg.exact_relist else []
             else:
-                ident, reuse = _identity(rng, cfg.colour_jitter), []
+                ident, reuse = _identity(rng, cfg.colour_shift), []
                 earlier.append(ident)
             pics = [{"picture": p} for p in reuse] + [
                 {"picture": encode_jpeg(_render(codes[cats[i]], ident, cfg.image_size, rng), cfg.quality)}

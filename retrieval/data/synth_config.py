@@ -16,6 +16,6 @@ class SynthConfig:
     quality: int = 90
     relist_fraction: float = 0.25  # share of products that re-list an earlier product of their category
     exact_relist: float = 0.5      # share of re-listings that reuse the earlier listing's picture bytes
-    colour_jitter: float = 45.0    # per-product shift of the shape colour (level-3 cue); larger is harder
+    colour_shift: float = 45.0    # per-product shift of the shape colour (level-3 cue); larger is harder
     categories_csv: str | None = None  # draw the tree from this category_names.csv (all its rows) instead
     largest_share: float | None = None  # skew: share of the largest category (default: Zipf 1/rank)

@@ -70,19 +70,19 @@ def _part(bundle: IndexBundle, outs: list, y: np.ndarray) -> dict[str, np.ndarra
 
 
 def _candidates(bundle: IndexBundle, path: Path, table: np.ndarray, rows: np.ndarray, y: np.ndarray,
-                loader: LoaderSettings, scratch: Path, chunk: int
+                loader: LoaderSettings, scratch: Path, part_products: int
                 ) -> tuple[Candidates, np.ndarray, np.ndarray, np.ndarray, DecodeStats] | None:
     """Embed ``rows`` part by part through the part driver (the parts meet in ``scratch``, removed after);
     returns candidates, the embeddings ``[N, D]``, the head's argmax ``[N]``, per-image correctness and the
     decode counts, or None on a rank other than 0 of a distributed run."""
-    parts = numbered(rows, chunk)
+    parts = numbered(rows, part_products)
     cls_of = {int(r): int(v) for r, v in zip(rows, y)}
     key = {"model": bundle.manifest.model_sha256, "count": len(bundle.vectors), "data": file_fingerprint(path),
-           "rows": hashlib.sha1(rows.tobytes()).hexdigest(), "tta_flip": bundle.manifest.tta_flip, "with": "emb"}
+           "rows": hashlib.sha1(rows.tobytes()).hexdigest(), "mirror": bundle.manifest.mirror, "with": "emb"}
     store = PartStore(scratch, key, restart=is_first_rank())
     work = PartWork(lambda outs: _part(bundle, outs, np.array([cls_of[int(r)] for o in outs for r in o.rows])),
                     desc="evaluate")
-    stats = run_parts(bundle.net, bundle.manifest.tta_flip, RecordReader(path, table), parts, store, work, loader)
+    stats = run_parts(bundle.net, bundle.manifest.mirror, RecordReader(path, table), parts, store, work, loader)
     if stats is None:
         return None
     got = [store.read(p) for p, _ in parts]
@@ -94,11 +94,11 @@ def _candidates(bundle: IndexBundle, path: Path, table: np.ndarray, rows: np.nda
 
 def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir: str | Path | None = None,
              loader: LoaderSettings = LoaderSettings(), max_products: int | None = None, seed: int = 0,
-             chunk_products: int = 16_384) -> dict | None:
+             part_products: int = 16_384) -> dict | None:
     """Score the run's validation split (or a labelled file); write metrics.json, plots and calibration.json.
     With ``loader.where`` over several devices/nodes, rank 0 scores and returns the metrics, other ranks None."""
-    if chunk_products < 1 or (max_products is not None and max_products < 1):
-        raise UserError("chunk size and max products must be at least 1")
+    if part_products < 1 or (max_products is not None and max_products < 1):
+        raise UserError("part size and max products must be at least 1")
     bundle = open_index(index_dir)
     cats = bundle.categories
     path, table, rows = _eval_rows(bundle, val_path)
@@ -106,7 +106,7 @@ def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir:
         rows = np.sort(np.random.default_rng(seed).choice(rows, max_products, replace=False))
     y = cats.encode(table["category_id"][rows])
     out = Path(out_dir) if out_dir else bundle.run.path / "eval"
-    found = _candidates(bundle, path, table, rows, y, loader, out / "parts", chunk_products)
+    found = _candidates(bundle, path, table, rows, y, loader, out / "parts", part_products)
     if found is None:
         return None
     c, emb, head_pred, img_ok, stats = found
@@ -144,7 +144,7 @@ def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir:
         "calibration": clf.params(), "fused_top5_accuracy": float((top5 == y[:, None]).any(1).mean()),
         "level1_accuracy": float((l1[pred] == l1[y]).mean()), "level2_accuracy": float((l2[pred] == l2[y]).mean()),
         "image_accuracy": float(img_ok.mean()) if len(img_ok) else 0.0, "by_frequency": buckets,
-        "tta_flip": bundle.manifest.tta_flip, "decode": stats.summary(), "grid": grid}
+        "mirror": bundle.manifest.mirror, "decode": stats.summary(), "grid": grid}
     bundle.run.write_calibration({**clf.params(), "peers": peers.params(), "val_fused_accuracy": fused_acc})
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))

@@ -67,18 +67,18 @@ class ScoresOutput:
 
 def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path,
             fusion: FusionOverrides = FusionOverrides(), scores: ScoresOutput | None = None,
-            loader: LoaderSettings = LoaderSettings(), chunk_products: int = 20_000, restart: bool = False
+            loader: LoaderSettings = LoaderSettings(), part_products: int = 20_000, restart: bool = False
             ) -> PredictReport | None:
     """Write ``_id,category_id`` for every product of ``test_path`` in file order.
 
-    Work is saved per chunk of products in ``<out_csv>.parts/``; running again after an interruption
-    resumes from the last finished chunk (``restart`` discards parts made with other settings).
+    Work is saved per part of products in ``<out_csv>.parts/``; running again after an interruption
+    resumes from the last finished part (``restart`` discards parts made with other settings).
     Horizontal-flip TTA is used when the index was built with it. With ``loader.where`` over several devices/nodes,
-    every rank predicts its share of the chunks and rank 0 writes the submission (other ranks return None).
+    every rank predicts its share of the parts and rank 0 writes the submission (other ranks return None).
     """
     t_start = time.perf_counter()
-    if chunk_products < 1:
-        raise UserError("chunk size must be at least 1")
+    if part_products < 1:
+        raise UserError("part size must be at least 1")
     top, scores_out = (scores.top, scores.path) if scores else (0, None)
     test_path, out_csv = Path(test_path), Path(out_csv)
     table = load_offsets(test_path)
@@ -86,20 +86,20 @@ def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path,
     clf = load_fusion(bundle.run, bundle.fallback_class, fusion)  # validates alpha, k, tau, beta
     peers = load_peers(bundle.run, fusion.peer_weight, off=fusion.alpha is not None or fusion.beta is not None)
     net, cats = bundle.net, bundle.categories
-    tta_flip = bundle.manifest.tta_flip
+    mirror = bundle.manifest.mirror
     reader = RecordReader(test_path, table)
     key = {"test": file_fingerprint(test_path), "model": bundle.manifest.model_sha256, "count": len(bundle.vectors),
-           "params": clf.params(), "peers": peers.params(), "tta_flip": tta_flip, "top": top, "chunk": chunk_products}
+           "params": clf.params(), "peers": peers.params(), "mirror": mirror, "top": top, "part_products": part_products}
     store = PartStore(out_csv.with_name(out_csv.name + ".parts"), key, restart=restart and is_first_rank())
     default = clf.fallback
     ids_of = np.asarray(cats.ids, np.int64)
     report, timer = PredictReport(params={**clf.params(), "peers": peers.params()}), Timer()
-    parts = numbered(np.arange(len(table)), chunk_products)
+    parts = numbered(np.arange(len(table)), part_products)
     report.computed = sum(len(r) for p, r in parts if not store.done(p))
     peers = replace(peers, keep=max(peers.keep, top))
     work = PartWork(lambda outs: _decide(bundle, clf, outs, peers, peers.keep, timer), group=SEARCH_BATCH,
                     desc="predict")
-    stats = run_parts(net, tta_flip, reader, parts, store, work, loader, timer)
+    stats = run_parts(net, mirror, reader, parts, store, work, loader, timer)
     if stats is None:
         return None
     n_parts = len(parts)

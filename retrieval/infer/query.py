@@ -62,8 +62,8 @@ QUERY_MIRROR = True
 
 def mirrored(bundle: IndexBundle, mirror: bool = QUERY_MIRROR) -> bool:
     """Whether a picture query is embedded with its mirror image: if asked (the default), and always for an
-    index built with ``tta_flip``."""
-    return mirror or bundle.manifest.tta_flip
+    index built with ``mirror``."""
+    return mirror or bundle.manifest.mirror
 
 
 def product_pictures(bundle: IndexBundle, pos: int) -> list[bytes]:
@@ -81,11 +81,11 @@ def embed_pictures(bundle: IndexBundle, pictures: list[bytes], names: list[str] 
                    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """One product from its picture bytes: (embedding ``[D]``, head probabilities ``[C]``, decoded RGB pictures
     for a contact sheet, only if ``sheet``, else none). ``mirror`` averages each picture with its mirror image
-    (always so for an index built with ``tta_flip``). A picture that does not decode is an error naming it."""
+    (always so for an index built with ``mirror``). A picture that does not decode is an error naming it."""
     x = picture_inputs(bundle, pictures, names)
     pics = [decode_image(data, min_size=SHEET_PX) for data in pictures] if sheet else []
     emb, probs = embed_images(bundle.net, x, torch.zeros(len(x), dtype=torch.long), 1,
-                              tta_flip=mirrored(bundle, mirror))
+                              mirrored(bundle, mirror))
     return emb[0].cpu().numpy(), probs[0].cpu().numpy(), pics
 
 
@@ -218,13 +218,18 @@ def _padded(lab: np.ndarray, cap: int = 16) -> np.ndarray:
 
 def similar(index_dir: str | Path | IndexBundle, product_id: int | None = None,
             images: list[str | Path] | None = None, k: int = 10, category: int | None = None,
-            sheet: str | Path | None = None) -> list[Neighbour]:
-    """The ``k`` products most similar to a product or to images, optionally within one category id."""
+            sheet: str | Path | None = None, include_self: bool = False) -> list[Neighbour]:
+    """The ``k`` products most similar to a product or to images, optionally within one category id. A query
+    product is not its own neighbour unless ``include_self`` (as in ``POST /similar``)."""
     bundle = index_dir if isinstance(index_dir, IndexBundle) else open_index(index_dir)
     if k < 1:
         raise UserError(f"k must be at least 1, got {k}")
     vec, pics = query_vector(bundle, product_id, images)
-    out, positions = neighbours(bundle, vec, k, category)
+    drop_self = product_id is not None and not include_self
+    out, positions = neighbours(bundle, vec, k + drop_self, category)
+    if drop_self:
+        keep = [i for i, n in enumerate(out) if n.product_id != product_id][:k]
+        out, positions = [out[i] for i in keep], positions[keep]
     if sheet is not None:
         contact_sheet(bundle, pics, out, positions, sheet)
     return out

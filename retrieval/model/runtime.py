@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import UserError
+
 
 @functools.lru_cache(maxsize=1)
 def auto_precision() -> str:
@@ -48,15 +50,55 @@ def is_first_rank() -> bool:
     return all(os.environ.get(v, "0") == "0" for v in ("LOCAL_RANK", "NODE_RANK", "RANK"))
 
 
+def parse_devices(text: str | int) -> int | str | tuple[int, ...]:
+    """``--devices`` as a user writes it: a count (``"2"``), ``"auto"``, or device indices (``"0,1"``, ``"1,"``)."""
+    if isinstance(text, int):
+        return text
+    t = str(text).strip()
+    if t == "auto":
+        return t
+    if t.isdigit():
+        return int(t)
+    try:
+        ids = tuple(int(x) for x in t.split(",") if x.strip())
+    except ValueError:
+        ids = ()
+    if not ids or min(ids) < 0 or len(set(ids)) != len(ids):
+        raise UserError(f"--devices {text!r}: give a count (2), auto, or a list of device indices (0,1)")
+    return ids
+
+
+def is_ddp(devices: int | str | tuple[int, ...] | list[int], num_nodes: int) -> bool:
+    """Whether Lightning runs several processes: more than one node, "auto", a count over 1 or several indices."""
+    return num_nodes > 1 or devices == "auto" or (isinstance(devices, int) and devices > 1) or \
+        (isinstance(devices, (tuple, list)) and len(devices) > 1)
+
+
+def lightning_devices(devices: int | str | tuple[int, ...] | list[int], accelerator: str) -> int | str | list[int]:
+    """``devices`` as Lightning's Trainer takes them: indices name GPUs; on the CPU (which has no indices) a list
+    means as many processes as it names."""
+    if isinstance(devices, (tuple, list)):
+        on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+        return len(devices) if on_cpu else list(devices)
+    return devices
+
+
 @dataclass(frozen=True)
 class Devices:
-    """Where serving work runs: Lightning's ``devices`` (a count or "auto"), ``num_nodes`` and ``accelerator``.
-    The default, one device, runs in this process without Lightning."""
+    """Where inference runs: ``devices`` (a count, "auto" or indices, see :func:`parse_devices`), ``num_nodes``
+    and ``accelerator``. The default, one device, runs in this process without Lightning."""
 
-    devices: int | str = 1
+    devices: int | str | tuple[int, ...] = 1
     num_nodes: int = 1
     accelerator: str = "auto"
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "devices", parse_devices(self.devices))
+
     @property
     def distributed(self) -> bool:
-        return self.num_nodes > 1 or self.devices == "auto" or (isinstance(self.devices, int) and self.devices > 1)
+        return is_ddp(self.devices, self.num_nodes)
+
+    @property
+    def for_lightning(self) -> int | str | list[int]:
+        return lightning_devices(self.devices, self.accelerator)

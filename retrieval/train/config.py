@@ -23,7 +23,7 @@ PRETRAINED_RECIPE = {
     "m_per_class": 0,          # plain shuffled batches (m-per-class sampling cost the same run points too)
     "warmup_fraction": 0.1,
     "crop_min": 0.35,
-    "colour_jitter": 0.3,
+    "colour_aug": 0.3,
     "embed_dim": 256,
     "batch_size": 64,
     "epochs": 8,
@@ -53,7 +53,7 @@ class DataSettings:
     workers: int = 2
     m_per_class: int = 0  # > 0: batches of classes with m images each (positive pairs for the metric loss)
     crop_min: float = 0.8  # random resized crop keeps this share of the area at least
-    colour_jitter: float = 0.0  # brightness/contrast/saturation factors in [1 - j, 1 + j]
+    colour_aug: float = 0.0  # brightness/contrast/saturation factors in [1 - j, 1 + j]
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class TrainConfig:
     data: DataSettings = field(default_factory=DataSettings)
     loss: LossSettings = field(default_factory=LossSettings)
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
-    devices: int | str = "auto"
+    devices: int | str | tuple[int, ...] = "auto"  # a count, "auto" or device indices (model.runtime.parse_devices)
     num_nodes: int = 1
     accelerator: str = "auto"
     precision: str = "auto"
@@ -142,4 +142,6 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         kinds = {"model": ModelSettings, "data": DataSettings, "loss": LossSettings, "schedule": ScheduleSettings}
+        if "colour_jitter" in d.get("data", {}):  # a run saved before the augmentation was named colour_aug
+            d = {**d, "data": {("colour_aug" if k == "colour_jitter" else k): v for k, v in d["data"].items()}}
         return cls(**{k: (kinds[k](**v) if k in kinds else v) for k, v in d.items()})

@@ -70,7 +70,7 @@ class CdiscountDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         l1, l2 = self.categories.parents() if self.hier else (None, None)
         ds = ImageDataset(self.reader, self.train_rows, self.class_of(self.train_rows), self.image_size, l1, l2,
-                          Augment(self.cfg.crop_min, self.cfg.colour_jitter))
+                          Augment(self.cfg.crop_min, self.cfg.colour_aug))
         common = dict(num_workers=self.cfg.workers, persistent_workers=self.cfg.workers > 0,
                       pin_memory=torch.cuda.is_available())
         if self.cfg.m_per_class > 0:

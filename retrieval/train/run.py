@@ -19,7 +19,7 @@ from ..model.config import ModelConfig
 from ..model.export import save_model_file
 from ..model.network import EmbeddingNet
 from ..model.registry import backbone_spec
-from ..model.runtime import auto_precision, is_first_rank
+from ..model.runtime import auto_precision, is_ddp, is_first_rank, lightning_devices
 from ..rundir import RunDir
 from .config import TrainConfig
 from .datamodule import CdiscountDataModule
@@ -126,10 +126,11 @@ def train(train_path: str | Path, run_dir: str | Path, cfg: TrainConfig, categor
     steps_per_epoch = max(1, len(dm.train_dataloader()))
     # with --max-steps, an epoch limit that is never the one reached (a resumed run may restart its epoch)
     epochs = s.epochs if s.max_steps < 0 else math.ceil(s.max_steps / steps_per_epoch) + 1
-    ddp = cfg.num_nodes > 1 or (isinstance(cfg.devices, int) and cfg.devices > 1)
+    ddp = is_ddp(cfg.devices, cfg.num_nodes)
     trainer = pl.Trainer(
         default_root_dir=run.path, max_epochs=epochs, max_steps=s.max_steps,
-        accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy="ddp" if ddp else "auto",
+        accelerator=cfg.accelerator, devices=lightning_devices(cfg.devices, cfg.accelerator), num_nodes=cfg.num_nodes,
+        strategy="ddp" if ddp else "auto",
         precision=auto_precision() if cfg.precision == "auto" else cfg.precision,
         callbacks=_checkpoint_callbacks(run, cfg, has_val), logger=CSVLogger(run.path, name="logs", version=""),
         log_every_n_steps=10, enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,

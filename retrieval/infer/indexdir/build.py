@@ -38,14 +38,14 @@ def _part_arrays(outs: list[ProductOutputs]) -> dict[str, np.ndarray]:
     return {"rows": o.rows, "emb": o.emb, "img_hash": o.image_hash, "img_owner": o.image_owner}
 
 
-def _embed_to_store(net, tta: bool, reader: RecordReader, parts: list[tuple[int, np.ndarray]], store: PartStore,
+def _embed_to_store(net, mirror: bool, reader: RecordReader, parts: list[tuple[int, np.ndarray]], store: PartStore,
                     loader: LoaderSettings, desc: str) -> tuple[DecodeStats, float] | None:
     """Embed ``parts`` into the store (over several devices/nodes when ``loader`` says so); returns the decode
     counts of all the parts and the seconds spent, or None on a rank other than 0 of a distributed run."""
     if len(parts) > sum(not store.done(p) for p, _ in parts) > 0:
         log.info("%d of %d parts already embedded; resuming", sum(store.done(p) for p, _ in parts), len(parts))
     t = time.perf_counter()
-    stats = run_parts(net, tta, reader, parts, store, PartWork(_part_arrays, keep_probs=False, desc=desc), loader)
+    stats = run_parts(net, mirror, reader, parts, store, PartWork(_part_arrays, keep_probs=False, desc=desc), loader)
     return None if stats is None else (stats, time.perf_counter() - t)
 
 
@@ -91,16 +91,16 @@ class IndexSettings:
 
     split: str = "train"
     index_type: str = "auto"
-    tta_flip: bool = False
-    chunk_products: int = 50_000
+    mirror: bool = False
+    part_products: int = 50_000
     memory_budget: float = 8e9
     target_recall: float = 0.95
 
     def __post_init__(self) -> None:
         if self.split not in ("train", "all"):
             raise UserError(f"split must be 'train' or 'all', got {self.split!r}")
-        if self.chunk_products < 1 or not self.memory_budget > 0 or not 0 < self.target_recall <= 1:
-            raise UserError("chunk size must be at least 1, memory budget positive, target recall in (0, 1]")
+        if self.part_products < 1 or not self.memory_budget > 0 or not 0 < self.target_recall <= 1:
+            raise UserError("part size must be at least 1, memory budget positive, target recall in (0, 1]")
 
 
 def build_index(train_path: str | Path, run_dir: str | Path, out_dir: str | Path,
@@ -117,7 +117,7 @@ def build_index(train_path: str | Path, run_dir: str | Path, out_dir: str | Path
 
 def _build(train_path: Path, run: RunDir, out: IndexFolder, settings: IndexSettings, restart: bool,
            loader: LoaderSettings) -> IndexManifest | None:
-    split, tta_flip, chunk_products = settings.split, settings.tta_flip, settings.chunk_products
+    split, mirror, part_products = settings.split, settings.mirror, settings.part_products
     model = load_model_file(run.model(), best_device())
     net, cats = model.net, model.categories
     table = load_offsets(train_path)
@@ -131,11 +131,11 @@ def _build(train_path: Path, run: RunDir, out: IndexFolder, settings: IndexSetti
         rows = np.flatnonzero(table["category_id"] >= 0)
     if len(rows) == 0:
         raise UserError(f"{train_path}: no labelled products to index")
-    key = {"model_sha256": model.sha256, "data": fp, "split": split, "tta_flip": tta_flip, "chunk": chunk_products,
+    key = {"model_sha256": model.sha256, "data": fp, "split": split, "mirror": mirror, "part_products": part_products,
            "picture_hashes": True}
     store = PartStore(out.embeddings, key, restart=restart and is_first_rank())
-    parts = numbered(rows, chunk_products)
-    done = _embed_to_store(net, tta_flip, RecordReader(train_path, table), parts, store, loader, "embedding")
+    parts = numbered(rows, part_products)
+    done = _embed_to_store(net, mirror, RecordReader(train_path, table), parts, store, loader, "embedding")
     if done is None:
         return None
     stats, embed_s = done
@@ -148,7 +148,7 @@ def _build(train_path: Path, run: RunDir, out: IndexFolder, settings: IndexSetti
     manifest = IndexManifest(
         model_file=out.relative(model.path), model_sha256=model.sha256, run_dir=out.relative(run.path),
         backbone=net.cfg.backbone, image_size=net.cfg.image_size, dim=net.cfg.embed_dim, factory=factory,
-        count=len(rows), split=split, tta_flip=tta_flip, store_key=key, parts=tuple(parts),
+        count=len(rows), split=split, mirror=mirror, store_key=key, parts=tuple(parts),
         sources=(Source(out.relative(train_path), fp),), origin=str(out.path.resolve()), tuned_recall_at_10=recall, decode=stats.summary(),
         embedding={"seconds": round(embed_s, 3), "images": stats.decoded})
     arrays = {"product_ids": table["product_id"][rows], "category_ids": table["category_id"][rows],
@@ -156,7 +156,7 @@ def _build(train_path: Path, run: RunDir, out: IndexFolder, settings: IndexSetti
               "sources": np.zeros(len(rows), np.int32)}
     bundle = IndexBundle(out.path, manifest, vi, arrays, model, _duplicates(store, parts, 0))
     bundle.commit()
-    log.info("index of %d products (%s) written to %s; %s", len(rows), factory, out, stats.summary())
+    log.info("index of %d products (%s) written to %s; %s", len(rows), factory, out.path, stats.summary())
     return bundle.manifest
 
 
@@ -200,7 +200,7 @@ def _add(bundle: IndexBundle, new_path: Path, loader: LoaderSettings) -> tuple[i
     # an add that died before its commit is reused only for the very same products
     content = hashlib.sha1(json.dumps(fp, sort_keys=True).encode() + rows.astype(np.int64).tobytes()).hexdigest()
     new_parts = [(f"add-{content[:20]}", rows)]
-    _embed_to_store(bundle.net, man.tta_flip, RecordReader(new_path, table), new_parts, store, loader,
+    _embed_to_store(bundle.net, man.mirror, RecordReader(new_path, table), new_parts, store, loader,
                     "embedding new products")
     parts = [(p, len(r)) for p, r in new_parts]
     bundle.vectors.add(store.read(parts[0][0])["emb"], labels)

@@ -32,7 +32,7 @@ class IndexManifest:
     factory: str
     count: int
     split: str
-    tta_flip: bool
+    mirror: bool
     store_key: dict
     parts: tuple[tuple[int | str, int], ...]  # (part number, or content key for added parts; products)
     sources: tuple[Source, ...]

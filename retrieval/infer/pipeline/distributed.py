@@ -55,10 +55,10 @@ class _Embedder(pl.LightningModule):
     """Wraps the network for ``Trainer.predict``; each rank's loader holds only its own parts."""
 
     def __init__(self, net: EmbeddingNet, reader: RecordReader, parts: list[tuple[int, np.ndarray]],
-                 batch_images: int, workers: int, tta_flip: bool, keep_probs: bool) -> None:
+                 batch_images: int, workers: int, mirror: bool, keep_probs: bool) -> None:
         super().__init__()
         self.net, self.reader, self.parts = net, reader, parts
-        self.batch_images, self.workers, self.tta_flip, self.keep_probs = batch_images, workers, tta_flip, keep_probs
+        self.batch_images, self.workers, self.mirror, self.keep_probs = batch_images, workers, mirror, keep_probs
         self.mine: list[tuple[int, np.ndarray]] = []
 
     def predict_dataloader(self) -> DataLoader:
@@ -73,7 +73,7 @@ class _Embedder(pl.LightningModule):
         return batch  # embed_images moves the pictures itself
 
     def predict_step(self, batch, batch_idx: int) -> ProductOutputs:
-        out = batch_outputs(self.net, batch, self.tta_flip)
+        out = batch_outputs(self.net, batch, self.mirror)
         return out if self.keep_probs else replace(out, probs=np.zeros((len(out.rows), 0), np.float32))
 
 
@@ -97,19 +97,19 @@ class _PartWriter(BasePredictionWriter):
 
 
 def embed_parts(net: EmbeddingNet, reader: RecordReader, parts: list[tuple[int, np.ndarray]], on_part: OnPart,
-                loader: "LoaderSettings", tta_flip: bool = False, keep_probs: bool = True, progress: bool = True
+                loader: "LoaderSettings", mirror: bool = False, keep_probs: bool = True, progress: bool = True
                 ) -> bool:
     """Embed ``parts`` (part number, offset-table rows) over ``where``; ``on_part(part, outputs)`` runs on the
     rank that embedded the part (head probabilities ``[P, C]`` only with ``keep_probs``), with ``loader``'s
     batch size, workers and devices. Returns True on global rank 0, after every rank has finished."""
     where, batch_images, workers = loader.where, loader.batch_size, loader.workers
     ddp = where.distributed
-    trainer = pl.Trainer(accelerator=where.accelerator, devices=where.devices, num_nodes=where.num_nodes,
+    trainer = pl.Trainer(accelerator=where.accelerator, devices=where.for_lightning, num_nodes=where.num_nodes,
                          strategy="ddp" if ddp else "auto", logger=False, enable_checkpointing=False,
                          enable_model_summary=False, enable_progress_bar=progress, use_distributed_sampler=False,
                          callbacks=[_PartWriter(on_part)], precision="32-true")
     net.eval()
-    trainer.predict(_Embedder(net, reader, parts, batch_images, workers, tta_flip, keep_probs),
+    trainer.predict(_Embedder(net, reader, parts, batch_images, workers, mirror, keep_probs),
                     return_predictions=False)
     trainer.strategy.barrier("parts written")
     log.info("rank %d of %d: embedded %d parts", trainer.global_rank, trainer.world_size,

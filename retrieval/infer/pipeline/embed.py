@@ -1,4 +1,4 @@
-"""Product embeddings and head probabilities, streamed in batches; chunked on-disk stores that resume."""
+"""Product embeddings and head probabilities, streamed in batches; the loader settings that feed them."""
 from __future__ import annotations
 
 import logging
@@ -82,7 +82,7 @@ def shape_bucket(n: int) -> int:
 
 @torch.no_grad()
 def embed_images(net: EmbeddingNet, images: torch.Tensor, owner: torch.Tensor, n_products: int,
-                 tta_flip: bool = False, per_image: bool = False, pad: bool | None = None):
+                 mirror: bool = False, per_image: bool = False, pad: bool | None = None):
     """uint8 ``images [N, 3, S, S]`` of ``n_products`` -> (``emb [P, D]``, ``probs [P, C]``) product means
     (and, with ``per_image``, the head's argmax ``[N]`` per image). ``pad`` (default: on CUDA) runs the network
     on :func:`shape_bucket` images, zero images after the real ones (eval mode: they change nothing)."""
@@ -95,9 +95,9 @@ def embed_images(net: EmbeddingNet, images: torch.Tensor, owner: torch.Tensor, n
     owner = owner.to(dev)
     with autocast_for(dev):
         m = len(x)
-        emb, logits, _ = net(torch.cat([x, x.flip(-1)]) if tta_flip else x)  # one forward for both views
+        emb, logits, _ = net(torch.cat([x, x.flip(-1)]) if mirror else x)  # one forward for both views
         probs = logits.float().softmax(-1)
-        if tta_flip:
+        if mirror:
             emb, probs = emb[:m] + emb[m:], (probs[:m] + probs[m:]) / 2
     emb, probs = emb[:n], probs[:n]
     p_emb = product_mean(F.normalize(emb.float(), dim=-1), owner, n_products)
@@ -108,7 +108,7 @@ def embed_images(net: EmbeddingNet, images: torch.Tensor, owner: torch.Tensor, n
 
 
 def embed_products(net: EmbeddingNet, reader: RecordReader, rows: np.ndarray, batch_images: int = 128,
-                   workers: int = 2, tta_flip: bool = False, timer: Timer | None = None) -> Iterator[ProductOutputs]:
+                   workers: int = 2, mirror: bool = False, timer: Timer | None = None) -> Iterator[ProductOutputs]:
     """Stream ``rows`` (offset-table rows, in order) through the network, a batch of products at a time."""
     net.eval()
     loader = product_loader(ProductDataset(reader, rows, net.cfg.image_size), batch_images, workers)
@@ -116,20 +116,20 @@ def embed_products(net: EmbeddingNet, reader: RecordReader, rows: np.ndarray, ba
     for b in loader:
         if timer:
             t = timer.add("read+decode", t)
-        out = batch_outputs(net, b, tta_flip)
+        out = batch_outputs(net, b, mirror)
         if timer:
             t = timer.add("model", t)
         yield out
         t = time.perf_counter()
 
 
-def batch_outputs(net: EmbeddingNet, b: ProductBatch, tta_flip: bool = False) -> ProductOutputs:
+def batch_outputs(net: EmbeddingNet, b: ProductBatch, mirror: bool = False) -> ProductOutputs:
     """The network's per-product outputs for one loader batch (products without a picture get zeros; decode
     counts travel in ``n_images`` and ``failed``, which every stored part keeps)."""
     n = len(b.rows)
     n_img = torch.bincount(b.owner, minlength=n).numpy()
     if len(b.images):
-        emb, probs, img_pred = embed_images(net, b.images, b.owner, n, tta_flip, per_image=True)
+        emb, probs, img_pred = embed_images(net, b.images, b.owner, n, mirror, per_image=True)
         emb, probs, img_pred = emb.cpu().numpy(), probs.cpu().numpy(), img_pred.cpu().numpy()
     else:
         emb = np.zeros((n, net.cfg.embed_dim), np.float32)

@@ -57,7 +57,7 @@ def decode_counts(store: PartStore, parts: list[int]) -> DecodeStats:
     return stats
 
 
-def run_parts(net, tta_flip: bool, reader: RecordReader, parts: list[tuple[int, np.ndarray]], store: PartStore,
+def run_parts(net, mirror: bool, reader: RecordReader, parts: list[tuple[int, np.ndarray]], store: PartStore,
               work: PartWork, loader: LoaderSettings, timer: Timer | None = None) -> DecodeStats | None:
     """Embed every part ``(number, offset-table rows)`` not yet in ``store`` and write ``work``'s arrays plus
     :data:`COUNTS` for it. Returns the decode counts of all ``parts`` (resumed ones too), or None on a rank
@@ -66,20 +66,20 @@ def run_parts(net, tta_flip: bool, reader: RecordReader, parts: list[tuple[int, 
     if loader.distributed:
         from .distributed import embed_parts
         if not embed_parts(net, reader, todo, lambda p, outs: store.write(p, **_reduce_groups(work, outs)),
-                           loader, tta_flip, keep_probs=work.keep_probs):
+                           loader, mirror, keep_probs=work.keep_probs):
             return None
     else:
         total = sum(len(r) for _, r in parts)
         bar = tqdm(total=total, initial=total - sum(len(r) for _, r in todo), unit="products", desc=work.desc)
         for p, rows in todo:
-            outs = embed_products(net, reader, rows, loader.batch_size, loader.workers, tta_flip, timer=timer)
+            outs = embed_products(net, reader, rows, loader.batch_size, loader.workers, mirror, timer=timer)
             store.write(p, **_reduce_groups(work, outs))
             bar.update(len(rows))
         bar.close()
     return decode_counts(store, [p for p, _ in parts])
 
 
-def numbered(rows: np.ndarray, chunk: int, first: int = 0) -> list[tuple[int, np.ndarray]]:
-    """``rows`` cut into parts of ``chunk`` products, numbered from ``first``."""
-    return [(first + i, rows[lo:lo + chunk]) for i, lo in enumerate(range(0, len(rows), chunk))]
+def numbered(rows: np.ndarray, size: int, first: int = 0) -> list[tuple[int, np.ndarray]]:
+    """``rows`` cut into parts of ``size`` products, numbered from ``first``."""
+    return [(first + i, rows[lo:lo + size]) for i, lo in enumerate(range(0, len(rows), size))]
 
