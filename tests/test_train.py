@@ -19,16 +19,9 @@ from retrieval.model.registry import list_backbones
 from retrieval.train.config import LossSettings, TrainConfig
 from retrieval.train.losses import MetricLoss, sampled_softmax_loss
 from retrieval.train.run import resolve_config, train
+from tests.conftest import TRAINED_EPOCHS
 
 FAST = dict(image_size=32, embed_dim=32, batch_size=16, workers=0, val_fraction=0.2, lr=3e-3)
-
-
-@pytest.fixture(scope="module")
-def trained(small_data, tmp_path_factory):
-    run = tmp_path_factory.mktemp("run")
-    res = train(small_data["train.bson"], run, TrainConfig.build(epochs=4, **FAST), small_data["category_names.csv"],
-                progress=False)
-    return run, res
 
 
 def _epoch_losses(run):
@@ -40,10 +33,10 @@ def _epoch_losses(run):
 def test_training_lowers_the_loss(trained):
     run, _ = trained
     losses = _epoch_losses(run)
-    assert len(losses) == 4 and losses[-1] < 0.8 * losses[0]
+    assert len(losses) == TRAINED_EPOCHS and losses[-1] < 0.8 * losses[0]
     with open(run / "logs" / "metrics.csv") as f:
         acc = [float(r["val/product_acc"]) for r in csv.DictReader(f) if r.get("val/product_acc")]
-    assert len(acc) == 4 and max(acc) > 1 / 6  # better than chance over 6 classes
+    assert len(acc) == TRAINED_EPOCHS and max(acc) > 1 / 6  # better than chance over 6 classes
 
 
 def test_checkpoint_reloads_to_identical_embeddings(trained, small_data):
