@@ -108,7 +108,8 @@ def main() -> None:
     print("## Accuracy on the validation split (products), generated data, tiny tower\n")
     print_table([("head only", f"{m['head_accuracy']:.4f}", ""),
                  (f"kNN only (k={m['knn_best']['k']}, tau={m['knn_best']['tau']})", f"{m['knn_accuracy']:.4f}", ""),
-                 (f"fused (alpha={m['calibration']['alpha']}, k={m['calibration']['k']}, tau={m['calibration']['tau']})",
+                 (f"fused (alpha={m['calibration']['alpha']}, k={m['calibration']['k']}, "
+                  f"tau={m['calibration']['tau']})",
                   f"{m['fused_accuracy']:.4f}", "ok" if m["fused_accuracy"] >= best_single else "MISS (goal >= best)")],
                 ("predictor", "product accuracy", ""))
     rep = predict(test_bson, work / "index_all", work / "submission.csv")
@@ -118,7 +119,8 @@ def main() -> None:
     e2e = rep.images / rep.seconds
     loop = rep.images / sum(rep.stages.values())  # read, decode, model, search, fusion: no start-up
     cx = convnext_predict(work)
-    print(f"\n## predict end to end vs model forward only on the same images ({rep.images:,} tiny, {cx[2]:,} convnext)\n")
+    print(f"\n## predict end to end vs model forward only on the same images ({rep.images:,} tiny, "
+          f"{cx[2]:,} convnext)\n")
     print_table([("tiny @ 64px: forward only", f"{fwd:,.0f} img/s", "reference", ""),
                  ("tiny @ 64px: predict end to end (whole command)",
                   f"{e2e:,.0f} img/s, {rep.products / rep.seconds:,.0f} products/s",
@@ -126,7 +128,8 @@ def main() -> None:
                  ("tiny @ 64px: predict, product loop", f"{loop:,.0f} img/s", f"{loop / fwd:.2f}x forward",
                   "ok" if loop / fwd >= 0.8 else "MISS (goal >= 0.8x)"),
                  ("convnext_tiny @ 180px: forward only", f"{cx[1]:,.1f} img/s", "reference", ""),
-                 ("convnext_tiny @ 180px: predict, product loop", f"{cx[0]:,.1f} img/s", f"{cx[0] / cx[1]:.2f}x forward",
+                 ("convnext_tiny @ 180px: predict, product loop", f"{cx[0]:,.1f} img/s",
+                  f"{cx[0] / cx[1]:.2f}x forward",
                   "ok" if cx[0] / cx[1] >= 0.8 else "MISS (goal >= 0.8x)"),
                  ("implied real test set (3,095,080 images), convnext_tiny, this CPU",
                   f"{3_095_080 / cx[0] / 3600:,.0f} h", "", "")],

@@ -78,7 +78,8 @@ def main() -> None:
     print(f"## Loader vs training step ({os.cpu_count()} cores, 2 loader workers, bf16 where the CPU has it)\n")
     rows = []
     shots = ((5, 2) if a.quick else (30, 6))
-    for backbone, size, data, batch, nb in (("tiny", 64, small, 64, shots[0]), ("convnext_tiny", 180, big, 32, shots[1])):
+    for backbone, size, data, batch, nb in (("tiny", 64, small, 64, shots[0]),
+                                            ("convnext_tiny", 180, big, 32, shots[1])):
         ld, st = loader_vs_step(data, work / f"probe_{backbone}", backbone, size, batch, nb)
         rows.append((f"{backbone} @ {size}px", f"{ld:,.0f}", f"{st:,.1f}", f"{ld / st:.1f}x", ">= 5x",
                      "ok" if ld / st >= 5 else "MISS"))
@@ -105,7 +106,8 @@ def run_variant(work: Path, data: Path, name: str, kw: dict, epochs: int) -> tup
     run = work / f"run_{data.name}_{abs(hash(name)) % 10 ** 8}"
     shutil.rmtree(run, ignore_errors=True)
     t = time.perf_counter()
-    train(data / "train.bson", run, TrainConfig.build(image_size=64, embed_dim=128, epochs=epochs, val_fraction=0.1, **kw),
+    train(data / "train.bson", run,
+          TrainConfig.build(image_size=64, embed_dim=128, epochs=epochs, val_fraction=0.1, **kw),
           data / "category_names.csv", progress=False)
     sec = time.perf_counter() - t
     curve = val_curve(run)

@@ -36,7 +36,8 @@ def prepared(work: Path, products: int | None = None, categories: int = 40, epoc
     run = work / "run"
     if not (run / "checkpoints" / "last.ckpt").exists():
         shutil.rmtree(run, ignore_errors=True)
-        train(data / "train.bson", run, TrainConfig.build(image_size=64, embed_dim=128, epochs=epochs, val_fraction=0.1),
+        train(data / "train.bson", run,
+              TrainConfig.build(image_size=64, embed_dim=128, epochs=epochs, val_fraction=0.1),
               data / "category_names.csv", progress=False)
     return {"data": data, "run": run}
 
@@ -122,5 +123,6 @@ def embedding_rows(work: Path) -> list[tuple]:
     shutil.rmtree(tta_dir, ignore_errors=True)
     build_index(p["data"] / "train.bson", p["run"], tta_dir, IndexSettings("all", mirror=True))
     hit, n = instance_rate(open_index(tta_dir), table, rows, images, owner, mirror=True)
-    out_rows.append(("  same, index and query with --mirror-flip", f"{hit:.3f}", "", ">= 0.95", "ok" if hit >= 0.95 else "MISS"))
+    out_rows.append(("  same, index and query with --mirror-flip", f"{hit:.3f}", "", ">= 0.95",
+                     "ok" if hit >= 0.95 else "MISS"))
     return out_rows

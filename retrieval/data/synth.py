@@ -53,7 +53,7 @@ def category_table(n_cat: int) -> tuple[CategoryTable, list[tuple[int, int, int]
         rows.append((cid, f"GROUP {a} ", f"GROUP {a} - {_SHAPES[b % len(_SHAPES)].upper()}",
                      f"{_SHAPES[b % len(_SHAPES)]}, colour {c % len(_FG)} x{1 + c // len(_FG)}"))
     table = CategoryTable.from_rows(rows)
-    order = {cid: code for (cid, *_), code in zip(rows, codes)}
+    order = {cid: code for (cid, *_), code in zip(rows, codes, strict=True)}
     return table, [order[cid] for cid in table.ids]
 
 
@@ -63,7 +63,7 @@ def tree_codes(table: CategoryTable) -> list[tuple[int, int, int]]:
     seen_l2: dict[int, dict[int, int]] = {}
     seen_l3: dict[int, int] = {}
     codes = []
-    for a, b2 in zip(l1.tolist(), l2.tolist()):
+    for a, b2 in zip(l1.tolist(), l2.tolist(), strict=True):
         b = seen_l2.setdefault(a, {}).setdefault(b2, len(seen_l2[a]))
         c = seen_l3[b2] = seen_l3.get(b2, -1) + 1
         codes.append((a, b, c))
