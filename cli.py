@@ -100,6 +100,15 @@ BATCH = typer.Option(256, min=1, help="images per model batch")
 DEVICES = typer.Option("1", help="devices: a count, auto, or a list like 0,1 (more than one: Lightning DDP)")
 NODES = typer.Option(1, min=1, help="machines (Lightning DDP; start the command on each with NODE_RANK set)")
 ACCELERATOR = typer.Option("auto", help="Lightning accelerator: auto, cpu, gpu")
+RUNTIMES = ("torch", "onnx", "onnx-int8")  # model.onnx_runtime.RUNTIMES, spelled here so --help imports no torch
+QUERY_RUNTIME = typer.Option(None, help="what embeds pictures: torch, onnx (ONNX Runtime fp32, CPU) or onnx-int8 "
+                             "[default: the runtime that built the index]")
+
+
+def _runtime(name: str | None) -> str | None:
+    if name is not None and name not in RUNTIMES:
+        raise UserError(f"--runtime {name}: valid runtimes are {', '.join(RUNTIMES)}")
+    return name
 
 
 def _loader(batch_size: int, workers: int, devices: str = "1", num_nodes: int = 1, accelerator: str = "auto"):
@@ -235,6 +244,8 @@ def build_index(train_file: Path = typer.Argument(..., help="labelled BSON file 
                 batch_size: int = BATCH, mirror: bool = typer.Option(
                     False, help="average each image with its mirror (then used by predict, evaluate, similar)"),
                 tta_flip: bool = typer.Option(False, "--tta-flip", hidden=True, help="old name of --mirror"),
+                runtime: str = typer.Option("torch", help="what embeds: torch, onnx (ONNX Runtime fp32, CPU; pip "
+                                            "install -e '.[onnx]') or onnx-int8 (static int8); queries must match"),
                 workers: int = WORKERS,
                 memory_budget_gb: float = typer.Option(8.0, min=0.01, help="RAM the index may use (chooses its type)"),
                 restart: bool = typer.Option(False, help="discard unfinished parts made with other settings"),
@@ -242,7 +253,8 @@ def build_index(train_file: Path = typer.Argument(..., help="labelled BSON file 
     """Embed every product and build a FAISS index (resumes an interrupted build)."""
     from retrieval.infer.indexdir.build import IndexSettings
     from retrieval.infer.indexdir.build import build_index as _build
-    man = _build(train_file, model, out, IndexSettings(split, index_type, mirror or tta_flip, memory_budget=memory_budget_gb * 1e9),
+    man = _build(train_file, model, out, IndexSettings(split, index_type, mirror or tta_flip, memory_budget=memory_budget_gb * 1e9,
+                                                       runtime=_runtime(runtime)),
                  _loader(batch_size, workers, devices, num_nodes, accelerator), restart=restart)
     if man is None:  # another rank of a distributed run: rank 0 reports
         return
@@ -257,12 +269,13 @@ def similar(index: Path = typer.Option(..., help="index folder"),
             category: Optional[int] = typer.Option(None, help="only products of this category id"),
             json_out: bool = typer.Option(False, "--json", help="machine-readable output"),
             sheet: Optional[Path] = typer.Option(None, help="also draw a contact sheet PNG here"),
-            include_self: bool = typer.Option(False, help="list the query product itself (--product-id)")) -> None:
+            include_self: bool = typer.Option(False, help="list the query product itself (--product-id)"),
+            runtime: Optional[str] = QUERY_RUNTIME) -> None:
     """The k products most similar to an indexed product or to image files."""
     import json
 
     from retrieval.infer.query import similar as _similar
-    found = _similar(index, product_id, image or None, k, category, sheet, include_self)
+    found = _similar(index, product_id, image or None, k, category, sheet, include_self, _runtime(runtime))
     if json_out:
         typer.echo(json.dumps([n.to_dict() for n in found]))
         return
@@ -303,6 +316,7 @@ def predict(test_file: Path = typer.Argument(..., help="BSON file to classify"),
             part_products: int = typer.Option(20_000, min=1, help="products per part (the unit of resuming and of "
                                               "sharing work between devices)"),
             restart: bool = typer.Option(False, help="discard unfinished parts made with other settings"),
+            runtime: Optional[str] = QUERY_RUNTIME,
             devices: str = DEVICES, num_nodes: int = NODES, accelerator: str = ACCELERATOR) -> None:
     """Predict a category for every product of TEST_FILE, in file order (resumes if interrupted)."""
     from retrieval.infer.predict import ScoresOutput
@@ -311,7 +325,7 @@ def predict(test_file: Path = typer.Argument(..., help="BSON file to classify"),
     r = _predict(test_file, index, out, FusionOverrides(alpha, k, tau, beta, peer_weight),
                  ScoresOutput(scores_out, top) if scores_out else None,
                  _loader(batch_size, workers, devices, num_nodes, accelerator), part_products=part_products,
-                 restart=restart)
+                 restart=restart, runtime=_runtime(runtime))
     if r is None:  # another rank of a distributed run: rank 0 reports
         return
     resumed = r.products - r.computed
@@ -328,11 +342,12 @@ def evaluate(index: Path = typer.Option(..., help="index folder (build-index --s
              out: Optional[Path] = typer.Option(None, help="folder for metrics.json and plots (default: RUN/eval)"),
              batch_size: int = BATCH, workers: int = WORKERS,
              max_products: Optional[int] = typer.Option(None, min=1, help="score a random sample of this many"),
-             devices: str = DEVICES, num_nodes: int = NODES, accelerator: str = ACCELERATOR) -> None:
+             runtime: Optional[str] = QUERY_RUNTIME, devices: str = DEVICES, num_nodes: int = NODES, accelerator: str = ACCELERATOR) -> None:
     """Head, kNN and fused accuracy on held-out products; saves the best alpha, k, tau, beta for predict."""
     from retrieval.infer.evaluate import evaluate as _evaluate
     from retrieval.infer.evaluate import metrics_table
-    m = _evaluate(index, val_file, out, _loader(batch_size, workers, devices, num_nodes, accelerator), max_products)
+    m = _evaluate(index, val_file, out, _loader(batch_size, workers, devices, num_nodes, accelerator), max_products,
+                  runtime=_runtime(runtime))
     if m is None:  # another rank of a distributed run: rank 0 reports
         return
     typer.echo(metrics_table(m))
@@ -349,10 +364,12 @@ def serve(index: Path = typer.Option(..., help="index folder to serve"),
           allowed_host: Optional[List[str]] = typer.Option(
               None, metavar="NAME", help="a host name requests may carry in Host (and writes in Origin) besides "
                                          "the loopback names and --host; repeatable"),
-          access_log: bool = typer.Option(False, help="log every request (writes are logged regardless)")) -> None:
+          access_log: bool = typer.Option(False, help="log every request (writes are logged regardless)"),
+          runtime: Optional[str] = QUERY_RUNTIME) -> None:
     """Serve similar products over HTTP with a web page at / (API docs at /docs); needs the serve extra."""
     from retrieval.serve import ServeSettings, run_server
-    run_server(index, ServeSettings(token, read_only, tuple(allowed_host or ())), host, port, access_log)
+    run_server(index, ServeSettings(token, read_only, tuple(allowed_host or ()), _runtime(runtime)), host, port,
+               access_log)
 
 
 @command()

@@ -78,7 +78,8 @@ def _candidates(bundle: IndexBundle, path: Path, table: np.ndarray, rows: np.nda
     parts = numbered(rows, part_products)
     cls_of = {int(r): int(v) for r, v in zip(rows, y)}
     key = {"model": bundle.manifest.model_sha256, "count": len(bundle.vectors), "data": file_fingerprint(path),
-           "rows": hashlib.sha1(rows.tobytes()).hexdigest(), "mirror": bundle.manifest.mirror, "with": "emb"}
+           "rows": hashlib.sha1(rows.tobytes()).hexdigest(), "mirror": bundle.manifest.mirror, "with": "emb",
+           "runtime": bundle.runtime}
     store = PartStore(scratch, key, restart=is_first_rank())
     work = PartWork(lambda outs: _part(bundle, outs, np.array([cls_of[int(r)] for o in outs for r in o.rows])),
                     desc="evaluate")
@@ -94,12 +95,13 @@ def _candidates(bundle: IndexBundle, path: Path, table: np.ndarray, rows: np.nda
 
 def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir: str | Path | None = None,
              loader: LoaderSettings = LoaderSettings(), max_products: int | None = None, seed: int = 0,
-             part_products: int = 16_384) -> dict | None:
+             part_products: int = 16_384, runtime: str | None = None) -> dict | None:
     """Score the run's validation split (or a labelled file); write metrics.json, plots and calibration.json.
     With ``loader.where`` over several devices/nodes, rank 0 scores and returns the metrics, other ranks None."""
     if part_products < 1 or (max_products is not None and max_products < 1):
         raise UserError("part size and max products must be at least 1")
-    bundle = open_index(index_dir)
+    bundle = open_index(index_dir, runtime=runtime)
+    bundle.refuse_runtime_on(loader.distributed)
     cats = bundle.categories
     path, table, rows = _eval_rows(bundle, val_path)
     if max_products is not None and len(rows) > max_products:

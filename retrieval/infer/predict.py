@@ -67,8 +67,8 @@ class ScoresOutput:
 
 def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path,
             fusion: FusionOverrides = FusionOverrides(), scores: ScoresOutput | None = None,
-            loader: LoaderSettings = LoaderSettings(), part_products: int = 20_000, restart: bool = False
-            ) -> PredictReport | None:
+            loader: LoaderSettings = LoaderSettings(), part_products: int = 20_000, restart: bool = False,
+            runtime: str | None = None) -> PredictReport | None:
     """Write ``_id,category_id`` for every product of ``test_path`` in file order.
 
     Work is saved per part of products in ``<out_csv>.parts/``; running again after an interruption
@@ -82,14 +82,16 @@ def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path,
     top, scores_out = (scores.top, scores.path) if scores else (0, None)
     test_path, out_csv = Path(test_path), Path(out_csv)
     table = load_offsets(test_path)
-    bundle = open_index(index_dir)
+    bundle = open_index(index_dir, runtime=runtime)
+    bundle.refuse_runtime_on(loader.distributed)
     clf = load_fusion(bundle.run, bundle.fallback_class, fusion)  # validates alpha, k, tau, beta
     peers = load_peers(bundle.run, fusion.peer_weight, off=fusion.alpha is not None or fusion.beta is not None)
     net, cats = bundle.net, bundle.categories
     mirror = bundle.manifest.mirror
     reader = RecordReader(test_path, table)
     key = {"test": file_fingerprint(test_path), "model": bundle.manifest.model_sha256, "count": len(bundle.vectors),
-           "params": clf.params(), "peers": peers.params(), "mirror": mirror, "top": top, "part_products": part_products}
+           "params": clf.params(), "peers": peers.params(), "mirror": mirror, "top": top, "part_products": part_products,
+           "runtime": bundle.runtime}
     store = PartStore(out_csv.with_name(out_csv.name + ".parts"), key, restart=restart and is_first_rank())
     default = clf.fallback
     ids_of = np.asarray(cats.ids, np.int64)

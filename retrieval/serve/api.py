@@ -62,13 +62,14 @@ MAX_BUSY = 32     # picture requests (POST /similar, /classify) let in at a time
 class _State:
     """The opened index (one generation), swapped whole under a lock when an add commits."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder, self.lock = folder, threading.Lock()
+    def __init__(self, folder: Path, runtime: str | None = None) -> None:
+        self.folder, self.lock, self.runtime = folder, threading.Lock(), runtime
         self.writer = threading.Lock()  # adds queue here, one at a time (another process's add: 409)
-        self.bundle: IndexBundle = open_index(folder)
+        self.bundle: IndexBundle = open_index(folder, runtime=runtime)
 
     def swap(self, fresh: IndexBundle) -> None:
-        """Make a committed generation the one queries see (whole, under the lock)."""
+        """Make a committed generation the one queries see (whole, under the lock), with the server's runtime."""
+        fresh.tower = self.bundle.tower
         with self.lock:
             self.bundle = fresh
 
@@ -120,7 +121,7 @@ def create_app(index_dir: str | Path, settings: ServeSettings | None = None,
     """The application serving ``index_dir`` (``settings``: who may write and from where, writes open to the
     loopback names by default; ``batcher``: the query batcher to use, a new one by default)."""
     settings = settings or ServeSettings()
-    state = _State(Path(index_dir))
+    state = _State(Path(index_dir), settings.runtime)
     batcher = batcher or QueryBatcher()
     if warmed := warm_up(state.bundle, batcher.max_pictures):
         log.info("network run at %d batch sizes before serving (cuDNN plans each new shape once)", warmed)

@@ -32,11 +32,13 @@ SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 class ServeSettings:
     """Who may write: ``token`` (a bearer token every write must carry), or ``read_only``; with neither, writes
     are open, which :func:`check_exposure` allows on a loopback address only. ``allowed_hosts``: host names
-    (besides the loopback ones) that requests may carry in ``Host``, and writes in ``Origin``."""
+    (besides the loopback ones) that requests may carry in ``Host``, and writes in ``Origin``. ``runtime``: what
+    embeds picture queries (torch, onnx, onnx-int8; default: the one that built the index)."""
 
     token: str | None = None
     read_only: bool = False
     allowed_hosts: tuple[str, ...] = ()
+    runtime: str | None = None
 
     def hosts(self) -> frozenset[str]:
         """Every allowed host name, lower case, IPv6 without brackets."""

@@ -19,6 +19,7 @@ from ...data.images import DecodeStats
 from ...data.offsets import RecordReader, file_fingerprint, load_offsets
 from ...errors import UserError
 from ...model.export import load_model_file
+from ...model.onnx_runtime import RUNTIMES, load_runtime, runtime_fingerprint
 from ...model.runtime import best_device, is_first_rank
 from ...rundir import RunDir
 from ..pipeline.embed import LoaderSettings, ProductOutputs
@@ -86,8 +87,9 @@ def _fill_index(vi: VectorIndex, store: PartStore, parts: list, labels: np.ndarr
 @dataclass(frozen=True)
 class IndexSettings:
     """What ``build-index`` makes: ``split`` ("train": the run's training split, "all": every labelled product),
-    the FAISS factory ("auto" chooses by size and ``memory_budget`` bytes), flip TTA (then used by every query
-    of the folder), products per embedded part, and the recall@10 an approximate index is tuned to."""
+    the FAISS factory ("auto" chooses by size and ``memory_budget`` bytes), mirror (each picture averaged with its
+    mirror image, then done by every query of the folder), products per embedded part, the recall@10 an
+    approximate index is tuned to, and the runtime that embeds (torch, onnx, onnx-int8: model.onnx_runtime)."""
 
     split: str = "train"
     index_type: str = "auto"
@@ -95,8 +97,11 @@ class IndexSettings:
     part_products: int = 50_000
     memory_budget: float = 8e9
     target_recall: float = 0.95
+    runtime: str = "torch"
 
     def __post_init__(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise UserError(f"unknown runtime {self.runtime!r}; valid: {', '.join(RUNTIMES)}")
         if self.split not in ("train", "all"):
             raise UserError(f"split must be 'train' or 'all', got {self.split!r}")
         if self.part_products < 1 or not self.memory_budget > 0 or not 0 < self.target_recall <= 1:
@@ -118,8 +123,11 @@ def build_index(train_path: str | Path, run_dir: str | Path, out_dir: str | Path
 def _build(train_path: Path, run: RunDir, out: IndexFolder, settings: IndexSettings, restart: bool,
            loader: LoaderSettings) -> IndexManifest | None:
     split, mirror, part_products = settings.split, settings.mirror, settings.part_products
-    model = load_model_file(run.model(), best_device())
-    net, cats = model.net, model.categories
+    if settings.runtime != "torch" and loader.distributed:
+        raise UserError(f"--runtime {settings.runtime} runs in one process on the CPU; drop --devices and "
+                        "--num-nodes, or use --runtime torch")
+    model = load_model_file(run.model(), best_device() if settings.runtime == "torch" else "cpu")
+    net, cats = load_runtime(model, settings.runtime, run.path), model.categories
     table = load_offsets(train_path)
     fp = file_fingerprint(train_path)
     if split == "train":
@@ -132,7 +140,7 @@ def _build(train_path: Path, run: RunDir, out: IndexFolder, settings: IndexSetti
     if len(rows) == 0:
         raise UserError(f"{train_path}: no labelled products to index")
     key = {"model_sha256": model.sha256, "data": fp, "split": split, "mirror": mirror, "part_products": part_products,
-           "picture_hashes": True}
+           "picture_hashes": True, "runtime": runtime_fingerprint(net)}
     store = PartStore(out.embeddings, key, restart=restart and is_first_rank())
     parts = numbered(rows, part_products)
     done = _embed_to_store(net, mirror, RecordReader(train_path, table), parts, store, loader, "embedding")
@@ -150,7 +158,7 @@ def _build(train_path: Path, run: RunDir, out: IndexFolder, settings: IndexSetti
         backbone=net.cfg.backbone, image_size=net.cfg.image_size, dim=net.cfg.embed_dim, factory=factory,
         count=len(rows), split=split, mirror=mirror, store_key=key, parts=tuple(parts),
         sources=(Source(out.relative(train_path), fp),), origin=str(out.path.resolve()), tuned_recall_at_10=recall, decode=stats.summary(),
-        embedding={"seconds": round(embed_s, 3), "images": stats.decoded})
+        embedding={"seconds": round(embed_s, 3), "images": stats.decoded}, runtime=runtime_fingerprint(net))
     arrays = {"product_ids": table["product_id"][rows], "category_ids": table["category_id"][rows],
               "offsets": table["offset"][rows], "lengths": table["length"][rows].astype(np.int64),
               "sources": np.zeros(len(rows), np.int32)}

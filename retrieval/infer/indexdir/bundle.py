@@ -7,6 +7,7 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+from torch import nn
 
 from index import DuplicateTable, VectorIndex
 
@@ -34,6 +35,7 @@ class IndexBundle:
     arrays: dict[str, np.ndarray]
     loaded: LoadedModel
     duplicates: DuplicateTable  # picture hashes of indexed products (exact-duplicate vote)
+    tower: nn.Module | None = None  # the runtime that embeds queries (model.onnx_runtime), None: the torch net
 
     @property
     def layout(self) -> IndexFolder:
@@ -45,7 +47,19 @@ class IndexBundle:
 
     @property
     def net(self):
-        return self.loaded.net
+        """What embeds pictures for this index: the runtime it was opened with (torch's network by default)."""
+        return self.tower if self.tower is not None else self.loaded.net
+
+    @property
+    def runtime(self) -> dict:
+        """The fingerprint of the runtime that embeds this bundle's queries (model.onnx_runtime)."""
+        return self.tower.fingerprint if self.tower is not None else {"runtime": "torch", "precision": "fp32"}
+
+    def refuse_runtime_on(self, distributed: bool) -> None:
+        """An ONNX runtime runs in this process on the CPU: refuse it for a run over several devices."""
+        if distributed and self.tower is not None:
+            raise UserError(f"--runtime {self.runtime['runtime']} runs in one process on the CPU; drop --devices "
+                            "and --num-nodes, or use --runtime torch")
 
     @property
     def categories(self) -> CategoryTable:
@@ -109,9 +123,10 @@ class IndexBundle:
         self.layout.commit(write)
 
 
-def open_index(folder: str | Path, mmap: bool = False) -> IndexBundle:
+def open_index(folder: str | Path, mmap: bool = False, runtime: str | None = None) -> IndexBundle:
     """Open an index folder's live generation and its model file (read and hashed once), refusing one whose
-    model changed or whose files disagree."""
+    model changed or whose files disagree. ``runtime`` (torch, onnx, onnx-int8; default: the one that built the
+    index) embeds queries; one whose embeddings would disagree with the index's is refused."""
     layout = IndexFolder(folder)
     gen = layout.generation()
     man = IndexManifest.load(IndexFolder.manifest_file(gen))
@@ -128,7 +143,22 @@ def open_index(folder: str | Path, mmap: bool = False) -> IndexBundle:
     if len(arrays["product_ids"]) != len(vi) or man.count != len(vi):
         raise UserError(f"{layout.path}: manifest count {man.count} and stored arrays disagree with the index "
                         f"({len(vi)})")
-    return IndexBundle(layout.path, man, vi, arrays, loaded, DuplicateTable.load(IndexFolder.duplicates_file(gen)))
+    bundle = IndexBundle(layout.path, man, vi, arrays, loaded, DuplicateTable.load(IndexFolder.duplicates_file(gen)))
+    bundle.tower = query_tower(bundle, runtime)
+    return bundle
+
+
+def query_tower(bundle: IndexBundle, runtime: str | None) -> nn.Module | None:
+    """The runtime that embeds ``bundle``'s queries (None: torch), refused when it disagrees with the index's."""
+    runtime = runtime or bundle.manifest.runtime.get("runtime", "torch")
+    if runtime == "torch" and bundle.manifest.runtime.get("precision", "fp32") == "fp32":
+        return None
+    from ...model.onnx_runtime import load_runtime, runtime_fingerprint, runtime_mismatch
+    tower = load_runtime(bundle.loaded, runtime, bundle.run.path)
+    why = runtime_mismatch(bundle.manifest.runtime, runtime_fingerprint(tower))
+    if why:
+        raise UserError(f"{bundle.folder}: {why}")
+    return None if runtime == "torch" else tower
 
 
 def check_source(bundle: IndexBundle, source: int) -> Path:

@@ -41,6 +41,8 @@ class IndexManifest:
     embedding: dict = field(default_factory=dict)
     metric: str = "inner_product (cosine on unit vectors)"
     origin: str = ""  # where the folder was built: relative paths are also tried from there (a copy elsewhere)
+    # the runtime that embedded it (model.onnx_runtime.runtime_fingerprint): queries must use a compatible one
+    runtime: dict = field(default_factory=lambda: {"runtime": "torch", "precision": "fp32"})
     version: int = MANIFEST_VERSION
 
     def with_added(self, parts: list[tuple[int, int]], source: Source) -> "IndexManifest":
