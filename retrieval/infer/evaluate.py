@@ -76,7 +76,7 @@ def _candidates(bundle: IndexBundle, path: Path, table: np.ndarray, rows: np.nda
     returns candidates, the embeddings ``[N, D]``, the head's argmax ``[N]``, per-image correctness and the
     decode counts, or None on a rank other than 0 of a distributed run."""
     parts = numbered(rows, part_products)
-    cls_of = {int(r): int(v) for r, v in zip(rows, y)}
+    cls_of = {int(r): int(v) for r, v in zip(rows, y, strict=True)}
     key = {"model": bundle.manifest.model_sha256, "count": len(bundle.vectors), "data": file_fingerprint(path),
            "rows": hashlib.sha1(rows.tobytes()).hexdigest(), "mirror": bundle.manifest.mirror, "with": "emb",
            "runtime": bundle.runtime}

@@ -14,7 +14,7 @@ def evaluation_plots(m: dict, out: Path) -> list[str]:
                  if g["k"] == cal["k"] and g["tau"] == cal["tau"] and g["beta"] == cal["beta"])
     fig = Figure(figsize=(5, 3.5))
     ax = fig.subplots()
-    ax.plot(*zip(*pts), marker="o", label=f"fused (k={cal['k']}, tau={cal['tau']})")
+    ax.plot(*zip(*pts, strict=True), marker="o", label=f"fused (k={cal['k']}, tau={cal['tau']})")
     ax.axhline(m["head_accuracy"], ls="--", c="gray", label="head only")
     ax.set_xlabel("alpha (weight of the head)")
     ax.set_ylabel("product accuracy")

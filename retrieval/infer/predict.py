@@ -90,8 +90,8 @@ def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path,
     mirror = bundle.manifest.mirror
     reader = RecordReader(test_path, table)
     key = {"test": file_fingerprint(test_path), "model": bundle.manifest.model_sha256, "count": len(bundle.vectors),
-           "params": clf.params(), "peers": peers.params(), "mirror": mirror, "top": top, "part_products": part_products,
-           "runtime": bundle.runtime}
+           "params": clf.params(), "peers": peers.params(), "mirror": mirror, "top": top,
+           "part_products": part_products, "runtime": bundle.runtime}
     store = PartStore(out_csv.with_name(out_csv.name + ".parts"), key, restart=restart and is_first_rank())
     default = clf.fallback
     ids_of = np.asarray(cats.ids, np.int64)
@@ -171,11 +171,11 @@ def _assemble(decided: Iterator[tuple[np.ndarray, np.ndarray]], product_ids: np.
         sf = open(scores_out, "w") if scores_out and top else None
         for classes, probs in decided:
             pid = product_ids[n:n + len(classes)]
-            f.writelines(f"{i},{c}\n" for i, c in zip(pid.tolist(), ids_of[classes[:, 0]].tolist()))
+            f.writelines(f"{i},{c}\n" for i, c in zip(pid.tolist(), ids_of[classes[:, 0]].tolist(), strict=True))
             if sf:
-                for i, t, s in zip(pid.tolist(), classes[:, :top], probs[:, :top]):
+                for i, t, s in zip(pid.tolist(), classes[:, :top], probs[:, :top], strict=True):
                     sf.write(json.dumps({"_id": i, "top": [{"category_id": int(ids_of[c]), "score": round(float(v), 6)}
-                                                            for c, v in zip(t, s) if c >= 0]}) + "\n")
+                                                            for c, v in zip(t, s, strict=True) if c >= 0]}) + "\n")
             n += len(classes)
         if sf:
             sf.close()

@@ -149,7 +149,7 @@ def neighbours_from(bundle: IndexBundle, sims: np.ndarray, pos: np.ndarray) -> t
     keep = pos >= 0
     id_to_class = bundle.class_of_id
     out = []
-    for s, p in zip(sims[keep], pos[keep]):
+    for s, p in zip(sims[keep], pos[keep], strict=True):
         cid = int(bundle.arrays["category_ids"][p])
         names = cats.names[id_to_class[cid]] if cid in id_to_class else ("", "", "")
         out.append(Neighbour(int(bundle.product_ids[p]), float(s), cid, *(n.strip() for n in names)))
@@ -251,7 +251,7 @@ def contact_sheet(bundle: IndexBundle, query: list[np.ndarray], found: list[Neig
         if pic is not None:
             axes[0, j].imshow(pic)
         axes[0, j].set_title("query", fontsize=8)
-    for i, (nb, pos) in enumerate(zip(found, positions)):
+    for i, (nb, pos) in enumerate(zip(found, positions, strict=True)):
         ax = axes[1 + i // cols, i % cols]
         pic = _first_picture(bundle, int(pos))
         if pic is not None:

@@ -150,7 +150,8 @@ class QueryBatcher:
                 j.future.set_exception(e)
                 return False
         decoding = sum(j.pictures is not None for j in jobs) > 1
-        return [j for j, ok in zip(jobs, self._decoders.map(prepare, jobs) if decoding else map(prepare, jobs)) if ok]
+        ready = self._decoders.map(prepare, jobs) if decoding else map(prepare, jobs)
+        return [j for j, ok in zip(jobs, ready, strict=True) if ok]
 
     def _process(self, bundle: IndexBundle, jobs: list[_Job]) -> None:
         jobs = self._inputs(bundle, jobs)
@@ -161,7 +162,7 @@ class QueryBatcher:
                 owner = torch.cat([torch.full((len(j.images),), i, dtype=torch.long)
                                    for i, j in enumerate(with_pictures)])
                 emb, probs = embed_images(bundle.net, x, owner, len(with_pictures), mirrored(bundle))
-                for j, v, p in zip(with_pictures, emb.cpu().numpy(), probs.cpu().numpy()):
+                for j, v, p in zip(with_pictures, emb.cpu().numpy(), probs.cpu().numpy(), strict=True):
                     j.vec, j.probs, j.images = v, p, None  # the decoded pictures are not needed past the forward
             for j in jobs:
                 if j.k == 0:

@@ -57,7 +57,7 @@ class ProductOutputs:
         starts = np.cumsum([0] + [len(o.rows) for o in outs[:-1]])
         cat = lambda name: np.concatenate([getattr(o, name) for o in outs])  # noqa: E731
         return cls(cat("rows"), cat("emb"), cat("probs"), cat("n_images"), cat("failed"), cat("image_pred"),
-                   np.concatenate([o.image_owner + s for o, s in zip(outs, starts)]), cat("image_hash"))
+                   np.concatenate([o.image_owner + s for o, s in zip(outs, starts, strict=True)]), cat("image_hash"))
 
 
 @dataclass

@@ -86,14 +86,14 @@ def peer_graph(blocks: Sequence[np.ndarray], has_image: np.ndarray, k: int, memo
     if starts[-1] != len(has_image):
         raise ValueError(f"{starts[-1]} embeddings for {len(has_image)} products")
     if not index.faiss_index.is_trained:  # IVF: trained on a sample of the first blocks
-        index.train(np.concatenate([np.asarray(b)[has_image[s:s + len(b)]] for b, s in zip(blocks, starts)
+        index.train(np.concatenate([np.asarray(b)[has_image[s:s + len(b)]] for b, s in zip(blocks, starts, strict=False)
                                     if s < 200_000])[:200_000])
-    for b, s in zip(blocks, starts):
+    for b, s in zip(blocks, starts, strict=False):
         own = has_image[s:s + len(b)]
         if own.any():
             index.add(np.asarray(b)[own], np.full(int(own.sum()), -1))
     kk = min(k + 1, len(member))
-    for b, s in zip(blocks, starts):
+    for b, s in zip(blocks, starts, strict=False):
         own = has_image[s:s + len(b)]
         for lo in range(0, len(b), ROWS_PER_BLOCK):
             sub = own[lo:lo + ROWS_PER_BLOCK]

@@ -1,0 +1,129 @@
+"""End to end on real photos, per CPU runtime: build-index + predict products/s, test accuracy (head, kNN, fused)
+and `serve` by picture at 1 and 16 requests in flight, each as a ratio against today's default (torch, bf16
+autocast where the CPU has it) measured in the same run.
+
+    python bench/bench_runtime_e2e.py [--steps 60] [--image-size 128] [--requests 200] [--workdir bench_out/rt]
+
+One short fine-tune of EfficientNet-Lite0 (offline ImageNet weights) on the Grocery Store photos in Cdiscount's
+format (../shared/data/grocery), then the same run indexed (train.bson) and queried (test.bson) by each runtime.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import loadgen
+import numpy as np
+from common import print_table
+
+from retrieval.data.offsets import load_offsets
+from retrieval.errors import UserError
+from retrieval.infer.indexdir.build import IndexSettings, build_index
+from retrieval.infer.pipeline.embed import LoaderSettings
+from retrieval.infer.predict import predict, read_submission
+from retrieval.train.config import TrainConfig
+from retrieval.train.run import train
+
+ROOT = Path(__file__).resolve().parents[1]
+GROCERY = ROOT.parent / "shared" / "data" / "grocery"
+RUNTIMES = ("torch", "onnx", "onnx-int8")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_qps(idx: Path, runtime: str, pictures: list[bytes], n: int, log: Path) -> dict[int, float]:
+    """POST /similar by picture over HTTP: requests/s at 1 and 16 in flight (a real `cli.py serve` process)."""
+    port = _port()
+    with open(log, "w") as f:
+        server = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "serve", "--index", str(idx), "--port",
+                                   str(port), "--runtime", runtime], stdout=f, stderr=subprocess.STDOUT)
+    try:
+        end = time.monotonic() + 180
+        while time.monotonic() < end and server.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        else:
+            raise RuntimeError(f"the server did not come up: {log.read_text()[-2000:]}")
+        host = f"127.0.0.1:{port}"
+        reqs = [loadgen.multipart_request(host, "/similar", {"k": 10}, [("images", "q.jpg", p)]) for p in pictures]
+        loadgen.load("127.0.0.1", port, reqs, 32, 4)  # warm up
+        out = {}
+        for conc in (1, 16):
+            _, wall = loadgen.load("127.0.0.1", port, reqs, n, conc)
+            out[conc] = n / wall
+        return out
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--image-size", type=int, default=128)
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--workdir", type=Path, default=Path("bench_out/runtime_e2e"))
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    work = a.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    run = work / "run"
+    if not (run / "model.pt").exists():
+        t = time.perf_counter()
+        train(GROCERY / "train.bson", run, TrainConfig.build(backbone="efficientnet_lite0", pretrained="imagenet",
+                                                            image_size=a.image_size, max_steps=a.steps, workers=2),
+              progress=False)
+        print(f"fine-tuned Lite0 for {a.steps} steps at {a.image_size} px in {time.perf_counter() - t:.0f} s")
+    test = GROCERY / "test.bson"
+    truth = load_offsets(test, progress=False)
+    pictures = []
+    from retrieval.data.offsets import RecordReader
+    r = RecordReader(test, truth)
+    for i in range(0, len(r), max(1, len(r) // 64)):
+        pictures += r.read(i).images[:1]
+    loader = LoaderSettings(batch_size=128, workers=2)
+    rows, ref = [], None
+    for rt in RUNTIMES:
+        idx, sub = work / f"index_{rt}", work / f"sub_{rt}.csv"
+        try:
+            t = time.perf_counter()
+            man = build_index(GROCERY / "train.bson", run, idx, IndexSettings("all", runtime=rt), loader,
+                              restart=True)
+            t_build = time.perf_counter() - t
+            t = time.perf_counter()
+            predict(test, idx, sub, loader=loader, restart=True)
+            t_pred = time.perf_counter() - t
+        except UserError as e:
+            rows.append((rt, f"refused: {e}", "", "", "", "", ""))
+            continue
+        ids, cats = read_submission(sub)
+        acc = float(np.mean(cats == truth["category_id"]))
+        rate = (man.count + len(truth)) / (t_build + t_pred)
+        qps = serve_qps(idx, rt, pictures, a.requests, work / f"serve_{rt}.log")
+        if ref is None:
+            ref = (rate, qps)
+        rows.append((rt, f"{rate:.1f}", f"{rate / ref[0]:.2f}x", f"{acc:.4f}",
+                     f"{qps[1]:.0f} ({qps[1] / ref[1][1]:.2f}x)", f"{qps[16]:.0f} ({qps[16] / ref[1][16]:.2f}x)",
+                     f"{man.count:,} + {len(truth):,}"))
+    print(f"\nLite0 @ {a.image_size} px, {os.cpu_count()} CPU cores; torch = today's default (bf16 autocast where "
+          "the CPU has it); ratios against it, same run")
+    print_table(rows, ("runtime", "build-index + predict products/s", "vs torch", "test accuracy (fused)",
+                       "serve by picture, 1 in flight QPS", "16 in flight QPS", "products indexed + predicted"))
+
+
+if __name__ == "__main__":
+    main()
