@@ -126,7 +126,8 @@ def train(train_path: str | Path, run_dir: str | Path, cfg: TrainConfig, categor
     steps_per_epoch = max(1, len(dm.train_dataloader()))
     # with --max-steps, an epoch limit that is never the one reached (a resumed run may restart its epoch)
     epochs = s.epochs if s.max_steps < 0 else math.ceil(s.max_steps / steps_per_epoch) + 1
-    ddp = is_ddp(cfg.devices, cfg.num_nodes)
+    # "auto" is left to Lightning's own strategy choice (one process here, DDP over several GPUs)
+    ddp = cfg.devices != "auto" and is_ddp(cfg.devices, cfg.num_nodes) or cfg.num_nodes > 1
     trainer = pl.Trainer(
         default_root_dir=run.path, max_epochs=epochs, max_steps=s.max_steps,
         accelerator=cfg.accelerator, devices=lightning_devices(cfg.devices, cfg.accelerator), num_nodes=cfg.num_nodes,
