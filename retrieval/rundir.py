@@ -102,7 +102,8 @@ class RunDir:
         return s
 
     def read_calibration(self) -> dict | None:
-        """alpha, k, tau chosen by ``evaluate``, or None."""
+        """The fusion ``evaluate`` chose (rule, alpha, k, tau, beta, head temperature, learnt weights) and its peer
+        propagation settings, or None before any evaluate."""
         if not self.calibration_file.exists():
             return None
         try:
@@ -114,7 +115,8 @@ class RunDir:
         self.calibration_file.write_text(json.dumps(calibration))
 
     def read_frozen_baseline(self) -> dict | None:
-        """Validation accuracy of the frozen backbone (kNN, linear probe) measured by LP-FT, or None."""
+        """Validation accuracy of the frozen backbone (kNN, linear probe) that ``train`` measures before
+        fine-tuning (with or without LP-FT), or None."""
         if not self.frozen_baseline_file.exists():
             return None
         return json.loads(self.frozen_baseline_file.read_text())

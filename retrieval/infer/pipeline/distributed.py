@@ -99,7 +99,7 @@ class _PartWriter(BasePredictionWriter):
 def embed_parts(net: EmbeddingNet, reader: RecordReader, parts: list[tuple[int, np.ndarray]], on_part: OnPart,
                 loader: "LoaderSettings", mirror: bool = False, keep_probs: bool = True, progress: bool = True
                 ) -> bool:
-    """Embed ``parts`` (part number, offset-table rows) over ``where``; ``on_part(part, outputs)`` runs on the
+    """Embed ``parts`` (part number, offset-table rows) over ``loader.where``; ``on_part(part, outputs)`` runs on the
     rank that embedded the part (head probabilities ``[P, C]`` only with ``keep_probs``), with ``loader``'s
     batch size, workers and devices. Returns True on global rank 0, after every rank has finished."""
     where, batch_images, workers = loader.where, loader.batch_size, loader.workers

@@ -20,8 +20,9 @@ Reduce = Callable[[list[ProductOutputs]], dict[str, np.ndarray]]
 
 @dataclass(frozen=True)
 class PartWork:
-    """What a command keeps of a part's products: ``reduce(outputs) -> arrays``, called on groups of at least
-    ``group`` products (predict buffers its FAISS searches) whose arrays are concatenated per part."""
+    """What a command keeps of a part's products: ``reduce(outputs) -> arrays``, called on consecutive groups of
+    ``group`` products or more (the last group of a part may be smaller; predict buffers its FAISS searches so),
+    whose arrays are concatenated per part."""
 
     reduce: Reduce
     group: int = 1 << 62
