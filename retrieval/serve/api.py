@@ -24,6 +24,7 @@ import logging
 import re
 import tempfile
 import threading
+import weakref
 from pathlib import Path
 from typing import Annotated
 
@@ -60,18 +61,70 @@ MAX_BUSY = 32     # picture requests (POST /similar, /classify) let in at a time
 
 
 class _State:
-    """The opened index (one generation), swapped whole under a lock when an add commits."""
+    """The opened index (one generation), swapped whole under a lock when a generation commits: an add of this
+    server's, or any other process's commit, which a watcher thread notices (a stat of ``CURRENT`` once a
+    second, off the event loop) and opens beside the live one, reading only its new segments."""
+
+    POLL_S = 1.0
 
     def __init__(self, folder: Path, runtime: str | None = None) -> None:
         self.folder, self.lock, self.runtime = folder, threading.Lock(), runtime
         self.writer = threading.Lock()  # adds queue here, one at a time (another process's add: 409)
+        self.reload_lock = threading.Lock()  # one reopen at a time (the watcher's or an add's)
+        self.nets: dict = {}  # the writer's own embedding runtime, loaded at the first add and kept
         self.bundle: IndexBundle = open_index(folder, runtime=runtime)
+        self._seen = self._stamp()
+        self._stop = threading.Event()
+        threading.Thread(target=_watch, args=(weakref.ref(self), self._stop), name="index-watcher",
+                         daemon=True).start()
+
+    def _stamp(self) -> tuple | None:
+        try:
+            st = IndexFolder(self.folder).current_file.stat()
+            return st.st_ino, st.st_mtime_ns, st.st_size
+        except OSError:
+            return None
 
     def swap(self, fresh: IndexBundle) -> None:
         """Make a committed generation the one queries see (whole, under the lock), with the server's runtime."""
         fresh.tower = self.bundle.tower
         with self.lock:
             self.bundle = fresh
+
+    def reload(self, _generation: str | None = None) -> bool:
+        """Open the live generation (reusing the model and the segments already open) and swap to it if it is
+        not the one served; True when it swapped."""
+        with self.reload_lock:
+            self._seen = self._stamp()
+            if IndexFolder(self.folder).current_name() == self.bundle.generation:
+                return False
+            fresh = open_index(self.folder, runtime=self.runtime, reuse=self.bundle)
+            self.swap(fresh)
+            log.info("serving generation %s (%d products)", fresh.generation, len(fresh.product_ids))
+            return True
+
+    def poll(self) -> None:
+        """Reload when ``CURRENT`` changed since last seen (one stat)."""
+        if self._stamp() != self._seen:
+            self.reload()
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def _watch(state_ref, stop: threading.Event) -> None:
+    """The watcher thread: poll the folder's ``CURRENT`` every :attr:`_State.POLL_S` until the server stops (or
+    its state is gone). A generation that cannot be opened is logged and retried at the next change."""
+    while not stop.wait(_State.POLL_S):
+        state = state_ref()
+        if state is None:
+            return
+        try:
+            state.poll()
+        except Exception:
+            log.exception("could not open the index folder's new generation; still serving %s",
+                          state.bundle.generation)
+        del state
 
 
 _PATH = re.compile(r"(?:/[\w.\-]+)+/([\w.\-]+)")
@@ -131,6 +184,7 @@ def create_app(index_dir: str | Path, settings: ServeSettings | None = None,
     app.add_middleware(RequestGuard, settings=settings, limits={"/products": MAX_PRODUCTS_UPLOAD + (1 << 20)},
                        default=MAX_UPLOAD + (1 << 20), writes=("/products",), busy_paths=("/similar", "/classify"),
                        max_busy=MAX_BUSY, retry_after=Busy.retry_after)
+    app.state.index = state  # its watcher thread ends with it (or at state.close())
 
     @app.exception_handler(Busy)
     async def _busy(_: Request, e: Busy) -> JSONResponse:
@@ -234,26 +288,27 @@ def create_app(index_dir: str | Path, settings: ServeSettings | None = None,
                      file: Annotated[UploadFile, File(description="BSON file of products to add")]) -> dict:
         """Add the products of an uploaded BSON file to the index as a new generation (needs the token; the
         request guard has checked it, and the read-only mode, before the body was read)."""
-        uploads = IndexFolder(state.folder).uploads
-        uploads.mkdir(exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=uploads, suffix=".bson", delete=False) as tmp:
+        layout = IndexFolder(state.folder)
+        layout.uploads.mkdir(exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=layout.uploads, suffix=".bson", delete=False) as tmp:
             while chunk := file.file.read(1 << 20):
                 tmp.write(chunk)
-        added = 0
+        added, already, upload = 0, [], Path(tmp.name)
         try:
             with state.writer:
-                # the writer embeds with its own copy of the model: sharing the serving one with the query
-                # thread stalled the event loop (soak test: /health p99 0.10-0.20 s, over its 0.1 s bound)
-                added, already = add_to_index(state.folder, tmp.name, LoaderSettings(workers=0),
-                                              on_commit=state.swap)
+                # the writer embeds with its own copy of the model (kept in state.nets): sharing the serving one
+                # with the query thread stalled the event loop (soak test: /health p99 over its 0.1 s bound)
+                added, already = add_to_index(state.folder, upload, LoaderSettings(workers=0),
+                                              on_commit=state.reload, nets=state.nets)
         except WriterBusy:
             raise HTTPException(409, "another add is running on this index; try again when it has finished") from None
         except UserError as e:
             msg = _no_paths(str(e).replace(tmp.name, file.filename or "upload"))
             raise HTTPException(400, f"upload {file.filename}: {msg}") from None
         finally:
-            if not added:  # a refused or empty upload leaves nothing behind (its offset cache neither)
-                for leftover in uploads.glob(Path(tmp.name).name + "*"):
+            refs = layout.referenced()  # a source of a kept generation stays (CURRENT has moved: it succeeded)
+            if refs is not None and upload.resolve() not in refs[1]:
+                for leftover in layout.uploads.glob(upload.name + "*"):
                     leftover.unlink(missing_ok=True)
         total = len(state.bundle.product_ids)
         log.info("POST /products from %s: %s, %d added, %d already indexed; %d products", _client(request),

@@ -25,9 +25,11 @@ from ...rundir import RunDir
 from ..pipeline.embed import LoaderSettings, ProductOutputs
 from ..pipeline.parts import PartWork, numbered, run_parts
 from ..pipeline.store import PartStore
-from .bundle import ARRAYS, IndexBundle, open_index
-from .folder import IndexFolder
+from .bundle import IndexBundle, load_index_model, open_index  # noqa: F401 (re-exported: tests and the CLI import them here)
+from .compact import commit_manifest, maybe_compact
+from .folder import IndexFolder, fsync_path
 from .manifest import IndexManifest, Source
+from .segments import known_ids, write_segment
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +143,8 @@ def _build(train_path: Path, run: RunDir, out: IndexFolder, settings: IndexSetti
         raise UserError(f"{train_path}: no labelled products to index")
     key = {"model_sha256": model.sha256, "data": fp, "split": split, "mirror": mirror, "part_products": part_products,
            "picture_hashes": True, "runtime": runtime_fingerprint(net)}
-    store = PartStore(out.embeddings, key, restart=restart and is_first_rank())
+    # the parts go to the build's own work folder: no live generation reads it (its segments own their files)
+    store = PartStore(out.build_parts, key, restart=restart and is_first_rank())
     parts = numbered(rows, part_products)
     done = _embed_to_store(net, mirror, RecordReader(train_path, table), parts, store, loader, "embedding")
     if done is None:
@@ -153,38 +156,76 @@ def _build(train_path: Path, run: RunDir, out: IndexFolder, settings: IndexSetti
         factory = choose_factory(len(rows), net.cfg.embed_dim, settings.memory_budget)
     vi = VectorIndex.create(net.cfg.embed_dim, factory)
     recall = _fill_index(vi, store, parts, cats.encode(table["category_id"][rows]), settings.target_recall)
+    arrays = {"product_ids": table["product_id"][rows], "category_ids": table["category_id"][rows],
+              "offsets": table["offset"][rows], "lengths": table["length"][rows].astype(np.int64),
+              "sources": np.zeros(len(rows), np.int32)}
+    store.sync()
+    sid = write_segment(out, vi, arrays, _duplicates(store, parts, 0), parts,
+                        [store.vectors_file(store.folder, p) for p, _ in parts])
     manifest = IndexManifest(
         model_file=out.relative(model.path), model_sha256=model.sha256, run_dir=out.relative(run.path),
         backbone=net.cfg.backbone, image_size=net.cfg.image_size, dim=net.cfg.embed_dim, factory=factory,
         count=len(rows), split=split, mirror=mirror, store_key=key, parts=tuple(parts),
-        sources=(Source(out.relative(train_path), fp),), origin=str(out.path.resolve()), tuned_recall_at_10=recall, decode=stats.summary(),
-        embedding={"seconds": round(embed_s, 3), "images": stats.decoded}, runtime=runtime_fingerprint(net))
-    arrays = {"product_ids": table["product_id"][rows], "category_ids": table["category_id"][rows],
-              "offsets": table["offset"][rows], "lengths": table["length"][rows].astype(np.int64),
-              "sources": np.zeros(len(rows), np.int32)}
-    bundle = IndexBundle(out.path, manifest, vi, arrays, model, _duplicates(store, parts, 0))
-    bundle.commit()
+        sources=(Source(out.relative(train_path), fp),), origin=str(out.path.resolve()), tuned_recall_at_10=recall,
+        decode=stats.summary(), embedding={"seconds": round(embed_s, 3), "images": stats.decoded},
+        runtime=runtime_fingerprint(net), segments=((sid, len(rows)),))
+    _warn_dropped(out)
+    commit_manifest(out, manifest)
     log.info("index of %d products (%s) written to %s; %s", len(rows), factory, out.path, stats.summary())
-    return bundle.manifest
+    return manifest
+
+
+def _warn_dropped(out: IndexFolder) -> None:
+    """Say which added products a rebuild leaves out (build-index indexes its data file only)."""
+    try:
+        old = IndexManifest.load(IndexFolder.manifest_file(out.generation())) if out.exists() else None
+    except (OSError, UserError):
+        return
+    if old is not None and len(old.sources) > 1:
+        added = old.count - old.segments[0][1] if old.segments else 0
+        log.warning("%s: the new index replaces one holding %d products added since its build (from %s); they "
+                    "are not in the rebuilt index: add those files again with add-to-index", out.path, added,
+                    ", ".join(s.path for s in old.sources[1:]))
 
 
 def add_to_index(index_dir: str | Path, new_path: str | Path, loader: LoaderSettings = LoaderSettings(),
-                 on_commit: Callable[[IndexBundle], None] | None = None) -> tuple[int, list[int]]:
-    """Embed the products of ``new_path`` and append them as a new generation; returns (added, ids already
-    indexed). Holds the folder's writer lock: a second writer is refused. A server gets the committed
-    generation, already open, through ``on_commit`` (instead of opening it again)."""
-    with IndexFolder(index_dir).writer():
-        bundle = open_index(index_dir)
-        added, already = _add(bundle, Path(new_path), loader)
-        if added and on_commit is not None:
-            on_commit(bundle)
+                 on_commit: Callable[[str], None] | None = None, nets: dict | None = None) -> tuple[int, list[int]]:
+    """Embed the products of ``new_path`` and commit them as ONE new segment (a small index of them alone: the
+    cost grows with what is added, not with the catalogue); returns (added, ids already indexed). Holds the
+    folder's writer lock: a second writer is refused. ``on_commit(generation)`` runs once the generation is
+    committed; ``nets``: a cache of embedding runtimes kept by a caller that adds often (a server). An error
+    after the commit (garbage collection, compaction, ``on_commit``) is logged: the add has succeeded."""
+    folder = IndexFolder(index_dir)
+    with folder.writer():
+        added, already = _add(folder, Path(new_path), loader, nets if nets is not None else {})
+        if added:
+            try:
+                maybe_compact(folder)
+            except Exception:
+                log.exception("%s: compaction after an add failed (the add is committed)", folder.path)
+            if on_commit is not None:
+                try:
+                    on_commit(folder.current_name())
+                except Exception:
+                    log.exception("%s: the add is committed, but its hook failed", folder.path)
         return added, already
 
 
-def _add(bundle: IndexBundle, new_path: Path, loader: LoaderSettings) -> tuple[int, list[int]]:
-    cats, layout = bundle.categories, bundle.layout
+def _writer_net(folder: IndexFolder, man: IndexManifest, nets: dict):
+    """The runtime that embedded the index (loaded once per model and runtime into ``nets``)."""
+    name = man.runtime.get("runtime", "torch")
+    key = (man.model_sha256, name)
+    if key not in nets:
+        model = load_index_model(folder, man, best_device() if name == "torch" else "cpu")
+        run = folder.resolve(man.run_dir, man.origin)
+        nets[key] = (model, load_runtime(model, name, run))
+    return nets[key]
+
+
+def _add(folder: IndexFolder, new_path: Path, loader: LoaderSettings, nets: dict) -> tuple[int, list[int]]:
+    man = IndexManifest.load(IndexFolder.manifest_file(folder.generation()))
     table = load_offsets(new_path)
-    known = np.isin(table["product_id"], bundle.product_ids)
+    known = known_ids(folder, [sid for sid, _ in man.segments], table["product_id"])
     _, first = np.unique(table["product_id"], return_index=True)
     fresh = np.zeros(len(table), bool)
     fresh[first] = True
@@ -195,29 +236,32 @@ def _add(bundle: IndexBundle, new_path: Path, loader: LoaderSettings) -> tuple[i
                     dups[:5])
     if len(rows) == 0:
         return 0, dups
+    model, net = _writer_net(folder, man, nets)
+    cats = model.categories
     cat_ids = table["category_id"][rows]
     ok = np.isin(cat_ids, np.asarray(cats.ids))
     labels = np.full(len(rows), -1, np.int64)
     labels[ok] = cats.encode(cat_ids[ok])
     if (~ok).any():
         log.warning("%d new products have no known category: findable by `similar`, but they do not vote", (~ok).sum())
-    man = bundle.manifest
-    store = PartStore(layout.embeddings, man.store_key)
     fp = file_fingerprint(new_path)
     # a part is keyed by what it holds (the file's fingerprint and the rows), never by a counter: a part left by
     # an add that died before its commit is reused only for the very same products
     content = hashlib.sha1(json.dumps(fp, sort_keys=True).encode() + rows.astype(np.int64).tobytes()).hexdigest()
-    new_parts = [(f"add-{content[:20]}", rows)]
-    _embed_to_store(bundle.net, man.mirror, RecordReader(new_path, table), new_parts, store, loader,
+    name = f"add-{content[:20]}"
+    store = PartStore(folder.add_parts(content[:20]), man.store_key)
+    _embed_to_store(net, man.mirror, RecordReader(new_path, table), [(name, rows)], store, loader,
                     "embedding new products")
-    parts = [(p, len(r)) for p, r in new_parts]
-    bundle.vectors.add(store.read(parts[0][0])["emb"], labels)
-    new_dups = _duplicates(store, parts, man.count)
-    bundle.duplicates = bundle.duplicates.merged(new_dups.hashes, new_dups.positions)
-    src = len(man.sources)
-    bundle.manifest = man.with_added(parts, Source(layout.relative(new_path), fp))
-    new = {"product_ids": table["product_id"][rows], "category_ids": cat_ids, "offsets": table["offset"][rows],
-           "lengths": table["length"][rows].astype(np.int64), "sources": np.full(len(rows), src, np.int32)}
-    bundle.arrays = {k: np.concatenate([bundle.arrays[k], new[k]]) for k in ARRAYS}
-    bundle.commit()
+    parts = [(name, len(rows))]
+    vi = VectorIndex.create(man.dim, "Flat")  # small: exact; compaction builds a bigger index from many
+    vi.add(store.read(name, ("emb",))["emb"], labels)
+    arrays = {"product_ids": table["product_id"][rows], "category_ids": cat_ids, "offsets": table["offset"][rows],
+              "lengths": table["length"][rows].astype(np.int64), "sources": np.full(len(rows), len(man.sources),
+                                                                                   np.int32)}
+    sid = write_segment(folder, vi, arrays, _duplicates(store, parts, 0), parts, [store.vectors_file(store.folder,
+                                                                                                    name)])
+    if new_path.resolve().is_relative_to(folder.path.resolve()):  # an upload: durable before CURRENT names it
+        fsync_path(new_path)
+        fsync_path(new_path.parent)
+    commit_manifest(folder, man.with_segment(sid, parts, Source(folder.relative(new_path), fp)))
     return len(rows), dups

@@ -2,14 +2,14 @@
 :func:`open_index`; build-index and add-to-index (in ``folder``) write what this reads."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 from torch import nn
 
-from index import DuplicateTable, VectorIndex
+from index import DuplicateTable, SegmentedIndex
 
 from ...data.categories import CategoryTable
 from ...data.offsets import file_fingerprint
@@ -17,25 +17,36 @@ from ...errors import UserError
 from ...model.export import LoadedModel, load_model_file
 from ...model.runtime import best_device
 from ...rundir import RunDir
-from ..pipeline.store import PartStore
 from .folder import IndexFolder
 from .manifest import IndexManifest
+from .segments import ARRAYS, Segment, load_segment
 
-ARRAYS = ("product_ids", "category_ids", "offsets", "lengths", "sources")
+__all__ = ["ARRAYS", "IndexBundle", "open_index", "query_tower", "check_source"]
 
 
 @dataclass
 class IndexBundle:
-    """An opened index folder at one generation: manifest, FAISS index, per-product arrays (position order),
-    the model, and the exact-duplicate table. A reader keeps the generation it opened."""
+    """An opened index folder at one generation: manifest, its segments searched as one index (``vectors``),
+    per-product arrays ``[N]`` in position order, the model, and the exact-duplicate table (global positions).
+    A reader keeps the generation it opened; nothing here is written back."""
 
     folder: Path
     manifest: IndexManifest
-    vectors: VectorIndex  # the FAISS layer (index.VectorIndex)
-    arrays: dict[str, np.ndarray]
+    segments: list[Segment]
     loaded: LoadedModel
-    duplicates: DuplicateTable  # picture hashes of indexed products (exact-duplicate vote)
     tower: nn.Module | None = None  # the runtime that embeds queries (model.onnx_runtime), None: the torch net
+    generation: str = ""
+    vectors: SegmentedIndex = field(init=False)
+    arrays: dict[str, np.ndarray] = field(init=False)
+    duplicates: DuplicateTable = field(init=False)  # picture hashes of indexed products (exact-duplicate vote)
+
+    def __post_init__(self) -> None:
+        segs = self.segments
+        self.vectors = SegmentedIndex([s.vectors for s in segs])
+        self.arrays = {k: np.concatenate([s.arrays[k] for s in segs]) for k in ARRAYS}
+        off = self.vectors.offsets
+        self.duplicates = DuplicateTable(np.concatenate([s.duplicates.hashes for s in segs]),
+                                         np.concatenate([s.duplicates.positions + o for s, o in zip(segs, off[:-1], strict=True)]))
 
     @property
     def layout(self) -> IndexFolder:
@@ -80,71 +91,54 @@ class IndexBundle:
         lab = self.vectors.labels[self.vectors.labels >= 0]
         return int(np.bincount(lab).argmax()) if len(lab) else 0
 
-    @cached_property
-    def _id_order(self) -> np.ndarray:
-        return np.argsort(self.product_ids, kind="stable")
-
     def position_of(self, product_id: int) -> int | None:
-        """Index position of ``product_id`` (binary search over the sorted ids), or None."""
-        order = self._id_order
-        i = int(np.searchsorted(self.product_ids, product_id, sorter=order))
-        return int(order[i]) if i < len(order) and self.product_ids[order[i]] == product_id else None
-
-    @cached_property
-    def _part_starts(self) -> np.ndarray:
-        return np.cumsum([c for _, c in self.manifest.parts])
+        """Index position of ``product_id`` (a binary search in each segment's stored id map), or None."""
+        for seg, off in zip(self.segments, self.vectors.offsets[:-1], strict=True):
+            local = seg.find(product_id)
+            if local is not None:
+                return int(off) + local
+        return None
 
     def vector(self, position: int) -> np.ndarray:
-        """The stored embedding ``[D]`` of the product at ``position``."""
-        counts = self._part_starts
-        k = int(np.searchsorted(counts, position, side="right"))
-        part = self.manifest.parts[k][0]
-        start = 0 if k == 0 else int(counts[k - 1])
-        return np.array(self._vectors(part)[position - start])
-
-    def _vectors(self, part: int | str) -> np.ndarray:
-        """A part's embeddings, memory-mapped once (only the rows asked for are read)."""
-        maps = self.__dict__.setdefault("_maps", {})
-        if part not in maps:
-            maps[part] = np.load(PartStore.vectors_file(self.layout.embeddings, part), mmap_mode="r")
-        return maps[part]
-
-    def commit(self) -> None:
-        """Write this state as the folder's new generation (atomically; the caller holds the writer lock)."""
-        self.manifest = replace(self.manifest, count=len(self.vectors))
-
-        def write(gen: Path) -> None:
-            self.vectors.save(IndexFolder.vectors(gen))
-            for k in ARRAYS:
-                np.save(IndexFolder.array_file(gen, k), self.arrays[k])
-            self.duplicates.save(IndexFolder.duplicates_file(gen))
-            self.manifest.save(IndexFolder.manifest_file(gen))
-
-        self.layout.commit(write)
+        """The stored embedding ``[D]`` of the product at ``position`` (read from its segment's own files)."""
+        s, local = self.vectors.locate(position)
+        return self.segments[s].vector(local)
 
 
-def open_index(folder: str | Path, mmap: bool = False, runtime: str | None = None) -> IndexBundle:
+def load_index_model(layout: IndexFolder, man: IndexManifest, device) -> LoadedModel:
+    """The model file a manifest names (read and hashed once), refused when missing or changed."""
+    model_file = layout.resolve(man.model_file, man.origin)
+    if not model_file.exists():
+        raise FileNotFoundError(f"{layout.path}: its model file {model_file} is missing (moved without its "
+                                "run folder? keep the run beside the index, or rebuild)")
+    loaded = load_model_file(model_file, device)
+    if loaded.sha256 != man.model_sha256:
+        raise UserError(f"{layout.path}: model file {model_file} changed since the index was built (sha256 "
+                        "differs); rebuild the index")
+    return loaded
+
+
+def open_index(folder: str | Path, mmap: bool = False, runtime: str | None = None,
+               reuse: IndexBundle | None = None) -> IndexBundle:
     """Open an index folder's live generation and its model file (read and hashed once), refusing one whose
     model changed or whose files disagree. ``runtime`` (torch, onnx, onnx-int8; default: the one that built the
-    index) embeds queries; one whose embeddings would disagree with the index's is refused."""
+    index) embeds queries; one whose embeddings would disagree with the index's is refused. ``reuse``: an opened
+    bundle of the same folder whose model and segments are taken as they are (only new segments are read; its
+    query runtime is kept)."""
     layout = IndexFolder(folder)
     gen = layout.generation()
     man = IndexManifest.load(IndexFolder.manifest_file(gen))
-    model_file = layout.resolve(man.model_file, man.origin)
-    if not model_file.exists():
-        raise FileNotFoundError(f"{layout.path}: its model file {model_file} is missing (moved without its run "
-                                "folder? keep the run beside the index, or rebuild)")
-    loaded = load_model_file(model_file, best_device())
-    if loaded.sha256 != man.model_sha256:
-        raise UserError(f"{layout.path}: model file {model_file} changed since the index was built (sha256 differs); "
-                        "rebuild the index")
-    vi = VectorIndex.load(IndexFolder.vectors(gen), mmap=mmap)
-    arrays = {k: np.load(IndexFolder.array_file(gen, k)) for k in ARRAYS}
-    if len(arrays["product_ids"]) != len(vi) or man.count != len(vi):
-        raise UserError(f"{layout.path}: manifest count {man.count} and stored arrays disagree with the index "
-                        f"({len(vi)})")
-    bundle = IndexBundle(layout.path, man, vi, arrays, loaded, DuplicateTable.load(IndexFolder.duplicates_file(gen)))
-    bundle.tower = query_tower(bundle, runtime)
+    if reuse is not None and reuse.manifest.model_sha256 == man.model_sha256:
+        loaded = reuse.loaded
+    else:
+        reuse = None
+        loaded = load_index_model(layout, man, best_device())
+    have = {s.sid: s for s in reuse.segments} if reuse is not None else {}
+    segs = [have.get(sid) or load_segment(layout, sid, mmap) for sid, _ in man.segments]
+    if not segs or [len(s) for s in segs] != [n for _, n in man.segments] or man.count != sum(map(len, segs)):
+        raise UserError(f"{layout.path}: manifest count {man.count} and its segments disagree; rebuild the index")
+    bundle = IndexBundle(layout.path, man, segs, loaded, generation=gen.name)
+    bundle.tower = reuse.tower if reuse is not None else query_tower(bundle, runtime)
     return bundle
 
 

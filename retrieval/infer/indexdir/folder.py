@@ -1,10 +1,12 @@
-"""IndexFolder: the owner of every file in an index folder (generations, atomic commit, the writer lock)."""
+"""IndexFolder: the owner of every file in an index folder (segments, generations, atomic commit, garbage, the
+writer lock, and the crash points tests drive through ``CDISCOUNT_CRASH_AT``)."""
 from __future__ import annotations
 
 import fcntl
+import json
+import logging
 import os
 import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,13 +14,52 @@ from typing import Callable
 
 from ...errors import UserError
 
+log = logging.getLogger(__name__)
+CRASH_ENV = "CDISCOUNT_CRASH_AT"  # "write:N", "fsync:N" or "rename:N": os._exit(77) at the N-th such step
+CRASH_CODE = 77
+UPLOAD_GRACE_S = 600  # an unreferenced upload younger than this may still be on its way into an add
+_counts: dict[str, int] = {}
 
-def _fsync(path: Path) -> None:
+
+def crash_point(kind: str) -> None:
+    """Count one ``kind`` step (write, fsync, rename) of this process; exit at once (no cleanup, as a kill -9)
+    when ``CDISCOUNT_CRASH_AT`` names this step. A no-op when the variable is unset."""
+    spec = os.environ.get(CRASH_ENV)
+    if not spec or not spec.startswith(kind + ":"):
+        return
+    _counts[spec] = _counts.get(spec, 0) + 1
+    if _counts[spec] == int(spec.split(":", 1)[1]):
+        os._exit(CRASH_CODE)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (one crash point)."""
+    crash_point("fsync")
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_file(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(path)`` (one crash point, before it)."""
+    crash_point("write")
+    write(Path(path))
+
+
+def rename(src: Path, dst: Path) -> None:
+    """``os.replace`` (one crash point, before it)."""
+    crash_point("rename")
+    os.replace(src, dst)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under ``root``, then ``root`` itself."""
+    for here, _dirs, files in os.walk(root, topdown=False):
+        for f in files:
+            fsync_path(Path(here) / f)
+        fsync_path(Path(here))
 
 
 class WriterBusy(UserError):
@@ -29,35 +70,44 @@ class IndexFolder:
     """``IDX/``, and every file name in it (nothing else spells one):
 
     - ``CURRENT``: the name of the live generation, replaced by one atomic rename when a change commits;
-    - ``generations/<name>/``: ``manifest.json``, ``faiss/`` (the vector index), ``duplicates.npz`` and the
-      per-product arrays ``<name>.npy``. A generation is never changed once committed: a change writes a new
-      one aside, fsyncs it and swaps ``CURRENT``, so a crash at any instant leaves the old or the new one;
-    - ``embeddings/``: embedded parts (immutable once written, shared by generations);
+    - ``generations/<g>/manifest.json``: a generation is a manifest listing immutable segments;
+    - ``segments/<s>/``: one segment (``segments`` module): its FAISS index, per-product arrays, id map,
+      duplicate table and the embeddings it owns; never changed once renamed into place;
+    - ``work/build/``: build-index's embedded parts (resumable; segments hard-link what they keep of them),
+      ``work/<other>/``: parts of an add, removed once it commits or dies;
     - ``uploads/``: BSON files added over HTTP (sources of later generations);
     - ``.writer.lock``: held by the one writer.
 
-    Paths inside a manifest (model file, run folder, sources) are stored relative to the folder, so a folder
-    moved together with its data still opens."""
+    Before ``CURRENT`` moves, every file the new generation references is fsynced with its folder. The writer
+    removes garbage (generations past the last :attr:`KEEP`, segments none of them lists, dead work, unreferenced
+    uploads) after each commit and when it takes the lock; never a file a kept generation references.
+    Paths inside a manifest are stored relative to the folder, so a folder moved with its data still opens."""
 
     KEEP = 2  # committed generations kept (readers may still be loading the previous one)
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
-    embeddings = property(lambda self: self.path / "embeddings")
     uploads = property(lambda self: self.path / "uploads")
-    _current = property(lambda self: self.path / "CURRENT")
+    segments = property(lambda self: self.path / "segments")
+    work = property(lambda self: self.path / "work")
+    build_parts = property(lambda self: self.path / "work" / "build")
+    embeddings = build_parts  # the parts build-index embeds into (never read by a generation)
+    current_file = property(lambda self: self.path / "CURRENT")
     _generations = property(lambda self: self.path / "generations")
 
     def exists(self) -> bool:
-        return self._current.exists()
+        return self.current_file.exists()
+
+    def current_name(self) -> str:
+        return self.current_file.read_text().strip()
 
     def generation(self) -> Path:
         """The live generation's folder; a clear error for a folder that holds none."""
-        if not self._current.exists():
+        if not self.current_file.exists():
             raise FileNotFoundError(f"{self.path}: no index here (no CURRENT generation: not an index folder, or "
                                     "its build never finished; run build-index)")
-        gen = self._generations / self._current.read_text().strip()
+        gen = self._generations / self.current_name()
         if not gen.is_dir():
             raise UserError(f"{self.path}: generation {gen.name} named by CURRENT is missing; rebuild the index")
         return gen
@@ -66,17 +116,12 @@ class IndexFolder:
     def manifest_file(gen: Path) -> Path:
         return gen / "manifest.json"
 
-    @staticmethod
-    def vectors(gen: Path) -> Path:
-        return gen / "faiss"
+    def segment(self, sid: str) -> Path:
+        return self.segments / sid
 
-    @staticmethod
-    def duplicates_file(gen: Path) -> Path:
-        return gen / "duplicates.npz"
-
-    @staticmethod
-    def array_file(gen: Path, name: str) -> Path:
-        return gen / f"{name}.npy"
+    def add_parts(self, key: str) -> Path:
+        """The work folder of an add's parts (``key``: what it holds)."""
+        return self.work / f"add-{key}"
 
     def relative(self, target: str | Path) -> str:
         """``target`` as stored in a manifest: relative to the folder (absolute where no relative path exists)."""
@@ -95,50 +140,120 @@ class IndexFolder:
         there = (Path(origin) / p).resolve() if origin else here
         return here if here.exists() or not there.exists() else there
 
+    def new_segment_dir(self) -> tuple[str, Path]:
+        """A fresh segment id and the hidden folder to write it in (renamed into place by :meth:`seal`)."""
+        self.segments.mkdir(parents=True, exist_ok=True)
+        sid = f"s{time.time_ns():020d}"
+        tmp = self.segments / f".new-{sid}"
+        tmp.mkdir()
+        return sid, tmp
+
+    def seal(self, tmp: Path, sid: str) -> Path:
+        """fsync a written segment folder and rename it into place (immutable from now on)."""
+        fsync_tree(tmp)
+        final = self.segment(sid)
+        rename(tmp, final)
+        fsync_path(self.segments)
+        return final
+
     def commit(self, write: Callable[[Path], None]) -> Path:
-        """Write a new generation with ``write(folder)`` aside, fsync it, and make it current atomically."""
+        """Write a new generation with ``write(folder)`` aside, fsync it, and make it current atomically (the
+        segments it lists are sealed already). Garbage is collected after; an error there is only logged."""
         self._generations.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".new-", dir=self._generations))
+        name = f"g{time.time_ns():020d}"
+        tmp = self._generations / f".new-{name}"
+        tmp.mkdir()
         try:
             write(tmp)
-            for root, _, files in os.walk(tmp):
-                for f in files:
-                    _fsync(Path(root) / f)
-                _fsync(Path(root))
-            name = f"g{time.time_ns():020d}"
-            tmp.rename(self._generations / name)
-            _fsync(self._generations)
+            fsync_tree(tmp)
+            rename(tmp, self._generations / name)
+            fsync_path(self._generations)
             cur = self.path / ".CURRENT.tmp"
-            cur.write_text(name)
-            _fsync(cur)
-            os.replace(cur, self._current)
-            _fsync(self.path)
+            write_file(cur, lambda p: p.write_text(name))
+            fsync_path(cur)
+            rename(cur, self.current_file)
+            fsync_path(self.path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self._collect()
+        try:  # CURRENT has moved: the change is committed whatever happens next
+            self.collect()
+        except Exception:
+            log.exception("%s: garbage collection after commit %s failed (retried at the next write)", self.path,
+                          name)
         return self._generations / name
 
-    def _collect(self) -> None:
-        """Remove generations older than the last :attr:`KEEP` and leftovers of writes that died."""
-        live = self._current.read_text().strip()
+    def _kept(self) -> list[Path]:
+        if not self._generations.is_dir():
+            return []
+        live = self.current_name() if self.exists() else None
         gens = sorted(p for p in self._generations.iterdir() if p.name.startswith("g"))
-        keep = {p.name for p in gens[-self.KEEP:]} | {live}
-        for p in self._generations.iterdir():
-            if p.name not in keep:  # called by the writer, under its lock: a ".new-" folder here is a dead write's
+        return [p for p in gens if p in gens[-self.KEEP:] or p.name == live]
+
+    def referenced(self) -> tuple[set[str], set[Path]] | None:
+        """Segment ids and upload paths that the kept generations reference, or None when one of their
+        manifests cannot be read (then nothing is collected)."""
+        sids, sources = set(), set()
+        for gen in self._kept():
+            try:
+                d = json.loads(self.manifest_file(gen).read_text())
+                sids |= {s[0] for s in d.get("segments", [])}
+                origin = d.get("origin", "")
+                sources |= {self.resolve(s["path"], origin) for s in d.get("sources", [])}
+            except (OSError, ValueError, KeyError, TypeError, IndexError):
+                return None
+        return sids, sources
+
+    def collect(self) -> None:
+        """Remove what no kept generation references (the caller holds the writer lock): older generations, dead
+        writes (``.new-*``), unlisted segments, add work, and uploads past :data:`UPLOAD_GRACE_S`."""
+        refs = self.referenced()
+        if refs is None:
+            log.warning("%s: a kept generation's manifest is unreadable; nothing is collected", self.path)
+            return
+        sids, sources = refs
+        kept = {p.name for p in self._kept()}
+        doomed = []
+        if self._generations.is_dir():
+            doomed += [p for p in self._generations.iterdir() if p.name not in kept]
+        if self.segments.is_dir():
+            doomed += [p for p in self.segments.iterdir() if p.name not in sids]
+        if self.work.is_dir():
+            doomed += [p for p in self.work.iterdir() if p != self.build_parts]
+        if self.uploads.is_dir():
+            names = {p.name for p in sources if p.parent == self.uploads.resolve()}
+            now = time.time()
+            for p in self.uploads.iterdir():
+                base = p.name.split(".bson")[0] + ".bson" if ".bson" in p.name else p.name
+                if base not in names and now - p.stat().st_mtime > UPLOAD_GRACE_S:
+                    doomed.append(p)
+        for p in doomed:
+            log.debug("collecting %s", p)
+            if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        if doomed:
+            log.info("%s: removed %d unreferenced entries (old generations, segments, work, uploads)", self.path,
+                     len(doomed))
 
     @contextmanager
     def writer(self):
-        """Hold the folder's writer lock (an advisory ``flock``); a second writer is refused at once."""
+        """Hold the folder's writer lock (an advisory ``flock``); a second writer is refused at once. Garbage
+        left by a writer that died is collected on the way in."""
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path / ".writer.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise WriterBusy(f"{self.path}: another process is writing this index (build-index, add-to-index or "
-                                 "a server's add); wait for it to finish") from None
+                raise WriterBusy(f"{self.path}: another process is writing this index (build-index, add-to-index, "
+                                 "compact or a server's add); wait for it to finish") from None
+            if self.exists():
+                try:
+                    self.collect()
+                except Exception:
+                    log.exception("%s: garbage collection failed", self.path)
             yield self
         finally:
             os.close(fd)

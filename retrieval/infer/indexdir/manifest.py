@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ...errors import UserError
 
-MANIFEST_VERSION = 3  # 3: generations, paths relative to the folder, parts keyed by content
+MANIFEST_VERSION = 4  # 4: a generation lists immutable segments; 3: generations, relative paths, content-keyed parts
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,9 @@ class Source:
 
 @dataclass(frozen=True)
 class IndexManifest:
-    """``manifest.json`` of an index folder. ``parts`` lists ``(part number, products)`` in position order."""
+    """``manifest.json`` of a generation. ``segments`` lists ``(segment id, products)`` in position order (a
+    segment's products take the positions after those of the segments before it); ``parts`` lists the embedded
+    parts ``(part number or content key, products)`` of all segments, in the same order (provenance)."""
 
     model_file: str
     model_sha256: str
@@ -43,12 +45,14 @@ class IndexManifest:
     origin: str = ""  # where the folder was built: relative paths are also tried from there (a copy elsewhere)
     # the runtime that embedded it (model.onnx_runtime.runtime_fingerprint): queries must use a compatible one
     runtime: dict = field(default_factory=lambda: {"runtime": "torch", "precision": "fp32"})
+    segments: tuple[tuple[str, int], ...] = ()
     version: int = MANIFEST_VERSION
 
-    def with_added(self, parts: list[tuple[int, int]], source: Source) -> "IndexManifest":
-        """The manifest after appending products from ``source`` in ``parts``."""
+    def with_segment(self, sid: str, parts: list[tuple[int | str, int]], source: Source) -> "IndexManifest":
+        """The manifest after appending segment ``sid`` (its ``parts``) of products from ``source``."""
+        n = sum(c for _, c in parts)
         return replace(self, parts=self.parts + tuple(tuple(p) for p in parts), sources=self.sources + (source,),
-                       count=self.count + sum(n for _, n in parts))
+                       count=self.count + n, segments=self.segments + ((sid, n),))
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=1))
@@ -67,6 +71,7 @@ class IndexManifest:
                             f"{MANIFEST_VERSION}: rebuild the index with build-index")
         d["parts"] = tuple(tuple(p) for p in d["parts"])
         d["sources"] = tuple(Source(**s) for s in d["sources"])
+        d["segments"] = tuple(tuple(s) for s in d.get("segments", ()))
         try:
             return cls(**d)
         except TypeError as e:

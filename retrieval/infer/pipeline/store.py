@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import UserError
+from ..indexdir.folder import crash_point
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,8 @@ def _differences(old: dict, new: dict) -> str:
 
 
 class PartStore:
-    """Numbered ``part_XXXXX.npz`` files written atomically; a run started again skips finished parts.
+    """Numbered ``part_XXXXX.npz`` files written atomically (each step a crash point of
+    :func:`~..indexdir.folder.crash_point`); a run started again skips finished parts.
 
     ``key`` (the settings the parts depend on) is saved in ``store.json``. A store made with another key
     is refused with the differing settings named, or wiped first with ``restart``.
@@ -47,8 +49,17 @@ class PartStore:
                 log.warning("discarding %s (made with other settings)", self.folder)
                 shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        if not meta.exists():
-            meta.write_text(json.dumps(key))
+        if not meta.exists():  # written aside and renamed: never a half-written key
+            self._atomic(meta, lambda f: f.write(json.dumps(key).encode()))
+
+    def sync(self) -> None:
+        """fsync the store's folder (its part files are fsynced as they are written): every part is durable."""
+        crash_point("fsync")
+        fd = os.open(self.folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     @staticmethod
     def part_file(folder: Path, i: int | str) -> Path:
@@ -77,10 +88,13 @@ class PartStore:
     @staticmethod
     def _atomic(final: Path, write) -> None:
         tmp = final.with_name("." + final.name + ".tmp")
+        crash_point("write")
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
+            crash_point("fsync")
             os.fsync(f.fileno())
+        crash_point("rename")
         os.replace(tmp, final)
 
     def read(self, i: int | str, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
