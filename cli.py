@@ -300,6 +300,15 @@ def add_to_index(new_file: Path = typer.Argument(..., help="BSON file of new pro
     typer.echo(f"added {added} products; {len(dups)} already indexed" + (f" (e.g. {dups[:5]})" if dups else ""))
 
 
+@command("compact")
+def compact(index: Path = typer.Option(..., help="index folder")) -> None:
+    """Merge an index's small segments (left by adds) into one; queries answer the same (adds compact on their
+    own past 8 small segments)."""
+    from retrieval.infer.indexdir.compact import compact as _compact
+    gen = _compact(index)
+    typer.echo(f"compacted into generation {gen}" if gen else "nothing to compact (fewer than 2 small segments)")
+
+
 @command()
 def predict(test_file: Path = typer.Argument(..., help="BSON file to classify"),
             index: Path = typer.Option(..., help="index folder (build-index --split all)"),
