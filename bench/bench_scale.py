@@ -1,14 +1,20 @@
 """The whole chain at catalogue scale over the real 5,270-category tree: how time and memory grow with N.
 
-For each N (default 10k, 100k, 1M generated products, 32 px pictures, Cdiscount-like skew with the largest
-category at 1.1%), every stage runs in a fresh process so that its peak RSS is its own: the offset table,
-training a tiny tower for a fixed number of steps, build-index over the training split, evaluate over the
-validation split (5% of N, streamed: no cap), predict over test.bson (10% of N). Printed: seconds and peak RSS
-per stage and N, and the growth ratio from each N to the next (x10 in N: time should grow ~10x or less for
-the per-product stages, memory stay near flat where streaming).
+For each N (default 1M and Cdiscount's 7,069,896 generated products, 32 px pictures, Cdiscount-like skew with the
+largest category at 1.1%, test products in Cdiscount's proportion: 1,768,182 at the full size), every stage runs
+in a fresh process so that its peak RSS is its own: the offset table, training a tiny tower for a fixed number
+of steps, build-index over the training split, evaluate over the validation split (5% of N, streamed: no cap;
+peer calibration included), predict over test.bson (peer propagation as calibrated), and serve on the index
+(start-up seconds and RSS, by-id and by-picture latency at 1 and 16 in flight, an add of 1,000 products).
+Printed: seconds and peak RSS per stage and N, and the growth ratio from each N to the next.
+
+Resumable stage by stage: a finished stage leaves ``WORKDIR/n<N>/stages/<stage>.json`` and is not run again
+(``--redo STAGE`` runs one again); build-index and predict also resume their own parts. The work folder defaults
+to ``~/cdiscount_scale``, outside the repository: a run longer than a session continues in the next one.
 Then full vs sampled softmax at 5,270 classes: the head alone (forward+backward, 1280-d as EfficientNet-Lite,
 batch 256), and whole training runs at the middle N (accuracy and step time).
-Usage: python bench/bench_scale.py [--sizes 10000 100000 1000000] [--steps 300] [--workdir bench_out/scale]
+Usage: python bench/bench_scale.py [--sizes 1000000 7069896] [--steps 300] [--workdir ~/cdiscount_scale]
+       [--redo STAGE ...] [--no-softmax]
 """
 from __future__ import annotations
 
@@ -26,7 +32,8 @@ from pathlib import Path
 import common
 
 CATEGORIES_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "category_names.csv"
-STAGES = ("generate", "offsets", "train", "build-index", "evaluate", "predict")
+STAGES = ("generate", "offsets", "train", "build-index", "evaluate", "predict", "serve")
+TEST_FRACTION = 1_768_182 / 7_069_896  # Cdiscount's test products per training product
 TRAIN = dict(image_size=32, embed_dim=128, batch_size=256, val_fraction=0.05, workers=2, lr=3e-3)
 
 
@@ -44,7 +51,7 @@ def run_stage(stage: str, work: Path, n: int, steps: int, extra: dict) -> dict:
     result: object = None
     if stage == "generate":
         from retrieval.data.synth import SynthConfig, make_data
-        make_data(data, SynthConfig(products=n, seed=0, image_size=32, test_fraction=0.1,
+        make_data(data, SynthConfig(products=n, seed=0, image_size=32, test_fraction=TEST_FRACTION,
                                     categories_csv=str(CATEGORIES_CSV), largest_share=0.011), progress=False,
                   overwrite=True)
     elif stage == "offsets":
@@ -63,17 +70,18 @@ def run_stage(stage: str, work: Path, n: int, steps: int, extra: dict) -> dict:
         result = res.best_val_accuracy
     elif stage == "build-index":
         from retrieval.infer.indexdir.build import IndexSettings, build_index
-        shutil.rmtree(idx, ignore_errors=True)
-        result = build_index(data / "train.bson", run, idx, IndexSettings("train")).count
+        result = build_index(data / "train.bson", run, idx, IndexSettings("train")).count  # resumes its parts
     elif stage == "evaluate":
         from retrieval.infer.evaluate import evaluate
         m = evaluate(idx)
         result = {k: m[k] for k in ("products", "head_accuracy", "knn_accuracy", "fused_accuracy") if k in m}
     elif stage == "predict":
         from retrieval.infer.predict import predict
-        out = work / "submission.csv"
-        Path(str(out) + ".parts").exists() and shutil.rmtree(str(out) + ".parts")
-        result = predict(data / "test.bson", idx, out, restart=True).products
+        r = predict(data / "test.bson", idx, work / "submission.csv")  # resumes its parts
+        result = {"products": r.products, "peer_weight": r.params["peers"]["mu"]}
+    elif stage == "serve":
+        from scale_serve import serve_figures
+        result = serve_figures(idx, data / "test.bson", work / "serve")
     seconds = time.perf_counter() - t
     return {"seconds": seconds, "rss_mb": _status_mb("VmHWM"),
             "worker_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, "result": result}
@@ -110,7 +118,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--workdir", default="bench_out/scale")
+    ap.add_argument("--workdir", default=str(Path.home() / "cdiscount_scale"))
+    ap.add_argument("--redo", nargs="*", default=[], choices=STAGES, help="run these stages again")
+    ap.add_argument("--no-softmax", action="store_true", help="skip the full vs sampled softmax comparison")
     ap.add_argument("--softmax-epochs", type=int, default=2)
     ap.add_argument("--stage", choices=STAGES)
     ap.add_argument("--n", type=int)
@@ -119,6 +129,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.quick:
         a.sizes, a.steps, a.softmax_epochs = [2000, 4000], 5, 1
+        a.workdir = a.workdir if a.workdir != str(Path.home() / "cdiscount_scale") else "bench_out/scale_quick"
     if a.stage:
         print(json.dumps(run_stage(a.stage, Path(a.workdir), a.n, a.steps, json.loads(a.extra))))
         return
@@ -127,8 +138,20 @@ def main() -> None:
     root = Path(a.workdir)
     found: dict[tuple[str, int], dict] = {}
     for n in a.sizes:
-        for stage in STAGES:
-            found[stage, n] = r = stage_in_child(stage, root / f"n{n}", n, a.steps)
+        done_dir = root / f"n{n}" / "stages"
+        done_dir.mkdir(parents=True, exist_ok=True)
+        for i, stage in enumerate(STAGES):
+            saved = done_dir / f"{stage}.json"
+            if stage in a.redo or any(s in a.redo for s in STAGES[:i]):
+                saved.unlink(missing_ok=True)  # a stage run again invalidates the ones after it
+            if saved.exists():
+                found[stage, n] = r = json.loads(saved.read_text())
+                print(f"N={n:,} {stage}: kept from an earlier run", flush=True)
+            else:
+                found[stage, n] = r = stage_in_child(stage, root / f"n{n}", n, a.steps)
+                tmp = saved.with_suffix(".tmp")
+                tmp.write_text(json.dumps(r))
+                tmp.replace(saved)
             print(f"N={n:,} {stage}: {r['seconds']:.1f} s, peak RSS {r['rss_mb']:.0f} MB, {r['result']}", flush=True)
     rows = []
     for stage in STAGES:
@@ -149,6 +172,9 @@ def main() -> None:
     common.print_table(rows, tuple(header))
     ev = {n: found["evaluate", n]["result"] for n in a.sizes}
     print("\nevaluate (no product cap):", json.dumps(ev))
+    print("serve:", json.dumps({n: found["serve", n]["result"] for n in a.sizes}))
+    if a.no_softmax:
+        return
 
     full_s, sampled_s = head_softmax_times()
     mid = a.sizes[len(a.sizes) // 2]
