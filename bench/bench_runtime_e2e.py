@@ -26,6 +26,7 @@ from common import print_table
 
 from retrieval.data.offsets import load_offsets
 from retrieval.errors import UserError
+from retrieval.infer.evaluate import evaluate
 from retrieval.infer.indexdir.build import IndexSettings, build_index
 from retrieval.infer.pipeline.embed import LoaderSettings
 from retrieval.infer.predict import predict, read_submission
@@ -125,21 +126,27 @@ def main() -> None:
             predict(test, idx, sub, loader=loader, restart=True)
             t_pred = time.perf_counter() - t
         except UserError as e:
-            rows.append((rt, f"refused: {e}", "", "", "", "", ""))
+            rows.append((rt, f"refused: {e}", "", "", "", "", "", ""))
             continue
         ids, cats = read_submission(sub)
         acc = float(np.mean(cats == truth["category_id"]))
+        parts = ""
+        if not a.quick:  # head, kNN and fused over the same test products (evaluate with test.bson as its file)
+            m = evaluate(idx, test, out_dir=work / f"eval_{rt}", loader=loader, runtime=rt)
+            parts = f"{m['head_accuracy']:.4f} / {m['knn_accuracy']:.4f} / {m['fused_accuracy']:.4f}"
+            (run / "calibration.json").unlink(missing_ok=True)  # every runtime's predict runs uncalibrated alike
         rate = (man.count + len(truth)) / (t_build + t_pred)
         qps = serve_qps(idx, rt, pictures, a.requests, work / f"serve_{rt}.log")
         if ref is None:
             ref = (rate, qps)
-        rows.append((rt, f"{rate:.1f}", f"{rate / ref[0]:.2f}x", f"{acc:.4f}",
+        rows.append((rt, f"{rate:.1f}", f"{rate / ref[0]:.2f}x", f"{acc:.4f}", parts,
                      f"{qps[1]:.0f} ({qps[1] / ref[1][1]:.2f}x)", f"{qps[16]:.0f} ({qps[16] / ref[1][16]:.2f}x)",
                      f"{man.count:,} + {len(truth):,}"))
     print(f"\n{tower['backbone']} @ {a.image_size} px, {os.cpu_count()} CPU cores; torch = today's default (bf16 "
           "autocast where the CPU has it); ratios against it, same run; one-time export and check (s): "
           + ", ".join(f"{k} {v:.0f}" for k, v in exports.items()))
-    print_table(rows, ("runtime", "build-index + predict products/s", "vs torch", "test accuracy (fused)",
+    print_table(rows, ("runtime", "build-index + predict products/s", "vs torch", "test accuracy (submission)",
+                       "head / kNN / fused (evaluate on test, calibrated there)",
                        "serve by picture, 1 in flight QPS", "16 in flight QPS", "products indexed + predicted"))
 
 
