@@ -131,7 +131,7 @@ def _check(rows: list[dict], world: Path, op: str) -> None:
 def test_a_few_crash_points_of_an_add_leave_old_or_new(crash_world):
     """The first write and a late rename of an add: quick enough for every run of the suite (the whole matrix,
     for all three operations, is the slow test below)."""
-    rows = _matrix(crash_world, "add", "write,rename", "1,6")
+    rows = _matrix(crash_world, "add", "write,rename", "1,7")
     _check(rows, crash_world[0], "add")
 
 
