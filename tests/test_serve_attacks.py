@@ -183,7 +183,7 @@ def test_too_many_pictures_and_bombs_are_a_4xx_before_decoding(client, small_dat
         assert len(BOMB) < 40_000 and client.post(path, files=bombs).status_code == 413
         assert decoded == []  # refused on the count: nothing decoded
         r = client.post(path, files=bombs[:MAX_PICTURES])  # the most allowed: refused from each header
-        assert r.status_code == 400 and "16,777,216-pixel limit" in r.text
+        assert r.status_code == 400 and "4,194,304-pixel limit" in r.text
         assert client.post(path, files=many[:MAX_PICTURES]).status_code == 200
     assert client.get("/health").status_code == 200
 
@@ -205,16 +205,54 @@ def test_pictures_are_decoded_reduced_and_caps_read_from_headers():
         assert min(small.shape[:2]) >= 64 and small.shape[0] * small.shape[1] <= (1500 // 8 + 1) * (2000 // 8 + 1)
         full = to_model_input(np.asarray(Image.open(buf)), 64, train=False).float()
         assert (picture_input(buf.getvalue(), 64).float() - full).abs().mean() < 3  # same picture, gray levels
-    with pytest.raises(ImageDecodeError, match="16,777,216-pixel limit for a PNG"):
+    with pytest.raises(ImageDecodeError, match="4,194,304-pixel limit for a PNG"):
         decode_image(BOMB, min_size=32)
     buf = io.BytesIO()
     Image.new("RGB", (5000, 4000)).save(buf, "JPEG", progressive=True)  # coefficients held whole: capped
-    with pytest.raises(ImageDecodeError, match="progressive JPEG"):
+    with pytest.raises(ImageDecodeError, match="progressive or multi-scan JPEG"):
         decode_image(buf.getvalue(), min_size=32)
     buf = io.BytesIO()
     Image.new("RGB", (64, 64)).save(buf, "TIFF")
     with pytest.raises(ImageDecodeError):
         decode_image(buf.getvalue())  # not a format a server opens
+
+
+def _baseline_jpeg_with_a_scan_per_channel(w: int, h: int) -> bytes:
+    """A sequential (SOF0) JPEG whose three channels come in three scans: every block decodes to flat gray."""
+    def seg(marker: int, payload: bytes) -> bytes:
+        return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
+    out = b"\xff\xd8" + seg(0xDB, b"\x00" + b"\x01" * 64)
+    out += seg(0xC0, struct.pack(">BHHB", 8, h, w, 3) + b"".join(bytes([i + 1, 0x11, 0]) for i in range(3)))
+    out += seg(0xC4, b"\x00" + bytes([1] + [0] * 15) + b"\x00") + seg(0xC4, b"\x10" + bytes([1] + [0] * 15) + b"\x00")
+    blocks = ((w + 7) // 8) * ((h + 7) // 8)
+    for c in range(3):
+        out += seg(0xDA, bytes([1, c + 1, 0x00, 0, 63, 0])) + b"\x00" * ((blocks * 2 + 7) // 8)
+    return out + b"\xff\xd9"
+
+
+def test_pictures_that_decode_whole_whatever_their_size_are_capped():
+    """What an adversarial review found: a baseline JPEG with a scan per channel (libjpeg holds every
+    coefficient: +229 MB at 6,300 x 6,300), a 702-byte lossless WebP of 4,096 x 4,096 (+260 MB) and a
+    16,000,000 x 1 strip (no reduction toward a square input) are refused from their headers."""
+    import io
+
+    from PIL import Image
+
+    from retrieval.data.images import ImageDecodeError, decode_image
+    small = _baseline_jpeg_with_a_scan_per_channel(64, 64)
+    assert min(decode_image(small, min_size=32).shape[:2]) >= 32  # small multi-scan pictures still decode
+    with pytest.raises(ImageDecodeError, match="multi-scan JPEG"):
+        decode_image(_baseline_jpeg_with_a_scan_per_channel(3000, 3000), min_size=32)
+    buf = io.BytesIO()
+    Image.new("RGB", (4096, 4096)).save(buf, "WEBP", lossless=True)
+    assert len(buf.getvalue()) < 4096
+    with pytest.raises(ImageDecodeError, match="pixel limit for a WEBP"):
+        decode_image(buf.getvalue(), min_size=32)
+    with pytest.raises(ImageDecodeError, match="side over 16,384"):
+        decode_image(_png(20_000, 1), min_size=32)
+    buf = io.BytesIO()
+    Image.new("RGB", (6300, 6300)).save(buf, "JPEG", quality=10)  # one scan: DCT-scaled, never whole
+    assert max(decode_image(buf.getvalue(), min_size=32).shape[:2]) <= 6300 // 8 + 1
 
 
 # ---- refusals decided from the headers --------------------------------------------------------------------
@@ -311,16 +349,61 @@ def test_picture_requests_past_the_admission_cap_get_503():
 
     async def run():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=guard), base_url=LOCAL) as c:
-            held = [asyncio.create_task(c.post("/similar", content=b"x")) for _ in range(2)]
+            held = [asyncio.create_task(c.post("/similar", content=b"x", headers=MULTIPART)) for _ in range(2)]
             await asyncio.sleep(0.1)
-            third = await c.post("/similar", content=b"x")
+            third = await c.post("/similar", content=b"x", headers=MULTIPART)
             other = asyncio.create_task(c.post("/elsewhere", content=b"x"))  # not a picture route: let in
+            by_id = asyncio.create_task(c.post("/similar", data={"product_id": "4"}))  # uploads no picture: let in
             release.set()
-            return third, [await t for t in held], await other
-    third, held, other = asyncio.run(run())
+            return third, [await t for t in held], await other, await by_id
+    third, held, other, by_id = asyncio.run(run())
     assert third.status_code == 503 and third.headers["Retry-After"] == "1"
-    assert [r.status_code for r in held] == [200, 200] and other.status_code == 200
+    assert [r.status_code for r in held] == [200, 200] and other.status_code == 200 and by_id.status_code == 200
     assert guard.busy == 0
+
+
+MULTIPART = {"content-type": "multipart/form-data; boundary=X"}
+
+
+def test_a_slow_body_gets_408_and_gives_its_admission_back():
+    import httpx
+
+    from retrieval.serve.guards import RequestGuard
+
+    async def reading_app(scope, receive, send):  # reads the whole body, then answers
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    guard = RequestGuard(reading_app, ServeSettings(), {}, 1 << 20, busy_paths=("/similar",), max_busy=1,
+                         body_seconds=0.3)
+
+    async def trickle(pause: float):
+        yield b"--X\r\n"
+        await asyncio.sleep(pause)
+        yield b"the rest"
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=guard), base_url=LOCAL) as c:
+            slow = await c.post("/similar", content=trickle(1.0), headers=MULTIPART)
+            busy_after = guard.busy
+            quick = await c.post("/similar", content=trickle(0.0), headers=MULTIPART)
+            return slow, busy_after, quick
+    slow, busy_after, quick = asyncio.run(run())
+    assert slow.status_code == 408 and "did not arrive within" in slow.json()["detail"]
+    assert busy_after == 0 and quick.status_code == 200  # the slot came back: the next upload is admitted
+
+
+def test_a_repeated_origin_or_token_header_is_refused(served):
+    from fastapi.testclient import TestClient
+
+    from retrieval.serve.api import create_app
+    with TestClient(create_app(served), base_url=LOCAL) as c:
+        for name in ("origin", "authorization"):
+            r = c.post("/products", headers=[(name, "http://evil.example"), (name, "http://localhost")],
+                       files={"file": ("a.bson", b"x")})
+            assert r.status_code == 400 and name in r.json()["detail"]
 
 
 # ---- /classify by id leaves the product out ----------------------------------------------------------------
@@ -417,7 +500,7 @@ def test_bomb_requests_leave_a_real_server_alive_and_small(process, small_data):
 def test_32_clients_sending_the_largest_request_get_200_or_503(process, small_data):
     import httpx
     pid, url = process
-    big = _png(4096, 4096, 6)  # RGBA at the full-decode cap: 64 MiB of pixels, the most one picture may take
+    big = _png(2048, 2048, 6)  # RGBA at the full-decode cap: 16 MiB of pixels, the most one picture may take
     files = [("images", (f"p{i}.png", big, "image/png")) for i in range(MAX_PICTURES)]
     before = _rss_kb(pid)["VmRSS"]
 

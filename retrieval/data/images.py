@@ -18,10 +18,12 @@ log = logging.getLogger(__name__)
 
 
 MAX_PIXELS = 40_000_000  # a Cdiscount picture has 32,400; anything past this is refused before decoding
-# Pictures that cannot be decoded reduced (every format but baseline JPEG: PNG, WebP, GIF, BMP, progressive
-# JPEG, whose coefficients are all held) are decoded at full size first, so they get a lower cap: at most
-# 4 bytes a pixel, 64 MiB a picture. A 39 KB blank PNG of 6,324 x 6,324 (40 Mpx) is refused from its header.
-MAX_FULL_PIXELS = 4096 * 4096
+# Pictures that cannot be decoded reduced (every format but single-scan baseline JPEG: PNG, WebP, GIF, BMP,
+# progressive or multi-scan JPEG, whose coefficients are all held) are decoded at full size first, so they get a
+# lower cap: a lossless WebP of 4096 x 4096 in 702 bytes took 260 MB to decode; 2048 x 2048 keeps one picture
+# near 65 MB at worst. A 39 KB blank PNG of 6,324 x 6,324 (40 Mpx) is refused from its header.
+MAX_FULL_PIXELS = 2048 * 2048
+MAX_SIDE = 16384  # a 16,000,000 x 1 strip cannot be reduced toward a square input: refused
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # what Pillow may open (no EPS/Ghostscript, no TIFF)
 
 
@@ -30,6 +32,8 @@ class ImageDecodeError(ValueError):
 
 
 def _check_pixels(width: int, height: int, cap: int = MAX_PIXELS, what: str = "") -> None:
+    if max(width, height) > MAX_SIDE:
+        raise ImageDecodeError(f"picture of {width} x {height} pixels has a side over {MAX_SIDE:,} pixels")
     if width * height > cap:
         raise ImageDecodeError(f"picture of {width} x {height} pixels is over the {cap:,}-pixel limit{what}")
 
@@ -52,6 +56,38 @@ def _progressive(data: bytes) -> bool:
     return False
 
 
+def _multi_scan(data: bytes) -> bool:
+    """Whether JPEG ``data`` holds more than one scan (libjpeg then keeps every coefficient, whatever the
+    reduction): the marker segments are walked to the first scan, then its entropy-coded bytes to the next
+    marker (0xFF followed by neither 0x00 stuffing nor a restart marker), and so on to the end of the image."""
+    i, scans = 2, 0
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return scans > 1
+        marker = data[i + 1]
+        if marker == 0xFF:
+            i += 1
+            continue
+        if marker == 0xD9:  # end of image
+            break
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")  # the segment (a scan's header, for 0xDA)
+        if marker != 0xDA:
+            continue
+        scans += 1
+        if scans > 1:
+            return True
+        while True:  # the entropy-coded data, up to the next marker
+            i = data.find(b"\xff", i)
+            if i < 0 or i + 1 >= len(data):
+                return False
+            nxt = data[i + 1]
+            if nxt == 0x00 or 0xD0 <= nxt <= 0xD7 or nxt == 0xFF:
+                i += 1 if nxt == 0xFF else 2
+                continue
+            break
+    return scans > 1
+
+
 def picture_hash(data: bytes) -> int:
     """First 8 bytes of the MD5 of a picture's bytes, as a signed int64 (exact-duplicate key)."""
     return int.from_bytes(hashlib.md5(data).digest()[:8], "little", signed=True)
@@ -71,8 +107,8 @@ def decode_image(data: bytes, min_size: int | None = None) -> np.ndarray:
         except (ValueError, RuntimeError):
             h = w = 0  # let Pillow decide below
         _check_pixels(w, h)
-        if w * h > MAX_FULL_PIXELS and _progressive(data):
-            _check_pixels(w, h, MAX_FULL_PIXELS, " for a progressive JPEG")
+        if w * h > MAX_FULL_PIXELS and (_progressive(data) or _multi_scan(data)):
+            _check_pixels(w, h, MAX_FULL_PIXELS, " for a progressive or multi-scan JPEG")
         try:
             kw = {"min_height": min_size, "min_width": min_size} if min_size else {}
             return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=True, **kw)
@@ -80,7 +116,7 @@ def decode_image(data: bytes, min_size: int | None = None) -> np.ndarray:
             pass  # CMYK, progressive oddities, damage: let Pillow decide
     try:
         with Image.open(io.BytesIO(data), formats=FORMATS) as im:
-            return _pillow_decode(im, min_size)
+            return _pillow_decode(im, min_size, data)
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as e:
@@ -89,11 +125,11 @@ def decode_image(data: bytes, min_size: int | None = None) -> np.ndarray:
         raise ImageDecodeError(f"undecodable picture ({len(data)} bytes): {e}") from e
 
 
-def _pillow_decode(im: Image.Image, min_size: int | None) -> np.ndarray:
+def _pillow_decode(im: Image.Image, min_size: int | None, data: bytes) -> np.ndarray:
     """An opened picture (only its header read so far) as RGB, reduced toward ``min_size`` where given."""
     w, h = im.size
     _check_pixels(w, h)
-    if im.format == "JPEG" and not im.info.get("progressive"):
+    if im.format == "JPEG" and not im.info.get("progressive") and not _multi_scan(data):
         if min_size:
             im.draft("RGB", (min_size, min_size))  # DCT scaling: the reduced picture is all that is decoded
     else:

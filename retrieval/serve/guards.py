@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
@@ -100,16 +101,26 @@ class _TooLarge(Exception):
     pass
 
 
+class _TooSlow(Exception):
+    pass
+
+
+SINGLE = (b"host", b"origin", b"authorization", b"content-type", b"content-length")  # at most once a request
+BODY_SECONDS = 30.0  # a request body must arrive whole within this time of its headers (else 408)
+
+
 class RequestGuard:
     """ASGI middleware: Host and Origin allow-list, write credentials, body limits and admission, all decided
     before the application runs (see the module's docstring). ``limits``: bytes per path (``default`` else);
-    ``writes``: the paths whose unsafe methods change the index; ``busy_paths``: the picture routes admitted
-    ``max_busy`` at a time."""
+    ``writes``: the paths whose unsafe methods change the index; ``busy_paths``: the picture routes whose
+    uploads (multipart bodies) are admitted ``max_busy`` at a time; every body must arrive within
+    ``body_seconds`` of its headers (a slow body would otherwise hold its admission)."""
 
     def __init__(self, app, settings: ServeSettings, limits: dict[str, int], default: int,
                  writes: tuple[str, ...] = ("/products",), busy_paths: tuple[str, ...] = (), max_busy: int = 16,
-                 retry_after: int = 1) -> None:
+                 retry_after: int = 1, body_seconds: float = BODY_SECONDS) -> None:
         self.app, self.settings, self.limits, self.default = app, settings, limits, default
+        self.body_seconds = body_seconds
         self.hosts, self.writes, self.busy_paths = settings.hosts(), writes, busy_paths
         self.max_busy, self.retry_after, self.busy = max_busy, retry_after, 0
 
@@ -121,7 +132,9 @@ class RequestGuard:
             self._check(scope, limit)
         except Refusal as r:
             return await _answer(send, r)
-        admitted = scope["method"] == "POST" and scope["path"] in self.busy_paths
+        content_type = next((v for k, v in scope.get("headers") or [] if k == b"content-type"), b"")
+        admitted = scope["method"] == "POST" and scope["path"] in self.busy_paths and \
+            content_type.lower().startswith(b"multipart/")  # pictures; a query by id uploads none
         if admitted:
             if self.busy >= self.max_busy:
                 return await _answer(send, Refusal(503, f"{self.busy} picture requests are running; try again "
@@ -136,6 +149,10 @@ class RequestGuard:
     def _check(self, scope, limit: int) -> None:
         """Raise the :class:`Refusal` this request gets from its headers, if any."""
         headers = scope.get("headers") or []
+        names = [k for k, _ in headers]
+        repeated = [n.decode() for n in SINGLE if n != b"host" and names.count(n) > 1]
+        if repeated:
+            raise Refusal(400, f"a request carries {repeated[0]} once at most")
         hosts = [v.decode("latin-1") for k, v in headers if k == b"host"]
         if len(hosts) != 1 or host_name(hosts[0]) not in self.hosts:
             log.warning("request refused for %s: Host %s is not allowed", _client(scope), hosts or "missing")
@@ -169,11 +186,19 @@ class RequestGuard:
     async def _limited(self, scope, receive, send, limit: int) -> None:
         """Run the application with the body counted as it streams in: past ``limit``, the application's own
         answer (to a body cut short) is dropped and a 413 goes out instead."""
-        seen, over, started = 0, False, False
+        seen, over, slow, started, complete = 0, False, False, False, False
+        deadline = asyncio.get_running_loop().time() + self.body_seconds
 
         async def counted():
-            nonlocal seen, over
-            message = await receive()
+            nonlocal seen, over, slow, complete
+            if complete:  # the body is in: later reads wait for a disconnect, for as long as it takes
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except asyncio.TimeoutError:
+                slow = True
+                raise _TooSlow from None
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
@@ -183,7 +208,7 @@ class RequestGuard:
 
         async def sending(message) -> None:
             nonlocal started
-            if over and not started:
+            if (over or slow) and not started:
                 return
             started = started or message["type"] == "http.response.start"
             await send(message)
@@ -191,8 +216,12 @@ class RequestGuard:
         try:
             await self.app(scope, counted, sending)
         except Exception:
-            if not over:
+            if not (over or slow):
                 raise
+        if slow and not started:
+            log.warning("request body not in after %.0f s: refused for %s", self.body_seconds, _client(scope))
+            await _answer(send, Refusal(408, f"the request body did not arrive within {self.body_seconds:.0f} s"))
+            return
         if over and not started:
             log.warning("request body over %d bytes refused for %s", limit, _client(scope))
             await _answer(send, Refusal(413, _too_large(limit)))
