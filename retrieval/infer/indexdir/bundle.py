@@ -45,8 +45,8 @@ class IndexBundle:
         self.vectors = SegmentedIndex([s.vectors for s in segs])
         self.arrays = {k: np.concatenate([s.arrays[k] for s in segs]) for k in ARRAYS}
         off = self.vectors.offsets
-        self.duplicates = DuplicateTable(np.concatenate([s.duplicates.hashes for s in segs]),
-                                         np.concatenate([s.duplicates.positions + o for s, o in zip(segs, off[:-1], strict=True)]))
+        owners = [s.duplicates.positions + o for s, o in zip(segs, off[:-1], strict=True)]
+        self.duplicates = DuplicateTable(np.concatenate([s.duplicates.hashes for s in segs]), np.concatenate(owners))
 
     @property
     def layout(self) -> IndexFolder:

@@ -75,8 +75,8 @@ def _compact(folder: IndexFolder) -> str | None:
         vi.add(np.asarray(block, np.float32), labels[start:start + len(block)])
         start += len(block)
     offsets = np.concatenate([[0], np.cumsum([len(s) for s in segs])])
-    dups = DuplicateTable(np.concatenate([s.duplicates.hashes for s in segs]),
-                          np.concatenate([s.duplicates.positions + o for s, o in zip(segs, offsets[:-1], strict=True)]))
+    owners = [s.duplicates.positions + o for s, o in zip(segs, offsets[:-1], strict=True)]
+    dups = DuplicateTable(np.concatenate([s.duplicates.hashes for s in segs]), np.concatenate(owners))
     arrays = {k: np.concatenate([s.arrays[k] for s in segs]) for k in ARRAYS}
     parts = [p for s in segs for p in s.parts]
     sid = write_segment(folder, vi, arrays, dups, parts, [f for s in segs for f in s.emb_files()])
