@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import common
@@ -54,26 +55,34 @@ def wait_until_up(server: subprocess.Popen, url: str, log: Path, seconds: float 
 
 
 def inflate(idx: Path, extra: int, seed: int = 0) -> None:
-    """Grow an index by ``extra`` random unit vectors, committed as a new generation: a catalogue where the
+    """Grow an index by ``extra`` random unit vectors, committed as one new segment (Flat): a catalogue where the
     search, not the model or HTTP, is the cost of a query. The fake products carry product 0's pictures and
     stored data; only real products are queried by id."""
+    from index import DuplicateTable, VectorIndex
+    from retrieval.infer.indexdir.compact import commit_manifest
+    from retrieval.infer.indexdir.segments import write_segment
     b = open_index(idx)
     rng = np.random.default_rng(seed)
     v = rng.normal(size=(extra, b.manifest.dim)).astype(np.float32)
     v /= np.linalg.norm(v, axis=1, keepdims=True)
     labels = rng.integers(0, len(b.categories.ids), extra)
-    b.vectors.add(v, labels)
+    vi = VectorIndex.create(b.manifest.dim, "Flat")
+    vi.add(v, labels)
     fake = {"product_ids": int(b.product_ids.max()) + 1 + np.arange(extra, dtype=np.int64),
             "category_ids": np.asarray(b.categories.ids, np.int64)[labels]}
-    b.arrays = {k: np.concatenate([a, fake[k] if k in fake else np.repeat(a[:1], extra)]) for k, a in b.arrays.items()}
-    with IndexFolder(idx).writer():
-        b.commit()
+    arrays = {k: fake[k] if k in fake else np.repeat(a[:1], extra) for k, a in b.arrays.items()}
+    layout = IndexFolder(idx)
+    with layout.writer():
+        sid = write_segment(layout, vi, arrays, DuplicateTable(np.zeros(0, np.int64), np.zeros(0, np.int64)),
+                            [("synthetic", extra)], [v])
+        man = b.manifest
+        commit_manifest(layout, replace(man, count=man.count + extra, segments=man.segments + ((sid, extra),)))
 
 
 def serve_rows(idx: Path, a: argparse.Namespace, add_file: Path | None) -> tuple[list, dict, dict | None, str]:
     """Load the server of ``idx`` at each concurrency, by id and by picture, against the in-process reference."""
     bundle = open_index(idx)
-    n_real = int(sum(c for _, c in bundle.manifest.parts))  # real products come first; inflate() adds after
+    n_real = int(sum(c for _, c in bundle.manifest.parts))  # real products come first (inflate's segment lists no part)
     ids = bundle.product_ids[np.random.default_rng(0).permutation(n_real)[:a.requests]]
     pics = [product_pictures(bundle, int(bundle.position_of(int(i))))[0] for i in ids]
 
