@@ -82,7 +82,7 @@ def test_two_process_build_index_and_predict_match_one_process(small_data, train
     assert np.array_equal(one.product_ids, two.product_ids) and np.array_equal(one.vectors.labels, two.vectors.labels)
     for p, _ in one.manifest.parts:
         folders = IndexFolder(indexes["all"]).embeddings, IndexFolder(idx2).embeddings
-        a, b = (dict(np.load(PartStore.part_file(f, p)), emb=np.load(PartStore.vectors_file(f, p))) for f in folders)
+        a, b = (dict(np.load(PartStore.part_file(f, p)), emb=np.load(PartStore.embeddings_file(f, p))) for f in folders)
         assert np.array_equal(a["rows"], b["rows"]) and np.allclose(a["emb"], b["emb"], atol=1e-6)
         assert np.array_equal(a["img_hash"], b["img_hash"])
     assert np.array_equal(one.duplicates.hashes, two.duplicates.hashes)

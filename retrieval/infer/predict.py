@@ -148,7 +148,7 @@ def _with_peers(store: PartStore, n_parts: int, peers: PeerSettings) -> Iterator
             yield propagate(z["classes"], z["probs"], None, peers)
         return
     got = [store.read(part, ("classes", "probs", "n_images")) for part in range(n_parts)]
-    blocks = [np.load(PartStore.vectors_file(store.folder, part), mmap_mode="r") for part in range(n_parts)]
+    blocks = [np.load(PartStore.embeddings_file(store.folder, part), mmap_mode="r") for part in range(n_parts)]
     width = max(g["classes"].shape[1] for g in got)
     classes = np.concatenate([pad_columns(g["classes"], width, -1) for g in got])
     probs = np.concatenate([pad_columns(g["probs"], width, 0) for g in got])

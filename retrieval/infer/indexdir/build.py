@@ -161,7 +161,7 @@ def _build(train_path: Path, run: RunDir, out: IndexFolder, settings: IndexSetti
               "sources": np.zeros(len(rows), np.int32)}
     store.sync()
     sid = write_segment(out, vi, arrays, _duplicates(store, parts, 0), parts,
-                        [store.vectors_file(store.folder, p) for p, _ in parts])
+                        [store.embeddings_file(store.folder, p) for p, _ in parts])
     manifest = IndexManifest(
         model_file=out.relative(model.path), model_sha256=model.sha256, run_dir=out.relative(run.path),
         backbone=net.cfg.backbone, image_size=net.cfg.image_size, dim=net.cfg.embed_dim, factory=factory,
@@ -258,7 +258,7 @@ def _add(folder: IndexFolder, new_path: Path, loader: LoaderSettings, nets: dict
     arrays = {"product_ids": table["product_id"][rows], "category_ids": cat_ids, "offsets": table["offset"][rows],
               "lengths": table["length"][rows].astype(np.int64), "sources": np.full(len(rows), len(man.sources),
                                                                                    np.int32)}
-    sid = write_segment(folder, vi, arrays, _duplicates(store, parts, 0), parts, [store.vectors_file(store.folder,
+    sid = write_segment(folder, vi, arrays, _duplicates(store, parts, 0), parts, [store.embeddings_file(store.folder,
                                                                                                     name)])
     if new_path.resolve().is_relative_to(folder.path.resolve()):  # an upload: durable before CURRENT names it
         fsync_path(new_path)

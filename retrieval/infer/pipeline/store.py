@@ -73,16 +73,16 @@ class PartStore:
         return self.path(i).exists()
 
     @staticmethod
-    def vectors_file(folder: Path, i: int | str) -> Path:
+    def embeddings_file(folder: Path, i: int | str) -> Path:
         """A part's embeddings ``[P, D]`` as a plain ``.npy`` beside it, for memory-mapped reads."""
         return PartStore.part_file(folder, i).with_suffix(".emb.npy")
 
     def write(self, i: int | str, **arrays: np.ndarray) -> None:
         """Written aside, fsynced, then renamed: a part file is whole or absent. An ``emb`` array is stored once,
-        as :meth:`vectors_file` (memory-mappable), written before the part file that marks the part done."""
+        as :meth:`embeddings_file` (memory-mappable), written before the part file that marks the part done."""
         if "emb" in arrays:
             emb = np.asarray(arrays.pop("emb"), np.float32)
-            self._atomic(self.vectors_file(self.folder, i), lambda f: np.save(f, emb))
+            self._atomic(self.embeddings_file(self.folder, i), lambda f: np.save(f, emb))
         self._atomic(self.path(i), lambda f: np.savez(f, **arrays))
 
     @staticmethod
@@ -100,9 +100,9 @@ class PartStore:
     def read(self, i: int | str, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
         """Part ``i``'s arrays, ``emb`` included where the part has one (only ``keys``, when given: the others
         are not read)."""
-        vectors = self.vectors_file(self.folder, i)
+        emb_path = self.embeddings_file(self.folder, i)
         with np.load(self.path(i)) as z:
             out = {k: z[k] for k in (keys if keys is not None else z.files) if k != "emb"}
-        if (keys is None or "emb" in keys) and vectors.exists():
-            out["emb"] = np.load(vectors)
+        if (keys is None or "emb" in keys) and emb_path.exists():
+            out["emb"] = np.load(emb_path)
         return out
