@@ -79,7 +79,8 @@ def inflate(idx: Path, extra: int, seed: int = 0) -> None:
         commit_manifest(layout, replace(man, count=man.count + extra, segments=man.segments + ((sid, extra),)))
 
 
-def serve_rows(idx: Path, a: argparse.Namespace, add_file: Path | None) -> tuple[list, dict, dict | None, str]:
+def serve_rows(idx: Path, a: argparse.Namespace, add_file: Path | None, commit_file: Path | None = None
+               ) -> tuple[list, dict, dict | None, str]:
     """Load the server of ``idx`` at each concurrency, by id and by picture, against the in-process reference."""
     bundle = open_index(idx)
     n_real = int(sum(c for _, c in bundle.manifest.parts))  # real products come first (inflate's segment lists no part)
@@ -119,6 +120,8 @@ def serve_rows(idx: Path, a: argparse.Namespace, add_file: Path | None) -> tuple
                              f"{qps / r:.2f}x" if r else ""))
                 qps_at[name, conc] = qps
         during = health_during_add(url, add_file) if add_file else None
+        if commit_file:
+            during = by_id_during_commit(url, idx, commit_file, [int(i) for i in ids], a.k)
     finally:
         server.terminate()
         server.wait(10)
@@ -153,10 +156,10 @@ def main() -> None:
     shutil.rmtree(big, ignore_errors=True)
     shutil.copytree(idx, big)
     rows, _, during, summary = serve_rows(idx, a, p["data"] / "test.bson")
-    summaries = [summary]
+    summaries, committed = [summary], None
     if a.extra_vectors:
         inflate(big, a.extra_vectors)
-        more, _, _, summary = serve_rows(big, a, None)
+        more, _, committed, summary = serve_rows(big, a, None, commit_file=p["data"] / "test.bson")
         rows += more
         summaries.append(summary)
     print(f"\nk={a.k}, {a.requests} requests per row; reference = the same query in one process, one at a time "
@@ -168,6 +171,38 @@ def main() -> None:
         print(line)
     print(f"GET /health while POST /products adds {during['added']:,} products ({during['seconds']:.1f} s): "
           f"p50 {during['p50'] * 1e3:.1f} ms, p99 {during['p99'] * 1e3:.1f} ms over {during['n']} probes")
+    if committed:
+        c = committed
+        print(f"POST /similar by id while another process (cli.py add-to-index) commits {c['added']:,} products to the "
+              f"{c['before']:,}-product index ({c['seconds']:.1f} s, then 2.5 s for the server to follow): p50 "
+              f"{c['p50'] * 1e3:.1f} ms, p99 {c['p99'] * 1e3:.1f} ms over {c['n']} probes, statuses {c['statuses']}; "
+              f"the server then answered for {c['after']:,} products")
+
+
+def by_id_during_commit(url: str, idx: Path, bson_file: Path, ids: list[int], k: int) -> dict:
+    """Latency of by-id queries while another process commits an add to the served folder, and for 2.5 s after
+    (the server follows the new generation within about a second); every status is counted."""
+    from collections import Counter
+    with httpx.Client(base_url=url, timeout=30) as c:
+        before = c.get("/health").json().get("products", 0)
+        lat, statuses = [], Counter()
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "add-to-index", str(bson_file), "--index",
+                                 str(idx), "--workers", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        end, i, seconds = None, 0, 0.0
+        while end is None or time.monotonic() < end:
+            if end is None and proc.poll() is not None:
+                end, seconds = time.monotonic() + 2.5, time.perf_counter() - t0
+            t = time.perf_counter()
+            r = c.post("/similar", data={"product_id": ids[i % len(ids)], "k": k})
+            lat.append(time.perf_counter() - t)
+            statuses[r.status_code] += 1
+            i += 1
+        if proc.returncode != 0:
+            raise RuntimeError(f"add-to-index failed: {proc.stderr.read().decode()[-2000:]}")
+        after = c.get("/health").json().get("products", 0)
+    return {"added": after - before, "before": before, "after": after, "seconds": seconds, "n": len(lat),
+            "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)), "statuses": dict(statuses)}
 
 
 def health_during_add(url: str, bson_file: Path) -> dict:
