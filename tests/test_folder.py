@@ -159,3 +159,12 @@ def test_a_copy_of_the_folder_alone_still_finds_its_run_and_data(built_world, tm
     shutil.copytree(built_world / "idx", copy)
     b = open_index(copy)
     assert len(b.product_ids) == 150 and product_pictures(b, 0) == product_pictures(open_index(built_world / "idx"), 0)
+
+
+def test_folders_are_named_by_their_path_in_messages(tmp_path):
+    """A log line or error that formats a folder object shows its path, never ``<... object at 0x...>``."""
+    from retrieval.infer.indexdir.folder import IndexFolder
+    from retrieval.infer.pipeline.store import PartStore
+    store = PartStore(tmp_path / "parts", {"k": 1})
+    for obj, path in ((IndexFolder(tmp_path / "idx"), tmp_path / "idx"), (store, tmp_path / "parts")):
+        assert f"written to {obj}" == f"written to {path}" and "object at" not in repr(obj)

@@ -88,6 +88,11 @@ class IndexFolder:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
+    def __str__(self) -> str:  # the folder, wherever a message names it (never an object's repr)
+        return str(self.path)
+
+    __repr__ = __str__
+
     uploads = property(lambda self: self.path / "uploads")
     segments = property(lambda self: self.path / "segments")
     work = property(lambda self: self.path / "work")

@@ -52,6 +52,11 @@ class PartStore:
         if not meta.exists():  # written aside and renamed: never a half-written key
             self._atomic(meta, lambda f: f.write(json.dumps(key).encode()))
 
+    def __str__(self) -> str:  # the folder, wherever a message names it (never an object's repr)
+        return str(self.folder)
+
+    __repr__ = __str__
+
     def sync(self) -> None:
         """fsync the store's folder (its part files are fsynced as they are written): every part is durable."""
         crash_point("fsync")
