@@ -40,10 +40,13 @@ class DuplicateTable:
         return qi, self.positions[starts + np.arange(n.sum())]
 
     def product_labels(self, query: np.ndarray, owner: np.ndarray, n_products: int, labels: np.ndarray,
-                       cap: int = 16) -> np.ndarray:
+                       cap: int = 16, exclude: int | None = None) -> np.ndarray:
         """Class labels ``[P, cap]`` (-1 padded) of the indexed pictures that exactly match a product's pictures
-        (``query [N]`` hashes, ``owner [N]`` product of each); unlabelled matches are left out."""
+        (``query [N]`` hashes, ``owner [N]`` product of each); unlabelled matches, and those of index position
+        ``exclude`` (a query product's own pictures), are left out."""
         qi, pos = self.matches(query)
+        if exclude is not None:
+            qi, pos = qi[pos != exclude], pos[pos != exclude]
         prod, lab = np.asarray(owner, np.int64)[qi], np.asarray(labels)[pos]
         keep = lab >= 0
         prod, lab = prod[keep], lab[keep]

@@ -169,8 +169,9 @@ def classify_outputs(bundle: IndexBundle, clf: FusedClassifier, emb: np.ndarray,
     """:func:`classify_pictures` from a product's embedding ``[D]``, head probabilities ``[C]`` and picture
     hashes: its neighbours and exact duplicates, less those at index position ``exclude``, vote with the head."""
     index = bundle.vectors
-    sims, labels = _labels_without(index, emb, clf.k, exclude)
-    dups = _duplicate_labels(bundle, np.array(hashes, np.int64), exclude)
+    sims, labels = neighbour_labels(index, emb[None], clf.k, np.ones(1, bool), exclude)
+    dups = bundle.duplicates.product_labels(np.array(hashes, np.int64), np.zeros(len(hashes), np.int64), 1,
+                                            index.labels, exclude=exclude)
     c = Candidates.build(probs[None], sims, labels, np.ones(1, bool), dups)
     votes = clf.candidate_votes(c)
     scores = clf.candidate_scores(c, clf.features(c, votes))[0]
@@ -185,34 +186,6 @@ def classify_outputs(bundle: IndexBundle, clf: FusedClassifier, emb: np.ndarray,
         out.append({"category_id": int(cats.ids[cls]), "level1": l1, "level2": l2, "level3": l3,
                     "head": float(c.head[0, j]), "knn": float(votes[0][0, j]), "duplicate": float(c.dup_share[0, j]),
                     "fused": float(probs[j]), "score": float(scores[j])})
-    return out
-
-
-def _labels_without(index, emb: np.ndarray, k: int, exclude: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """``neighbour_labels`` of one embedding, searched one deeper and without position ``exclude``."""
-    if exclude is None:
-        return neighbour_labels(index, emb[None], k, np.ones(1, bool))
-    sims, pos = index.search(emb[None], k + 1)
-    keep = pos[0] != exclude
-    sims, pos = sims[0][keep][:k], pos[0][keep][:k]
-    labels = np.where(pos >= 0, index.labels[np.maximum(pos, 0)], -1)
-    return sims[None], labels[None]
-
-
-def _duplicate_labels(bundle: IndexBundle, hashes: np.ndarray, exclude: int | None) -> np.ndarray:
-    """Labels ``[1, D]`` of the indexed pictures equal to ``hashes``, less those of position ``exclude``."""
-    labels = bundle.vectors.labels
-    if exclude is None:
-        return bundle.duplicates.product_labels(hashes, np.zeros(len(hashes), np.int64), 1, labels)
-    _, pos = bundle.duplicates.matches(hashes)
-    return _padded(labels[pos[pos != exclude]])
-
-
-def _padded(lab: np.ndarray, cap: int = 16) -> np.ndarray:
-    """Labels as one ``[1, cap]`` row, unlabelled (-1) ones left out, -1 padded (as ``product_labels``)."""
-    lab = lab[lab >= 0][:cap]
-    out = np.full((1, cap), -1, np.int32)
-    out[0, :len(lab)] = lab
     return out
 
 

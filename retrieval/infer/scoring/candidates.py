@@ -79,10 +79,16 @@ def candidates_for(index: VectorIndex, duplicates: DuplicateTable, outs: list, k
     return Candidates.build(o.probs, sims, labels, has, dups)
 
 
-def neighbour_labels(index: VectorIndex, emb: np.ndarray, k: int, has_image: np.ndarray
+def neighbour_labels(index: VectorIndex, emb: np.ndarray, k: int, has_image: np.ndarray, exclude: int | None = None
                      ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k ``(sims [P, k], class labels [P, k])``; missing neighbours and products without image get -1."""
-    sims, pos = index.search(emb, k)
+    """Top-k ``(sims [P, k], class labels [P, k])``; missing neighbours and products without image get -1.
+    ``exclude``: an index position that is no one's neighbour (a query product's own; searched one deeper)."""
+    if exclude is None:
+        sims, pos = index.search(emb, k)
+    else:
+        sims, pos = index.search(emb, k + 1)
+        order = np.argsort(pos == exclude, axis=1, kind="stable")[:, :k]  # the others, in their order
+        sims, pos = np.take_along_axis(sims, order, 1), np.take_along_axis(pos, order, 1)
     labels = np.where(pos >= 0, index.labels[np.maximum(pos, 0)], -1)
     labels[~has_image] = -1
     return sims, labels
