@@ -14,16 +14,12 @@ import argparse
 import logging
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import httpx
 import loadgen
 import numpy as np
-from common import print_table
+from common import print_table, start_server
 
 from retrieval.data.offsets import load_offsets
 from retrieval.errors import UserError
@@ -41,28 +37,11 @@ GROCERY = ROOT.parent / "shared" / "data" / "grocery"
 RUNTIMES = ("torch", "onnx", "onnx-int8")
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve_qps(idx: Path, runtime: str, pictures: list[bytes], n: int, log: Path) -> dict[int, float]:
     """POST /similar by picture over HTTP: requests/s at 1 and 16 in flight (a real `cli.py serve` process)."""
-    port = _port()
-    with open(log, "w") as f:
-        server = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "serve", "--index", str(idx), "--port",
-                                   str(port), "--runtime", runtime], stdout=f, stderr=subprocess.STDOUT)
+    server, url = start_server(idx, log, "--runtime", runtime, seconds=180)
+    port = int(url.rsplit(":", 1)[1])
     try:
-        end = time.monotonic() + 180
-        while time.monotonic() < end and server.poll() is None:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        else:
-            raise RuntimeError(f"the server did not come up: {log.read_text()[-2000:]}")
         host = f"127.0.0.1:{port}"
         reqs = [loadgen.multipart_request(host, "/similar", {"k": 10}, [("images", "q.jpg", p)]) for p in pictures]
         loadgen.load("127.0.0.1", port, reqs, 32, 4)  # warm up

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -33,25 +32,6 @@ from retrieval.infer.indexdir.folder import IndexFolder
 from retrieval.infer.query import embed_pictures, neighbours, product_pictures
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_up(server: subprocess.Popen, url: str, log: Path, seconds: float = 120) -> None:
-    """Poll /health until the server answers; a server that exits or never answers is an error quoting its log."""
-    end = time.monotonic() + seconds
-    while time.monotonic() < end and server.poll() is None:
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.1)
-    raise RuntimeError(f"the server did not come up (exit code {server.poll()}); its log ends:\n"
-                       + log.read_text()[-3000:])
 
 
 def inflate(idx: Path, extra: int, seed: int = 0) -> None:
@@ -97,13 +77,9 @@ def serve_rows(idx: Path, a: argparse.Namespace, add_file: Path | None, commit_f
         neighbours(bundle, embed_pictures(bundle, [pic])[0], a.k)
     ref["by picture"] = len(pics) / (time.perf_counter() - t)
 
-    port = _port()
-    log = open(Path(a.workdir) / "serve.log", "w")
-    server = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "serve", "--index", str(idx), "--port", str(port),
-                               "--token", "bench"], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    server, url = common.start_server(idx, Path(a.workdir) / "serve.log", "--token", "bench")
+    port = int(url.rsplit(":", 1)[1])
     try:
-        wait_until_up(server, url, Path(log.name))
         host = f"127.0.0.1:{port}"
         kinds = {"GET /health": [loadgen.get_request(host, "/health")],
                  "by id": [loadgen.form_request(host, "/similar", {"product_id": int(i), "k": a.k}) for i in ids],
@@ -125,7 +101,6 @@ def serve_rows(idx: Path, a: argparse.Namespace, add_file: Path | None, commit_f
     finally:
         server.terminate()
         server.wait(10)
-        log.close()
     lo, hi = min(a.concurrency), max(a.concurrency)
     summary = (f"{len(bundle.product_ids):,} products ({bundle.manifest.factory}): by picture at {hi} in flight / at "
                f"{lo} = {qps_at['by picture', hi] / qps_at['by picture', lo]:.2f}x; by picture at {hi} / in-process "

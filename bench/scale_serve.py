@@ -6,24 +6,16 @@ adding 1,000 products (the first 1,000 of test.bson, unlabelled: findable, they 
 """
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import loadgen
 import numpy as np
+from common import start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "bench-scale"
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rss_mb(pid: int, key: str = "VmRSS") -> float:
@@ -55,21 +47,10 @@ def serve_figures(idx: Path, test_bson: Path, work: Path, requests: int = 2000) 
     reader = RecordReader(test_bson)
     pictures = [reader.read(int(i)).images[0] for i in rng.choice(len(reader), 64, replace=False)]
     del bundle
-    port, log = _port(), work / "server.log"
     t0 = time.perf_counter()
-    with open(log, "w") as f:
-        server = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "serve", "--index", str(idx), "--port",
-                                   str(port), "--token", TOKEN], stdout=f, stderr=subprocess.STDOUT)
+    server, url = start_server(idx, work / "server.log", "--token", TOKEN, seconds=float("inf"))
+    port = int(url.rsplit(":", 1)[1])
     try:
-        url = f"http://127.0.0.1:{port}"
-        while server.poll() is None:
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        else:
-            raise RuntimeError(f"the server exited: {log.read_text()[-3000:]}")
         out: dict = {"startup_s": round(time.perf_counter() - t0, 1), "rss_mb_after_startup": _rss_mb(server.pid)}
         host = f"127.0.0.1:{port}"
         kinds = {"by_id": [loadgen.form_request(host, "/similar", {"product_id": int(i), "k": 10}) for i in ids],
