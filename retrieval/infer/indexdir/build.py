@@ -25,7 +25,7 @@ from ...rundir import RunDir
 from ..pipeline.embed import LoaderSettings, ProductOutputs
 from ..pipeline.parts import PartWork, numbered, run_parts
 from ..pipeline.store import PartStore
-from .bundle import IndexBundle, load_index_model, open_index  # noqa: F401 (re-exported: tests and the CLI import them here)
+from .bundle import IndexBundle, load_index_model, open_index, refuse_runtime_on  # noqa: F401 (re-exported: tests and the CLI import them here)
 from .compact import commit_manifest, maybe_compact
 from .folder import IndexFolder, fsync_path
 from .manifest import IndexManifest, Source
@@ -125,9 +125,7 @@ def build_index(train_path: str | Path, run_dir: str | Path, out_dir: str | Path
 def _build(train_path: Path, run: RunDir, out: IndexFolder, settings: IndexSettings, restart: bool,
            loader: LoaderSettings) -> IndexManifest | None:
     split, mirror, part_products = settings.split, settings.mirror, settings.part_products
-    if settings.runtime != "torch" and loader.distributed:
-        raise UserError(f"--runtime {settings.runtime} runs in one process on the CPU; drop --devices and "
-                        "--num-nodes, or use --runtime torch")
+    refuse_runtime_on(settings.runtime, loader.distributed)
     model = load_model_file(run.model(), best_device() if settings.runtime == "torch" else "cpu")
     net, cats = load_runtime(model, settings.runtime, run.path), model.categories
     table = load_offsets(train_path)

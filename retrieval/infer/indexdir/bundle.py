@@ -21,7 +21,7 @@ from .folder import IndexFolder
 from .manifest import IndexManifest
 from .segments import ARRAYS, Segment, load_segment
 
-__all__ = ["ARRAYS", "IndexBundle", "open_index", "query_tower", "check_source"]
+__all__ = ["ARRAYS", "IndexBundle", "open_index", "query_tower", "check_source", "refuse_runtime_on"]
 
 
 @dataclass
@@ -67,10 +67,8 @@ class IndexBundle:
         return self.tower.fingerprint if self.tower is not None else {"runtime": "torch", "precision": "fp32"}
 
     def refuse_runtime_on(self, distributed: bool) -> None:
-        """An ONNX runtime runs in this process on the CPU: refuse it for a run over several devices."""
-        if distributed and self.tower is not None:
-            raise UserError(f"--runtime {self.runtime['runtime']} runs in one process on the CPU; drop --devices "
-                            "and --num-nodes, or use --runtime torch")
+        """See :func:`refuse_runtime_on` (this bundle's query runtime)."""
+        refuse_runtime_on(self.runtime["runtime"], distributed)
 
     @property
     def categories(self) -> CategoryTable:
@@ -103,6 +101,13 @@ class IndexBundle:
         """The stored embedding ``[D]`` of the product at ``position`` (read from its segment's own files)."""
         s, local = self.vectors.locate(position)
         return self.segments[s].vector(local)
+
+
+def refuse_runtime_on(runtime: str, distributed: bool) -> None:
+    """An ONNX runtime runs in this process on the CPU: refuse it for a run over several devices or nodes."""
+    if distributed and runtime != "torch":
+        raise UserError(f"--runtime {runtime} runs in one process on the CPU; drop --devices and --num-nodes, or "
+                        "use --runtime torch")
 
 
 def load_index_model(layout: IndexFolder, man: IndexManifest, device) -> LoadedModel:
