@@ -14,7 +14,7 @@ to ``~/cdiscount_scale``, outside the repository: a run longer than a session co
 Then full vs sampled softmax at 5,270 classes: the head alone (forward+backward, 1280-d as EfficientNet-Lite,
 batch 256), and whole training runs at the middle N (accuracy and step time).
 Usage: python bench/bench_scale.py [--sizes 1000000 7069896] [--steps 300] [--workdir ~/cdiscount_scale]
-       [--redo STAGE ...] [--no-softmax]
+       [--redo STAGE ...] [--until STAGE] [--no-softmax]
 """
 from __future__ import annotations
 
@@ -120,6 +120,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--workdir", default=str(Path.home() / "cdiscount_scale"))
     ap.add_argument("--redo", nargs="*", default=[], choices=STAGES, help="run these stages again")
+    ap.add_argument("--until", choices=STAGES, help="stop after this stage (the rest run in a later call)")
     ap.add_argument("--no-softmax", action="store_true", help="skip the full vs sampled softmax comparison")
     ap.add_argument("--softmax-epochs", type=int, default=2)
     ap.add_argument("--stage", choices=STAGES)
@@ -153,6 +154,10 @@ def main() -> None:
                 tmp.write_text(json.dumps(r))
                 tmp.replace(saved)
             print(f"N={n:,} {stage}: {r['seconds']:.1f} s, peak RSS {r['rss_mb']:.0f} MB, {r['result']}", flush=True)
+            if stage == a.until:
+                break
+    if a.until:
+        return
     rows = []
     for stage in STAGES:
         row: list = [stage]

@@ -95,6 +95,14 @@ class VectorIndex:
             self.ef_search = self.ef_search or 128
             self.hnsw.efSearch = self.ef_search
 
+    def set_nprobe(self, nprobe: int) -> int:
+        """Search ``nprobe`` IVF lists (at most all of them); returns the number set (1 without IVF)."""
+        if self.ivf is None:
+            return 1
+        self.nprobe = max(1, min(int(nprobe), self.ivf.nlist))
+        self._apply()
+        return self.nprobe
+
     def __len__(self) -> int:
         return self.faiss_index.ntotal
 

@@ -10,7 +10,7 @@ from retrieval.infer.indexdir.bundle import open_index
 from retrieval.infer.pipeline.embed import LoaderSettings, embed_products
 from retrieval.infer.predict import predict, read_submission
 from retrieval.infer.scoring.fused import FusionOverrides
-from retrieval.infer.scoring.peers import PeerSettings, calibrate_peers, peer_graph, propagate
+from retrieval.infer.scoring.peers import PeerSettings, calibrate_peers, load_peers, peer_graph, propagate
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -116,7 +116,7 @@ def test_peers_span_the_whole_file_whatever_the_parts_and_match_dense_propagatio
     emb, probs = np.concatenate([o.emb for o in got]), np.concatenate([o.probs for o in got]).astype(np.float64)
     t = (b.run.read_calibration() or {}).get("temperature", 1.0)
     base = probs ** (1 / t) / (probs ** (1 / t)).sum(1, keepdims=True)
-    s = PeerSettings(0.8)
+    s = load_peers(b.run, 0.8)  # the run's saved peer k and tau (evaluate may have calibrated them), mu 0.8
     want = _dense_lp(emb, np.ones(len(emb), bool), base, s.mu, s.k, s.tau, s.iters).argmax(1)
     assert outs[7].tolist() == np.asarray(b.categories.ids)[want].tolist()
     plain = tmp_path / "plain.csv"  # a given alpha turns peers off unless a peer weight is given too

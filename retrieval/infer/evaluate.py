@@ -26,16 +26,11 @@ from .plots import evaluation_plots
 from .scoring.calibrate import KS, calibrate
 from .scoring.candidates import Candidates, candidates_for
 from .scoring.fused import FusedClassifier
-from .scoring.peers import (
-    PEER_KS,
-    PeerSettings,
-    choose_peers,
-    first_stage,
-    peer_graph,
-    propagate,
-)
+from .scoring.peers import PEER_KS, PeerSettings, choose_peers, peer_graph, propagate
+from .scoring.streamed import calibration_rows, gather, score_parts
 
 log = logging.getLogger(__name__)
+CANDIDATE_FIELDS = tuple(f.name for f in fields(Candidates))
 BUCKETS = ((1, 10, "1-9"), (10, 100, "10-99"), (100, 1000, "100-999"), (1000, 10 ** 12, "1000+"))
 
 
@@ -65,16 +60,16 @@ def _part(bundle: IndexBundle, outs: list, y: np.ndarray) -> dict[str, np.ndarra
     """Candidates, the head's argmax and per-image correctness of one part's products (``y``: their classes)."""
     c = candidates_for(bundle.vectors, bundle.duplicates, outs, max(KS))
     o = ProductOutputs.concat(outs)
-    return {**{f.name: getattr(c, f.name) for f in fields(Candidates)},
-            "emb": o.emb, "head_pred": o.probs.argmax(1), "img_ok": o.image_pred == y[o.image_owner]}
+    return {**{f: getattr(c, f) for f in CANDIDATE_FIELDS}, "emb": o.emb, "head_pred": o.probs.argmax(1),
+            "img_ok": o.image_pred == y[o.image_owner], "n_images": o.n_images}
 
 
-def _candidates(bundle: IndexBundle, path: Path, table: np.ndarray, rows: np.ndarray, y: np.ndarray,
-                loader: LoaderSettings, scratch: Path, part_products: int
-                ) -> tuple[Candidates, np.ndarray, np.ndarray, np.ndarray, DecodeStats] | None:
-    """Embed ``rows`` part by part through the part driver (the parts meet in ``scratch``, removed after);
-    returns candidates, the embeddings ``[N, D]``, the head's argmax ``[N]``, per-image correctness and the
-    decode counts, or None on a rank other than 0 of a distributed run."""
+def _embed_parts(bundle: IndexBundle, path: Path, table: np.ndarray, rows: np.ndarray, y: np.ndarray,
+                 loader: LoaderSettings, scratch: Path, part_products: int
+                 ) -> tuple[PartStore, list[int], DecodeStats] | None:
+    """Embed ``rows`` part by part through the part driver into ``scratch`` (each part: its candidates, head
+    argmax, per-image correctness and embeddings); returns the store, the products per part and the decode
+    counts, or None on a rank other than 0 of a distributed run."""
     parts = numbered(rows, part_products)
     cls_of = {int(r): int(v) for r, v in zip(rows, y, strict=True)}
     key = {"model": bundle.manifest.model_sha256, "count": len(bundle.vectors), "data": file_fingerprint(path),
@@ -84,23 +79,34 @@ def _candidates(bundle: IndexBundle, path: Path, table: np.ndarray, rows: np.nda
     work = PartWork(lambda outs: _part(bundle, outs, np.array([cls_of[int(r)] for o in outs for r in o.rows])),
                     desc="evaluate")
     stats = run_parts(bundle.net, bundle.manifest.mirror, RecordReader(path, table), parts, store, work, loader)
-    if stats is None:
-        return None
-    got = [store.read(p) for p, _ in parts]
-    shutil.rmtree(scratch)
-    c = Candidates.concat([Candidates(**{f.name: g[f.name] for f in fields(Candidates)}) for g in got])
-    return (c, np.concatenate([g["emb"] for g in got]), np.concatenate([g["head_pred"] for g in got]),
-            np.concatenate([g["img_ok"] for g in got]), stats)
+    return None if stats is None else (store, [len(r) for _, r in parts], stats)
+
+
+def _read_candidates(store: PartStore, part: int) -> Candidates:
+    g = store.read(part, CANDIDATE_FIELDS)
+    return Candidates(**{k: g[k] for k in CANDIDATE_FIELDS})
+
+
+def _buckets(counts: np.ndarray, y: np.ndarray, preds: dict[str, np.ndarray]) -> dict:
+    """Accuracy of each predictor in ``preds`` by the number of indexed products of the true category."""
+    out = {}
+    for lo, hi, name in BUCKETS:
+        m = (counts >= lo) & (counts < hi)
+        if m.any():
+            out[name] = {"products": int(m.sum()), **{k: float((p == y)[m].mean()) for k, p in preds.items()}}
+    return out
 
 
 def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir: str | Path | None = None,
              loader: LoaderSettings = LoaderSettings(), max_products: int | None = None, seed: int = 0,
              part_products: int = 16_384, runtime: str | None = None) -> dict | None:
     """Score the run's validation split (or a labelled file); write metrics.json, plots and calibration.json.
+    Streamed: parts are scored one at a time and the fusion is calibrated on a random sample of at most
+    :data:`CALIBRATE_MAX` products, so memory holds a few numbers per product at any size.
     With ``loader.where`` over several devices/nodes, rank 0 scores and returns the metrics, other ranks None."""
     if part_products < 1 or (max_products is not None and max_products < 1):
         raise UserError("part size and max products must be at least 1")
-    bundle = open_index(index_dir, runtime=runtime)
+    bundle = open_index(index_dir, mmap=True, runtime=runtime)
     bundle.refuse_runtime_on(loader.distributed)
     cats = bundle.categories
     path, table, rows = _eval_rows(bundle, val_path)
@@ -108,44 +114,51 @@ def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir:
         rows = np.sort(np.random.default_rng(seed).choice(rows, max_products, replace=False))
     y = cats.encode(table["category_id"][rows])
     out = Path(out_dir) if out_dir else bundle.run.path / "eval"
-    found = _candidates(bundle, path, table, rows, y, loader, out / "parts", part_products)
+    found = _embed_parts(bundle, path, table, rows, y, loader, out / "parts", part_products)
     if found is None:
         return None
-    c, emb, head_pred, img_ok, stats = found
+    store, sizes, stats = found
     fallback = bundle.fallback_class
-    head_pred = np.where(c.has_image, head_pred, fallback)
-    cal = calibrate(c, y, fallback, seed)
+    small = [store.read(p, ("head_pred", "img_ok", "n_images")) for p in range(len(sizes))]
+    has_image = np.concatenate([g["n_images"] for g in small]) > 0
+    head_pred = np.where(has_image, np.concatenate([g["head_pred"] for g in small]), fallback)
+    img_ok = np.concatenate([g["img_ok"] for g in small])
+    del small
+    sample = calibration_rows(len(y), seed)
+    cal = calibrate(gather(lambda p: _read_candidates(store, p), sizes, sample), y[sample], fallback, seed)
     clf, grid = cal.classifier, cal.grid
     knn_only, no_dup = cal.best(alpha=0.0, beta=0.0), cal.best(beta=0.0)
-    first, graph = first_stage(clf, c), peer_graph([emb], c.has_image, max(PEER_KS))
-    peers, peer_grid = choose_peers(*first, graph, emb, c.has_image, y, seed)
-    plain = propagate(*first, graph, PeerSettings())[0]  # mu 0: the first stage, as predict writes it
+    knn_clf = FusedClassifier(0.0, knn_only["k"], knn_only["tau"], 0.0, fallback)
+    no_dup_clf = FusedClassifier(no_dup["alpha"], no_dup["k"], no_dup["tau"], 0.0, fallback, cal.temperature)
+    sc = score_parts(lambda p: _read_candidates(store, p), len(sizes), clf, knn_clf, no_dup_clf, PeerSettings().keep)
+    blocks = [np.load(PartStore.embeddings_file(store.folder, p), mmap_mode="r") for p in range(len(sizes))]
+    graph = peer_graph(blocks, has_image, max(PEER_KS))
+    peers, peer_grid = choose_peers(sc.classes, sc.probs, graph, blocks, has_image, y, seed)
+    plain = propagate(sc.classes, sc.probs, graph, PeerSettings())[0]  # mu 0: the first stage, as predict writes it
     without_peers = float((plain[:, 0] == y).mean())
-    top5 = (propagate(*first, graph, peers)[0] if peers.on else plain)[:, :5]
+    top5 = (propagate(sc.classes, sc.probs, graph, peers)[0] if peers.on else plain)[:, :5]
+    del blocks
+    shutil.rmtree(store.folder)
     pred = top5[:, 0]
     fused_acc = float((pred == y).mean())
-    knn_pred = FusedClassifier(0.0, knn_only["k"], knn_only["tau"], 0.0, fallback).predict_candidates(c)[0][:, 0]
-    has_dup = (c.dups >= 0).any(1)
     l1, l2 = cats.parents()
     counts = np.bincount(bundle.vectors.labels[bundle.vectors.labels >= 0], minlength=len(cats))[y]
-    buckets = {}
-    for lo, hi, name in BUCKETS:
-        m = (counts >= lo) & (counts < hi)
-        if m.any():
-            buckets[name] = {"products": int(m.sum()), "head": float((head_pred == y)[m].mean()),
-                             "knn": float((knn_pred == y)[m].mean()), "fused": float((pred == y)[m].mean())}
     metrics = {
         "products": int(len(rows)), "images": int(stats.decoded), "source": str(path),
-        "head_accuracy": float((head_pred == y).mean()), "knn_accuracy": knn_only["accuracy"],
+        "calibration_products": int(len(sample)),
+        "head_accuracy": float((head_pred == y).mean()), "knn_accuracy": float((sc.knn == y).mean()),
         "knn_best": {"k": knn_only["k"], "tau": knn_only["tau"]}, "fused_accuracy": fused_acc,
         "fusion": {"rule": clf.rule, "cv_grid": cal.cv_grid, "cv_learnt": cal.cv_learnt,
                    "temperature": cal.temperature},
-        "peers": {**peers.params(), "fused_without_peers_accuracy": without_peers, "grid": peer_grid},
+        "peers": {**peers.params(), "fused_without_peers_accuracy": without_peers, "grid": peer_grid,
+                  "graph": graph.cost},
         "frozen_baseline": bundle.run.read_frozen_baseline(),
-        "fused_without_duplicates_accuracy": no_dup["accuracy"], "duplicate_coverage": float(has_dup.mean()),
+        "fused_without_duplicates_accuracy": float((sc.no_dup == y).mean()),
+        "duplicate_coverage": float(sc.has_dup.mean()),
         "calibration": clf.params(), "fused_top5_accuracy": float((top5 == y[:, None]).any(1).mean()),
         "level1_accuracy": float((l1[pred] == l1[y]).mean()), "level2_accuracy": float((l2[pred] == l2[y]).mean()),
-        "image_accuracy": float(img_ok.mean()) if len(img_ok) else 0.0, "by_frequency": buckets,
+        "image_accuracy": float(img_ok.mean()) if len(img_ok) else 0.0,
+        "by_frequency": _buckets(counts, y, {"head": head_pred, "knn": sc.knn, "fused": pred}),
         "mirror": bundle.manifest.mirror, "decode": stats.summary(), "grid": grid}
     bundle.run.write_calibration({**clf.params(), "peers": peers.params(), "val_fused_accuracy": fused_acc})
     out.mkdir(parents=True, exist_ok=True)

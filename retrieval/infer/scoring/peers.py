@@ -14,12 +14,13 @@ from typing import Sequence
 
 import numpy as np
 
-from index import VectorIndex, choose_factory, normalise_rows, vote_weights
+from index import normalise_rows
 
 from ...errors import UserError
 from ...rundir import RunDir
 from .candidates import Candidates, pad_columns
 from .fused import FusedClassifier
+from .graph import PeerGraph, peer_graph
 
 log = logging.getLogger(__name__)
 MUS = (0.0, 0.3, 0.5, 0.7, 0.9)
@@ -27,6 +28,8 @@ PEER_KS = (5, 10)
 PEER_TAUS = (0.05, 0.1)
 MAX_CALIBRATE = 50_000  # validation products the grid is scored on (a random sample beyond that)
 ROWS_PER_BLOCK = 65_536
+__all__ = ["PeerGraph", "PeerSettings", "peer_graph", "propagate", "top_classes", "first_stage", "choose_peers",
+           "calibrate_peers", "load_peers"]
 MIN_GAIN = 0.005  # validation accuracy propagation must add before it is turned on
 
 
@@ -54,60 +57,6 @@ class PeerSettings:
 
     def params(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class PeerGraph:
-    """Each product's nearest other products, best first: ``pos [P, K]`` (-1 = none) and ``sims [P, K]``."""
-
-    pos: np.ndarray
-    sims: np.ndarray
-
-    def weights(self, tau: float, k: int | None = None) -> np.ndarray:
-        """Weights ``[P, k]`` of the first ``k`` peers, ``exp(sim / tau)`` summing to 1 per product (all 0 for a
-        product without peers)."""
-        return normalise_rows(vote_weights(self.sims, self.pos, tau, k)[0])
-
-
-def peer_graph(blocks: Sequence[np.ndarray], has_image: np.ndarray, k: int, memory_budget: float = 4e9
-               ) -> PeerGraph:
-    """The ``k`` nearest other products of every product, from unit embeddings given as blocks ``[n_i, D]`` in
-    product order (memory-mapped arrays are fine: each block is read twice, to add and to search). Products
-    without an image neither have nor are peers."""
-    has_image = np.asarray(has_image, bool)
-    member = np.flatnonzero(has_image)  # index position -> product
-    pos = np.full((len(has_image), k), -1, np.int64)
-    sims = np.full((len(has_image), k), -np.inf, np.float32)
-    if len(member) < 2 or not blocks:
-        return PeerGraph(pos, sims)
-    d = blocks[0].shape[1]
-    index = VectorIndex.create(d, choose_factory(len(member), d, memory_budget))
-    starts = np.cumsum([0] + [len(b) for b in blocks])
-    if starts[-1] != len(has_image):
-        raise ValueError(f"{starts[-1]} embeddings for {len(has_image)} products")
-    if not index.faiss_index.is_trained:  # IVF: trained on a sample of the first blocks
-        index.train(np.concatenate([np.asarray(b)[has_image[s:s + len(b)]] for b, s in zip(blocks, starts, strict=False)
-                                    if s < 200_000])[:200_000])
-    for b, s in zip(blocks, starts, strict=False):
-        own = has_image[s:s + len(b)]
-        if own.any():
-            index.add(np.asarray(b)[own], np.full(int(own.sum()), -1))
-    kk = min(k + 1, len(member))
-    for b, s in zip(blocks, starts, strict=False):
-        own = has_image[s:s + len(b)]
-        for lo in range(0, len(b), ROWS_PER_BLOCK):
-            sub = own[lo:lo + ROWS_PER_BLOCK]
-            prods = np.flatnonzero(sub) + s + lo
-            if not len(prods):
-                continue
-            sm, p = index.search(np.asarray(b[lo:lo + ROWS_PER_BLOCK])[sub], kk)
-            found = np.where(p >= 0, member[np.maximum(p, 0)], -1)
-            drop = found == prods[:, None]
-            drop[:, -1] |= ~drop.any(1)  # self not among the results (approximate index): drop the farthest
-            pos[prods, :kk - 1] = found[~drop].reshape(len(prods), kk - 1)
-            sims[prods, :kk - 1] = sm[~drop].reshape(len(prods), kk - 1)
-    sims[pos < 0] = -np.inf
-    return PeerGraph(pos, sims)
 
 
 def top_classes(classes: np.ndarray, values: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
@@ -196,16 +145,21 @@ def calibrate_peers(classes: np.ndarray, probs: np.ndarray, graph: PeerGraph, y:
     return PeerSettings(**{k: v for k, v in best.items() if k != "accuracy"}), grid
 
 
-def choose_peers(classes: np.ndarray, probs: np.ndarray, graph: PeerGraph, emb: np.ndarray, has_image: np.ndarray,
-                 y: np.ndarray, seed: int = 0) -> tuple[PeerSettings, list[dict]]:
+def choose_peers(classes: np.ndarray, probs: np.ndarray, graph: PeerGraph, blocks: Sequence[np.ndarray],
+                 has_image: np.ndarray, y: np.ndarray, seed: int = 0) -> tuple[PeerSettings, list[dict]]:
     """:func:`calibrate_peers` over ``graph``, the peer graph of all validation products (at least
     ``max(PEER_KS)`` peers each); beyond :data:`MAX_CALIBRATE` products, over a random sample of them and its own
-    graph from their embeddings ``emb [P, D]`` (sparser than the whole: propagation can only look less useful,
-    never more)."""
+    graph from their embeddings (``blocks [n_i, D]`` in product order; sparser than the whole: propagation can
+    only look less useful, never more)."""
     if len(y) <= MAX_CALIBRATE:
         return calibrate_peers(classes, probs, graph, y)
     rows = np.sort(np.random.default_rng(seed).choice(len(y), MAX_CALIBRATE, replace=False))
-    sample = peer_graph([emb[rows]], has_image[rows], max(PEER_KS))
+    emb, lo = [], 0
+    for b in blocks:
+        sel = rows[(rows >= lo) & (rows < lo + len(b))] - lo
+        emb.append(np.asarray(b[sel]))
+        lo += len(b)
+    sample = peer_graph([np.concatenate(emb)], has_image[rows], max(PEER_KS))
     return calibrate_peers(classes[rows], probs[rows], sample, y[rows])
 
 

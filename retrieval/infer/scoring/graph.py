@@ -1,0 +1,155 @@
+"""The peer graph: each product's nearest other products among those scored together (a test file, a validation
+split), searched exactly up to 20k products and approximately beyond, with the recall of the exact peers measured
+on a sample and the search widened until it reaches the target."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from index import VectorIndex, choose_factory, exact_topk, normalise_rows, vote_weights
+
+log = logging.getLogger(__name__)
+PEER_MEMORY = 512e6  # bytes the peer graph's search index may hold (past that, SQ8 codes re-ranked exactly)
+PEER_RECALL = 0.95  # recall of the exact peers an approximate graph search must reach on a sample
+RECALL_SAMPLE = 1000  # products the recall is measured on
+REFINE = 4  # a coded index returns this many times the peers asked, re-ranked with the exact embeddings
+ROWS_PER_BLOCK = 65_536
+
+
+@dataclass
+class PeerGraph:
+    """Each product's nearest other products, best first: ``pos [P, K]`` (-1 = none) and ``sims [P, K]``;
+    ``cost``: how the graph was searched (index type, nprobe, recall of the exact peers on a sample, seconds,
+    bytes of the index)."""
+
+    pos: np.ndarray
+    sims: np.ndarray
+    cost: dict = field(default_factory=dict)
+
+    def weights(self, tau: float, k: int | None = None) -> np.ndarray:
+        """Weights ``[P, k]`` of the first ``k`` peers, ``exp(sim / tau)`` summing to 1 per product (all 0 for a
+        product without peers)."""
+        return normalise_rows(vote_weights(self.sims, self.pos, tau, k)[0])
+
+
+def _members(blocks: Sequence[np.ndarray], starts: np.ndarray, has_image: np.ndarray) -> Iterator[np.ndarray]:
+    """The blocks' rows of products with an image, block by block (their order is the index's positions)."""
+    for b, s in zip(blocks, starts, strict=False):
+        own = has_image[s:s + len(b)]
+        if own.any():
+            yield np.asarray(b)[own]
+
+
+def peer_recall(found: np.ndarray, truth: np.ndarray, queries: np.ndarray, k: int) -> float:
+    """Share of the exact ``k`` nearest other products (``truth [Q, >=k+1]`` positions, brute force) that a
+    search found (``found [Q, >=k+1]``), for queries at positions ``queries [Q]``: each leaves itself out of both
+    lists."""
+    hits = 0
+    for qi, f, t in zip(queries.tolist(), found.tolist(), truth.tolist(), strict=True):
+        want = [p for p in t if p != qi][:k]
+        hits += len(set(want) & {p for p in f if p != qi})
+    return hits / max(1, len(queries) * k)
+
+
+def _gather(blocks: Sequence[np.ndarray], starts: np.ndarray, has_image: np.ndarray, positions: np.ndarray
+            ) -> np.ndarray:
+    """The embeddings ``[Q, D]`` at index positions ``positions`` (sorted), read block by block."""
+    out, lo = [], 0
+    for m in _members(blocks, starts, has_image):
+        sel = positions[(positions >= lo) & (positions < lo + len(m))] - lo
+        out.append(np.asarray(m[sel], np.float32))
+        lo += len(m)
+    return np.concatenate(out)
+
+
+def peer_graph(blocks: Sequence[np.ndarray], has_image: np.ndarray, k: int, memory_budget: float = PEER_MEMORY,
+               target_recall: float = PEER_RECALL, seed: int = 0) -> PeerGraph:
+    """The ``k`` nearest other products of every product, from unit embeddings given as blocks ``[n_i, D]`` in
+    product order (memory-mapped arrays are fine: each block is read twice, to add and to search). Products
+    without an image neither have nor are peers. Past 20k products the search is approximate (IVF, SQ8 when the
+    vectors would pass ``memory_budget`` bytes), its ``nprobe`` raised until the exact peers of a sample of
+    :data:`RECALL_SAMPLE` products are found at ``target_recall``; ``cost`` says what it took."""
+    t0 = time.perf_counter()
+    has_image = np.asarray(has_image, bool)
+    member = np.flatnonzero(has_image)  # index position -> product
+    pos = np.full((len(has_image), k), -1, np.int64)
+    sims = np.full((len(has_image), k), -np.inf, np.float32)
+    if len(member) < 2 or not blocks:
+        return PeerGraph(pos, sims, {"factory": "none", "recall": 1.0, "seconds": 0.0})
+    d = blocks[0].shape[1]
+    factory = choose_factory(len(member), d, memory_budget)
+    refine = "SQ" in factory or "PQ" in factory  # codes: re-rank the shortlist with the exact embeddings
+    index = VectorIndex.create(d, factory)
+    starts = np.cumsum([0] + [len(b) for b in blocks])
+    if starts[-1] != len(has_image):
+        raise ValueError(f"{starts[-1]} embeddings for {len(has_image)} products")
+    if not index.faiss_index.is_trained:  # IVF: trained on a sample of the first blocks
+        index.train(np.concatenate([np.asarray(b)[has_image[s:s + len(b)]] for b, s in zip(blocks, starts, strict=False)
+                                    if s < 200_000])[:200_000])
+    for m in _members(blocks, starts, has_image):
+        index.add(m, np.full(len(m), -1))
+
+    def search(qv: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+        if not refine:
+            return index.search(qv, kk)
+        return _rerank(qv, index.search(qv, min(REFINE * kk, len(member)))[1], kk,
+                       lambda p: _gather(blocks, starts, has_image, p))
+    recall = 1.0
+    if factory != "Flat":
+        q = np.sort(np.random.default_rng(seed).choice(len(member), min(RECALL_SAMPLE, len(member)), replace=False))
+        qv = _gather(blocks, starts, has_image, q)
+        truth = exact_topk(qv, _members(blocks, starts, has_image), k + 1)[1]
+        for nprobe in (2 ** i for i in range(3, 16)):
+            got = index.set_nprobe(nprobe)
+            recall = peer_recall(search(qv, k + 1)[1], truth, q, k)
+            if recall >= target_recall or got >= index.ivf.nlist:
+                break
+    kk = min(k + 1, len(member))
+    for b, s in zip(blocks, starts, strict=False):
+        own = has_image[s:s + len(b)]
+        for lo in range(0, len(b), ROWS_PER_BLOCK):
+            sub = own[lo:lo + ROWS_PER_BLOCK]
+            prods = np.flatnonzero(sub) + s + lo
+            if not len(prods):
+                continue
+            sm, p = search(np.asarray(b[lo:lo + ROWS_PER_BLOCK])[sub], kk)
+            found = np.where(p >= 0, member[np.maximum(p, 0)], -1)
+            drop = found == prods[:, None]
+            drop[:, -1] |= ~drop.any(1)  # self not among the results (approximate index): drop the farthest
+            pos[prods, :kk - 1] = found[~drop].reshape(len(prods), kk - 1)
+            sims[prods, :kk - 1] = sm[~drop].reshape(len(prods), kk - 1)
+    sims[pos < 0] = -np.inf
+    cost = {"factory": factory + (f", re-ranked x{REFINE}" if refine else ""), "nprobe": index.nprobe,
+            "recall": round(recall, 4), "products": int(len(member)),
+            "seconds": round(time.perf_counter() - t0, 2), "index_mb": round(_index_bytes(index) / 1e6, 1)}
+    log.info("peer graph over %d products: %s, nprobe %s, recall of the exact %d peers %.3f (sample of %d), "
+             "%.1f s, index %.0f MB", len(member), factory, index.nprobe, k, recall,
+             min(RECALL_SAMPLE, len(member)), cost["seconds"], cost["index_mb"])
+    return PeerGraph(pos, sims, cost)
+
+
+def _index_bytes(index: VectorIndex) -> int:
+    """Bytes the FAISS index's vectors take: codes plus, for IVF, one 8-byte id per vector."""
+    ivf = index.ivf
+    per = ivf.code_size + 8 if ivf is not None else index.faiss_index.sa_code_size()
+    return int(len(index) * per)
+
+
+def _rerank(qv: np.ndarray, cand: np.ndarray, k: int, fetch: Callable[[np.ndarray], np.ndarray]
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best of each query's shortlist ``cand [Q, M]`` (positions, -1 = none) by exact inner product with
+    ``qv [Q, D]``; ``fetch(sorted unique positions)`` gives their vectors. Returns ``(sims [Q, k], pos [Q, k])``."""
+    uniq = np.unique(cand[cand >= 0])
+    vecs = fetch(uniq) if len(uniq) else np.zeros((0, qv.shape[1]), np.float32)
+    at = np.searchsorted(uniq, np.maximum(cand, 0))
+    at = np.minimum(at, max(len(uniq) - 1, 0))
+    s = np.einsum("qd,qmd->qm", qv, vecs[at]) if len(uniq) else np.zeros(cand.shape, np.float32)
+    s = np.where(cand >= 0, s, -np.inf).astype(np.float32)
+    order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(s, order, 1), np.take_along_axis(cand, order, 1)
+
+
