@@ -25,6 +25,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from itertools import pairwise
 from pathlib import Path
@@ -34,6 +35,7 @@ import common
 CATEGORIES_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "category_names.csv"
 STAGES = ("generate", "offsets", "train", "build-index", "evaluate", "predict", "serve")
 TEST_FRACTION = 1_768_182 / 7_069_896  # Cdiscount's test products per training product
+INDEX_MEMORY = 2e9  # build-index --index-memory 2: IVF-Flat at 1M products of 128-d, SQ8 codes re-ranked at 7M
 TRAIN = dict(image_size=32, embed_dim=128, batch_size=256, val_fraction=0.05, workers=2, lr=3e-3)
 
 
@@ -44,9 +46,31 @@ def _status_mb(key: str) -> float:
     return float("nan")
 
 
+class AnonPeak:
+    """Samples this process's anonymous RSS (heap, arrays: what cannot be dropped, unlike mapped file pages that
+    VmHWM also counts) every ``every`` seconds in a thread; ``peak_mb`` is the largest seen."""
+
+    def __init__(self, every: float = 0.2) -> None:
+        self.peak_mb, self._stop = 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every,), daemon=True)
+        self._thread.start()
+
+    def _run(self, every: float) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, _status_mb("RssAnon"))
+            self._stop.wait(every)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak_mb, _status_mb("RssAnon"))
+
+
 def run_stage(stage: str, work: Path, n: int, steps: int, extra: dict) -> dict:
-    """One stage in this process; returns seconds, peak RSS (this process; largest worker) and a result."""
+    """One stage in this process; returns seconds, peak RSS (this process: all, and anonymous only; largest
+    worker) and a result."""
     data, run, idx = work / "data", work / extra.get("run", "run"), work / "index"
+    anon = AnonPeak()
     t = time.perf_counter()
     result: object = None
     if stage == "generate":
@@ -70,7 +94,8 @@ def run_stage(stage: str, work: Path, n: int, steps: int, extra: dict) -> dict:
         result = res.best_val_accuracy
     elif stage == "build-index":
         from retrieval.infer.indexdir.build import IndexSettings, build_index
-        result = build_index(data / "train.bson", run, idx, IndexSettings("train")).count  # resumes its parts
+        man = build_index(data / "train.bson", run, idx, IndexSettings("train", memory_budget=INDEX_MEMORY))
+        result = {"products": man.count, "factory": man.factory, "recall_at_10": man.tuned_recall_at_10}
     elif stage == "evaluate":
         from retrieval.infer.evaluate import evaluate
         m = evaluate(idx)
@@ -83,7 +108,7 @@ def run_stage(stage: str, work: Path, n: int, steps: int, extra: dict) -> dict:
         from scale_serve import serve_figures
         result = serve_figures(idx, data / "test.bson", work / "serve")
     seconds = time.perf_counter() - t
-    return {"seconds": seconds, "rss_mb": _status_mb("VmHWM"),
+    return {"seconds": seconds, "rss_mb": _status_mb("VmHWM"), "anon_mb": anon.stop(),
             "worker_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, "result": result}
 
 
@@ -153,7 +178,8 @@ def main() -> None:
                 tmp = saved.with_suffix(".tmp")
                 tmp.write_text(json.dumps(r))
                 tmp.replace(saved)
-            print(f"N={n:,} {stage}: {r['seconds']:.1f} s, peak RSS {r['rss_mb']:.0f} MB, {r['result']}", flush=True)
+            print(f"N={n:,} {stage}: {r['seconds']:.1f} s, peak RSS {r['rss_mb']:.0f} MB "
+                  f"(anonymous {r.get('anon_mb', float('nan')):.0f} MB), {r['result']}", flush=True)
             if stage == a.until:
                 break
     if a.until:
@@ -163,16 +189,18 @@ def main() -> None:
         row: list = [stage]
         for n in a.sizes:
             r = found[stage, n]
-            row += [f"{r['seconds']:.1f}", f"{r['rss_mb']:.0f} / {r['worker_rss_mb']:.0f}"]
+            row += [f"{r['seconds']:.1f}", f"{r['rss_mb']:.0f} / {r.get('anon_mb', float('nan')):.0f} / "
+                                           f"{r['worker_rss_mb']:.0f}"]
         for n0, n1 in pairwise(a.sizes):
             r0, r1 = found[stage, n0], found[stage, n1]
-            row += [f"{r1['seconds'] / r0['seconds']:.2f}x", f"{r1['rss_mb'] / r0['rss_mb']:.2f}x"]
+            anon = r1.get("anon_mb", float("nan")) / r0.get("anon_mb", float("nan"))
+            row += [f"{r1['seconds'] / r0['seconds']:.2f}x", f"{r1['rss_mb'] / r0['rss_mb']:.2f}x / {anon:.2f}x"]
         rows.append(tuple(row))
     header = ["stage"]
     for n in a.sizes:
-        header += [f"s @ {n:,}", f"peak RSS MB (main / worker) @ {n:,}"]
+        header += [f"s @ {n:,}", f"peak RSS MB (all / anonymous / worker) @ {n:,}"]
     for n0, n1 in pairwise(a.sizes):
-        header += [f"time {n0:,}->{n1:,}", f"RSS {n0:,}->{n1:,}"]
+        header += [f"time {n0:,}->{n1:,}", f"RSS all / anonymous {n0:,}->{n1:,}"]
     print()
     common.print_table(rows, tuple(header))
     ev = {n: found["evaluate", n]["result"] for n in a.sizes}

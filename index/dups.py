@@ -15,10 +15,15 @@ from .vote import class_shares
 class DuplicateTable:
     """Sorted ``hashes [M]`` (int64) of indexed pictures and the index ``positions [M]`` of their products."""
 
-    def __init__(self, hashes: np.ndarray, positions: np.ndarray) -> None:
+    def __init__(self, hashes: np.ndarray, positions: np.ndarray, presorted: bool = False) -> None:
         hashes, positions = np.asarray(hashes, np.int64), np.asarray(positions, np.int64)
         if hashes.shape != positions.shape or hashes.ndim != 1:
             raise ValueError(f"hashes {hashes.shape} and positions {positions.shape} must be equal 1-d shapes")
+        if presorted:  # a table saved by this class: already in hash order (checked, never trusted blindly)
+            if len(hashes) > 1 and not (hashes[1:] >= hashes[:-1]).all():
+                raise ValueError("duplicate table hashes are not sorted")
+            self.hashes, self.positions = hashes, positions
+            return
         order = np.argsort(hashes, kind="stable")
         self.hashes, self.positions = hashes[order], positions[order]
 
@@ -71,7 +76,7 @@ class DuplicateTable:
         if not path.exists():
             return cls(np.zeros(0, np.int64), np.zeros(0, np.int64))
         with np.load(path) as z:
-            return cls(z["hashes"], z["positions"])
+            return cls(z["hashes"], z["positions"], presorted=True)
 
 
 def duplicate_share(classes: np.ndarray, dup_labels: np.ndarray) -> np.ndarray:

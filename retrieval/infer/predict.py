@@ -82,7 +82,7 @@ def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path,
     top, scores_out = (scores.top, scores.path) if scores else (0, None)
     test_path, out_csv = Path(test_path), Path(out_csv)
     table = load_offsets(test_path)
-    bundle = open_index(index_dir, runtime=runtime)
+    bundle = open_index(index_dir, mmap=True, runtime=runtime)
     bundle.refuse_runtime_on(loader.distributed)
     clf = load_fusion(bundle.run, bundle.fallback_class, fusion)  # validates alpha, k, tau, beta
     peers = load_peers(bundle.run, fusion.peer_weight, off=fusion.alpha is not None or fusion.beta is not None)

@@ -43,6 +43,9 @@ class IndexBundle:
     def __post_init__(self) -> None:
         segs = self.segments
         self.vectors = SegmentedIndex([s.vectors for s in segs])
+        if len(segs) == 1:  # as built: the segment's own arrays and table (memory-mapped ones stay mapped)
+            self.arrays, self.duplicates = dict(segs[0].arrays), segs[0].duplicates
+            return
         self.arrays = {k: np.concatenate([s.arrays[k] for s in segs]) for k in ARRAYS}
         off = self.vectors.offsets
         owners = [s.duplicates.positions + o for s, o in zip(segs, off[:-1], strict=True)]

@@ -120,11 +120,13 @@ def load_segment(folder: IndexFolder, sid: str, mmap: bool = False) -> Segment:
         raise UserError(f"{folder.path}: segment {sid} listed by the live generation is missing; rebuild the index")
     meta = json.loads((path / "segment.json").read_text())
     vi = VectorIndex.load(path / "faiss", mmap=mmap)
-    arrays = {k: np.load(path / f"{k}.npy") for k in ARRAYS}
+    mode = "r" if mmap else None  # mapped: pages are read when touched, and stay page cache the kernel can drop
+    arrays = {k: np.load(path / f"{k}.npy", mmap_mode=mode) for k in ARRAYS}
     if len(vi) != meta["count"] or any(len(a) != len(vi) for a in arrays.values()):
         raise UserError(f"{folder.path}: segment {sid}'s arrays disagree with its index ({len(vi)}); rebuild the "
                         "index")
-    return Segment(sid, path, vi, arrays, np.load(path / "id_sorted.npy"), np.load(path / "id_order.npy"),
+    return Segment(sid, path, vi, arrays, np.load(path / "id_sorted.npy", mmap_mode=mode),
+                   np.load(path / "id_order.npy", mmap_mode=mode),
                    DuplicateTable.load(path / "duplicates.npz"), [tuple(p) for p in meta["parts"]])
 
 
