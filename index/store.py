@@ -5,19 +5,55 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import Callable, Sequence
 
 import faiss
 import numpy as np
 
 log = logging.getLogger(__name__)
 EXACT_SUBSET_MAX = 200_000  # restricted searches over at most this many vectors are exact
+REFINE_FACTOR = 4  # a coded index with exact vectors at hand returns this many times k, re-ranked exactly
+
+
+def take_rows(blocks: Sequence[np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """Rows ``rows`` (sorted positions counted on across blocks) of arrays given as blocks ``[n_i, D]``, read block
+    by block (memory-mapped blocks are only touched where a row lies)."""
+    rows = np.asarray(rows, np.int64)
+    out, lo = [], 0
+    for b in blocks:
+        a, z = np.searchsorted(rows, [lo, lo + len(b)])
+        if z > a:
+            out.append(np.asarray(b[rows[a:z] - lo], np.float32))
+        lo += len(b)
+    if not out:
+        return np.zeros((0, blocks[0].shape[1] if len(blocks) else 0), np.float32)
+    return np.concatenate(out)
+
+
+def rerank(queries: np.ndarray, shortlist: np.ndarray, k: int, fetch: Callable[[np.ndarray], np.ndarray]
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best of each query's ``shortlist [Q, M]`` (positions, -1 = none) by exact inner product with
+    ``queries [Q, D]``; ``fetch(sorted unique positions [U])`` gives their vectors ``[U, D]``. Returns
+    ``(sims [Q, k], positions [Q, k])``, -1 padded."""
+    uniq = np.unique(shortlist[shortlist >= 0])
+    s = np.full(shortlist.shape, -np.inf, np.float32)
+    if len(uniq):
+        vecs = np.asarray(fetch(uniq), np.float32)
+        at = np.searchsorted(uniq, np.maximum(shortlist, 0)).clip(0, len(uniq) - 1)
+        s = np.where(shortlist >= 0, np.einsum("qd,qmd->qm", queries, vecs[at]), -np.inf).astype(np.float32)
+    if s.shape[1] < k:
+        s = np.pad(s, ((0, 0), (0, k - s.shape[1])), constant_values=-np.inf)
+        shortlist = np.pad(shortlist, ((0, 0), (0, k - shortlist.shape[1])), constant_values=-1)
+    order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(s, order, 1), np.take_along_axis(shortlist, order, 1)
 
 
 def choose_factory(n: int, d: int, memory_budget: float = 8e9) -> str:
     """A FAISS factory string for ``n`` vectors of dim ``d`` within ``memory_budget`` bytes.
 
     Exact Flat below 20k vectors; IVF-Flat while float vectors fit the budget; IVF-SQ8 (4x smaller)
-    next; OPQ + IVF + PQ for the largest.
+    next; OPQ + IVF + PQ for the largest. The coded types (SQ8, PQ) are re-ranked with the exact vectors where
+    their owner sets :attr:`VectorIndex.refine` (an index folder keeps them on disk beside the codes).
     """
     if n < 20_000:
         return "Flat"
@@ -64,6 +100,7 @@ class VectorIndex:
         self.faiss_index, self.factory = index, factory
         self.labels = np.zeros(0, np.int64) if labels is None else np.asarray(labels, np.int64)
         self.nprobe, self.ef_search = nprobe, ef_search
+        self.refine: Callable[[np.ndarray], np.ndarray] | None = None  # exact vectors of positions (see search)
         self._apply()
 
     @classmethod
@@ -164,7 +201,14 @@ class VectorIndex:
         params = self._params(allowed)
         if params is not None:
             return self.faiss_index.search(q, k, params=params)
+        if self.refine is not None and self.coded and len(self):
+            return rerank(q, self.faiss_index.search(q, min(len(self), REFINE_FACTOR * k))[1], k, self.refine)
         return self.faiss_index.search(q, k)
+
+    @property
+    def coded(self) -> bool:
+        """Whether the index holds lossy codes (SQ, PQ) rather than the vectors themselves."""
+        return "SQ" in self.factory or "PQ" in self.factory
 
     def _search_subset(self, q: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """Exact search among ``allowed`` positions (vectors as stored), or None if they can't be reconstructed."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from index import VectorIndex, choose_factory, exact_topk, knn_vote, recall_at_k
+from index import VectorIndex, choose_factory, exact_topk, knn_vote, recall_at_k, rerank, take_rows
 
 
 def clustered(n, d=32, centres=50, seed=0, noise=0.3):
@@ -82,6 +82,34 @@ def test_add_appends_positions(data):
     assert pos[0, 0] == 105 and len(idx) == 110
     with pytest.raises(ValueError, match="vectors must be"):
         idx.add(np.zeros((2, 5), np.float32), [0, 0])
+
+
+def test_rerank_and_take_rows_against_loops():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(50, 8)).astype(np.float32)
+    q = rng.normal(size=(6, 8)).astype(np.float32)
+    short = np.array([rng.permutation(50)[:7] for _ in range(6)])  # a search lists a position once
+    short[rng.random(short.shape) < 0.2] = -1
+    blocks = [x[:11], x[11:12], x[12:40], x[40:]]
+    sims, pos = rerank(q, short, 3, lambda p: take_rows(blocks, p))
+    for i in range(6):
+        cand = sorted({int(p) for p in short[i] if p >= 0}, key=lambda p: -float(q[i] @ x[p]))[:3]
+        assert sorted(pos[i][pos[i] >= 0].tolist()) == sorted(cand)
+        assert np.allclose(sims[i][: len(cand)], [q[i] @ x[p] for p in cand], atol=1e-5)
+    assert np.array_equal(take_rows(blocks, np.array([0, 11, 12, 49])), x[[0, 11, 12, 49]])
+
+
+def test_coded_index_with_exact_vectors_at_hand_ranks_like_flat(data):
+    x, lab, q, exact = data
+    sq = VectorIndex.create(32, "IVF16,PQ8")  # coarse codes: alone they miss many of the exact neighbours
+    sq.add(x, lab)
+    sq.set_nprobe(16)
+    _, truth = exact.search(q, 10)
+    plain = recall_at_k(sq.search(q, 10)[1], truth, 10)
+    sq.refine = lambda p: take_rows([x], p)
+    sims, pos = sq.search(q, 10)
+    assert recall_at_k(pos, truth, 10) > max(plain + 0.1, 0.8)
+    assert np.allclose(sims, np.take_along_axis(q @ x.T, pos, 1), atol=1e-5)  # exact similarities, not decoded
 
 
 def test_choose_factory():

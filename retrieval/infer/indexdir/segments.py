@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from index import DuplicateTable, VectorIndex
+from index import DuplicateTable, VectorIndex, take_rows
 
 from ...errors import UserError
 from .folder import IndexFolder, write_file
@@ -107,6 +107,11 @@ class Segment:
         k = int(np.searchsorted(starts, local, side="right"))
         return np.array(self.embeddings(k)[local - (0 if k == 0 else int(starts[k - 1]))])
 
+    def vectors_at(self, local: np.ndarray) -> np.ndarray:
+        """The stored embeddings ``[U, D]`` at sorted local positions ``local [U]`` (the exact vectors that
+        re-rank a coded index's shortlist)."""
+        return take_rows([self.embeddings(k) for k in range(len(self.parts))], local)
+
     def find(self, product_id: int) -> int | None:
         """Local position of ``product_id`` (binary search of the id map), or None."""
         i = int(np.searchsorted(self.id_sorted, product_id))
@@ -125,9 +130,11 @@ def load_segment(folder: IndexFolder, sid: str, mmap: bool = False) -> Segment:
     if len(vi) != meta["count"] or any(len(a) != len(vi) for a in arrays.values()):
         raise UserError(f"{folder.path}: segment {sid}'s arrays disagree with its index ({len(vi)}); rebuild the "
                         "index")
-    return Segment(sid, path, vi, arrays, np.load(path / "id_sorted.npy", mmap_mode=mode),
-                   np.load(path / "id_order.npy", mmap_mode=mode),
-                   DuplicateTable.load(path / "duplicates.npz"), [tuple(p) for p in meta["parts"]])
+    seg = Segment(sid, path, vi, arrays, np.load(path / "id_sorted.npy", mmap_mode=mode),
+                  np.load(path / "id_order.npy", mmap_mode=mode),
+                  DuplicateTable.load(path / "duplicates.npz"), [tuple(p) for p in meta["parts"]])
+    vi.refine = seg.vectors_at  # a coded index (SQ8, PQ) re-ranks its shortlists with the stored embeddings
+    return seg
 
 
 def known_ids(folder: IndexFolder, sids: list[str], ids: np.ndarray) -> np.ndarray:

@@ -6,17 +6,17 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
-from index import VectorIndex, choose_factory, exact_topk, normalise_rows, vote_weights
+from index import VectorIndex, choose_factory, exact_topk, normalise_rows, take_rows, vote_weights
+from index.store import REFINE_FACTOR
 
 log = logging.getLogger(__name__)
 PEER_MEMORY = 512e6  # bytes the peer graph's search index may hold (past that, SQ8 codes re-ranked exactly)
 PEER_RECALL = 0.95  # recall of the exact peers an approximate graph search must reach on a sample
 RECALL_SAMPLE = 1000  # products the recall is measured on
-REFINE = 4  # a coded index returns this many times the peers asked, re-ranked with the exact embeddings
 ROWS_PER_BLOCK = 65_536
 
 
@@ -57,13 +57,8 @@ def peer_recall(found: np.ndarray, truth: np.ndarray, queries: np.ndarray, k: in
 
 def _gather(blocks: Sequence[np.ndarray], starts: np.ndarray, has_image: np.ndarray, positions: np.ndarray
             ) -> np.ndarray:
-    """The embeddings ``[Q, D]`` at index positions ``positions`` (sorted), read block by block."""
-    out, lo = [], 0
-    for m in _members(blocks, starts, has_image):
-        sel = positions[(positions >= lo) & (positions < lo + len(m))] - lo
-        out.append(np.asarray(m[sel], np.float32))
-        lo += len(m)
-    return np.concatenate(out)
+    """The embeddings ``[Q, D]`` at sorted index positions ``positions`` (products with an image only)."""
+    return take_rows(list(_members(blocks, starts, has_image)), positions)
 
 
 def peer_graph(blocks: Sequence[np.ndarray], has_image: np.ndarray, k: int, memory_budget: float = PEER_MEMORY,
@@ -82,7 +77,6 @@ def peer_graph(blocks: Sequence[np.ndarray], has_image: np.ndarray, k: int, memo
         return PeerGraph(pos, sims, {"factory": "none", "recall": 1.0, "seconds": 0.0})
     d = blocks[0].shape[1]
     factory = choose_factory(len(member), d, memory_budget)
-    refine = "SQ" in factory or "PQ" in factory  # codes: re-rank the shortlist with the exact embeddings
     index = VectorIndex.create(d, factory)
     starts = np.cumsum([0] + [len(b) for b in blocks])
     if starts[-1] != len(has_image):
@@ -92,12 +86,8 @@ def peer_graph(blocks: Sequence[np.ndarray], has_image: np.ndarray, k: int, memo
                                     if s < 200_000])[:200_000])
     for m in _members(blocks, starts, has_image):
         index.add(m, np.full(len(m), -1))
-
-    def search(qv: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
-        if not refine:
-            return index.search(qv, kk)
-        return _rerank(qv, index.search(qv, min(REFINE * kk, len(member)))[1], kk,
-                       lambda p: _gather(blocks, starts, has_image, p))
+    index.refine = lambda p: _gather(blocks, starts, has_image, p)  # codes: shortlists re-ranked exactly
+    search = index.search
     recall = 1.0
     if factory != "Flat":
         q = np.sort(np.random.default_rng(seed).choice(len(member), min(RECALL_SAMPLE, len(member)), replace=False))
@@ -123,7 +113,7 @@ def peer_graph(blocks: Sequence[np.ndarray], has_image: np.ndarray, k: int, memo
             pos[prods, :kk - 1] = found[~drop].reshape(len(prods), kk - 1)
             sims[prods, :kk - 1] = sm[~drop].reshape(len(prods), kk - 1)
     sims[pos < 0] = -np.inf
-    cost = {"factory": factory + (f", re-ranked x{REFINE}" if refine else ""), "nprobe": index.nprobe,
+    cost = {"factory": factory + (f", re-ranked x{REFINE_FACTOR}" if index.coded else ""), "nprobe": index.nprobe,
             "recall": round(recall, 4), "products": int(len(member)),
             "seconds": round(time.perf_counter() - t0, 2), "index_mb": round(_index_bytes(index) / 1e6, 1)}
     log.info("peer graph over %d products: %s, nprobe %s, recall of the exact %d peers %.3f (sample of %d), "
@@ -137,19 +127,3 @@ def _index_bytes(index: VectorIndex) -> int:
     ivf = index.ivf
     per = ivf.code_size + 8 if ivf is not None else index.faiss_index.sa_code_size()
     return int(len(index) * per)
-
-
-def _rerank(qv: np.ndarray, cand: np.ndarray, k: int, fetch: Callable[[np.ndarray], np.ndarray]
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` best of each query's shortlist ``cand [Q, M]`` (positions, -1 = none) by exact inner product with
-    ``qv [Q, D]``; ``fetch(sorted unique positions)`` gives their vectors. Returns ``(sims [Q, k], pos [Q, k])``."""
-    uniq = np.unique(cand[cand >= 0])
-    vecs = fetch(uniq) if len(uniq) else np.zeros((0, qv.shape[1]), np.float32)
-    at = np.searchsorted(uniq, np.maximum(cand, 0))
-    at = np.minimum(at, max(len(uniq) - 1, 0))
-    s = np.einsum("qd,qmd->qm", qv, vecs[at]) if len(uniq) else np.zeros(cand.shape, np.float32)
-    s = np.where(cand >= 0, s, -np.inf).astype(np.float32)
-    order = np.argsort(-s, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(s, order, 1), np.take_along_axis(cand, order, 1)
-
-

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from index import normalise_rows
+from index import normalise_rows, take_rows
 
 from ...errors import UserError
 from ...rundir import RunDir
@@ -154,12 +154,7 @@ def choose_peers(classes: np.ndarray, probs: np.ndarray, graph: PeerGraph, block
     if len(y) <= MAX_CALIBRATE:
         return calibrate_peers(classes, probs, graph, y)
     rows = np.sort(np.random.default_rng(seed).choice(len(y), MAX_CALIBRATE, replace=False))
-    emb, lo = [], 0
-    for b in blocks:
-        sel = rows[(rows >= lo) & (rows < lo + len(b))] - lo
-        emb.append(np.asarray(b[sel]))
-        lo += len(b)
-    sample = peer_graph([np.concatenate(emb)], has_image[rows], max(PEER_KS))
+    sample = peer_graph([take_rows(blocks, rows)], has_image[rows], max(PEER_KS))
     return calibrate_peers(classes[rows], probs[rows], sample, y[rows])
 
 
