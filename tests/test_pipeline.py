@@ -337,3 +337,27 @@ def test_serving_never_imports_training():
             "bad = [m for m in sys.modules if m.startswith(('pytorch_lightning', 'lightning', 'retrieval.train', "
             "'pytorch_metric_learning'))]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_groups_reduced_on_a_thread_come_back_in_order_and_equal_the_serial_ones():
+    """On a GPU, predict searches a group on a thread while the next one is embedded: the part's arrays must be
+    the serial ones, group order kept, however long each reduction takes."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from retrieval.infer.pipeline.parts import PartWork, _reduce_groups
+    rng = np.random.default_rng(0)
+    outs = [SimpleNamespace(rows=np.arange(lo, lo + n), n_images=np.ones(n, np.int64), failed=np.zeros(n, np.int64))
+            for lo, n in zip(np.cumsum([0, 5, 3, 8, 1, 6, 2]), [5, 3, 8, 1, 6, 2, 4], strict=True)]
+
+    def reduce(group):
+        time.sleep(float(rng.uniform(0, 0.02)))
+        rows = np.concatenate([o.rows for o in group]) if group else np.zeros(0, np.int64)
+        return {"twice": rows * 2}
+    work = PartWork(reduce, group=6)
+    serial = _reduce_groups(work, iter(outs))
+    with ThreadPoolExecutor(1) as pool:
+        threaded = _reduce_groups(work, iter(outs), pool)
+    assert np.array_equal(serial["twice"], np.arange(29) * 2)
+    assert all(np.array_equal(serial[k], threaded[k]) for k in serial) and set(serial) == set(threaded)

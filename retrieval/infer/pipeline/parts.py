@@ -3,6 +3,7 @@ process or over several devices and nodes (Lightning DDP), and every part stores
 totals are the same whichever way (and however resumed) the parts were made."""
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,21 +31,43 @@ class PartWork:
     desc: str = "embedding"
 
 
-def _reduce_groups(work: PartWork, outs) -> dict[str, np.ndarray]:
-    results, pending, n = [], [], 0
+def _reduce_groups(work: PartWork, outs, pool: ThreadPoolExecutor | None = None) -> dict[str, np.ndarray]:
+    """``work.reduce`` over consecutive groups of ``outs``, concatenated. With ``pool`` (a GPU embeds), each
+    group is reduced on the pool's thread while the next one is embedded: FAISS and numpy release the GIL, so
+    the search overlaps the device's work (one group reduced, one waiting, at most)."""
+    results: list = []
+    pending, n = [], 0
     counts: dict[str, list[np.ndarray]] = {k: [] for k in COUNTS}
+
+    def reduce(group: list) -> None:
+        if pool is None:
+            results.append(work.reduce(group))
+            return
+        if len(results) >= 2:
+            results[-2].result()  # bounded: never more than two groups of outputs held for reduction
+        results.append(pool.submit(work.reduce, group))
+
     for o in outs:
         pending.append(o)
         n += len(o.rows)
         counts["n_images"].append(o.n_images)
         counts["failed"].append(o.failed)
         if n >= work.group:
-            results.append(work.reduce(pending))
+            reduce(pending)
             pending, n = [], 0
     if pending or not results:
-        results.append(work.reduce(pending))
+        reduce(pending)
+    results = [r.result() if isinstance(r, Future) else r for r in results]
     arrays = {k: np.concatenate([r[k] for r in results]) for k in results[0]}
     return {**arrays, **{k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in counts.items()}}
+
+
+def _on_gpu(net) -> bool:
+    """Whether ``net`` runs on a CUDA device (an ONNX tower, with no parameters, runs on the CPU)."""
+    try:
+        return next(net.parameters()).device.type == "cuda"
+    except (AttributeError, StopIteration):
+        return False
 
 
 def decode_counts(store: PartStore, parts: list[int]) -> DecodeStats:
@@ -72,10 +95,15 @@ def run_parts(net, mirror: bool, reader: RecordReader, parts: list[tuple[int, np
     else:
         total = sum(len(r) for _, r in parts)
         bar = tqdm(total=total, initial=total - sum(len(r) for _, r in todo), unit="products", desc=work.desc)
-        for p, rows in todo:
-            outs = embed_products(net, reader, rows, loader.batch_size, loader.workers, mirror, timer=timer)
-            store.write(p, **_reduce_groups(work, outs))
-            bar.update(len(rows))
+        pool = ThreadPoolExecutor(1, thread_name_prefix="reduce") if _on_gpu(net) else None
+        try:
+            for p, rows in todo:
+                outs = embed_products(net, reader, rows, loader.batch_size, loader.workers, mirror, timer=timer)
+                store.write(p, **_reduce_groups(work, outs, pool))
+                bar.update(len(rows))
+        finally:
+            if pool is not None:
+                pool.shutdown()
         bar.close()
     return decode_counts(store, [p for p, _ in parts])
 
