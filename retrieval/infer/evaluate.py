@@ -24,12 +24,13 @@ from .pipeline.parts import PartWork, numbered, run_parts
 from .pipeline.store import PartStore
 from .plots import evaluation_plots
 from .scoring.calibrate import KS, calibrate
-from .scoring.candidates import Candidates, candidates_for
+from .scoring.candidates import HEAD_TOP, Candidates, candidates_for, pad_columns
 from .scoring.fused import FusedClassifier
 from .scoring.peers import PEER_KS, PeerSettings, choose_peers, peer_graph, propagate
 from .scoring.streamed import calibration_rows, gather, score_parts
 
 log = logging.getLogger(__name__)
+GROUP = 4096  # products searched and reduced together (never a whole part's [P, C] head probabilities at once)
 CANDIDATE_FIELDS = tuple(f.name for f in fields(Candidates))
 BUCKETS = ((1, 10, "1-9"), (10, 100, "10-99"), (100, 1000, "100-999"), (1000, 10 ** 12, "1000+"))
 
@@ -60,6 +61,8 @@ def _part(bundle: IndexBundle, outs: list, y: np.ndarray) -> dict[str, np.ndarra
     """Candidates, the head's argmax and per-image correctness of one part's products (``y``: their classes)."""
     c = candidates_for(bundle.vectors, bundle.duplicates, outs, max(KS))
     o = ProductOutputs.concat(outs)
+    width = HEAD_TOP + max(KS) + c.dups.shape[1]  # every group the same width: groups join into one part
+    c.classes, c.head = pad_columns(c.classes, width, -1), pad_columns(c.head, width, 0)
     return {**{f: getattr(c, f) for f in CANDIDATE_FIELDS}, "emb": o.emb, "head_pred": o.probs.argmax(1),
             "img_ok": o.image_pred == y[o.image_owner], "n_images": o.n_images}
 
@@ -77,7 +80,7 @@ def _embed_parts(bundle: IndexBundle, path: Path, table: np.ndarray, rows: np.nd
            "runtime": bundle.runtime}
     store = PartStore(scratch, key, restart=is_first_rank())
     work = PartWork(lambda outs: _part(bundle, outs, np.array([cls_of[int(r)] for o in outs for r in o.rows])),
-                    desc="evaluate")
+                    group=GROUP, desc="evaluate")
     stats = run_parts(bundle.net, bundle.manifest.mirror, RecordReader(path, table), parts, store, work, loader)
     return None if stats is None else (store, [len(r) for _, r in parts], stats)
 

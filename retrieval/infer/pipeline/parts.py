@@ -4,7 +4,7 @@ totals are the same whichever way (and however resumed) the parts were made."""
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -48,6 +48,8 @@ def _reduce_groups(work: PartWork, outs, pool: ThreadPoolExecutor | None = None)
         results.append(pool.submit(work.reduce, group))
 
     for o in outs:
+        if not work.keep_probs:  # the head's [P, C] probabilities are dropped as each batch arrives
+            o = replace(o, probs=np.zeros((len(o.rows), 0), np.float32))
         pending.append(o)
         n += len(o.rows)
         counts["n_images"].append(o.n_images)
