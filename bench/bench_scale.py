@@ -101,9 +101,17 @@ def run_stage(stage: str, work: Path, n: int, steps: int, extra: dict) -> dict:
         m = evaluate(idx)
         result = {k: m[k] for k in ("products", "head_accuracy", "knn_accuracy", "fused_accuracy") if k in m}
     elif stage == "predict":
-        from retrieval.infer.predict import predict
-        r = predict(data / "test.bson", idx, work / "submission.csv")  # resumes its parts
-        result = {"products": r.products, "peer_weight": r.params["peers"]["mu"]}
+        from retrieval.infer.indexdir.bundle import open_index
+        from retrieval.infer.predict import predict, score_submission
+        from retrieval.infer.scoring.fused import FusionOverrides
+        from retrieval.infer.scoring.peers import load_peers
+        calibrated = load_peers(open_index(idx, mmap=True).run).mu
+        mu = calibrated or 0.5  # propagation is measured even where evaluate turned it off
+        r = predict(data / "test.bson", idx, work / "submission.csv", FusionOverrides(peer_weight=mu))
+        result = {"products": r.products, "peer_weight": mu, "calibrated_peer_weight": calibrated,
+                  "peer_graph": r.params.get("peer_graph"),
+                  "accuracy": score_submission(work / "submission.csv", data / "test_labels.csv"),
+                  "stages": {k: round(v, 1) for k, v in r.stages.items()}}
     elif stage == "serve":
         from scale_serve import serve_figures
         result = serve_figures(idx, data / "test.bson", work / "serve")

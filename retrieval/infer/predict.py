@@ -106,7 +106,7 @@ def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path,
         return None
     n_parts = len(parts)
     t = time.perf_counter()
-    n_written = _assemble(_with_peers(store, n_parts, peers),
+    n_written = _assemble(_with_peers(store, n_parts, peers, report.params),
                           table["product_id"], ids_of, out_csv, top, scores_out)
     timer.add("peers+write", t)
     if n_written != len(table):
@@ -138,10 +138,12 @@ def _decide(bundle: IndexBundle, clf: FusedClassifier, outs: list, peers: PeerSe
     return out
 
 
-def _with_peers(store: PartStore, n_parts: int, peers: PeerSettings) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _with_peers(store: PartStore, n_parts: int, peers: PeerSettings, params: dict
+                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Each part's final ``(classes [P, keep], probs [P, keep])``, best first: the fused distributions, smoothed
     over the products' peers in the whole file when peer propagation is on (the graph and the distributions of
-    all products are held in memory, ``O(P * (k + keep))``; the embeddings are memory-mapped)."""
+    all products are held in memory, ``O(P * (k + keep))``; the embeddings are memory-mapped). The graph's cost
+    goes to ``params["peer_graph"]``."""
     if not peers.on:
         for part in range(n_parts):
             z = store.read(part, ("classes", "probs"))
@@ -154,7 +156,9 @@ def _with_peers(store: PartStore, n_parts: int, peers: PeerSettings) -> Iterator
     probs = np.concatenate([pad_columns(g["probs"], width, 0) for g in got])
     has_image = np.concatenate([g["n_images"] for g in got]) > 0
     log.info("peer propagation over %d products (mu %s, k %d)", len(classes), peers.mu, peers.k)
-    f_c, f_v = propagate(classes, probs, peer_graph(blocks, has_image, peers.k), peers)
+    graph = peer_graph(blocks, has_image, peers.k)
+    params["peer_graph"] = graph.cost
+    f_c, f_v = propagate(classes, probs, graph, peers)
     lo = 0
     for g in got:
         n = len(g["classes"])
