@@ -79,6 +79,38 @@ class DuplicateTable:
             return cls(z["hashes"], z["positions"], presorted=True)
 
 
+class JoinedDuplicates(DuplicateTable):
+    """Several tables searched as one, positions of table ``i`` shifted by ``offsets[i]``: nothing is copied or
+    sorted again (an index of one large segment and a few small additions)."""
+
+    def __init__(self, tables: list[DuplicateTable], offsets: list[int]) -> None:
+        if len(tables) != len(offsets):
+            raise ValueError("one offset per table")
+        self.tables, self.offsets = list(tables), [int(o) for o in offsets]
+
+    def __len__(self) -> int:
+        return sum(len(t) for t in self.tables)
+
+    @property
+    def hashes(self) -> np.ndarray:
+        return np.concatenate([t.hashes for t in self.tables])
+
+    @property
+    def positions(self) -> np.ndarray:
+        return np.concatenate([t.positions + o for t, o in zip(self.tables, self.offsets, strict=True)])
+
+    def merged(self, hashes: np.ndarray, positions: np.ndarray) -> DuplicateTable:
+        return DuplicateTable(np.concatenate([self.hashes, hashes]), np.concatenate([self.positions, positions]))
+
+    def matches(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """As :meth:`DuplicateTable.matches`: each query's matches in table order (as one merged table)."""
+        got = [(qi, pos + o) for (qi, pos), o in zip((t.matches(query) for t in self.tables), self.offsets,
+                                                    strict=True)]
+        qi, pos = np.concatenate([g[0] for g in got]), np.concatenate([g[1] for g in got])
+        order = np.argsort(qi, kind="stable")
+        return qi[order], pos[order]
+
+
 def duplicate_share(classes: np.ndarray, dup_labels: np.ndarray) -> np.ndarray:
     """Share ``[P, W]`` of each candidate class among a product's exact-match labels ``dup_labels [P, D]``
     (-1 = none); all zero for a product without a match."""

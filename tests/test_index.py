@@ -152,3 +152,22 @@ def test_duplicate_table_finds_exact_pictures_and_labels_products(tmp_path):
     back = DuplicateTable.load(tmp_path / "dups.npz")
     assert back.matches(np.array([4]))[1].tolist() == [7] and len(back) == 5
     assert len(DuplicateTable.load(tmp_path / "elsewhere.npz")) == 0
+
+
+def test_joined_duplicate_tables_answer_as_one_merged_table():
+    from index import JoinedDuplicates
+    from index.dups import DuplicateTable
+    rng = np.random.default_rng(2)
+    sizes = [40, 3, 0, 9]
+    tables = [DuplicateTable(rng.integers(0, 30, n), rng.integers(0, 12, n)) for n in sizes]
+    offsets = [0, 12, 15, 15]
+    merged = DuplicateTable(np.concatenate([t.hashes for t in tables]),
+                            np.concatenate([t.positions + o for t, o in zip(tables, offsets, strict=True)]))
+    joined = JoinedDuplicates(tables, offsets)
+    query, owner = rng.integers(0, 35, 25), rng.integers(0, 6, 25)
+    labels = rng.integers(-1, 5, 40)
+    assert len(joined) == len(merged)
+    for a, b in zip(joined.matches(query), merged.matches(query), strict=True):
+        assert np.array_equal(a, b)
+    assert np.array_equal(joined.product_labels(query, owner, 6, labels, cap=4, exclude=13),
+                          merged.product_labels(query, owner, 6, labels, cap=4, exclude=13))

@@ -295,3 +295,17 @@ def test_a_coded_index_folder_re_ranks_with_its_stored_embeddings(small_data, tr
     assert np.allclose(sims, np.take_along_axis(brute, pos, 1), atol=1e-5)
     truth = np.argsort(-brute, 1, kind="stable")[:, :5]
     assert np.mean([len(set(a) & set(t)) / 5 for a, t in zip(pos.tolist(), truth.tolist(), strict=True)]) >= 0.9
+
+
+def test_a_joined_column_reads_like_the_concatenated_array():
+    from retrieval.infer.indexdir.bundle import Joined
+    pieces = [np.arange(10, 17), np.arange(0), np.array([100, 101]), np.arange(50, 53)]
+    whole = np.concatenate(pieces)
+    col = Joined(pieces)
+    assert len(col) == len(whole) and np.array_equal(np.asarray(col), whole)
+    for i in (0, 6, 7, 8, 11, -1, -12):
+        assert col[i] == whole[i]
+    for idx in (np.array([11, 0, 7, 7, 9]), slice(2, 10, 3), whole > 50, np.array([-1, -2])):
+        assert np.array_equal(col[idx], whole[idx])
+    with pytest.raises(IndexError):
+        col[12]

@@ -100,7 +100,7 @@ class _State:
                 return False
             fresh = open_index(self.folder, runtime=self.runtime, reuse=self.bundle)
             self.swap(fresh)
-            log.info("serving generation %s (%d products)", fresh.generation, len(fresh.product_ids))
+            log.info("serving generation %s (%d products)", fresh.generation, len(fresh.vectors))
             return True
 
     def poll(self) -> None:
@@ -208,7 +208,7 @@ def create_app(index_dir: str | Path, settings: ServeSettings | None = None,
     async def health() -> dict:
         """Whether the server is up, and what it serves (answered on the event loop, never behind work)."""
         b = state.bundle
-        return {"status": "ok", "products": len(b.product_ids), "categories": len(b.categories),
+        return {"status": "ok", "products": len(b.vectors), "categories": len(b.categories),
                 "backbone": b.manifest.backbone, "index": b.manifest.factory, "writes": not settings.read_only}
 
     @app.post("/similar")
@@ -310,7 +310,7 @@ def create_app(index_dir: str | Path, settings: ServeSettings | None = None,
             if refs is not None and upload.resolve() not in refs[1]:
                 for leftover in layout.uploads.glob(upload.name + "*"):
                     leftover.unlink(missing_ok=True)
-        total = len(state.bundle.product_ids)
+        total = len(state.bundle.vectors)
         log.info("POST /products from %s: %s, %d added, %d already indexed; %d products", _client(request),
                  file.filename, added, len(already), total)
         return {"added": added, "already_indexed": already[:100], "products": total}

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from index import DuplicateTable, SegmentedIndex
+from index import DuplicateTable, JoinedDuplicates, SegmentedIndex
 
 from ...data.categories import CategoryTable
 from ...data.offsets import file_fingerprint
@@ -22,6 +22,38 @@ from .manifest import IndexManifest
 from .segments import ARRAYS, Segment, load_segment
 
 __all__ = ["ARRAYS", "IndexBundle", "open_index", "query_tower", "check_source", "refuse_runtime_on"]
+
+
+class Joined:
+    """Per-segment arrays ``[n_i]`` read as one column ``[N]`` by global position, without copying them:
+    ``col[i]`` and ``col[positions]``; ``np.asarray(col)`` joins them (for whole-column work)."""
+
+    def __init__(self, pieces: list[np.ndarray]) -> None:
+        self.pieces = pieces
+        self.starts = np.cumsum([0] + [len(p) for p in pieces])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, i):
+        if isinstance(i, (int, np.integer)):
+            if not -len(self) <= i < len(self):
+                raise IndexError(f"position {i} out of {len(self)}")
+            i = int(i) % len(self)
+            s = int(np.searchsorted(self.starts, i, side="right")) - 1
+            return self.pieces[s][i - self.starts[s]]
+        pos = np.arange(len(self))[i] if isinstance(i, slice) else np.asarray(i)
+        pos = np.flatnonzero(pos) if pos.dtype == bool else pos.astype(np.int64) % max(len(self), 1)
+        seg = np.searchsorted(self.starts, pos, side="right") - 1
+        out = np.empty(pos.shape, np.result_type(*[p.dtype for p in self.pieces]))
+        for s in np.unique(seg):
+            m = seg == s
+            out[m] = np.asarray(self.pieces[s])[pos[m] - self.starts[s]]
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        joined = np.concatenate([np.asarray(p) for p in self.pieces])
+        return joined if dtype is None else joined.astype(dtype)
 
 
 @dataclass
@@ -46,18 +78,18 @@ class IndexBundle:
         if len(segs) == 1:  # as built: the segment's own arrays and table (memory-mapped ones stay mapped)
             self.arrays, self.duplicates = dict(segs[0].arrays), segs[0].duplicates
             return
-        self.arrays = {k: np.concatenate([s.arrays[k] for s in segs]) for k in ARRAYS}
-        off = self.vectors.offsets
-        owners = [s.duplicates.positions + o for s, o in zip(segs, off[:-1], strict=True)]
-        self.duplicates = DuplicateTable(np.concatenate([s.duplicates.hashes for s in segs]), np.concatenate(owners))
+        # a large segment and its additions are read in place: no copy of the catalogue's arrays at each add
+        self.arrays = {k: Joined([s.arrays[k] for s in segs]) for k in ARRAYS}
+        self.duplicates = JoinedDuplicates([s.duplicates for s in segs], self.vectors.offsets[:-1].tolist())
 
     @property
     def layout(self) -> IndexFolder:
         return IndexFolder(self.folder)
 
-    @property
+    @cached_property
     def product_ids(self) -> np.ndarray:
-        return self.arrays["product_ids"]
+        """All product ids ``[N]`` in position order (joined once, where the bundle has several segments)."""
+        return np.asarray(self.arrays["product_ids"])
 
     @property
     def net(self):
