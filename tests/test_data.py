@@ -350,3 +350,9 @@ def test_category_csv_bom_duplicates_and_encoding(tmp_path):
     p.write_bytes(b"category_id,category_level1,category_level2,category_level3\n1,A,B,C\n2,A,B,\xe9t\xe9\n")
     with pytest.raises(UserError, match=r"c.csv, line 3: not UTF-8"):
         CategoryTable.from_csv(p)
+
+
+def test_loader_batches_never_cross_a_part_end():
+    from retrieval.data.datasets import batches_within
+    assert batches_within(np.array([3, 8, 9]), 2) == [[0, 1], [2], [3, 4], [5, 6], [7], [8]]
+    assert batches_within(np.array([4]), 4) == [[0, 1, 2, 3]] and batches_within(np.zeros(0, np.int64), 3) == []

@@ -167,20 +167,20 @@ def test_predict_resumes_after_interruption(indexes, small_data, tmp_path, monke
     full = tmp_path / "full.csv"
     predict(small_data["test.bson"], indexes["all"], full, loader=LoaderSettings(workers=0), part_products=8)
     calls = {"n": 0}
-    real = parts_mod.embed_products
+    real = parts_mod._take
 
-    def dying(*a, **k):
+    def dying(*a, **k):  # the third part's products never arrive
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(parts_mod, "embed_products", dying)
+    monkeypatch.setattr(parts_mod, "_take", dying)
     part = tmp_path / "part.csv"
     with pytest.raises(KeyboardInterrupt):
         predict(small_data["test.bson"], indexes["all"], part, loader=LoaderSettings(workers=0), part_products=8)
     assert not part.exists() and len(list((tmp_path / "part.csv.parts").glob("part_*.npz"))) == 2
-    monkeypatch.setattr(parts_mod, "embed_products", real)
+    monkeypatch.setattr(parts_mod, "_take", real)
     predict(small_data["test.bson"], indexes["all"], part, loader=LoaderSettings(workers=0), part_products=8)
     assert part.read_text() == full.read_text()
     assert score_submission(part, small_data["test_labels.csv"]) > 1 / 6

@@ -147,10 +147,26 @@ def collate_products(items: list) -> ProductBatch:
                         torch.tensor([h for it in items for h in it[4]], dtype=torch.int64))
 
 
-def product_loader(dataset: ProductDataset, batch_images: int, workers: int, shuffle: bool = False) -> DataLoader:
-    """Batches of about ``batch_images`` images (products average ~1.75 images)."""
-    return DataLoader(dataset, batch_size=max(1, batch_images * 4 // 7), shuffle=shuffle, num_workers=workers,
-                      collate_fn=collate_products, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+def batches_within(bounds: np.ndarray, size: int) -> list[list[int]]:
+    """Consecutive index batches of at most ``size`` products that never cross a boundary (``bounds``: the end of
+    each part, cumulative), so that one loader can serve many parts."""
+    out, lo = [], 0
+    for hi in np.asarray(bounds, np.int64).tolist():
+        out += [list(range(a, min(a + size, hi))) for a in range(lo, hi, size)]
+        lo = hi
+    return out
+
+
+def product_loader(dataset: ProductDataset, batch_images: int, workers: int, shuffle: bool = False,
+                   bounds: np.ndarray | None = None) -> DataLoader:
+    """Batches of about ``batch_images`` images (products average ~1.75 images); with ``bounds`` (cumulative part
+    ends), in order and never across a part's end."""
+    size = max(1, batch_images * 4 // 7)
+    common = dict(num_workers=workers, collate_fn=collate_products, persistent_workers=workers > 0,
+                  pin_memory=torch.cuda.is_available())
+    if bounds is not None:
+        return DataLoader(dataset, batch_sampler=batches_within(bounds, size), **common)
+    return DataLoader(dataset, batch_size=size, shuffle=shuffle, **common)
 
 
 # ---- the split ------------------------------------------------------------------------------------

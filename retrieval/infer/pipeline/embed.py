@@ -108,10 +108,12 @@ def embed_images(net: EmbeddingNet, images: torch.Tensor, owner: torch.Tensor, n
 
 
 def embed_products(net: EmbeddingNet, reader: RecordReader, rows: np.ndarray, batch_images: int = 128,
-                   workers: int = 2, mirror: bool = False, timer: Timer | None = None) -> Iterator[ProductOutputs]:
-    """Stream ``rows`` (offset-table rows, in order) through the network, a batch of products at a time."""
+                   workers: int = 2, mirror: bool = False, timer: Timer | None = None,
+                   bounds: np.ndarray | None = None) -> Iterator[ProductOutputs]:
+    """Stream ``rows`` (offset-table rows, in order) through the network, a batch of products at a time; with
+    ``bounds`` (cumulative ends of parts of ``rows``), no batch crosses a part's end."""
     net.eval()
-    loader = product_loader(ProductDataset(reader, rows, net.cfg.image_size), batch_images, workers)
+    loader = product_loader(ProductDataset(reader, rows, net.cfg.image_size), batch_images, workers, bounds=bounds)
     t = time.perf_counter()
     for b in loader:
         if timer:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -64,6 +64,17 @@ def _reduce_groups(work: PartWork, outs, pool: ThreadPoolExecutor | None = None)
     return {**arrays, **{k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in counts.items()}}
 
 
+def _take(stream: Iterator[ProductOutputs], n: int) -> Iterator[ProductOutputs]:
+    """The next batches of ``stream`` holding ``n`` products (batches never cross a part's end)."""
+    got = 0
+    while got < n:
+        o = next(stream)
+        got += len(o.rows)
+        yield o
+    if got != n:
+        raise AssertionError(f"a batch crossed a part's end ({got} products for {n})")
+
+
 def _on_gpu(net) -> bool:
     """Whether ``net`` runs on a CUDA device (an ONNX tower, with no parameters, runs on the CPU)."""
     try:
@@ -98,10 +109,13 @@ def run_parts(net, mirror: bool, reader: RecordReader, parts: list[tuple[int, np
         total = sum(len(r) for _, r in parts)
         bar = tqdm(total=total, initial=total - sum(len(r) for _, r in todo), unit="products", desc=work.desc)
         pool = ThreadPoolExecutor(1, thread_name_prefix="reduce") if _on_gpu(net) else None
+        # one loader for all the parts: its workers decode ahead across a part's end (no restart per part)
+        stream = embed_products(net, reader, np.concatenate([r for _, r in todo]) if todo else np.zeros(0, np.int64),
+                                loader.batch_size, loader.workers, mirror, timer=timer,
+                                bounds=np.cumsum([len(r) for _, r in todo]))
         try:
             for p, rows in todo:
-                outs = embed_products(net, reader, rows, loader.batch_size, loader.workers, mirror, timer=timer)
-                store.write(p, **_reduce_groups(work, outs, pool))
+                store.write(p, **_reduce_groups(work, _take(stream, len(rows)), pool))
                 bar.update(len(rows))
         finally:
             if pool is not None:
