@@ -81,7 +81,8 @@ class DuplicateTable:
 
 class JoinedDuplicates(DuplicateTable):
     """Several tables searched as one, positions of table ``i`` shifted by ``offsets[i]``: nothing is copied or
-    sorted again (an index of one large segment and a few small additions)."""
+    sorted again (an index of one large segment and a few small additions). ``hashes`` and ``positions`` are
+    the tables one after the other (each sorted, not the whole)."""
 
     def __init__(self, tables: list[DuplicateTable], offsets: list[int]) -> None:
         if len(tables) != len(offsets):
@@ -101,6 +102,10 @@ class JoinedDuplicates(DuplicateTable):
 
     def merged(self, hashes: np.ndarray, positions: np.ndarray) -> DuplicateTable:
         return DuplicateTable(np.concatenate([self.hashes, hashes]), np.concatenate([self.positions, positions]))
+
+    def save(self, path: str | Path) -> None:
+        """Saved as one table, sorted (as :meth:`DuplicateTable.load` expects)."""
+        DuplicateTable(self.hashes, self.positions).save(path)
 
     def matches(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """As :meth:`DuplicateTable.matches`: each query's matches in table order (as one merged table)."""

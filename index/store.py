@@ -25,27 +25,38 @@ def take_rows(blocks: Sequence[np.ndarray], rows: np.ndarray) -> np.ndarray:
         if z > a:
             out.append(np.asarray(b[rows[a:z] - lo], np.float32))
         lo += len(b)
+    got = sum(len(o) for o in out)
+    if got != len(rows):
+        raise IndexError(f"{len(rows) - got} of {len(rows)} rows are not in blocks of {lo} rows (or not sorted)")
     if not out:
         return np.zeros((0, blocks[0].shape[1] if len(blocks) else 0), np.float32)
     return np.concatenate(out)
+
+
+RERANK_BYTES = 64 << 20  # candidate vectors gathered at once by rerank (queries are taken in chunks)
 
 
 def rerank(queries: np.ndarray, shortlist: np.ndarray, k: int, fetch: Callable[[np.ndarray], np.ndarray]
            ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` best of each query's ``shortlist [Q, M]`` (positions, -1 = none) by exact inner product with
     ``queries [Q, D]``; ``fetch(sorted unique positions [U])`` gives their vectors ``[U, D]``. Returns
-    ``(sims [Q, k], positions [Q, k])``, -1 padded."""
-    uniq = np.unique(shortlist[shortlist >= 0])
-    s = np.full(shortlist.shape, -np.inf, np.float32)
-    if len(uniq):
-        vecs = np.asarray(fetch(uniq), np.float32)
-        at = np.searchsorted(uniq, np.maximum(shortlist, 0)).clip(0, len(uniq) - 1)
-        s = np.where(shortlist >= 0, np.einsum("qd,qmd->qm", queries, vecs[at]), -np.inf).astype(np.float32)
-    if s.shape[1] < k:
-        s = np.pad(s, ((0, 0), (0, k - s.shape[1])), constant_values=-np.inf)
+    ``(sims [Q, k], positions [Q, k])``, -1 padded. Queries go in chunks of about :data:`RERANK_BYTES`."""
+    if shortlist.shape[1] < k:
         shortlist = np.pad(shortlist, ((0, 0), (0, k - shortlist.shape[1])), constant_values=-1)
-    order = np.argsort(-s, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(s, order, 1), np.take_along_axis(shortlist, order, 1)
+    q, m = shortlist.shape
+    step = max(1, RERANK_BYTES // max(1, m * queries.shape[1] * 4))
+    sims, pos = np.full((q, k), -np.inf, np.float32), np.full((q, k), -1, np.int64)
+    for lo in range(0, q, step):
+        sl = shortlist[lo:lo + step]
+        uniq = np.unique(sl[sl >= 0])
+        if not len(uniq):
+            continue
+        vecs = np.asarray(fetch(uniq), np.float32)
+        at = np.searchsorted(uniq, np.maximum(sl, 0)).clip(0, len(uniq) - 1)
+        s = np.where(sl >= 0, np.einsum("qd,qmd->qm", queries[lo:lo + step], vecs[at]), -np.inf).astype(np.float32)
+        order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+        sims[lo:lo + step], pos[lo:lo + step] = np.take_along_axis(s, order, 1), np.take_along_axis(sl, order, 1)
+    return sims, pos
 
 
 def choose_factory(n: int, d: int, memory_budget: float = 8e9) -> str:

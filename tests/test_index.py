@@ -97,6 +97,17 @@ def test_rerank_and_take_rows_against_loops():
         assert sorted(pos[i][pos[i] >= 0].tolist()) == sorted(cand)
         assert np.allclose(sims[i][: len(cand)], [q[i] @ x[p] for p in cand], atol=1e-5)
     assert np.array_equal(take_rows(blocks, np.array([0, 11, 12, 49])), x[[0, 11, 12, 49]])
+    with pytest.raises(IndexError):
+        take_rows(blocks, np.array([3, 50]))  # past the end: refused, never a shorter array
+    import index.store as store_mod
+    whole = rerank(q, short, 3, lambda p: take_rows(blocks, p))
+    monkey = store_mod.RERANK_BYTES
+    try:
+        store_mod.RERANK_BYTES = 7 * 8 * 4 * 2  # two queries a chunk
+        chunked = rerank(q, short, 3, lambda p: take_rows(blocks, p))
+    finally:
+        store_mod.RERANK_BYTES = monkey
+    assert all(np.array_equal(a, b) for a, b in zip(whole, chunked, strict=True))
 
 
 def test_coded_index_with_exact_vectors_at_hand_ranks_like_flat(data):
@@ -154,7 +165,7 @@ def test_duplicate_table_finds_exact_pictures_and_labels_products(tmp_path):
     assert len(DuplicateTable.load(tmp_path / "elsewhere.npz")) == 0
 
 
-def test_joined_duplicate_tables_answer_as_one_merged_table():
+def test_joined_duplicate_tables_answer_as_one_merged_table(tmp_path):
     from index import JoinedDuplicates
     from index.dups import DuplicateTable
     rng = np.random.default_rng(2)
@@ -171,3 +182,6 @@ def test_joined_duplicate_tables_answer_as_one_merged_table():
         assert np.array_equal(a, b)
     assert np.array_equal(joined.product_labels(query, owner, 6, labels, cap=4, exclude=13),
                           merged.product_labels(query, owner, 6, labels, cap=4, exclude=13))
+    joined.save(tmp_path / "d.npz")  # saved whole and sorted: loads as one table
+    back = DuplicateTable.load(tmp_path / "d.npz")
+    assert np.array_equal(back.matches(query)[1], merged.matches(query)[1])

@@ -309,3 +309,6 @@ def test_a_joined_column_reads_like_the_concatenated_array():
         assert np.array_equal(col[idx], whole[idx])
     with pytest.raises(IndexError):
         col[12]
+    with pytest.raises(IndexError):
+        col[np.array([3, 12])]
+    assert np.array_equal(col == 101, whole == 101) and col.shape == whole.shape and col.dtype == whole.dtype

@@ -152,7 +152,7 @@ def neighbours_from(bundle: IndexBundle, sims: np.ndarray, pos: np.ndarray) -> t
     for s, p in zip(sims[keep], pos[keep], strict=True):
         cid = int(bundle.arrays["category_ids"][p])
         names = cats.names[id_to_class[cid]] if cid in id_to_class else ("", "", "")
-        out.append(Neighbour(int(bundle.product_ids[p]), float(s), cid, *(n.strip() for n in names)))
+        out.append(Neighbour(int(bundle.arrays["product_ids"][p]), float(s), cid, *(n.strip() for n in names)))
     return out, pos[keep]
 
 

@@ -43,13 +43,33 @@ class Joined:
             s = int(np.searchsorted(self.starts, i, side="right")) - 1
             return self.pieces[s][i - self.starts[s]]
         pos = np.arange(len(self))[i] if isinstance(i, slice) else np.asarray(i)
-        pos = np.flatnonzero(pos) if pos.dtype == bool else pos.astype(np.int64) % max(len(self), 1)
+        if pos.dtype == bool:
+            if pos.shape != (len(self),):
+                raise IndexError(f"a mask of {pos.shape} for a column of {len(self)}")
+            pos = np.flatnonzero(pos)
+        pos = pos.astype(np.int64)
+        if len(pos) and (pos.min() < -len(self) or pos.max() >= len(self)):
+            raise IndexError(f"positions out of {len(self)}")
+        pos = pos % max(len(self), 1)
         seg = np.searchsorted(self.starts, pos, side="right") - 1
-        out = np.empty(pos.shape, np.result_type(*[p.dtype for p in self.pieces]))
+        out = np.empty(pos.shape, self.dtype)
         for s in np.unique(seg):
             m = seg == s
             out[m] = np.asarray(self.pieces[s])[pos[m] - self.starts[s]]
         return out
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.result_type(*[p.dtype for p in self.pieces])
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (len(self),)
+
+    def __eq__(self, other):  # a mask, as an array's ==
+        return np.asarray(self) == other
+
+    __hash__ = None
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         joined = np.concatenate([np.asarray(p) for p in self.pieces])

@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 PEER_MEMORY = 512e6  # bytes the peer graph's search index may hold (past that, SQ8 codes re-ranked exactly)
 PEER_RECALL = 0.95  # recall of the exact peers an approximate graph search must reach on a sample
 RECALL_SAMPLE = 1000  # products the recall is measured on
+MAX_NPROBE = 512  # the widest search the tuning tries (a bound on the graph's cost)
 ROWS_PER_BLOCK = 65_536
 
 
@@ -55,12 +56,6 @@ def peer_recall(found: np.ndarray, truth: np.ndarray, queries: np.ndarray, k: in
     return hits / max(1, len(queries) * k)
 
 
-def _gather(blocks: Sequence[np.ndarray], starts: np.ndarray, has_image: np.ndarray, positions: np.ndarray
-            ) -> np.ndarray:
-    """The embeddings ``[Q, D]`` at sorted index positions ``positions`` (products with an image only)."""
-    return take_rows(list(_members(blocks, starts, has_image)), positions)
-
-
 def peer_graph(blocks: Sequence[np.ndarray], has_image: np.ndarray, k: int, memory_budget: float = PEER_MEMORY,
                target_recall: float = PEER_RECALL, seed: int = 0) -> PeerGraph:
     """The ``k`` nearest other products of every product, from unit embeddings given as blocks ``[n_i, D]`` in
@@ -77,6 +72,8 @@ def peer_graph(blocks: Sequence[np.ndarray], has_image: np.ndarray, k: int, memo
         return PeerGraph(pos, sims, {"factory": "none", "recall": 1.0, "seconds": 0.0})
     d = blocks[0].shape[1]
     factory = choose_factory(len(member), d, memory_budget)
+    if "PQ" in factory:  # PQ codes lose too much for peers: SQ8 (1 byte a dimension), re-ranked exactly
+        factory = choose_factory(len(member), d, float("inf")).replace(",Flat", ",SQ8")
     index = VectorIndex.create(d, factory)
     starts = np.cumsum([0] + [len(b) for b in blocks])
     if starts[-1] != len(has_image):
@@ -86,18 +83,21 @@ def peer_graph(blocks: Sequence[np.ndarray], has_image: np.ndarray, k: int, memo
                                     if s < 200_000])[:200_000])
     for m in _members(blocks, starts, has_image):
         index.add(m, np.full(len(m), -1))
-    index.refine = lambda p: _gather(blocks, starts, has_image, p)  # codes: shortlists re-ranked exactly
+    index.refine = lambda p: take_rows(blocks, member[p])  # codes: shortlists re-ranked, reading only those rows
     search = index.search
     recall = 1.0
     if factory != "Flat":
         q = np.sort(np.random.default_rng(seed).choice(len(member), min(RECALL_SAMPLE, len(member)), replace=False))
-        qv = _gather(blocks, starts, has_image, q)
+        qv = take_rows(blocks, member[q])
         truth = exact_topk(qv, _members(blocks, starts, has_image), k + 1)[1]
         for nprobe in (2 ** i for i in range(3, 16)):
-            got = index.set_nprobe(nprobe)
+            got = index.set_nprobe(min(nprobe, MAX_NPROBE))
             recall = peer_recall(search(qv, k + 1)[1], truth, q, k)
-            if recall >= target_recall or got >= index.ivf.nlist:
+            if recall >= target_recall or got >= min(index.ivf.nlist, MAX_NPROBE):
                 break
+        if recall < target_recall:
+            log.warning("peer graph: recall %.3f of the exact peers at nprobe %d (target %.2f)", recall, got,
+                        target_recall)
     kk = min(k + 1, len(member))
     for b, s in zip(blocks, starts, strict=False):
         own = has_image[s:s + len(b)]
