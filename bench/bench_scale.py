@@ -211,6 +211,18 @@ def main() -> None:
         header += [f"time {n0:,}->{n1:,}", f"RSS all / anonymous {n0:,}->{n1:,}"]
     print()
     common.print_table(rows, tuple(header))
+    peak = max(found[st, n]["rss_mb"] for st in STAGES for n in a.sizes)
+    print(f"\nlargest peak RSS of any stage: {peak / 1024:.2f} GB (goal <= 12 GB)")
+    for n0, n1 in pairwise(a.sizes):
+        grow = n1 / n0
+        for st in ("offsets", "build-index", "evaluate", "predict"):  # per-product stages: time should grow ~ N
+            r = found[st, n1]["seconds"] / found[st, n0]["seconds"]
+            goal = 7.5 * grow / 7.07  # 7.5x for 1M -> 7.07M, scaled to other sizes
+            print(f"{st} {n0:,} -> {n1:,}: time {r:.2f}x for {grow:.2f}x the products (goal <= {goal:.2f}x)")
+        for st in ("evaluate", "predict"):
+            r0, r1 = found[st, n0], found[st, n1]
+            print(f"{st} {n0:,} -> {n1:,}: peak RSS {r1['rss_mb'] / r0['rss_mb']:.2f}x, anonymous "
+                  f"{r1.get('anon_mb', float('nan')) / r0.get('anon_mb', float('nan')):.2f}x (goal <= 1.5x)")
     ev = {n: found["evaluate", n]["result"] for n in a.sizes}
     print("\nevaluate (no product cap):", json.dumps(ev))
     print("serve:", json.dumps({n: found["serve", n]["result"] for n in a.sizes}))
