@@ -281,7 +281,9 @@ class VectorIndex:
         index = None
         if mmap:
             try:
-                index = faiss.read_index(str(f / "index.faiss"), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+                # IO_FLAG_MMAP maps IVF lists but reads a Flat index into memory; IO_FLAG_MMAP_IFC maps both
+                flag = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP)
+                index = faiss.read_index(str(f / "index.faiss"), flag | faiss.IO_FLAG_READ_ONLY)
             except RuntimeError:
                 log.info("index type does not support mmap; reading it into memory")
         if index is None:

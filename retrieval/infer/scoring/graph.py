@@ -66,7 +66,7 @@ def peer_graph(blocks: Sequence[np.ndarray], has_image: np.ndarray, k: int, memo
     t0 = time.perf_counter()
     has_image = np.asarray(has_image, bool)
     member = np.flatnonzero(has_image)  # index position -> product
-    pos = np.full((len(has_image), k), -1, np.int64)
+    pos = np.full((len(has_image), k), -1, np.int32)  # positions < 2^31: 4 bytes a peer
     sims = np.full((len(has_image), k), -np.inf, np.float32)
     if len(member) < 2 or not blocks:
         return PeerGraph(pos, sims, {"factory": "none", "recall": 1.0, "seconds": 0.0})
