@@ -39,6 +39,12 @@ INDEX_MEMORY = 2e9  # build-index --index-memory 2: IVF-Flat at 1M products of 1
 TRAIN = dict(image_size=32, embed_dim=128, batch_size=256, val_fraction=0.05, workers=2, lr=3e-3)
 
 
+WORK = {  # what a stage keeps to resume an interrupted run (removed when it is run again)
+    "build-index": lambda w: [w / "index"], "predict": lambda w: [w / "submission.csv.parts"],
+    "evaluate": lambda w: [w / "run" / "eval" / "parts"], "serve": lambda w: [w / "serve"],
+    **{s: (lambda w: []) for s in ("generate", "offsets", "train")}}
+
+
 def _status_mb(key: str) -> float:
     for line in open("/proc/self/status"):
         if line.startswith(key):
@@ -176,8 +182,11 @@ def main() -> None:
         done_dir.mkdir(parents=True, exist_ok=True)
         for i, stage in enumerate(STAGES):
             saved = done_dir / f"{stage}.json"
-            if stage in a.redo or any(s in a.redo for s in STAGES[:i]):
-                saved.unlink(missing_ok=True)  # a stage run again invalidates the ones after it
+            fresh = stage in a.redo or any(s in a.redo for s in STAGES[:i])
+            if fresh and saved.exists():
+                saved.unlink()  # a stage run again invalidates the ones after it, and its kept parts
+                for work in WORK[stage](root / f"n{n}"):
+                    shutil.rmtree(work, ignore_errors=True)
             if saved.exists():
                 found[stage, n] = r = json.loads(saved.read_text())
                 print(f"N={n:,} {stage}: kept from an earlier run", flush=True)
