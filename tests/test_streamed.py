@@ -95,3 +95,12 @@ def test_tiny_graphs_are_exact(n):
     emb = np.eye(4, dtype=np.float32)[:n]
     g = peer_graph([emb], np.ones(n, bool), 3)
     assert g.cost["factory"] in ("Flat", "none") and g.cost["recall"] == 1.0
+
+
+def test_wilson_interval_against_hand_computed_values():
+    from retrieval.infer.evaluate import wilson
+    lo, hi = wilson(8, 10)  # textbook: 8/10 -> [0.490, 0.943]
+    assert lo == pytest.approx(0.4902, abs=1e-3) and hi == pytest.approx(0.9433, abs=1e-3)
+    assert wilson(0, 0) == (0.0, 1.0) and wilson(0, 20)[0] == pytest.approx(0.0, abs=1e-12)
+    lo, hi = wilson(500, 1000)
+    assert hi - lo == pytest.approx(2 * 1.96 * 0.5 / np.sqrt(1000), rel=0.01)  # the normal interval at large n

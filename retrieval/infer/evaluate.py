@@ -90,13 +90,26 @@ def _read_candidates(store: PartStore, part: int) -> Candidates:
     return Candidates(**{k: g[k] for k in CANDIDATE_FIELDS})
 
 
+def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95% by default) of an accuracy of ``hits`` out of ``n``."""
+    if n == 0:
+        return 0.0, 1.0
+    p = hits / n
+    centre, half = p + z * z / (2 * n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return float((centre - half) / (1 + z * z / n)), float((centre + half) / (1 + z * z / n))
+
+
 def _buckets(counts: np.ndarray, y: np.ndarray, preds: dict[str, np.ndarray]) -> dict:
-    """Accuracy of each predictor in ``preds`` by the number of indexed products of the true category."""
+    """Accuracy of each predictor in ``preds`` by the number of indexed products of the true category, each with
+    its 95% Wilson interval (``<name>_interval``): the small buckets hold few products."""
     out = {}
     for lo, hi, name in BUCKETS:
         m = (counts >= lo) & (counts < hi)
         if m.any():
-            out[name] = {"products": int(m.sum()), **{k: float((p == y)[m].mean()) for k, p in preds.items()}}
+            out[name] = {"products": int(m.sum())}
+            for k, p in preds.items():
+                hits = int((p == y)[m].sum())
+                out[name][k], out[name][f"{k}_interval"] = hits / int(m.sum()), wilson(hits, int(m.sum()))
     return out
 
 
@@ -204,7 +217,9 @@ def metrics_table(m: dict) -> str:
             ("fused top-5", f"{m['fused_top5_accuracy']:.4f}"), ("level-1 accuracy", f"{m['level1_accuracy']:.4f}"),
             ("level-2 accuracy", f"{m['level2_accuracy']:.4f}"), ("per-image (head)", f"{m['image_accuracy']:.4f}")]
     lines = [f"{k:<18} {v}" for k, v in rows]
-    lines += ["", f"{'products in category':<22}{'products':>9}{'head':>8}{'kNN':>8}{'fused':>8}"]
+    lines += ["", f"{'products in category':<22}{'products':>9}{'head':>8}{'kNN':>8}{'fused':>8}  fused 95% interval"]
     for name, b in m["by_frequency"].items():
-        lines.append(f"{name:<22}{b['products']:>9,}{b['head']:>8.3f}{b['knn']:>8.3f}{b['fused']:>8.3f}")
+        lo, hi = b.get("fused_interval", (float("nan"), float("nan")))
+        lines.append(f"{name:<22}{b['products']:>9,}{b['head']:>8.3f}{b['knn']:>8.3f}{b['fused']:>8.3f}  "
+                     f"[{lo:.3f}, {hi:.3f}]")
     return "\n".join(lines)
