@@ -155,13 +155,14 @@ def _with_peers(store: PartStore, n_parts: int, peers: PeerSettings, params: dic
     classes = np.concatenate([pad_columns(g["classes"], width, -1) for g in got])
     probs = np.concatenate([pad_columns(g["probs"], width, 0) for g in got])
     has_image = np.concatenate([g["n_images"] for g in got]) > 0
+    sizes = [len(g["classes"]) for g in got]
+    del got  # the parts' own copies: only the joined arrays are kept
     log.info("peer propagation over %d products (mu %s, k %d)", len(classes), peers.mu, peers.k)
     graph = peer_graph(blocks, has_image, peers.k)
     params["peer_graph"] = graph.cost
     f_c, f_v = propagate(classes, probs, graph, peers)
     lo = 0
-    for g in got:
-        n = len(g["classes"])
+    for n in sizes:
         yield f_c[lo:lo + n], f_v[lo:lo + n]
         lo += n
 
