@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import mmap
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -31,6 +32,16 @@ def take_rows(blocks: Sequence[np.ndarray], rows: np.ndarray) -> np.ndarray:
     if not out:
         return np.zeros((0, blocks[0].shape[1] if len(blocks) else 0), np.float32)
     return np.concatenate(out)
+
+
+def release_pages(arrays: Sequence[np.ndarray]) -> None:
+    """Drop the pages of memory-mapped arrays (``np.memmap``) from this process: they stay in the page cache,
+    read again at the next touch, but no longer count in the process's resident memory. Random reads over
+    gigabytes of stored embeddings (re-ranking, peers) would otherwise leave them all resident."""
+    for a in arrays:
+        m = getattr(a, "_mmap", None)
+        if m is not None and hasattr(mmap, "MADV_DONTNEED"):
+            m.madvise(mmap.MADV_DONTNEED)
 
 
 RERANK_BYTES = 64 << 20  # candidate vectors gathered at once by rerank (queries are taken in chunks)
