@@ -1,9 +1,9 @@
 """FAISS side of the system: needs only numpy and faiss."""
 from .dups import DuplicateTable, JoinedDuplicates, duplicate_share
 from .segmented import SegmentedIndex, merge_topk
-from .store import VectorIndex, choose_factory, exact_topk, recall_at_k, release_pages, rerank, take_rows
+from .store import VectorIndex, choose_factory, exact_topk, mapped_rows, recall_at_k, release_pages, rerank, take_rows
 from .vote import class_shares, knn_vote, normalise_rows, vote_weights
 
 __all__ = ["VectorIndex", "SegmentedIndex", "merge_topk", "choose_factory", "recall_at_k", "rerank", "take_rows",
-           "release_pages", "exact_topk", "knn_vote", "vote_weights", "class_shares", "normalise_rows",
+           "mapped_rows", "release_pages", "exact_topk", "knn_vote", "vote_weights", "class_shares", "normalise_rows",
            "DuplicateTable", "JoinedDuplicates", "duplicate_share"]

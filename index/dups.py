@@ -100,9 +100,6 @@ class JoinedDuplicates(DuplicateTable):
     def positions(self) -> np.ndarray:
         return np.concatenate([t.positions + o for t, o in zip(self.tables, self.offsets, strict=True)])
 
-    def merged(self, hashes: np.ndarray, positions: np.ndarray) -> DuplicateTable:
-        return DuplicateTable(np.concatenate([self.hashes, hashes]), np.concatenate([self.positions, positions]))
-
     def save(self, path: str | Path) -> None:
         """Saved as one table, sorted (as :meth:`DuplicateTable.load` expects)."""
         DuplicateTable(self.hashes, self.positions).save(path)

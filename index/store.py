@@ -44,6 +44,14 @@ def release_pages(arrays: Sequence[np.ndarray]) -> None:
             m.madvise(mmap.MADV_DONTNEED)
 
 
+def mapped_rows(maps: Sequence[np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """:func:`take_rows` of memory-mapped blocks, their pages then released (:func:`release_pages`): the
+    exact vectors a coded index's shortlist is re-ranked with, read at random over the whole catalogue."""
+    out = take_rows(maps, rows)
+    release_pages(maps)
+    return out
+
+
 RERANK_BYTES = 64 << 20  # candidate vectors gathered at once by rerank (queries are taken in chunks)
 
 

@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from index import DuplicateTable, VectorIndex, choose_factory, exact_topk, take_rows
+from index import DuplicateTable, VectorIndex, choose_factory, exact_topk, mapped_rows
 from index.store import REFINE_FACTOR
 
 from ...data.images import DecodeStats
@@ -86,7 +86,7 @@ def _fill_index(vi: VectorIndex, store: PartStore, parts: list, labels: np.ndarr
     q = store.read(parts[0][0], ("emb",))["emb"][:1000]
     truth = exact_topk(q, added_blocks(), 10)[1]
     maps = [np.load(store.embeddings_file(store.folder, p), mmap_mode="r") for p, _ in parts]
-    vi.refine = lambda pos: take_rows(maps, pos)  # as the folder's readers will: codes re-ranked exactly
+    vi.refine = lambda pos: mapped_rows(maps, pos)  # as the folder's readers will: codes re-ranked exactly
     recall = vi.tune(q, truth, target_recall)
     log.info("%s over %d products: recall@10 %.3f of the exact search (nprobe %s%s)", vi.factory, n, recall,
              vi.nprobe, f", shortlists of {REFINE_FACTOR}x re-ranked with the stored embeddings" if vi.coded else "")

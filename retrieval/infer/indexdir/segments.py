@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from index import DuplicateTable, VectorIndex, release_pages, take_rows
+from index import DuplicateTable, VectorIndex, mapped_rows
 
 from ...errors import UserError
 from .folder import IndexFolder, write_file
@@ -110,10 +110,7 @@ class Segment:
     def vectors_at(self, local: np.ndarray) -> np.ndarray:
         """The stored embeddings ``[U, D]`` at sorted local positions ``local [U]`` (the exact vectors that
         re-rank a coded index's shortlist)."""
-        maps = [self.embeddings(k) for k in range(len(self.parts))]
-        rows = take_rows(maps, local)
-        release_pages(maps)  # random rows over the catalogue: not left resident in this process
-        return rows
+        return mapped_rows([self.embeddings(k) for k in range(len(self.parts))], local)
 
     def find(self, product_id: int) -> int | None:
         """Local position of ``product_id`` (binary search of the id map), or None."""

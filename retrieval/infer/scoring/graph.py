@@ -10,7 +10,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from index import VectorIndex, choose_factory, exact_topk, normalise_rows, release_pages, take_rows, vote_weights
+from index import VectorIndex, choose_factory, exact_topk, mapped_rows, normalise_rows, take_rows, vote_weights
 from index.store import REFINE_FACTOR
 
 log = logging.getLogger(__name__)
@@ -83,12 +83,7 @@ def peer_graph(blocks: Sequence[np.ndarray], has_image: np.ndarray, k: int, memo
                                     if s < 200_000])[:200_000])
     for m in _members(blocks, starts, has_image):
         index.add(m, np.full(len(m), -1))
-    def refine(p: np.ndarray) -> np.ndarray:  # codes: shortlists re-ranked, reading only those rows
-        rows = take_rows(blocks, member[p])
-        release_pages(blocks)
-        return rows
-
-    index.refine = refine
+    index.refine = lambda p: mapped_rows(blocks, member[p])  # codes: shortlists re-ranked from those rows alone
     search = index.search
     recall = 1.0
     if factory != "Flat":
