@@ -126,13 +126,30 @@ def run_stage(stage: str, work: Path, n: int, steps: int, extra: dict) -> dict:
             "worker_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, "result": result}
 
 
-def stage_in_child(stage: str, work: Path, n: int, steps: int, extra: dict | None = None) -> dict:
+def stage_in_child(stage: str, work: Path, n: int, steps: int, extra: dict | None = None,
+                   spent: Path | None = None) -> dict:
+    """Run one stage in a fresh process. With ``spent``, the seconds of earlier interrupted runs of this stage
+    (kept there, updated every 10 s while it runs) are added to ``seconds``: a resumed stage reports its whole
+    time, and ``resumed_s`` says how much of it came from earlier runs."""
+    before = float(spent.read_text()) if spent is not None and spent.exists() else 0.0
+    t0, done = time.perf_counter(), threading.Event()
+
+    def tally() -> None:
+        while spent is not None and not done.wait(10.0):
+            tmp = spent.with_suffix(".tmp")
+            tmp.write_text(f"{before + time.perf_counter() - t0:.1f}")
+            tmp.replace(spent)
+    threading.Thread(target=tally, daemon=True).start()
     out = subprocess.run([sys.executable, __file__, "--stage", stage, "--workdir", str(work), "--n", str(n),
                           "--steps", str(steps), "--extra", json.dumps(extra or {})],
                          capture_output=True, text=True)
+    done.set()
     if out.returncode != 0:
         raise RuntimeError(f"stage {stage} at N={n} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    if before:
+        r["seconds"], r["resumed_s"] = r["seconds"] + before, before
+    return r
 
 
 def head_softmax_times(classes: int = 5270, dim: int = 1280, batch: int = 256, negatives: int = 512) -> tuple:
@@ -183,6 +200,8 @@ def main() -> None:
         for i, stage in enumerate(STAGES):
             saved = done_dir / f"{stage}.json"
             fresh = stage in a.redo or any(s in a.redo for s in STAGES[:i])
+            if fresh:
+                (done_dir / f"{stage}.spent").unlink(missing_ok=True)
             if fresh and saved.exists():
                 saved.unlink()  # a stage run again invalidates the ones after it, and its kept parts
                 for work in WORK[stage](root / f"n{n}"):
@@ -191,10 +210,12 @@ def main() -> None:
                 found[stage, n] = r = json.loads(saved.read_text())
                 print(f"N={n:,} {stage}: kept from an earlier run", flush=True)
             else:
-                found[stage, n] = r = stage_in_child(stage, root / f"n{n}", n, a.steps)
+                spent = done_dir / f"{stage}.spent"
+                found[stage, n] = r = stage_in_child(stage, root / f"n{n}", n, a.steps, spent=spent)
                 tmp = saved.with_suffix(".tmp")
                 tmp.write_text(json.dumps(r))
                 tmp.replace(saved)
+                spent.unlink(missing_ok=True)
             print(f"N={n:,} {stage}: {r['seconds']:.1f} s, peak RSS {r['rss_mb']:.0f} MB "
                   f"(anonymous {r.get('anon_mb', float('nan')):.0f} MB), {r['result']}", flush=True)
             if stage == a.until:
