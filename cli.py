@@ -186,8 +186,8 @@ def train(train_file: Path = typer.Argument(..., help="training BSON file"),
           colour_aug: Optional[float] = typer.Option(None, min=0.0, max=0.9, help="brightness/contrast/saturation "
                                                      f"jitter, factors in [1-J, 1+J] {_default('colour_aug')}"),
           lp_epochs: Optional[int] = typer.Option(
-              None, min=0, help="LP-FT: first fit the new layers this many epochs on cached frozen features "
-              f"(0: off) {_default('lp_epochs')}"),
+              None, min=-1, help="LP-FT: first fit the new layers this many epochs on cached frozen features "
+              f"(0: off; -1: auto, on for budgets of at most 2 epochs) {_default('lp_epochs')}"),
           freeze_blocks: Optional[int] = typer.Option(None, min=0, help="keep the stem and the first N backbone "
                                                       f"stages frozen (faster steps) {_default('freeze_blocks')}"),
           pool: Optional[str] = typer.Option(None, help=f"pooling: avg or gem {_default('pool')}"),

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from index import knn_vote
 from retrieval.data.images import decode_image, encode_jpeg
 from retrieval.data.offsets import RecordReader, load_offsets
-from retrieval.infer.evaluate import evaluate
+from retrieval.infer.evaluate import BUCKETS, evaluate
 from retrieval.infer.indexdir.build import IndexSettings, build_index, open_index
 from retrieval.infer.predict import predict, read_submission
 from retrieval.infer.query import similar
@@ -160,6 +160,30 @@ def plot(work: Path, runs: dict[int, dict], base: dict) -> Path:
     return out
 
 
+def by_size_table(qy: np.ndarray, base: dict, runs: dict[int, dict], budgets: list[int]) -> None:
+    """Test accuracy by the number of training products of the true category, each with its 95% bootstrap
+    interval: the frozen probe, then head, kNN and fused per budget (and the fusion rule evaluate chose)."""
+    ids, n = np.unique(load_offsets(GROCERY / "train.bson", progress=False)["category_id"], return_counts=True)
+    size = dict(zip(ids.tolist(), n.tolist(), strict=True))
+    counts = np.array([size.get(int(c), 0) for c in qy])
+    rows = []
+    for lo, hi, name in BUCKETS:
+        m = (counts >= lo) & (counts < hi)
+        if not m.any():
+            continue
+        cells = [("probe", base["lp"])] + [(f"{key} {e} ep", runs[e][key]) for e in budgets
+                                           for key in ("head", "knn", "fused")]
+        for what, correct in cells:
+            rows.append((name, int(m.sum()), what, float(correct[m].mean()),
+                         "[{:.3f}, {:.3f}]".format(*bootstrap(correct[m]))))
+    common.print_table(rows, ("training products in category", "test products", "what", "accuracy",
+                              "95% interval"))
+    for e in budgets:
+        fu = runs[e]["fusion"]
+        print(f"  {e} epochs: fusion chosen on val.bson: {fu.get('chosen', fu['rule'])} "
+              f"(cross-validated {json.dumps(fu.get('cv', {}))})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", default="bench_out/real")
@@ -167,7 +191,7 @@ def main() -> None:
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--image-size", type=int, default=None, help="default: the recipe's")
     ap.add_argument("--set", nargs="*", default=[], help="recipe overrides, e.g. lr=1e-3 freeze_blocks=0")
-    ap.add_argument("--recall-queries", type=int, default=600)
+    ap.add_argument("--recall-queries", type=int, default=600, help="0: no similar-product recall")
     ap.add_argument("--quick", action="store_true", help="one 1-epoch run at 64 px, 20 recall queries (smoke test)")
     a = ap.parse_args()
     a.set = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in a.set)}
@@ -182,7 +206,6 @@ def main() -> None:
     budgets = sorted(int(b) for b in a.budgets.split(","))
     runs = {e: finetune(work, e, a, qy) for e in budgets}
     main_run = runs[budgets[-1]]
-    inst, cat = similar_recall(work, main_run["index"], a.recall_queries)
     recipe = TrainConfig.build(backbone=a.backbone, pretrained="imagenet", **a.set)
     print(f"## Grocery Store (real photos, 81 classes, {len(qy):,} test products): {a.backbone} @ {a.image_size} px\n")
     print(f"recipe: {json.dumps({**recipe.schedule.__dict__, **recipe.data.__dict__, **recipe.loss.__dict__})}\n")
@@ -215,8 +238,18 @@ def main() -> None:
               f"without peers {d0.mean():+.4f} [{lo0:+.4f}, {hi0:+.4f}]")
     print(f"val.bson at {budgets[-1]} epochs: head {main_run['val'][0]:.3f}, kNN {main_run['val'][1]:.3f}, "
           f"fused {main_run['val'][2]:.3f}\n")
-    common.print_table([("instance recall@1 (mirrored, cropped copy finds its product)", inst),
-                        ("category recall@1 (test photo's nearest indexed product)", cat)], ("similar", "value"))
+    print("fused - frozen linear probe, per budget (goal: >= +0.01 with the paired interval above 0):")
+    for e in budgets:
+        d = runs[e]["fused"].astype(float) - base["lp"].astype(float)
+        lo, hi = bootstrap(d)
+        print(f"  {e} epochs: {d.mean():+.4f} [{lo:+.4f}, {hi:+.4f}]")
+    print()
+    by_size_table(qy, base, runs, budgets)
+    print()
+    if a.recall_queries:
+        inst, cat = similar_recall(work, main_run["index"], a.recall_queries)
+        common.print_table([("instance recall@1 (mirrored, cropped copy finds its product)", inst),
+                            ("category recall@1 (test photo's nearest indexed product)", cat)], ("similar", "value"))
     print(f"\nplot: {plot(work, runs, base)}")
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from retrieval.infer.scoring.calibrate import TEMPERATURES, calibrate, fit_temperature
-from retrieval.infer.scoring.candidates import Candidates
-from retrieval.infer.scoring.fused import FusedClassifier
+from retrieval.infer.scoring.candidates import Candidates, class_sizes
+from retrieval.infer.scoring.fused import FEATURES, FusedClassifier, load_fusion
 from retrieval.model.config import ModelConfig
 from retrieval.model.network import EmbeddingNet, GeM
 from retrieval.train.config import PRETRAINED_RECIPE, LossSettings, TrainConfig
@@ -212,6 +212,82 @@ def test_learnt_fusion_wins_where_trust_depends_on_closeness_and_not_on_noise():
     y2 = rng.integers(0, c, n)
     cal2 = calibrate(_cands(head, sims, labels), y2, fallback=0)
     assert cal2.cv_learnt <= cal2.cv_grid + 0.05
+
+
+def test_long_tail_features_match_the_formula_by_hand():
+    from index import VectorIndex
+    index = VectorIndex.create(4, "Flat")
+    vecs = np.eye(4, dtype=np.float32)[np.arange(8) % 4]
+    index.add(vecs, np.array([2, 2, 2, 0, -1, 2, 0, 2]))  # class 0: 2 products, 1: none, 2: 5; one unlabelled
+    sizes = class_sizes(index)
+    assert list(sizes) == [2, 0, 5] and class_sizes(index) is sizes  # counted once per labels array
+    index.add(vecs[:1], np.array([1]))
+    assert list(class_sizes(index)) == [2, 1, 5]  # an add replaces the labels: counted again
+    head = np.array([[0.5, 0.3, 0.2]])
+    c = Candidates.build(head, np.array([[0.9, 0.8]]), np.array([[2, 0]]), np.ones(1, bool), m=3, sizes=sizes)
+    f = FusedClassifier(k=2, tau=0.1).features(c)[0]
+    w = {2: 1.0, 0: float(np.exp((0.8 - 0.9) / 0.1))}
+    assert sorted(c.classes[0][c.classes[0] >= 0]) == [0, 1, 2]
+    assert not f[c.classes[0] < 0].any()  # padding scores nothing
+    for j, cls in enumerate(c.classes[0]):
+        if cls < 0:
+            continue
+        n = {0: 2, 1: 0, 2: 5}[int(cls)]
+        knn = w.get(int(cls), 0.0) / sum(w.values())
+        assert f[j, FEATURES.index("log_size")] == pytest.approx(np.log(1 + n))
+        assert f[j, FEATURES.index("knn_rare")] == pytest.approx(knn / np.sqrt(1 + n), rel=1e-5)
+
+
+def test_class_size_rule_wins_where_the_head_leans_to_big_classes_and_not_on_noise():
+    """The head prefers a big class over the true small one (0.45 vs 0.35) and the neighbours say nothing:
+    only a rule that sees the class's size (a logit adjustment) gets the small classes right, and it must
+    still get the big ones right; cross-validation picks it. On noise labels it must not win by fitting."""
+    rng = np.random.default_rng(2)
+    n, big, small = 800, 5, 5
+    sizes = np.array([1000.0] * big + [3.0] * small)
+    y = np.where(rng.random(n) < 0.5, rng.integers(0, big, n), big + rng.integers(0, small, n))
+    other = np.where(y < big, (y + 1 + rng.integers(0, big + small - 1, n)) % (big + small), rng.integers(0, big, n))
+    head = np.full((n, big + small), 0.01)
+    head[np.arange(n), y] = np.where(y < big, 0.6, 0.35)
+    head[np.arange(n), other] = np.where(y < big, 0.2, 0.45)
+    head /= head.sum(1, keepdims=True)
+    none = -np.ones((n, 3), np.int64)
+
+    def cands() -> Candidates:
+        return Candidates.build(head, np.zeros((n, 3)), none, np.ones(n, bool), m=head.shape[1], sizes=sizes)
+    cal = calibrate(cands(), y, fallback=0)
+    assert cal.chosen == "learnt_tail" and cal.cv["learnt_tail"] > max(cal.cv["learnt"], cal.cv["grid"]) + 0.3
+    small_rows = y >= big
+    assert (cal.oof["learnt_tail"][small_rows] == y[small_rows]).mean() > 0.95  # out of fold, from the labels
+    assert (cal.oof["learnt"][small_rows] == y[small_rows]).mean() < 0.05
+    assert cal.classifier.coefficients[FEATURES.index("log_size")] < 0  # big classes pushed down: an adjustment
+    noise = calibrate(cands(), rng.integers(0, big + small, n), fallback=0)
+    assert noise.cv[noise.chosen] <= noise.cv["grid"] + 0.05
+
+
+def test_a_calibration_saved_before_the_long_tail_features_loads_with_them_off(tmp_path):
+    from retrieval.rundir import RunDir
+    run = RunDir(tmp_path)
+    old = [0.5, 0.4, 1.0, 0.1, 0.2, 0.3]
+    run.write_calibration({"alpha": 0.5, "k": 10, "tau": 0.05, "beta": 1.0, "temperature": 1.0, "weights": old})
+    clf = load_fusion(run, fallback=0)
+    assert list(clf.coefficients) == pytest.approx(old + [0.0] * (len(FEATURES) - len(old)))
+    with pytest.raises(Exception, match="fusion weights must be"):
+        FusedClassifier(weights=tuple(old[:5]))
+
+
+def test_auto_lp_ft_is_on_for_short_budgets_only():
+    from retrieval.errors import UserError
+    from retrieval.train.config import AUTO_LP_EPOCHS, ScheduleSettings, lp_epochs_for
+    auto = dict(lp_epochs=-1)
+    assert lp_epochs_for(ScheduleSettings(epochs=2, **auto), 100) == AUTO_LP_EPOCHS
+    assert lp_epochs_for(ScheduleSettings(epochs=3, **auto), 100) == 0
+    assert lp_epochs_for(ScheduleSettings(epochs=8, max_steps=150, **auto), 100) == AUTO_LP_EPOCHS  # 1.5 passes
+    assert lp_epochs_for(ScheduleSettings(epochs=1, max_steps=250, **auto), 100) == 0  # 2.5 passes
+    assert lp_epochs_for(ScheduleSettings(epochs=1, lp_epochs=0), 100) == 0  # given values are kept
+    assert lp_epochs_for(ScheduleSettings(epochs=8, lp_epochs=7), 100) == 7
+    with pytest.raises(UserError, match="lp_epochs"):
+        TrainConfig.build(lp_epochs=-2)
 
 
 def test_without_lp_ft_the_baseline_is_measured_and_the_new_layers_are_put_back(small_data, tmp_path):

@@ -24,7 +24,7 @@ from .pipeline.parts import PartWork, numbered, run_parts
 from .pipeline.store import PartStore
 from .plots import evaluation_plots
 from .scoring.calibrate import KS, calibrate
-from .scoring.candidates import HEAD_TOP, Candidates, candidates_for, pad_columns
+from .scoring.candidates import HEAD_TOP, Candidates, candidates_for
 from .scoring.fused import FusedClassifier
 from .scoring.peers import PEER_KS, PeerSettings, choose_peers, peer_graph, propagate
 from .scoring.streamed import calibration_rows, gather, score_parts
@@ -61,8 +61,7 @@ def _part(bundle: IndexBundle, outs: list, y: np.ndarray) -> dict[str, np.ndarra
     """Candidates, the head's argmax and per-image correctness of one part's products (``y``: their classes)."""
     c = candidates_for(bundle.vectors, bundle.duplicates, outs, max(KS))
     o = ProductOutputs.concat(outs)
-    width = HEAD_TOP + max(KS) + c.dups.shape[1]  # every group the same width: groups join into one part
-    c.classes, c.head = pad_columns(c.classes, width, -1), pad_columns(c.head, width, 0)
+    c = c.widened(HEAD_TOP + max(KS) + c.dups.shape[1])  # every group the same width: groups join into one part
     return {**{f: getattr(c, f) for f in CANDIDATE_FIELDS}, "emb": o.emb, "head_pred": o.probs.argmax(1),
             "img_ok": o.image_pred == y[o.image_owner], "n_images": o.n_images}
 
@@ -76,7 +75,7 @@ def _embed_parts(bundle: IndexBundle, path: Path, table: np.ndarray, rows: np.nd
     parts = numbered(rows, part_products)
     cls_of = {int(r): int(v) for r, v in zip(rows, y, strict=True)}
     key = {"model": bundle.manifest.model_sha256, "count": len(bundle.vectors), "data": file_fingerprint(path),
-           "rows": hashlib.sha1(rows.tobytes()).hexdigest(), "mirror": bundle.manifest.mirror, "with": "emb",
+           "rows": hashlib.sha1(rows.tobytes()).hexdigest(), "mirror": bundle.manifest.mirror, "with": "emb+size",
            "runtime": bundle.runtime}
     store = PartStore(scratch, key, restart=is_first_rank())
     work = PartWork(lambda outs: _part(bundle, outs, np.array([cls_of[int(r)] for o in outs for r in o.rows])),
@@ -141,6 +140,7 @@ def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir:
     img_ok = np.concatenate([g["img_ok"] for g in small])
     del small
     sample = calibration_rows(len(y), seed)
+    counts = np.bincount(bundle.vectors.labels[bundle.vectors.labels >= 0], minlength=len(cats))[y]
     cal = calibrate(gather(lambda p: _read_candidates(store, p), sizes, sample), y[sample], fallback, seed)
     clf, grid = cal.classifier, cal.grid
     knn_only, no_dup = cal.best(alpha=0.0, beta=0.0), cal.best(beta=0.0)
@@ -158,14 +158,14 @@ def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir:
     pred = top5[:, 0]
     fused_acc = float((pred == y).mean())
     l1, l2 = cats.parents()
-    counts = np.bincount(bundle.vectors.labels[bundle.vectors.labels >= 0], minlength=len(cats))[y]
     metrics = {
         "products": int(len(rows)), "images": int(stats.decoded), "source": str(path),
         "calibration_products": int(len(sample)),
         "head_accuracy": float((head_pred == y).mean()), "knn_accuracy": float((sc.knn == y).mean()),
         "knn_best": {"k": knn_only["k"], "tau": knn_only["tau"]}, "fused_accuracy": fused_acc,
-        "fusion": {"rule": clf.rule, "cv_grid": cal.cv_grid, "cv_learnt": cal.cv_learnt,
-                   "temperature": cal.temperature},
+        "fusion": {"rule": clf.rule, "chosen": cal.chosen, "cv": cal.cv, "cv_grid": cal.cv_grid,
+                   "cv_learnt": cal.cv_learnt, "temperature": cal.temperature,
+                   "cv_by_frequency": _buckets(counts[sample], y[sample], cal.oof)},
         "peers": {**peers.params(), "fused_without_peers_accuracy": without_peers, "grid": peer_grid,
                   "graph": graph.cost},
         "frozen_baseline": bundle.run.read_frozen_baseline(),
@@ -209,8 +209,9 @@ def metrics_table(m: dict) -> str:
              ("fused accuracy", f"{m['fused_accuracy']:.4f}  ({fu['rule']} rule; k={cal['k']}, tau={cal['tau']}, "
                                 f"head temperature {fu['temperature']:.3g}"
                                 + (f", alpha={cal['alpha']}, beta={cal['beta']})" if fu["rule"] == "grid" else ")")),
-             ("fusion choice", f"{fu['rule']}: cross-validated accuracy grid {fu['cv_grid']:.4f}, learnt "
-                               f"{fu['cv_learnt']:.4f}"),
+             ("fusion choice", f"{fu.get('chosen', fu['rule'])}: cross-validated accuracy "
+                               + (", ".join(f"{r} {v:.4f}" for r, v in fu["cv"].items()) if "cv" in fu else
+                                  f"grid {fu['cv_grid']:.4f}, learnt {fu['cv_learnt']:.4f}")),
             ("peer propagation", _peer_line(m.get("peers"))),
             ("fused, no dup vote", f"{m['fused_without_duplicates_accuracy']:.4f}  (exact duplicate in the index "
                                    f"for {m['duplicate_coverage']:.1%} of products)"),
@@ -222,4 +223,11 @@ def metrics_table(m: dict) -> str:
         lo, hi = b.get("fused_interval", (float("nan"), float("nan")))
         lines.append(f"{name:<22}{b['products']:>9,}{b['head']:>8.3f}{b['knn']:>8.3f}{b['fused']:>8.3f}  "
                      f"[{lo:.3f}, {hi:.3f}]")
+    by_rule = fu.get("cv_by_frequency")
+    if by_rule:
+        rules = [r for r in fu["cv"]]
+        lines += ["", "fusion rules, out of fold on the calibration products (the choice above):",
+                  f"{'products in category':<22}{'products':>9}" + "".join(f"{r:>13}" for r in rules)]
+        lines += [f"{name:<22}{b['products']:>9,}" + "".join(f"{b[r]:>13.3f}" for r in rules)
+                  for name, b in by_rule.items()]
     return "\n".join(lines)

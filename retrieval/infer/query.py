@@ -15,7 +15,7 @@ from ..data.offsets import RecordReader
 from ..errors import UserError
 from .indexdir.bundle import IndexBundle, check_source, open_index
 from .pipeline.embed import embed_images
-from .scoring.candidates import Candidates, neighbour_labels
+from .scoring.candidates import Candidates, class_sizes, neighbour_labels
 from .scoring.fused import FusedClassifier
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ def classify_outputs(bundle: IndexBundle, clf: FusedClassifier, emb: np.ndarray,
     sims, labels = neighbour_labels(index, emb[None], clf.k, np.ones(1, bool), exclude)
     dups = bundle.duplicates.product_labels(np.array(hashes, np.int64), np.zeros(len(hashes), np.int64), 1,
                                             index.labels, exclude=exclude)
-    c = Candidates.build(probs[None], sims, labels, np.ones(1, bool), dups)
+    c = Candidates.build(probs[None], sims, labels, np.ones(1, bool), dups, sizes=class_sizes(index))
     votes = clf.candidate_votes(c)
     scores = clf.candidate_scores(c, clf.features(c, votes))[0]
     probs = clf.probabilities(scores[None])[0]

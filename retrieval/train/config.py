@@ -87,10 +87,25 @@ class ScheduleSettings:
     epochs: int = 5
     max_steps: int = -1
     checkpoint_every_steps: int = 0  # > 0: also save last.ckpt every N steps (an epoch can be hours)
-    lp_epochs: int = 0  # > 0: LP-FT, the new layers first fitted this many epochs on cached frozen features
+    lp_epochs: int = 0  # > 0: LP-FT, the new layers first fitted this many epochs on cached frozen features;
+    # -1 (auto): LP-FT with AUTO_LP_EPOCHS when the fine-tuning budget is short (see lp_epochs_for), else off
     lp_max_images: int = 50_000  # images whose frozen features the LP step caches (a random sample of products)
     freeze_blocks: int = 0  # stem + this many backbone stages stay frozen (no backward through them)
     frozen_baseline: bool = True  # with a pretrained backbone, measure kNN and linear probe on frozen features first
+
+
+SHORT_BUDGET_EPOCHS = 2.0  # at most this many passes over the training set: the head starts from the probe
+AUTO_LP_EPOCHS = 30
+
+
+def lp_epochs_for(s: ScheduleSettings, steps_per_epoch: int) -> int:
+    """The LP step's epochs: the given ones, or with ``lp_epochs = -1`` LP-FT where the budget (epochs, or
+    ``max_steps`` in passes of ``steps_per_epoch``) is at most :data:`SHORT_BUDGET_EPOCHS`: a short fine-tune
+    cannot move a random head far past a probe, a long one can (where LP-FT measured worse)."""
+    if s.lp_epochs >= 0:
+        return s.lp_epochs
+    budget = s.epochs if s.max_steps < 0 else s.max_steps / max(1, steps_per_epoch)
+    return AUTO_LP_EPOCHS if budget <= SHORT_BUDGET_EPOCHS else 0
 
 
 @dataclass(frozen=True)
@@ -111,6 +126,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.loss.metric_loss not in METRIC_LOSSES:
             raise UserError(f"unknown metric loss {self.loss.metric_loss!r}; valid: {', '.join(METRIC_LOSSES)}")
+        if self.schedule.lp_epochs < -1:
+            raise UserError(f"lp_epochs must be -1 (auto), 0 (off) or a number of epochs, got "
+                            f"{self.schedule.lp_epochs}")
         if not 0 <= self.loss.arcface_margin_min <= self.loss.arcface_margin:
             raise UserError(f"arcface_margin_min must be in [0, arcface_margin = {self.loss.arcface_margin}], got "
                             f"{self.loss.arcface_margin_min}")

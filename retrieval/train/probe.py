@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ class FrozenBaseline:
     linear_probe: float | None
     train_images: int
     val_products: int
+    lp_epochs: int = 0  # the LP step kept in the model before fine-tuning (0: the probe was fitted for this only)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -151,11 +152,11 @@ def sample_rows(rows: np.ndarray, n_images: np.ndarray, max_images: int, seed: i
 
 def linear_probe_warm_start(net: EmbeddingNet, reader: RecordReader, train_rows: np.ndarray,
                             train_labels: np.ndarray, val_rows: np.ndarray, val_labels: np.ndarray,
-                            cfg: TrainConfig) -> FrozenBaseline:
+                            cfg: TrainConfig, lp_epochs: int) -> FrozenBaseline:
     """The frozen baselines (kNN and linear probe over the frozen features of at most ``lp_max_images`` training
-    images) and, with ``cfg.schedule.lp_epochs`` > 0, the LP step of LP-FT: the fitted new layers stay in ``net``.
+    images) and, with ``lp_epochs`` > 0, the LP step of LP-FT: the fitted new layers stay in ``net``.
     With LP-FT off the probe is fitted for the report only and the new layers are put back as they were."""
-    epochs, max_images = cfg.schedule.lp_epochs, cfg.schedule.lp_max_images
+    epochs, max_images = lp_epochs, cfg.schedule.lp_max_images
     loss_cfg, workers, seed = cfg.loss, cfg.data.workers, cfg.data.seed
     n_img = reader.table["n_images"]
     pick = sample_rows(np.arange(len(train_rows)), n_img[train_rows], max_images, seed)
@@ -165,7 +166,7 @@ def linear_probe_warm_start(net: EmbeddingNet, reader: RecordReader, train_rows:
     before = {k: v.clone() for k, v in net.proj.state_dict().items()}, \
         {k: v.clone() for k, v in net.head.state_dict().items()}
     fit_new_layers(net, train, loss_cfg, epochs or BASELINE_EPOCHS, seed=seed)
-    base = frozen_baseline(net, train, val, val_labels[vpick])
+    base = replace(frozen_baseline(net, train, val, val_labels[vpick]), lp_epochs=epochs)
     if not epochs:
         net.proj.load_state_dict(before[0])
         net.head.load_state_dict(before[1])

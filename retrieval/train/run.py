@@ -21,7 +21,7 @@ from ..model.network import EmbeddingNet
 from ..model.registry import backbone_spec
 from ..model.runtime import auto_precision, is_ddp, is_first_rank, lightning_devices
 from ..rundir import RunDir
-from .config import TrainConfig
+from .config import TrainConfig, lp_epochs_for
 from .datamodule import CdiscountDataModule
 from .module import RetrievalModule
 from .probe import FrozenBaseline, linear_probe_warm_start
@@ -109,8 +109,10 @@ def train(train_path: str | Path, run_dir: str | Path, cfg: TrainConfig, categor
                 "run_dir": str(run.path.resolve())}
     s = cfg.schedule
     frozen = None
-    if not resume and m.pretrained and (s.lp_epochs > 0 or s.frozen_baseline):
-        frozen = _lp_step(net, dm, cfg)
+    steps_per_epoch = max(1, len(dm.train_dataloader()))
+    lp_epochs = lp_epochs_for(s, steps_per_epoch)
+    if not resume and m.pretrained and (lp_epochs > 0 or s.frozen_baseline):
+        frozen = _lp_step(net, dm, cfg, lp_epochs)
         if is_first_rank():
             run.write_frozen_baseline(frozen.to_dict())
     if s.freeze_blocks:
@@ -123,7 +125,6 @@ def train(train_path: str | Path, run_dir: str | Path, cfg: TrainConfig, categor
                           "train_path": str(train_path.resolve())})
         cats.save(run.categories_file)
     has_val = len(dm.val_rows) > 0
-    steps_per_epoch = max(1, len(dm.train_dataloader()))
     # with --max-steps, an epoch limit that is never the one reached (a resumed run may restart its epoch)
     epochs = s.epochs if s.max_steps < 0 else math.ceil(s.max_steps / steps_per_epoch) + 1
     # "auto" is left to Lightning's own strategy choice (one process here, DDP over several GPUs)
@@ -148,13 +149,14 @@ def train(train_path: str | Path, run_dir: str | Path, cfg: TrainConfig, categor
     return TrainResult(run.model_file, best, run.last_checkpoint, best_acc, dm.unlabelled, module, frozen)
 
 
-def _lp_step(net: EmbeddingNet, dm: CdiscountDataModule, cfg: TrainConfig) -> FrozenBaseline:
-    """The frozen baselines (and LP-FT's first step) on this rank's device; every rank computes the same."""
+def _lp_step(net: EmbeddingNet, dm: CdiscountDataModule, cfg: TrainConfig, lp_epochs: int) -> FrozenBaseline:
+    """The frozen baselines (and LP-FT's first step, ``lp_epochs`` > 0) on this rank's device; every rank
+    computes the same."""
     dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
         torch.device("cpu")
     net.to(dev)
     try:
         return linear_probe_warm_start(net, dm.reader, dm.train_rows, dm.class_of(dm.train_rows), dm.val_rows,
-                                       dm.class_of(dm.val_rows), cfg)
+                                       dm.class_of(dm.val_rows), cfg, lp_epochs)
     finally:
         net.to("cpu")

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .candidates import Candidates
-from .fused import FEATURES, FusedClassifier
+from .fused import BASE_FEATURES, FEATURES, FusedClassifier
 
 log = logging.getLogger(__name__)
 ALPHAS = tuple(round(float(a), 2) for a in np.linspace(0, 1, 11))
@@ -43,20 +43,22 @@ def fit_temperature(c: Candidates, y: np.ndarray) -> float:
     return min(TEMPERATURES, key=nll)
 
 
-def fit_weights(clf: FusedClassifier, c: Candidates, y: np.ndarray, l2: float = 1e-3, seed: int = 0
-                ) -> tuple[float, ...]:
+def fit_weights(clf: FusedClassifier, c: Candidates, y: np.ndarray, l2: float = 1e-3, seed: int = 0,
+                use: int = len(FEATURES)) -> tuple[float, ...]:
     """Weights of :data:`FEATURES` maximising the likelihood of the true class under a softmax over each
-    product's candidates (L-BFGS, L2 penalty ``l2``), starting from ``clf``'s own weights."""
+    product's candidates (L-BFGS, L2 penalty ``l2``), starting from ``clf``'s own weights; only the first
+    ``use`` features are fitted, the others weigh 0."""
     keep = np.flatnonzero(((c.classes == y[:, None]) & (c.classes >= 0)).any(1) & c.has_image)
     if len(keep) > MAX_FIT:
         keep = np.sort(np.random.default_rng(seed).choice(keep, MAX_FIT, replace=False))
     sub = c.rows(keep) if len(keep) else None
+    mask = torch.arange(len(FEATURES)) < use
     if sub is None:
-        return tuple(float(w) for w in clf.coefficients)
-    x = torch.from_numpy(clf.features(sub)).double()
+        return tuple(float(w) * bool(m) for w, m in zip(clf.coefficients, mask, strict=True))
+    x = torch.from_numpy(clf.features(sub)).double()[..., mask]
     valid = torch.from_numpy(sub.classes >= 0)
     true = torch.from_numpy((sub.classes == y[keep][:, None]).argmax(1))
-    w = torch.tensor(clf.coefficients, dtype=torch.float64, requires_grad=True)
+    w = torch.tensor(clf.coefficients[:use], dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
 
     def closure():
@@ -67,7 +69,7 @@ def fit_weights(clf: FusedClassifier, c: Candidates, y: np.ndarray, l2: float = 
         return loss
 
     opt.step(closure)
-    return tuple(float(v) for v in w.detach())
+    return tuple(float(v) for v in w.detach()) + (0.0,) * (len(FEATURES) - use)
 
 
 def _grid_correct(c: Candidates, y: np.ndarray, fold: np.ndarray, base: FusedClassifier) -> dict[tuple, np.ndarray]:
@@ -88,16 +90,30 @@ def _grid_correct(c: Candidates, y: np.ndarray, fold: np.ndarray, base: FusedCla
     return correct
 
 
+RULES = ("grid", "learnt", "learnt_tail")  # simplest first: a richer rule must win by cross-validation
+
+
 @dataclass(frozen=True)
 class Calibration:
-    """The chosen classifier, the grid (accuracy of every combination on all products), and the cross-validated
-    accuracy of choosing on the grid vs learning the weights."""
+    """The chosen classifier, the grid (accuracy of every combination on all products), and for each of
+    :data:`RULES` its cross-validated accuracy and out-of-fold predictions ``[N]`` (by category size in evaluate):
+    the grid, the learnt fusion of the first :data:`BASE_FEATURES` features, and the learnt fusion with the
+    long-tail ones (class size: logit adjustment, a kNN weighted up for small classes)."""
 
     classifier: FusedClassifier
     grid: list[dict]
-    cv_grid: float
-    cv_learnt: float
+    cv: dict[str, float]
+    oof: dict[str, np.ndarray]
     temperature: float
+    chosen: str
+
+    @property
+    def cv_grid(self) -> float:
+        return self.cv["grid"]
+
+    @property
+    def cv_learnt(self) -> float:
+        return max(self.cv["learnt"], self.cv["learnt_tail"])
 
     def best(self, **fixed) -> dict:
         """The best grid row among those with the given values (e.g. ``alpha=0, beta=0``: kNN alone)."""
@@ -105,8 +121,9 @@ class Calibration:
 
 
 def calibrate(c: Candidates, y: np.ndarray, fallback: int, seed: int = 0) -> Calibration:
-    """Temperature, grid and learnt fusion on validation candidates ``c`` with classes ``y [N]``; the rule with
-    the higher cross-validated accuracy wins and is refitted on all products."""
+    """Temperature, grid and learnt fusions on validation candidates ``c`` with classes ``y [N]``; the rule of
+    :data:`RULES` with the highest cross-validated accuracy wins (ties to the simpler) and is refitted on all
+    products."""
     n = len(y)
     fold = np.random.default_rng(seed).permutation(n) % FOLDS
     temp = fit_temperature(c, y)
@@ -115,25 +132,28 @@ def calibrate(c: Candidates, y: np.ndarray, fallback: int, seed: int = 0) -> Cal
     total = {key: v.sum() for key, v in correct.items()}
     grid = [{"alpha": a, "k": k, "tau": t, "beta": b, "accuracy": total[(a, k, t, b)] / n}
             for (a, k, t, b) in correct]
-    cv_grid = sum(correct[max(correct, key=lambda key: total[key] - correct[key][f])][f] for f in range(FOLDS)) / n
     best = max(grid, key=lambda g: g["accuracy"])
     grid_clf = replace(base, alpha=best["alpha"], k=best["k"], tau=best["tau"], beta=best["beta"])
-    hits = 0
+    uses = {"learnt": BASE_FEATURES, "learnt_tail": len(FEATURES)}
+    oof = {r: np.full(n, fallback, np.int64) for r in RULES}
     for f in range(FOLDS):
         tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
         if len(te) == 0:
             continue
+        a, k, t, b = max(correct, key=lambda key: total[key] - correct[key][f])  # chosen without fold f
+        oof["grid"][te] = replace(base, alpha=a, k=k, tau=t, beta=b).predict_candidates(c.rows(te))[0][:, 0]
         cf = replace(grid_clf, temperature=fit_temperature(c.rows(tr), y[tr]))
-        learnt = replace(cf, weights=fit_weights(cf, c.rows(tr), y[tr], seed=seed))
-        hits += int((learnt.predict_candidates(c.rows(te))[0][:, 0] == y[te]).sum())
-    cv_learnt = hits / n
-    chosen = grid_clf
-    if cv_learnt > cv_grid:
-        chosen = replace(grid_clf, weights=fit_weights(grid_clf, c, y, seed=seed))
-    log.info("fusion: %s rule chosen (cross-validated accuracy: grid %.4f, learnt %.4f; head temperature %.3g)",
-             chosen.rule, cv_grid, cv_learnt, temp)
-    return Calibration(chosen, grid, float(cv_grid), float(cv_learnt), temp)
+        for rule, use in uses.items():
+            learnt = replace(cf, weights=fit_weights(cf, c.rows(tr), y[tr], seed=seed, use=use))
+            oof[rule][te] = learnt.predict_candidates(c.rows(te))[0][:, 0]
+    cv = {r: float((p == y).mean()) if n else 0.0 for r, p in oof.items()}
+    chosen = max(RULES, key=lambda r: (cv[r], -RULES.index(r)))
+    clf = grid_clf if chosen == "grid" else \
+        replace(grid_clf, weights=fit_weights(grid_clf, c, y, seed=seed, use=uses[chosen]))
+    log.info("fusion: %s rule chosen (cross-validated accuracy: %s; head temperature %.3g)", chosen,
+             ", ".join(f"{r} {v:.4f}" for r, v in cv.items()), temp)
+    return Calibration(clf, grid, cv, oof, temp, chosen)
 
 
-__all__ = ["ALPHAS", "BETAS", "FEATURES", "KS", "TAUS", "Calibration", "calibrate", "fit_temperature",
+__all__ = ["ALPHAS", "BETAS", "FEATURES", "KS", "RULES", "TAUS", "Calibration", "calibrate", "fit_temperature",
            "fit_weights"]

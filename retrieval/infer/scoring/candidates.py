@@ -32,11 +32,13 @@ class Candidates:
     labels: np.ndarray     # [P, K] neighbour class, -1 = none
     has_image: np.ndarray  # [P] bool
     dups: np.ndarray       # [P, D] class of each exactly matching indexed picture, -1 = none
+    size: np.ndarray       # [P, W] float32 indexed products of each candidate class (0 on padding)
 
     @classmethod
     def build(cls, p_head: np.ndarray, sims: np.ndarray, labels: np.ndarray, has_image: np.ndarray,
-              dups: np.ndarray | None = None, m: int = HEAD_TOP) -> "Candidates":
-        """From dense head probabilities ``[P, C]``, neighbours ``[P, K]`` and exact-match labels ``[P, D]``."""
+              dups: np.ndarray | None = None, m: int = HEAD_TOP, sizes: np.ndarray | None = None) -> "Candidates":
+        """From dense head probabilities ``[P, C]``, neighbours ``[P, K]``, exact-match labels ``[P, D]`` and the
+        index's products per class ``sizes [C']`` (:func:`class_sizes`; None: unknown, all 0)."""
         m = min(m, p_head.shape[1])
         dups = np.full((len(p_head), 1), -1, np.int32) if dups is None else np.asarray(dups, np.int32)
         top = np.argpartition(-p_head, m - 1, axis=1)[:, :m] if m < p_head.shape[1] else \
@@ -44,8 +46,12 @@ class Candidates:
         cand = np.sort(np.concatenate([top, labels, dups], 1), axis=1)
         cand[:, 1:][cand[:, 1:] == cand[:, :-1]] = -1
         head = np.where(cand >= 0, np.take_along_axis(p_head, np.maximum(cand, 0), 1), 0.0)
+        size = np.zeros(cand.shape, np.float32)
+        if sizes is not None and len(sizes):
+            known = (cand >= 0) & (cand < len(sizes))
+            size[known] = np.asarray(sizes)[cand[known]]
         return cls(cand.astype(np.int32), head.astype(np.float32), np.asarray(sims, np.float32),
-                   np.asarray(labels, np.int32), np.asarray(has_image, bool), dups)
+                   np.asarray(labels, np.int32), np.asarray(has_image, bool), dups, size)
 
     def __len__(self) -> int:
         return len(self.classes)
@@ -55,9 +61,14 @@ class Candidates:
         """Share ``[P, W]`` of each candidate among the product's exact-duplicate labels (0 without a match)."""
         return duplicate_share(self.classes, self.dups)
 
-    def rows(self, sl: slice) -> "Candidates":
+    def rows(self, sl: slice | np.ndarray) -> "Candidates":
         return Candidates(self.classes[sl], self.head[sl], self.sims[sl], self.labels[sl], self.has_image[sl],
-                          self.dups[sl])
+                          self.dups[sl], self.size[sl])
+
+    def widened(self, width: int) -> "Candidates":
+        """The same candidates with the per-candidate columns padded to ``width`` (parts of one width join)."""
+        return Candidates(pad_columns(self.classes, width, -1), pad_columns(self.head, width, 0), self.sims,
+                          self.labels, self.has_image, self.dups, pad_columns(self.size, width, 0))
 
     @classmethod
     def concat(cls, parts: list["Candidates"]) -> "Candidates":
@@ -66,7 +77,22 @@ class Candidates:
             return np.concatenate([pad_columns(a, width, fill) for a in arrays])
         return cls(stack([p.classes for p in parts], -1), stack([p.head for p in parts], 0),
                    np.concatenate([p.sims for p in parts]), np.concatenate([p.labels for p in parts]),
-                   np.concatenate([p.has_image for p in parts]), stack([p.dups for p in parts], -1))
+                   np.concatenate([p.has_image for p in parts]), stack([p.dups for p in parts], -1),
+                   stack([p.size for p in parts], 0))
+
+
+_SIZES: tuple[np.ndarray, np.ndarray] | None = None  # (the labels array counted, its counts): one index per process
+
+
+def class_sizes(index: VectorIndex) -> np.ndarray:
+    """Indexed products per class ``[C']`` (``bincount`` of the index's labels >= 0), counted once per labels
+    array: an index's labels are only ever replaced, never changed in place."""
+    global _SIZES
+    got = _SIZES
+    if got is None or got[0] is not index.labels:
+        lab = index.labels
+        got = _SIZES = (lab, np.bincount(lab[lab >= 0]).astype(np.float32))
+    return got[1]
 
 
 def candidates_for(index: VectorIndex, duplicates: DuplicateTable, outs: list, k: int) -> Candidates:
@@ -76,7 +102,7 @@ def candidates_for(index: VectorIndex, duplicates: DuplicateTable, outs: list, k
     has = o.n_images > 0
     sims, labels = neighbour_labels(index, o.emb, k, has)
     dups = duplicates.product_labels(o.image_hash, o.image_owner, len(o.emb), index.labels)
-    return Candidates.build(o.probs, sims, labels, has, dups)
+    return Candidates.build(o.probs, sims, labels, has, dups, sizes=class_sizes(index))
 
 
 def neighbour_labels(index: VectorIndex, emb: np.ndarray, k: int, has_image: np.ndarray, exclude: int | None = None

@@ -12,7 +12,9 @@ from ...errors import UserError
 from ...rundir import RunDir
 from .candidates import Candidates
 
-FEATURES = ("head", "knn", "dup", "log_head", "knn_x_sim", "nearest")
+FEATURES = ("head", "knn", "dup", "log_head", "knn_x_sim", "nearest", "log_size", "knn_rare")
+BASE_FEATURES = 6  # the first six; the last two (the class's size) are the long-tail ones, and a calibration
+# saved before they existed holds six weights
 
 
 @dataclass(frozen=True)
@@ -21,7 +23,10 @@ class FusedClassifier:
     (:data:`FEATURES`): the head's probability after temperature scaling (``p^(1/T)`` renormalised over the
     candidates) and its log; the kNN share (first ``k`` neighbours weighted ``exp(sim / tau)``); the kNN share
     times the nearest neighbour's similarity (so the kNN weighs more when neighbours are close); whether the
-    class is the nearest neighbour's; the share of indexed pictures identical (byte for byte) to the product's.
+    class is the nearest neighbour's; the share of indexed pictures identical (byte for byte) to the product's;
+    for the long tail, ``log(1 + n)`` of the class's ``n`` indexed products (a learnt weight on it is a logit
+    adjustment, Menon et al. 2021) and the kNN share over ``sqrt(1 + n)`` (a kNN that counts more for small
+    classes, whose few products rarely fill the neighbour list).
 
     Without ``weights`` the weights are ``(alpha, 1 - alpha, beta, 0, 0, 0)``: the classic mix
     ``alpha * p_head + (1 - alpha) * p_knn + beta * p_dup``. ``evaluate`` either picks alpha/beta on a grid or
@@ -61,7 +66,7 @@ class FusedClassifier:
         """The weight ``[F]`` of each of :data:`FEATURES`."""
         if self.weights is not None:
             return np.asarray(self.weights, np.float32)
-        return np.asarray([self.alpha, 1 - self.alpha, self.beta, 0, 0, 0], np.float32)
+        return np.asarray([self.alpha, 1 - self.alpha, self.beta] + [0] * (len(FEATURES) - 3), np.float32)
 
     def params(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k != "fallback"}
@@ -79,7 +84,8 @@ class FusedClassifier:
         head = normalise_rows(np.where(c.classes >= 0, np.maximum(c.head, 0.0), 0.0) ** (1.0 / self.temperature))
         top_sim = np.where(has_knn, np.nan_to_num(c.sims[:, :1], neginf=0.0), 0.0)
         nearest = (c.classes == c.labels[:, :1]) & (c.labels[:, :1] >= 0)
-        feats = np.stack([head, knn, c.dup_share, np.log(head + 1e-6), knn * top_sim, nearest], axis=-1)
+        feats = np.stack([head, knn, c.dup_share, np.log(head + 1e-6), knn * top_sim, nearest, np.log1p(c.size),
+                          knn / np.sqrt(1.0 + c.size)], axis=-1)
         return np.where((c.classes >= 0)[..., None], feats, 0.0).astype(np.float32)
 
     def candidate_scores(self, c: Candidates, feats: np.ndarray | None = None) -> np.ndarray:
@@ -133,6 +139,8 @@ def load_fusion(run: RunDir, fallback: int, overrides: FusionOverrides = FusionO
     saved = run.read_calibration() or {}
     pick = lambda name, given: given if given is not None else saved.get(name, getattr(DEFAULT, name))  # noqa: E731
     weights = saved.get("weights") if alpha is None and beta is None else None
+    if weights and len(weights) == BASE_FEATURES:  # saved before the long-tail features: they weigh nothing
+        weights = list(weights) + [0.0] * (len(FEATURES) - BASE_FEATURES)
     return FusedClassifier(float(pick("alpha", alpha)), int(pick("k", k)), float(pick("tau", tau)),
                            float(pick("beta", beta)), fallback, float(saved.get("temperature", 1.0)),
                            tuple(weights) if weights else None)
