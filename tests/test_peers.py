@@ -9,6 +9,7 @@ from retrieval.data.offsets import RecordReader, load_offsets
 from retrieval.infer.indexdir.bundle import open_index
 from retrieval.infer.pipeline.embed import LoaderSettings, embed_products
 from retrieval.infer.predict import predict, read_submission
+from retrieval.infer.scoring import peers as peers_module
 from retrieval.infer.scoring.fused import FusionOverrides
 from retrieval.infer.scoring.peers import PeerSettings, calibrate_peers, load_peers, peer_graph, propagate
 
@@ -68,6 +69,10 @@ def test_sparse_propagation_equals_dense_label_propagation(mu, k, tau):
     assert np.allclose(dense, want, atol=1e-5)
     assert np.allclose(dense[5], base[5] / base[5].sum(), atol=1e-6)  # no image: no peers, unchanged
     assert (np.diff(got_p, axis=1) <= 1e-7).all()  # best first
+    with pytest.MonkeyPatch.context() as m:  # in blocks of 7 rows (the whole file's arrays never at once)
+        m.setattr(peers_module, "ROWS_PER_BLOCK", 7)
+        small_c, small_p = propagate(classes, base.astype(np.float32), peer_graph([emb], has, k), s)
+    assert np.array_equal(small_c, got_c) and np.allclose(small_p, got_p, atol=1e-7)
 
 
 def test_a_doubtful_product_follows_its_confident_near_duplicate_peers():

@@ -90,13 +90,17 @@ def propagate(classes: np.ndarray, probs: np.ndarray, graph: PeerGraph, s: PeerS
     product; class -1 = padding): ``(classes [P, keep], probs [P, keep])``, each row best first, summing to 1
     (a product without peers keeps its own distribution, truncated)."""
     n = len(classes)
-    base = top_classes(np.asarray(classes), np.asarray(probs, np.float64), s.keep)
+    blocks = [slice(lo, min(lo + ROWS_PER_BLOCK, n)) for lo in range(0, n, ROWS_PER_BLOCK)]
+    base = (np.empty((n, s.keep), np.int32), np.empty((n, s.keep), np.float32))
+    for sl in blocks:  # block by block: the sort's temporaries never span the whole file
+        base[0][sl], base[1][sl] = top_classes(np.asarray(classes[sl]), np.asarray(probs[sl], np.float64), s.keep)
     if not s.on:
         return base[0], normalise_rows(base[1])
-    w = graph.weights(s.tau, s.k)
+    w = np.empty((n, min(s.k, graph.pos.shape[1])), np.float32)
+    for sl in blocks:
+        w[sl] = PeerGraph(graph.pos[sl], graph.sims[sl]).weights(s.tau, s.k)
     pos = np.maximum(graph.pos[:, :s.k], 0)
-    alone = w.sum(1) == 0  # no peer: the whole weight stays on the product's own distribution
-    own = np.where(alone[:, None], 1.0, 1 - s.mu)
+    own = np.where(w.sum(1, keepdims=True) == 0, 1.0, 1 - s.mu).astype(np.float32)  # no peer: all on its own
     f_c, f_v = base
     for _ in range(s.iters):
         new_c, new_v = np.empty_like(f_c), np.empty_like(f_v)
