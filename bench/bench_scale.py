@@ -134,12 +134,13 @@ def stage_in_child(stage: str, work: Path, n: int, steps: int, extra: dict | Non
     before = float(spent.read_text()) if spent is not None and spent.exists() else 0.0
     t0, done = time.perf_counter(), threading.Event()
 
-    def tally() -> None:
-        while spent is not None and not done.wait(10.0):
+    def tally(spent: Path) -> None:
+        while not done.wait(10.0):
             tmp = spent.with_suffix(".tmp")
             tmp.write_text(f"{before + time.perf_counter() - t0:.1f}")
             tmp.replace(spent)
-    threading.Thread(target=tally, daemon=True).start()
+    if spent is not None:
+        threading.Thread(target=tally, args=(spent,), daemon=True).start()
     out = subprocess.run([sys.executable, __file__, "--stage", stage, "--workdir", str(work), "--n", str(n),
                           "--steps", str(steps), "--extra", json.dumps(extra or {})],
                          capture_output=True, text=True)

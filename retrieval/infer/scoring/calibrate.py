@@ -52,10 +52,10 @@ def fit_weights(clf: FusedClassifier, c: Candidates, y: np.ndarray, l2: float = 
     if len(keep) > MAX_FIT:
         keep = np.sort(np.random.default_rng(seed).choice(keep, MAX_FIT, replace=False))
     sub = c.rows(keep) if len(keep) else None
-    mask = torch.arange(len(FEATURES)) < use
+    unused = (0.0,) * (len(FEATURES) - use)
     if sub is None:
-        return tuple(float(w) * bool(m) for w, m in zip(clf.coefficients, mask, strict=True))
-    x = torch.from_numpy(clf.features(sub)).double()[..., mask]
+        return tuple(float(w) for w in clf.coefficients[:use]) + unused
+    x = torch.from_numpy(clf.features(sub)[..., :use]).double()
     valid = torch.from_numpy(sub.classes >= 0)
     true = torch.from_numpy((sub.classes == y[keep][:, None]).argmax(1))
     w = torch.tensor(clf.coefficients[:use], dtype=torch.float64, requires_grad=True)
@@ -69,7 +69,7 @@ def fit_weights(clf: FusedClassifier, c: Candidates, y: np.ndarray, l2: float = 
         return loss
 
     opt.step(closure)
-    return tuple(float(v) for v in w.detach()) + (0.0,) * (len(FEATURES) - use)
+    return tuple(float(v) for v in w.detach()) + unused
 
 
 def _grid_correct(c: Candidates, y: np.ndarray, fold: np.ndarray, base: FusedClassifier) -> dict[tuple, np.ndarray]:
