@@ -35,7 +35,7 @@ import common
 CATEGORIES_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "category_names.csv"
 STAGES = ("generate", "offsets", "train", "build-index", "evaluate", "predict", "serve")
 TEST_FRACTION = 1_768_182 / 7_069_896  # Cdiscount's test products per training product
-INDEX_MEMORY = 2e9  # build-index --index-memory 2: IVF-Flat at 1M products of 128-d, SQ8 codes re-ranked at 7M
+INDEX_MEMORY = 2e9  # build-index --index-memory 2: IVF-Flat at 1M products of 128-d, half floats (SQfp16) at 7M
 TRAIN = dict(image_size=32, embed_dim=128, batch_size=256, val_fraction=0.05, workers=2, lr=3e-3)
 
 
@@ -54,16 +54,24 @@ def _status_mb(key: str) -> float:
 
 class AnonPeak:
     """Samples this process's anonymous RSS (heap, arrays: what cannot be dropped, unlike mapped file pages that
-    VmHWM also counts) every ``every`` seconds in a thread; ``peak_mb`` is the largest seen."""
+    VmHWM also counts) every ``every`` seconds in a thread; ``peak_mb`` is the largest seen, ``timeline`` the
+    largest of each ``step`` seconds as ``[seconds from the start, MB]`` (to tell which phase of a stage peaks)."""
 
-    def __init__(self, every: float = 0.2) -> None:
-        self.peak_mb, self._stop = 0.0, threading.Event()
+    def __init__(self, every: float = 0.2, step: float = 5.0) -> None:
+        self.peak_mb, self._stop, self.timeline = 0.0, threading.Event(), []
+        self._t0, self._step = time.perf_counter(), step
         self._thread = threading.Thread(target=self._run, args=(every,), daemon=True)
         self._thread.start()
 
     def _run(self, every: float) -> None:
         while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, _status_mb("RssAnon"))
+            mb = _status_mb("RssAnon")
+            self.peak_mb = max(self.peak_mb, mb)
+            at = int((time.perf_counter() - self._t0) // self._step) * self._step
+            if self.timeline and self.timeline[-1][0] == at:
+                self.timeline[-1][1] = max(self.timeline[-1][1], round(mb))
+            else:
+                self.timeline.append([at, round(mb)])
             self._stop.wait(every)
 
     def stop(self) -> float:
@@ -122,7 +130,7 @@ def run_stage(stage: str, work: Path, n: int, steps: int, extra: dict) -> dict:
         from scale_serve import serve_figures
         result = serve_figures(idx, data / "test.bson", work / "serve")
     seconds = time.perf_counter() - t
-    return {"seconds": seconds, "rss_mb": _status_mb("VmHWM"), "anon_mb": anon.stop(),
+    return {"seconds": seconds, "rss_mb": _status_mb("VmHWM"), "anon_mb": anon.stop(), "anon_timeline": anon.timeline,
             "worker_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, "result": result}
 
 
@@ -177,6 +185,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--workdir", default=str(Path.home() / "cdiscount_scale"))
     ap.add_argument("--redo", nargs="*", default=[], choices=STAGES, help="run these stages again")
+    ap.add_argument("--keep-embeddings", action="store_true",
+                    help="with --redo build-index: keep its embedded parts, so that only the FAISS index is built "
+                         "again (after a change of index layout; the stage's time is then the index's alone)")
     ap.add_argument("--until", choices=STAGES, help="stop after this stage (the rest run in a later call)")
     ap.add_argument("--no-softmax", action="store_true", help="skip the full vs sampled softmax comparison")
     ap.add_argument("--softmax-epochs", type=int, default=2)
@@ -203,9 +214,12 @@ def main() -> None:
             fresh = stage in a.redo or any(s in a.redo for s in STAGES[:i])
             if fresh:
                 (done_dir / f"{stage}.spent").unlink(missing_ok=True)
+            earlier = None
             if fresh and saved.exists():
+                earlier = json.loads(saved.read_text())
                 saved.unlink()  # a stage run again invalidates the ones after it, and its kept parts
-                for work in WORK[stage](root / f"n{n}"):
+                keep = a.keep_embeddings and stage == "build-index"
+                for work in ([] if keep else WORK[stage](root / f"n{n}")):
                     shutil.rmtree(work, ignore_errors=True)
             if saved.exists():
                 found[stage, n] = r = json.loads(saved.read_text())
@@ -213,6 +227,8 @@ def main() -> None:
             else:
                 spent = done_dir / f"{stage}.spent"
                 found[stage, n] = r = stage_in_child(stage, root / f"n{n}", n, a.steps, spent=spent)
+                if earlier is not None and a.keep_embeddings and stage == "build-index":
+                    r["index_only"], r["earlier"] = True, {k: earlier[k] for k in ("seconds", "result") if k in earlier}
                 tmp = saved.with_suffix(".tmp")
                 tmp.write_text(json.dumps(r))
                 tmp.replace(saved)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import mmap
 from pathlib import Path
 from typing import Callable, Sequence
@@ -11,9 +10,13 @@ from typing import Callable, Sequence
 import faiss
 import numpy as np
 
+from .ivf import choose_factory, train_ivf, training_rows  # noqa: F401 (choose_factory: re-exported)
+
 log = logging.getLogger(__name__)
 EXACT_SUBSET_MAX = 200_000  # restricted searches over at most this many vectors are exact
 REFINE_FACTOR = 4  # a coded index with exact vectors at hand returns this many times k, re-ranked exactly
+SEARCH_DEPTHS = sorted({int(round(2 ** (i / 2))) for i in range(31)})  # nprobe / efSearch tried by tune: 1, 2, 3, 4, 6, 8, 11, ...
+CODES_ALONE_NPROBE = 64  # the widest search a coded index's codes alone are tuned to before re-ranking is used
 
 
 def take_rows(blocks: Sequence[np.ndarray], rows: np.ndarray) -> np.ndarray:
@@ -78,25 +81,6 @@ def rerank(queries: np.ndarray, shortlist: np.ndarray, k: int, fetch: Callable[[
     return sims, pos
 
 
-def choose_factory(n: int, d: int, memory_budget: float = 8e9) -> str:
-    """A FAISS factory string for ``n`` vectors of dim ``d`` within ``memory_budget`` bytes.
-
-    Exact Flat below 20k vectors; IVF-Flat while float vectors fit the budget; IVF-SQ8 (4x smaller)
-    next; OPQ + IVF + PQ for the largest. The coded types (SQ8, PQ) are re-ranked with the exact vectors where
-    their owner sets :attr:`VectorIndex.refine` (an index folder keeps them on disk beside the codes).
-    """
-    if n < 20_000:
-        return "Flat"
-    nlist = int(2 ** round(math.log2(max(64, 4 * math.sqrt(n)))))
-    nlist = min(nlist, max(64, n // 40))  # >= ~40 training points per list
-    if n * d * 4 * 1.1 <= memory_budget:
-        return f"IVF{nlist},Flat"
-    if n * d * 1.1 <= memory_budget:
-        return f"IVF{nlist},SQ8"
-    m = max(8, min(64, d // 8))
-    return f"OPQ{m}_{m * 4},IVF{nlist},PQ{m}"
-
-
 def exact_topk(queries: np.ndarray, parts, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product top-k of ``queries [Q, d]`` over vectors given as an iterable of ``[n_i, d]`` blocks
     (positions count on across blocks), in bounded memory."""
@@ -126,11 +110,12 @@ class VectorIndex:
     """Vectors are found by position (0..n-1); ``labels[pos]`` is each vector's class (-1 = none)."""
 
     def __init__(self, index: faiss.Index, labels: np.ndarray | None = None, factory: str = "Flat",
-                 nprobe: int | None = None, ef_search: int | None = None) -> None:
+                 nprobe: int | None = None, ef_search: int | None = None, rerank: bool = True) -> None:
         self.faiss_index, self.factory = index, factory
         self.labels = np.zeros(0, np.int64) if labels is None else np.asarray(labels, np.int64)
         self.nprobe, self.ef_search = nprobe, ef_search
         self.refine: Callable[[np.ndarray], np.ndarray] | None = None  # exact vectors of positions (see search)
+        self.rerank = rerank  # whether a coded index uses ``refine`` (tune turns it off where codes suffice)
         self._apply()
 
     @classmethod
@@ -158,6 +143,9 @@ class VectorIndex:
         if self.ivf is not None:
             self.nprobe = self.nprobe or min(self.ivf.nlist, 16)
             self.ivf.nprobe = self.nprobe
+            q = faiss.downcast_index(self.ivf.quantizer)
+            if isinstance(q, faiss.IndexHNSW):  # the coarse graph must find nprobe lists, and find them well
+                q.hnsw.efSearch = max(32, 2 * self.nprobe)
         if self.hnsw is not None:
             self.ef_search = self.ef_search or 128
             self.hnsw.efSearch = self.ef_search
@@ -186,7 +174,11 @@ class VectorIndex:
         if ivf is not None and faiss.get_num_gpus() > 0 and hasattr(faiss, "index_cpu_to_all_gpus"):
             ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
         log.info("training %s on %d vectors", self.factory, len(x))
-        self.faiss_index.train(x)
+        train_ivf(self.faiss_index, x)
+
+    def training_rows(self, n: int) -> int:
+        """How many of ``n`` vectors to sample for :meth:`train` (all of them when it needs none)."""
+        return 0 if self.faiss_index.is_trained else training_rows(self.faiss_index, n)
 
     def add(self, vectors: np.ndarray, labels: np.ndarray) -> None:
         """Append ``vectors [N, d]`` with their ``labels [N]``; they get positions len..len+N-1."""
@@ -231,7 +223,7 @@ class VectorIndex:
         params = self._params(allowed)
         if params is not None:
             return self.faiss_index.search(q, k, params=params)
-        if self.refine is not None and self.coded and len(self):
+        if self.refine is not None and self.rerank and self.coded and len(self):
             return rerank(q, self.faiss_index.search(q, min(len(self), REFINE_FACTOR * k))[1], k, self.refine)
         return self.faiss_index.search(q, k)
 
@@ -259,14 +251,25 @@ class VectorIndex:
 
     def tune(self, queries: np.ndarray, truth: np.ndarray, target: float = 0.95) -> float:
         """Smallest IVF ``nprobe`` (or HNSW ``efSearch``) whose recall@k against exact ``truth [Q, k]``
-        (positions) reaches ``target``. Returns the recall reached."""
-        k = truth.shape[1]
+        (positions) reaches ``target``. A coded index with ``refine`` tries its codes alone first and re-ranks
+        only where they fall short. Returns the recall reached."""
         if self.ivf is None and self.hnsw is None:
             return 1.0
+        if self.coded and self.refine is not None:
+            self.rerank = False
+            recall = self._tune(queries, truth, target, CODES_ALONE_NPROBE)
+            if recall >= target:
+                return recall
+            self.rerank, self.nprobe = True, None
+            self._apply()
+        return self._tune(queries, truth, target)
+
+    def _tune(self, queries: np.ndarray, truth: np.ndarray, target: float, limit: int = 1 << 15) -> float:
+        k = truth.shape[1]
         recall = 0.0
-        for v in (2 ** i for i in range(16)):
+        for v in SEARCH_DEPTHS:
             if self.ivf is not None:
-                if v > self.ivf.nlist:
+                if v > min(self.ivf.nlist, limit):
                     break
                 self.nprobe = v
             else:
@@ -275,7 +278,9 @@ class VectorIndex:
             recall = recall_at_k(self.search(queries, k)[1], truth, k)
             if recall >= target:
                 break
-        log.info("tuned %s: nprobe=%s efSearch=%s recall@%d=%.3f", self.factory, self.nprobe, self.ef_search, k, recall)
+        log.info("tuned %s%s: nprobe=%s efSearch=%s recall@%d=%.3f", self.factory,
+                 " (re-ranked)" if self.coded and self.rerank and self.refine else "", self.nprobe, self.ef_search,
+                 k, recall)
         return recall
 
     def save(self, folder: str | Path) -> None:
@@ -288,7 +293,8 @@ class VectorIndex:
         faiss.write_index(index, str(f / "index.faiss"))
         np.save(f / "labels.npy", self.labels)
         (f / "search.json").write_text(json.dumps({"factory": self.factory, "nprobe": self.nprobe,
-                                                   "ef_search": self.ef_search, "count": len(self)}))
+                                                   "ef_search": self.ef_search, "rerank": self.rerank,
+                                                   "count": len(self)}))
 
     @classmethod
     def load(cls, folder: str | Path, mmap: bool = False) -> "VectorIndex":
@@ -307,7 +313,7 @@ class VectorIndex:
                 log.info("index type does not support mmap; reading it into memory")
         if index is None:
             index = faiss.read_index(str(f / "index.faiss"))
-        labels = np.load(f / "labels.npy")
+        labels = np.load(f / "labels.npy", mmap_mode="r" if mmap else None)
         if len(labels) != index.ntotal:
             raise ValueError(f"{f}: labels.npy has {len(labels)} entries for {index.ntotal} vectors")
-        return cls(index, labels, meta["factory"], meta.get("nprobe"), meta.get("ef_search"))
+        return cls(index, labels, meta["factory"], meta.get("nprobe"), meta.get("ef_search"), meta.get("rerank", True))

@@ -1,10 +1,13 @@
 """index/: approximate search against exact search, restriction by category, save/load, the vote."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
 from index import VectorIndex, choose_factory, exact_topk, knn_vote, recall_at_k, rerank, take_rows
+from index.ivf import HNSW_COARSE_AT, LIST_LEN, TRAIN_MIN
 
 
 def clustered(n, d=32, centres=50, seed=0, noise=0.3):
@@ -32,7 +35,7 @@ def test_flat_is_exact(data):
     assert np.allclose(sims, -np.sort(-brute, axis=1)[:, :10], atol=1e-5)
 
 
-@pytest.mark.parametrize("factory", ["IVF64,Flat", "HNSW16", "IVF64,SQ8"])
+@pytest.mark.parametrize("factory", ["IVF64,Flat", "HNSW16", "IVF64,SQ8", "IVF64_HNSW32,Flat", "IVF64_HNSW32,SQ8"])
 def test_approximate_indexes_match_flat(data, factory):
     x, lab, q, exact = data
     idx = VectorIndex.create(32, factory)
@@ -47,7 +50,7 @@ def test_approximate_indexes_match_flat(data, factory):
 
 def test_restricted_search_only_returns_allowed_labels(data):
     x, lab, q, _ = data
-    for factory in ("Flat", "IVF64,Flat", "HNSW16"):
+    for factory in ("Flat", "IVF64,Flat", "HNSW16", "IVF64_HNSW32,Flat"):
         idx = VectorIndex.create(32, factory)
         idx.add(x, lab)
         sims, pos = idx.search(q, 5, allowed_labels=[3, 7])
@@ -125,11 +128,46 @@ def test_coded_index_with_exact_vectors_at_hand_ranks_like_flat(data):
 
 def test_choose_factory():
     assert choose_factory(5000, 256) == "Flat"
-    assert choose_factory(1_000_000, 256).startswith("IVF") and choose_factory(1_000_000, 256).endswith(",Flat")
-    assert choose_factory(7_000_000, 512, memory_budget=8e9).endswith("SQ8")
+    for n in (100_000, 1_000_000, 7_069_896, 70_000_000):  # lists of about LIST_LEN vectors at every size
+        f = choose_factory(n, 128, memory_budget=float("inf"))
+        nlist = int(re.match(r"IVF(\d+)", f).group(1))
+        assert 0.9 < n / nlist / LIST_LEN < 1.1 and f.endswith(",Flat")
+        assert ("_HNSW32" in f) == (nlist >= HNSW_COARSE_AT)  # a coarse graph once a flat scan of lists would cost
+    assert choose_factory(7_000_000, 512, memory_budget=8e9).endswith("SQfp16")  # half floats fit 8 GB
+    assert choose_factory(7_000_000, 512, memory_budget=4e9).endswith("SQ8")
     assert choose_factory(7_000_000, 512, memory_budget=1e9).startswith("OPQ")
     with pytest.raises(ValueError, match="bad FAISS factory"):
         VectorIndex.create(8, "NotAnIndex")
+
+
+def test_two_level_training_fills_the_coarse_graph_with_unit_centroids(data):
+    x, lab, _, _ = data
+    idx = VectorIndex.create(32, "IVF128_HNSW32,Flat")
+    assert idx.training_rows(10_000_000) == TRAIN_MIN  # 40 a list would be fewer: the floor holds
+    idx.train(x)
+    quantizer = idx.ivf.quantizer
+    cent = quantizer.reconstruct_n(0, quantizer.ntotal)
+    assert quantizer.ntotal == 128 and np.allclose(np.linalg.norm(cent, axis=1), 1, atol=1e-4)
+    idx.add(x, lab)
+    sizes = np.array([idx.ivf.invlists.list_size(i) for i in range(128)])
+    assert sizes.sum() == len(x) and (sizes > 0).sum() > 100  # the lists are used, not a few giant ones
+    assert idx.training_rows(len(x)) == 0  # trained: no sample needed
+
+
+def test_coded_index_reranks_only_where_its_codes_fall_short(data, tmp_path):
+    x, lab, q, exact = data
+    _, truth = exact.search(q[:100], 10)
+    fine = VectorIndex.create(32, "IVF16,SQ8")  # 8 bits a dimension: the codes alone reach the target
+    fine.add(x, lab)
+    fine.refine = lambda p: take_rows([x], p)
+    assert fine.tune(q[:100], truth, 0.9) >= 0.9 and not fine.rerank
+    coarse = VectorIndex.create(32, "IVF16,PQ8")  # 8 bytes a vector: alone they never reach it
+    coarse.add(x, lab)
+    coarse.refine = lambda p: take_rows([x], p)
+    assert coarse.tune(q[:100], truth, 0.8) >= 0.8 and coarse.rerank
+    coarse.save(tmp_path / "a")
+    fine.save(tmp_path / "b")
+    assert VectorIndex.load(tmp_path / "a").rerank and not VectorIndex.load(tmp_path / "b").rerank
 
 
 def test_knn_vote_matches_python_loop():

@@ -280,15 +280,16 @@ def test_a_rebuild_killed_at_random_moments_leaves_the_live_answers(world, tmp_p
 
 
 def test_a_coded_index_folder_re_ranks_with_its_stored_embeddings(small_data, trained_run, tmp_path, caplog):
-    """SQ8 codes chosen by a small memory budget: the folder's search returns exact similarities (the stored
-    embeddings' dot products, computed here by brute force) and build-index reports its recall@10."""
+    """4-bit codes, too coarse to reach the target recall alone: build-index turns the re-rank on, the folder's
+    search returns exact similarities (the stored embeddings' dot products, computed here by brute force) and
+    build-index reports its recall@10."""
     with caplog.at_level(logging.INFO):
         man = build_index(small_data["train.bson"], trained_run, tmp_path / "sq", IndexSettings(
-            "all", index_type="IVF4,SQ8"), LoaderSettings(workers=0))
+            "all", index_type="IVF4,SQ4"), LoaderSettings(workers=0))
     assert "recall@10" in caplog.text and 0.9 <= man.tuned_recall_at_10 <= 1.0
     b = open_index(tmp_path / "sq", mmap=True)
     stored = np.concatenate([np.load(f) for f in b.segments[0].emb_files()])
-    assert b.vectors.parts[0].coded and len(stored) == man.count
+    assert b.vectors.parts[0].coded and b.vectors.parts[0].rerank and len(stored) == man.count
     sims, pos = b.vectors.search(stored[:40], 5)
     assert np.array_equal(pos[:, 0], np.arange(40)) or np.allclose(sims[:, 0], 1.0, atol=1e-5)
     brute = stored[:40] @ stored.T

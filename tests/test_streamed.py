@@ -78,8 +78,8 @@ def test_approximate_peer_graph_finds_the_exact_peers_at_the_recall_it_reports()
     emb = centres[rng.integers(0, 300, 30_000)] + 0.25 * rng.normal(size=(30_000, 16))
     emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
     has = rng.random(len(emb)) < 0.98
-    g = peer_graph([emb[:12_000], emb[12_000:]], has, 5, memory_budget=1.5e6)  # past the budget: SQ8 codes
-    assert "SQ8" in g.cost["factory"] and g.cost["recall"] >= 0.95 and g.cost["index_mb"] < 1.5
+    g = peer_graph([emb[:12_000], emb[12_000:]], has, 5, memory_budget=0.8e6)  # half floats pass it: SQ8 codes
+    assert "SQ8" in g.cost["factory"] and g.cost["recall"] >= 0.95 and g.cost["index_mb"] < 1.0
     q = rng.choice(np.flatnonzero(has), 400, replace=False)
     s = emb[q] @ emb.T
     s[:, ~has] = -9

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..data.offsets import RecordReader, file_fingerprint, load_offsets
 from ..errors import UserError
-from ..model.runtime import is_first_rank
+from ..model.runtime import is_first_rank, release_heap
 from .indexdir.bundle import IndexBundle, open_index
 from .pipeline.embed import LoaderSettings, Timer
 from .pipeline.parts import PartWork, numbered, run_parts
@@ -104,6 +104,8 @@ def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path,
     stats = run_parts(net, mirror, reader, parts, store, work, loader, timer)
     if stats is None:
         return None
+    del work, net, bundle  # the index, its duplicates and the model: not needed to propagate and write
+    release_heap()
     n_parts = len(parts)
     t = time.perf_counter()
     n_written = _assemble(_with_peers(store, n_parts, peers, report.params),

@@ -102,3 +102,15 @@ class Devices:
     @property
     def for_lightning(self) -> int | str | list[int]:
         return lightning_devices(self.devices, self.accelerator)
+
+
+def release_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc ``malloc_trim``): after a long phase of batches, the
+    freed memory otherwise stays in this process's resident set through the next phase. A no-op elsewhere."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -69,8 +69,8 @@ def _fill_index(vi: VectorIndex, store: PartStore, parts: list, labels: np.ndarr
     n = sum(c for _, c in parts)
     blocks = lambda: (store.read(p, ("emb",))["emb"] for p, _ in parts)  # noqa: E731
     if not vi.faiss_index.is_trained:
-        rng = np.random.default_rng(0)
-        vi.train(np.concatenate([b[rng.random(len(b)) < min(1.0, 200_000 / n)] for b in blocks()]))
+        rng, share = np.random.default_rng(0), min(1.0, vi.training_rows(n) / n)
+        vi.train(np.concatenate([b[rng.random(len(b)) < share] for b in blocks()]))
 
     def added_blocks():  # each part is read once here: added to the index, then scored exactly for tuning
         start = 0

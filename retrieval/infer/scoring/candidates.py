@@ -2,6 +2,7 @@
 neighbours found in the index and the exact-duplicate labels."""
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -81,17 +82,17 @@ class Candidates:
                    stack([p.size for p in parts], 0))
 
 
-_SIZES: tuple[np.ndarray, np.ndarray] | None = None  # (the labels array counted, its counts): one index per process
+_SIZES: tuple[weakref.ref, np.ndarray] | None = None  # (the labels array counted, its counts): one index at a time
 
 
 def class_sizes(index: VectorIndex) -> np.ndarray:
     """Indexed products per class ``[C']`` (``bincount`` of the index's labels >= 0), counted once per labels
-    array: an index's labels are only ever replaced, never changed in place."""
+    array: an index's labels are only ever replaced, never changed in place. The cache does not keep the labels
+    alive (a closed index frees them)."""
     global _SIZES
-    got = _SIZES
-    if got is None or got[0] is not index.labels:
-        lab = index.labels
-        got = _SIZES = (lab, np.bincount(lab[lab >= 0]).astype(np.float32))
+    got, lab = _SIZES, index.labels
+    if got is None or got[0]() is not lab:
+        got = _SIZES = (weakref.ref(lab), np.bincount(np.asarray(lab)[np.asarray(lab) >= 0]).astype(np.float32))
     return got[1]
 
 

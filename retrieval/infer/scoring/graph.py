@@ -6,15 +6,15 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from index import VectorIndex, choose_factory, exact_topk, mapped_rows, normalise_rows, take_rows, vote_weights
-from index.store import REFINE_FACTOR
+from index.store import CODES_ALONE_NPROBE, REFINE_FACTOR
 
 log = logging.getLogger(__name__)
-PEER_MEMORY = 512e6  # bytes the peer graph's search index may hold (past that, SQ8 codes re-ranked exactly)
+PEER_MEMORY = 512e6  # bytes the peer graph's search index may hold (past that, SQ8 codes, re-ranked if need be)
 PEER_RECALL = 0.95  # recall of the exact peers an approximate graph search must reach on a sample
 RECALL_SAMPLE = 1000  # products the recall is measured on
 MAX_NPROBE = 512  # the widest search the tuning tries (a bound on the graph's cost)
@@ -72,15 +72,16 @@ def peer_graph(blocks: Sequence[np.ndarray], has_image: np.ndarray, k: int, memo
         return PeerGraph(pos, sims, {"factory": "none", "recall": 1.0, "seconds": 0.0})
     d = blocks[0].shape[1]
     factory = choose_factory(len(member), d, memory_budget)
-    if "PQ" in factory:  # PQ codes lose too much for peers: SQ8 (1 byte a dimension), re-ranked exactly
+    if "PQ" in factory:  # PQ codes lose too much for peers: SQ8 (1 byte a dimension)
         factory = choose_factory(len(member), d, float("inf")).replace(",Flat", ",SQ8")
     index = VectorIndex.create(d, factory)
     starts = np.cumsum([0] + [len(b) for b in blocks])
     if starts[-1] != len(has_image):
         raise ValueError(f"{starts[-1]} embeddings for {len(has_image)} products")
-    if not index.faiss_index.is_trained:  # IVF: trained on a sample of the first blocks
-        index.train(np.concatenate([np.asarray(b)[has_image[s:s + len(b)]] for b, s in zip(blocks, starts, strict=False)
-                                    if s < 200_000])[:200_000])
+    if not index.faiss_index.is_trained:  # IVF: trained on a sample spread over all the blocks
+        share = min(1.0, index.training_rows(len(member)) / len(member))
+        rng = np.random.default_rng(seed)
+        index.train(np.concatenate([m[rng.random(len(m)) < share] for m in _members(blocks, starts, has_image)]))
     for m in _members(blocks, starts, has_image):
         index.add(m, np.full(len(m), -1))
     index.refine = lambda p: mapped_rows(blocks, member[p])  # codes: shortlists re-ranked from those rows alone
@@ -90,14 +91,15 @@ def peer_graph(blocks: Sequence[np.ndarray], has_image: np.ndarray, k: int, memo
         q = np.sort(np.random.default_rng(seed).choice(len(member), min(RECALL_SAMPLE, len(member)), replace=False))
         qv = take_rows(blocks, member[q])
         truth = exact_topk(qv, _members(blocks, starts, has_image), k + 1)[1]
-        for nprobe in (2 ** i for i in range(3, 16)):
-            got = index.set_nprobe(min(nprobe, MAX_NPROBE))
-            recall = peer_recall(search(qv, k + 1)[1], truth, q, k)
-            if recall >= target_recall or got >= min(index.ivf.nlist, MAX_NPROBE):
-                break
+        index.rerank = not index.coded  # codes alone first: re-ranking only where they fall short
+        recall = _widen(index, lambda: peer_recall(search(qv, k + 1)[1], truth, q, k), target_recall,
+                        CODES_ALONE_NPROBE if index.coded else MAX_NPROBE)
+        if recall < target_recall and index.coded:
+            index.rerank = True
+            recall = _widen(index, lambda: peer_recall(search(qv, k + 1)[1], truth, q, k), target_recall, MAX_NPROBE)
         if recall < target_recall:
-            log.warning("peer graph: recall %.3f of the exact peers at nprobe %d (target %.2f)", recall, got,
-                        target_recall)
+            log.warning("peer graph: recall %.3f of the exact peers at nprobe %d (target %.2f)", recall,
+                        index.nprobe, target_recall)
     kk = min(k + 1, len(member))
     for b, s in zip(blocks, starts, strict=False):
         own = has_image[s:s + len(b)]
@@ -113,13 +115,24 @@ def peer_graph(blocks: Sequence[np.ndarray], has_image: np.ndarray, k: int, memo
             pos[prods, :kk - 1] = found[~drop].reshape(len(prods), kk - 1)
             sims[prods, :kk - 1] = sm[~drop].reshape(len(prods), kk - 1)
     sims[pos < 0] = -np.inf
-    cost = {"factory": factory + (f", re-ranked x{REFINE_FACTOR}" if index.coded else ""), "nprobe": index.nprobe,
+    cost = {"factory": factory + (f", re-ranked x{REFINE_FACTOR}" if index.coded and index.rerank else ""), "nprobe": index.nprobe,
             "recall": round(recall, 4), "products": int(len(member)),
             "seconds": round(time.perf_counter() - t0, 2), "index_mb": round(_index_bytes(index) / 1e6, 1)}
     log.info("peer graph over %d products: %s, nprobe %s, recall of the exact %d peers %.3f (sample of %d), "
              "%.1f s, index %.0f MB", len(member), factory, index.nprobe, k, recall,
              min(RECALL_SAMPLE, len(member)), cost["seconds"], cost["index_mb"])
     return PeerGraph(pos, sims, cost)
+
+
+def _widen(index: VectorIndex, recall_now: Callable[[], float], target: float, limit: int) -> float:
+    """Raise ``index``'s nprobe (8, 16, ... up to ``limit``) until ``recall_now()`` reaches ``target``."""
+    recall = 0.0
+    for nprobe in (2 ** i for i in range(3, 16)):
+        got = index.set_nprobe(min(nprobe, limit))
+        recall = recall_now()
+        if recall >= target or got >= min(index.ivf.nlist, limit):
+            break
+    return recall
 
 
 def _index_bytes(index: VectorIndex) -> int:
