@@ -29,9 +29,10 @@ def n_lists(n: int) -> int:
 def choose_factory(n: int, d: int, memory_budget: float = 8e9) -> str:
     """A FAISS factory string for ``n`` vectors of dim ``d`` within ``memory_budget`` bytes.
 
-    Exact Flat below 20k vectors; IVF-Flat while float vectors fit the budget; then IVF with half floats (SQfp16,
-    2x smaller, nearly lossless), with 8-bit codes (SQ8, 4x smaller), and OPQ + IVF + PQ for the largest. The coarse quantizer is HNSW from :data:`HNSW_COARSE_AT` lists. The coded types
-    (SQ8, PQ) may be re-ranked with the exact vectors where their owner keeps them (``VectorIndex.refine``)."""
+    Exact Flat below 20k vectors; IVF-Flat while float vectors fit the budget; then IVF with half floats
+    (SQfp16, 2x smaller, nearly lossless), with 8-bit codes (SQ8, 4x smaller), and OPQ + IVF + PQ for the
+    largest. The coarse quantizer is HNSW from :data:`HNSW_COARSE_AT` lists. The coded types (SQ, PQ) may be
+    re-ranked with the exact vectors where their owner keeps them (``VectorIndex.refine``)."""
     if n < FLAT_BELOW:
         return "Flat"
     nlist = n_lists(n)

@@ -15,7 +15,7 @@ from .ivf import choose_factory, train_ivf, training_rows  # noqa: F401 (choose_
 log = logging.getLogger(__name__)
 EXACT_SUBSET_MAX = 200_000  # restricted searches over at most this many vectors are exact
 REFINE_FACTOR = 4  # a coded index with exact vectors at hand returns this many times k, re-ranked exactly
-SEARCH_DEPTHS = sorted({int(round(2 ** (i / 2))) for i in range(31)})  # nprobe / efSearch tried by tune: 1, 2, 3, 4, 6, 8, 11, ...
+SEARCH_DEPTHS = sorted({int(round(2 ** (i / 2))) for i in range(31)})  # tune tries nprobe 1, 2, 3, 4, 6, 8, ...
 CODES_ALONE_NPROBE = 64  # the widest search a coded index's codes alone are tuned to before re-ranking is used
 
 

@@ -104,7 +104,7 @@ def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path,
     stats = run_parts(net, mirror, reader, parts, store, work, loader, timer)
     if stats is None:
         return None
-    del work, net, bundle  # the index, its duplicates and the model: not needed to propagate and write
+    work = net = bundle = None  # the index, its duplicates and the model: not needed to propagate and write
     release_heap()
     n_parts = len(parts)
     t = time.perf_counter()

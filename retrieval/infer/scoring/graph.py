@@ -115,7 +115,8 @@ def peer_graph(blocks: Sequence[np.ndarray], has_image: np.ndarray, k: int, memo
             pos[prods, :kk - 1] = found[~drop].reshape(len(prods), kk - 1)
             sims[prods, :kk - 1] = sm[~drop].reshape(len(prods), kk - 1)
     sims[pos < 0] = -np.inf
-    cost = {"factory": factory + (f", re-ranked x{REFINE_FACTOR}" if index.coded and index.rerank else ""), "nprobe": index.nprobe,
+    cost = {"factory": factory + (f", re-ranked x{REFINE_FACTOR}" if index.coded and index.rerank else ""),
+            "nprobe": index.nprobe,
             "recall": round(recall, 4), "products": int(len(member)),
             "seconds": round(time.perf_counter() - t0, 2), "index_mb": round(_index_bytes(index) / 1e6, 1)}
     log.info("peer graph over %d products: %s, nprobe %s, recall of the exact %d peers %.3f (sample of %d), "
