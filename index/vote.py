@@ -51,3 +51,33 @@ def knn_vote(sims: np.ndarray, labels: np.ndarray, n_classes: int, tau: float = 
     np.add.at(out, (rows[valid.ravel()], labels.ravel()[valid.ravel()]), w.ravel()[valid.ravel()])
     return normalise_rows(out)
 
+
+
+def class_sums(blocks, labels: np.ndarray) -> np.ndarray:
+    """Sum ``[C, D]`` (float64) of the vectors of each class, ``C = max(labels) + 1``, over vectors given as
+    blocks ``[n_i, D]`` in position order with their ``labels [N]`` (-1: no class, left out). Read block by
+    block: memory-mapped blocks are fine."""
+    labels = np.asarray(labels, np.int64)
+    n_classes = int(labels.max()) + 1 if len(labels) else 0
+    out, start = None, 0
+    for b in blocks:
+        b = np.asarray(b, np.float64)
+        if out is None:
+            out = np.zeros((n_classes, b.shape[1]), np.float64)
+        lab = labels[start:start + len(b)]
+        order = np.argsort(lab, kind="stable")
+        order = order[lab[order] >= 0]
+        if len(order):  # rows sorted by class, each class's run summed at once
+            cls, first = np.unique(lab[order], return_index=True)
+            out[cls] += np.add.reduceat(b[order], first, axis=0)
+        start += len(b)
+    if start != len(labels):
+        raise ValueError(f"{start} vectors for {len(labels)} labels")
+    return out if out is not None else np.zeros((n_classes, 0))
+
+
+def prototypes(sums: np.ndarray) -> np.ndarray:
+    """Unit class prototypes ``[C, D]`` (float32) from per-class sums (:func:`class_sums`): a class without
+    vectors gets a zero row (similarity 0 to everything)."""
+    norm = np.linalg.norm(sums, axis=1, keepdims=True)
+    return np.divide(sums, norm, out=np.zeros(sums.shape), where=norm > 0).astype(np.float32)

@@ -268,10 +268,11 @@ def test_class_size_rule_wins_where_the_head_leans_to_big_classes_and_not_on_noi
 def test_a_calibration_saved_before_the_long_tail_features_loads_with_them_off(tmp_path):
     from retrieval.rundir import RunDir
     run = RunDir(tmp_path)
-    old = [0.5, 0.4, 1.0, 0.1, 0.2, 0.3]
-    run.write_calibration({"alpha": 0.5, "k": 10, "tau": 0.05, "beta": 1.0, "temperature": 1.0, "weights": old})
-    clf = load_fusion(run, fallback=0)
-    assert list(clf.coefficients) == pytest.approx(old + [0.0] * (len(FEATURES) - len(old)))
+    for old in ([0.5, 0.4, 1.0, 0.1, 0.2, 0.3], [0.5, 0.4, 1.0, 0.1, 0.2, 0.3, -0.2, 0.7]):  # before size, proto
+        run.write_calibration({"alpha": 0.5, "k": 10, "tau": 0.05, "beta": 1.0, "temperature": 1.0, "weights": old})
+        clf = load_fusion(run, fallback=0)
+        assert list(clf.coefficients) == pytest.approx(old + [0.0] * (len(FEATURES) - len(old)))
+        assert not clf.uses_prototypes
     with pytest.raises(Exception, match="fusion weights must be"):
         FusedClassifier(weights=tuple(old[:5]))
 
@@ -335,3 +336,70 @@ def test_class_size_arcface_margins_match_the_formula_by_hand():
         MetricLoss(cfg, 3, 4)
     with pytest.raises(Exception, match="arcface_margin_min"):
         TrainConfig.build(arcface_margin_min=40.0)
+
+
+def test_prototype_candidates_and_feature_match_the_formula_by_hand():
+    from index import class_sums, prototypes
+    from retrieval.infer.scoring.candidates import PROTO_TOP
+    from retrieval.infer.scoring.fused import PROTO_TAU
+    rng = np.random.default_rng(3)
+    vecs, lab = rng.normal(size=(30, 4)), rng.integers(-1, 6, 30)
+    lab[lab == 4] = 5  # class 4 has no product
+    sums = class_sums([vecs[:11], vecs[11:]], lab)
+    for cls in range(6):
+        assert np.allclose(sums[cls], vecs[lab == cls].sum(0))  # summed across blocks, unlabelled left out
+    protos = prototypes(sums)
+    assert not protos[4].any() and np.allclose(np.linalg.norm(protos[[0, 1, 2, 3, 5]], axis=1), 1)
+    n_cls = 12
+    head = np.full((1, n_cls), 1.0 / n_cls)
+    head[0, :3] = [0.5, 0.3, 0.1]
+    proto_sims = rng.uniform(-0.2, 0.2, (1, n_cls))
+    proto_sims[0, [7, 9, 10, 11, 8]] = [0.9, 0.8, 0.7, 0.6, 0.5]
+    c = Candidates.build(head, np.array([[0.9]]), np.array([[2]]), np.ones(1, bool), m=3, proto_sims=proto_sims)
+    got = set(c.classes[0][c.classes[0] >= 0].tolist())
+    assert got == {0, 1, 2} | {7, 9, 10, 11, 8}  # head's top 3, the neighbour's class, the 5 nearest prototypes
+    assert PROTO_TOP == 5
+    f = FusedClassifier(k=1, tau=0.1, weights=(0,) * (len(FEATURES) - 1) + (1.0,)).features(c)[0]
+    for j, cls in enumerate(c.classes[0]):
+        want = proto_sims[0, cls] / PROTO_TAU if cls >= 0 else 0.0
+        assert f[j, FEATURES.index("proto")] == pytest.approx(want, rel=1e-5)
+
+
+def test_prototype_rule_wins_for_small_classes_the_others_miss_and_not_on_noise():
+    """Every product looks the same to the head, the neighbours and the class sizes: a big class leads (head
+    0.4, every neighbour) and three small classes follow (head 0.2 each). For big classes the leader is right;
+    for small ones one of the followers is, and the product lies nearest its class's prototype. Only the rule
+    with the prototype feature gets both, and cross-validation picks it; on noise labels it must not win."""
+    rng = np.random.default_rng(4)
+    n, big, small = 800, 5, 20
+    n_cls = big + small
+    sizes = np.array([1000.0] * big + [3.0] * small)
+    y = np.where(rng.random(n) < 0.5, rng.integers(0, big, n), big + rng.integers(0, small, n))
+    lead = np.where(y < big, y, rng.integers(0, big, n))
+    head = np.full((n, n_cls), 0.01)
+    head[np.arange(n), lead] = 0.4
+    for i in range(n):
+        follow = big + rng.choice(small, 3, replace=False)
+        if y[i] >= big and y[i] not in follow:
+            follow[0] = y[i]
+        head[i, follow] = 0.2
+    head /= head.sum(1, keepdims=True)
+    sims = np.full((n, 3), 0.8) - 0.01 * np.arange(3)
+    labels = np.repeat(lead[:, None], 3, 1)
+    proto_sims = rng.uniform(0.2, 0.5, (n, n_cls))
+    proto_sims[np.arange(n), y] = 0.7
+
+    def cands() -> Candidates:
+        return Candidates.build(head, sims, labels, np.ones(n, bool), m=5, sizes=sizes, proto_sims=proto_sims)
+    cal = calibrate(cands(), y, fallback=0)
+    assert cal.chosen == "learnt_proto" and cal.cv["learnt_proto"] > max(cal.cv["learnt_tail"], cal.cv["grid"]) + 0.3
+    assert cal.cv["learnt"] < 0.75 and cal.cv["learnt_tail"] < 0.75  # blind to what tells the followers apart
+    small_rows, big_rows = y >= big, y < big
+    assert (cal.oof["learnt_proto"][small_rows] == y[small_rows]).mean() > 0.95  # out of fold, from the labels
+    assert (cal.oof["learnt_tail"][small_rows] == y[small_rows]).mean() < 0.05
+    assert (cal.oof["learnt_proto"][big_rows] == y[big_rows]).mean() > 0.95
+    assert cal.classifier.uses_prototypes and cal.classifier.coefficients[FEATURES.index("proto")] > 0
+    noise = calibrate(cands(), rng.integers(0, n_cls, n), fallback=0)
+    assert noise.cv[noise.chosen] <= noise.cv["grid"] + 0.05
+    no_proto = calibrate(Candidates.build(head, sims, labels, np.ones(n, bool), m=5, sizes=sizes), y, fallback=0)
+    assert "learnt_proto" not in no_proto.cv  # without prototypes the rule is not a choice

@@ -313,3 +313,28 @@ def test_a_joined_column_reads_like_the_concatenated_array():
     with pytest.raises(IndexError):
         col[np.array([3, 12])]
     assert np.array_equal(col == 101, whole == 101) and col.shape == whole.shape and col.dtype == whole.dtype
+
+
+def test_class_prototypes_are_the_mean_stored_embedding_over_every_segment(world, tmp_path):
+    """Each segment keeps its embeddings' sum per class; the bundle's prototypes after an add equal the
+    normalised mean of every indexed product's stored embedding, class by class (a loop over the products), and
+    a product queried as itself is left out of its class's prototype."""
+    idx = world / "idx"
+    add_to_index(idx, _new(tmp_path, 71, 8), LoaderSettings(workers=0))
+    b = open_index(idx)
+    assert len(b.segments) == 2 and all((s.path / "class_sums.npy").exists() for s in b.segments)
+    emb = np.concatenate([np.load(f) for s in b.segments for f in s.emb_files()])
+    labels = np.asarray(b.vectors.labels)
+    want = np.zeros(b.prototypes.shape)
+    for e, lab in zip(emb, labels, strict=True):
+        if lab >= 0:
+            want[lab] += e
+    norm = np.linalg.norm(want, axis=1, keepdims=True)
+    want = np.divide(want, norm, out=np.zeros_like(want), where=norm > 0)
+    np.testing.assert_allclose(b.prototypes, want, atol=1e-5)
+    assert (norm[:, 0] == 0).sum() == (np.bincount(labels[labels >= 0], minlength=len(want)) == 0).sum()
+    pos = int(np.flatnonzero(labels >= 0)[0])
+    without = want[labels[pos]] * norm[labels[pos]] - emb[pos]
+    np.testing.assert_allclose(b.prototypes_without(pos)[labels[pos]], without / np.linalg.norm(without), atol=1e-5)
+    (b.segments[0].path / "class_sums.npy").unlink()  # a segment written before the sums: computed from embeddings
+    np.testing.assert_allclose(open_index(idx).prototypes, want, atol=1e-5)

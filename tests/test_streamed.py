@@ -49,7 +49,7 @@ def test_scores_by_part_equal_the_whole_and_memory_does_not_grow_with_parts():
     per_product_out = 10 * (4 + 4) + 3 * 8 + 2  # classes, probs, two predictions, flags
     grown = peak(16) - peak(4)
     assert grown < 3 * 12 * 500 * per_product_out  # what 12 more parts add: their few output numbers only
-    whole_bytes = sum(a.nbytes for a in (whole.classes, whole.head, whole.sims, whole.labels, whole.dups))
+    whole_bytes = sum(a.nbytes for a in (whole.classes, whole.head, whole.sims, whole.labels, whole.dups, whole.size))
     assert peak(16) < whole_bytes  # never all candidates at once
 
 

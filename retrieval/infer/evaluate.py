@@ -24,7 +24,7 @@ from .pipeline.parts import PartWork, numbered, run_parts
 from .pipeline.store import PartStore
 from .plots import evaluation_plots
 from .scoring.calibrate import KS, calibrate
-from .scoring.candidates import HEAD_TOP, Candidates, candidates_for
+from .scoring.candidates import HEAD_TOP, PROTO_TOP, Candidates, candidates_for
 from .scoring.fused import FusedClassifier
 from .scoring.peers import PEER_KS, PeerSettings, choose_peers, peer_graph, propagate
 from .scoring.streamed import calibration_rows, gather, score_parts
@@ -59,9 +59,9 @@ def _eval_rows(bundle: IndexBundle, val_path: str | Path | None) -> tuple[Path, 
 
 def _part(bundle: IndexBundle, outs: list, y: np.ndarray) -> dict[str, np.ndarray]:
     """Candidates, the head's argmax and per-image correctness of one part's products (``y``: their classes)."""
-    c = candidates_for(bundle.vectors, bundle.duplicates, outs, max(KS))
+    c = candidates_for(bundle.vectors, bundle.duplicates, outs, max(KS), bundle.prototypes)
     o = ProductOutputs.concat(outs)
-    c = c.widened(HEAD_TOP + max(KS) + c.dups.shape[1])  # every group the same width: groups join into one part
+    c = c.widened(HEAD_TOP + max(KS) + c.dups.shape[1] + PROTO_TOP)  # one width for all: groups join into a part
     return {**{f: getattr(c, f) for f in CANDIDATE_FIELDS}, "emb": o.emb, "head_pred": o.probs.argmax(1),
             "img_ok": o.image_pred == y[o.image_owner], "n_images": o.n_images}
 
@@ -75,7 +75,7 @@ def _embed_parts(bundle: IndexBundle, path: Path, table: np.ndarray, rows: np.nd
     parts = numbered(rows, part_products)
     cls_of = {int(r): int(v) for r, v in zip(rows, y, strict=True)}
     key = {"model": bundle.manifest.model_sha256, "count": len(bundle.vectors), "data": file_fingerprint(path),
-           "rows": hashlib.sha1(rows.tobytes()).hexdigest(), "mirror": bundle.manifest.mirror, "with": "emb+size",
+           "rows": hashlib.sha1(rows.tobytes()).hexdigest(), "mirror": bundle.manifest.mirror, "with": "emb+size+proto",
            "runtime": bundle.runtime}
     store = PartStore(scratch, key, restart=is_first_rank())
     work = PartWork(lambda outs: _part(bundle, outs, np.array([cls_of[int(r)] for o in outs for r in o.rows])),

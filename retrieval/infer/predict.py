@@ -130,7 +130,8 @@ def _decide(bundle: IndexBundle, clf: FusedClassifier, outs: list, peers: PeerSe
     """The fused distribution over each product's candidates, its ``keep`` likeliest (classes and probabilities
     ``[P, keep]``), for a list of embedded batches, with one search; with peer propagation on, the embeddings."""
     t = time.perf_counter()
-    cands = candidates_for(bundle.vectors, bundle.duplicates, outs, clf.k)
+    cands = candidates_for(bundle.vectors, bundle.duplicates, outs, clf.k,
+                           bundle.prototypes if clf.uses_prototypes else None)
     t = timer.add("search", t)
     classes, probs = top_classes(*first_stage(clf, cands), keep)  # propagate keeps no more of a product's own
     out = {"classes": classes, "probs": probs}

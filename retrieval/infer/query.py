@@ -172,7 +172,10 @@ def classify_outputs(bundle: IndexBundle, clf: FusedClassifier, emb: np.ndarray,
     sims, labels = neighbour_labels(index, emb[None], clf.k, np.ones(1, bool), exclude)
     dups = bundle.duplicates.product_labels(np.array(hashes, np.int64), np.zeros(len(hashes), np.int64), 1,
                                             index.labels, exclude=exclude)
-    c = Candidates.build(probs[None], sims, labels, np.ones(1, bool), dups, sizes=class_sizes(index))
+    protos = None
+    if clf.uses_prototypes:
+        protos = emb[None] @ (bundle.prototypes if exclude is None else bundle.prototypes_without(exclude)).T
+    c = Candidates.build(probs[None], sims, labels, np.ones(1, bool), dups, sizes=class_sizes(index), proto_sims=protos)
     votes = clf.candidate_votes(c)
     scores = clf.candidate_scores(c, clf.features(c, votes))[0]
     probs = clf.probabilities(scores[None])[0]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from index import DuplicateTable, JoinedDuplicates, SegmentedIndex
+from index import DuplicateTable, JoinedDuplicates, SegmentedIndex, prototypes
 
 from ...data.categories import CategoryTable
 from ...data.offsets import file_fingerprint
@@ -132,6 +132,30 @@ class IndexBundle:
     @property
     def run(self) -> RunDir:
         return RunDir(self.layout.resolve(self.manifest.run_dir, self.manifest.origin))
+
+    @cached_property
+    def class_sums(self) -> np.ndarray:
+        """Sum ``[C, D]`` (float64) of each class's indexed embeddings over every segment."""
+        total = np.zeros((len(self.categories.ids), self.manifest.dim))
+        for c in (s.class_sums() for s in self.segments):
+            total[:len(c)] += c[:len(total)]
+        return total
+
+    @cached_property
+    def prototypes(self) -> np.ndarray:
+        """Unit class prototypes ``[C, D]``: the mean embedding of each class's indexed products over every
+        segment, normalised (a zero row for a class without products)."""
+        return prototypes(self.class_sums)
+
+    def prototypes_without(self, position: int) -> np.ndarray:
+        """:attr:`prototypes` with the indexed product at ``position`` left out of its class's mean (a product
+        queried as itself must not vote for its own class through its own embedding)."""
+        label = int(self.vectors.labels[position])
+        if label < 0:
+            return self.prototypes
+        out = self.prototypes.copy()
+        out[label] = prototypes((self.class_sums[label] - self.vector(position))[None])[0]
+        return out
 
     @cached_property
     def class_of_id(self) -> dict[int, int]:

@@ -5,7 +5,8 @@
   ``id_order.npy`` (the id map: sorted product ids ``[n]`` and their local positions ``[n]``);
 - ``duplicates.npz``: picture hashes and their owners' local positions;
 - ``emb/<k>.npy``: the embeddings ``[n_k, D]`` it owns, part by part (hard links of work parts where the file
-  system allows, so a build's parts are not copied), and ``segment.json`` (count, parts).
+  system allows, so a build's parts are not copied), ``class_sums.npy`` (their sum per class ``[C, D]``: the
+  class prototypes' numerators) and ``segment.json`` (count, parts).
 
 A segment is written in a hidden folder, fsynced and renamed into place; nothing in it changes afterwards."""
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from index import DuplicateTable, VectorIndex, mapped_rows
+from index import DuplicateTable, VectorIndex, class_sums, mapped_rows
 
 from ...errors import UserError
 from .folder import IndexFolder, write_file
@@ -62,6 +63,8 @@ def write_segment(folder: IndexFolder, vectors: VectorIndex, arrays: dict[str, n
                 write_file(_emb_file(tmp, k), lambda p, emb=emb: _place(emb, p))
             else:
                 write_file(_emb_file(tmp, k), lambda p, emb=emb: np.save(p, np.asarray(emb, np.float32)))
+        sums = class_sums((np.load(_emb_file(tmp, k), mmap_mode="r") for k in range(len(embeddings))), vectors.labels)
+        write_file(tmp / "class_sums.npy", lambda p: np.save(p, sums))
         meta = {"count": n, "parts": [list(p) for p in parts], "factory": vectors.factory}
         write_file(tmp / "segment.json", lambda p: p.write_text(json.dumps(meta)))
         folder.seal(tmp, sid)
@@ -91,6 +94,14 @@ class Segment:
     @property
     def part_starts(self) -> np.ndarray:
         return np.cumsum([c for _, c in self.parts])
+
+    def class_sums(self) -> np.ndarray:
+        """Sum ``[C, D]`` of the segment's embeddings per class (its labels >= 0), as written with it; computed
+        from the stored embeddings for a segment written before it kept them."""
+        f = self.path / "class_sums.npy"
+        if f.exists():
+            return np.load(f)
+        return class_sums((self.embeddings(k) for k in range(len(self.parts))), self.vectors.labels)
 
     def emb_files(self) -> list[Path]:
         return [_emb_file(self.path, k) for k in range(len(self.parts))]

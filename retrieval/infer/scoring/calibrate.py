@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .candidates import Candidates
-from .fused import BASE_FEATURES, FEATURES, FusedClassifier
+from .fused import BASE_FEATURES, FEATURES, TAIL_FEATURES, FusedClassifier
 
 log = logging.getLogger(__name__)
 ALPHAS = tuple(round(float(a), 2) for a in np.linspace(0, 1, 11))
@@ -90,15 +90,16 @@ def _grid_correct(c: Candidates, y: np.ndarray, fold: np.ndarray, base: FusedCla
     return correct
 
 
-RULES = ("grid", "learnt", "learnt_tail")  # simplest first: a richer rule must win by cross-validation
+RULES = ("grid", "learnt", "learnt_tail", "learnt_proto")  # simplest first: a richer rule must win by cross-validation
 
 
 @dataclass(frozen=True)
 class Calibration:
     """The chosen classifier, the grid (accuracy of every combination on all products), and for each of
     :data:`RULES` its cross-validated accuracy and out-of-fold predictions ``[N]`` (by category size in evaluate):
-    the grid, the learnt fusion of the first :data:`BASE_FEATURES` features, and the learnt fusion with the
-    long-tail ones (class size: logit adjustment, a kNN weighted up for small classes)."""
+    the grid, the learnt fusion of the first :data:`BASE_FEATURES` features, the learnt fusion with the
+    long-tail ones (class size: logit adjustment, a kNN weighted up for small classes), and with the class
+    prototypes too (only where the candidates carry them)."""
 
     classifier: FusedClassifier
     grid: list[dict]
@@ -113,7 +114,7 @@ class Calibration:
 
     @property
     def cv_learnt(self) -> float:
-        return max(self.cv["learnt"], self.cv["learnt_tail"])
+        return max(v for r, v in self.cv.items() if r != "grid")
 
     def best(self, **fixed) -> dict:
         """The best grid row among those with the given values (e.g. ``alpha=0, beta=0``: kNN alone)."""
@@ -134,8 +135,11 @@ def calibrate(c: Candidates, y: np.ndarray, fallback: int, seed: int = 0) -> Cal
             for (a, k, t, b) in correct]
     best = max(grid, key=lambda g: g["accuracy"])
     grid_clf = replace(base, alpha=best["alpha"], k=best["k"], tau=best["tau"], beta=best["beta"])
-    uses = {"learnt": BASE_FEATURES, "learnt_tail": len(FEATURES)}
-    oof = {r: np.full(n, fallback, np.int64) for r in RULES}
+    uses = {"learnt": BASE_FEATURES, "learnt_tail": TAIL_FEATURES, "learnt_proto": len(FEATURES)}
+    if c.proto is None:  # no prototypes: that rule is not a choice
+        uses.pop("learnt_proto")
+    rules = tuple(r for r in RULES if r == "grid" or r in uses)
+    oof = {r: np.full(n, fallback, np.int64) for r in rules}
     for f in range(FOLDS):
         tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
         if len(te) == 0:
@@ -147,7 +151,7 @@ def calibrate(c: Candidates, y: np.ndarray, fallback: int, seed: int = 0) -> Cal
             learnt = replace(cf, weights=fit_weights(cf, c.rows(tr), y[tr], seed=seed, use=use))
             oof[rule][te] = learnt.predict_candidates(c.rows(te))[0][:, 0]
     cv = {r: float((p == y).mean()) if n else 0.0 for r, p in oof.items()}
-    chosen = max(RULES, key=lambda r: (cv[r], -RULES.index(r)))
+    chosen = max(rules, key=lambda r: (cv[r], -RULES.index(r)))
     clf = grid_clf if chosen == "grid" else \
         replace(grid_clf, weights=fit_weights(grid_clf, c, y, seed=seed, use=uses[chosen]))
     log.info("fusion: %s rule chosen (cross-validated accuracy: %s; head temperature %.3g)", chosen,

@@ -19,6 +19,7 @@ def pad_columns(a: np.ndarray, width: int, fill: float) -> np.ndarray:
 
 
 HEAD_TOP = 20  # head classes kept per product besides the neighbours' classes
+PROTO_TOP = 5  # classes of the nearest prototypes kept too, where prototypes are used
 
 
 @dataclass
@@ -34,25 +35,39 @@ class Candidates:
     has_image: np.ndarray  # [P] bool
     dups: np.ndarray       # [P, D] class of each exactly matching indexed picture, -1 = none
     size: np.ndarray       # [P, W] float32 indexed products of each candidate class (0 on padding)
+    proto: np.ndarray | None = None  # [P, W] float32 cosine to each candidate's class prototype (None: not used)
 
     @classmethod
     def build(cls, p_head: np.ndarray, sims: np.ndarray, labels: np.ndarray, has_image: np.ndarray,
-              dups: np.ndarray | None = None, m: int = HEAD_TOP, sizes: np.ndarray | None = None) -> "Candidates":
-        """From dense head probabilities ``[P, C]``, neighbours ``[P, K]``, exact-match labels ``[P, D]`` and the
-        index's products per class ``sizes [C']`` (:func:`class_sizes`; None: unknown, all 0)."""
+              dups: np.ndarray | None = None, m: int = HEAD_TOP, sizes: np.ndarray | None = None,
+              proto_sims: np.ndarray | None = None) -> "Candidates":
+        """From dense head probabilities ``[P, C]``, neighbours ``[P, K]``, exact-match labels ``[P, D]``, the
+        index's products per class ``sizes [C']`` (:func:`class_sizes`; None: unknown, all 0) and the products'
+        cosines to every class prototype ``proto_sims [P, C]`` (None: not used; else the :data:`PROTO_TOP`
+        nearest prototypes' classes are candidates too)."""
         m = min(m, p_head.shape[1])
         dups = np.full((len(p_head), 1), -1, np.int32) if dups is None else np.asarray(dups, np.int32)
         top = np.argpartition(-p_head, m - 1, axis=1)[:, :m] if m < p_head.shape[1] else \
             np.broadcast_to(np.arange(m), (len(p_head), m))
-        cand = np.sort(np.concatenate([top, labels, dups], 1), axis=1)
+        extra = [top, labels, dups]
+        if proto_sims is not None:
+            mp = min(PROTO_TOP, proto_sims.shape[1])
+            extra.append(np.argpartition(-proto_sims, mp - 1, axis=1)[:, :mp] if mp < proto_sims.shape[1] else
+                         np.broadcast_to(np.arange(mp), (len(p_head), mp)))
+        cand = np.sort(np.concatenate(extra, 1), axis=1)
         cand[:, 1:][cand[:, 1:] == cand[:, :-1]] = -1
         head = np.where(cand >= 0, np.take_along_axis(p_head, np.maximum(cand, 0), 1), 0.0)
         size = np.zeros(cand.shape, np.float32)
         if sizes is not None and len(sizes):
             known = (cand >= 0) & (cand < len(sizes))
             size[known] = np.asarray(sizes)[cand[known]]
+        proto = None
+        if proto_sims is not None:
+            known = (cand >= 0) & (cand < proto_sims.shape[1])
+            proto = np.where(known, np.take_along_axis(proto_sims, np.where(known, cand, 0), 1), 0.0)
+            proto = proto.astype(np.float32)
         return cls(cand.astype(np.int32), head.astype(np.float32), np.asarray(sims, np.float32),
-                   np.asarray(labels, np.int32), np.asarray(has_image, bool), dups, size)
+                   np.asarray(labels, np.int32), np.asarray(has_image, bool), dups, size, proto)
 
     def __len__(self) -> int:
         return len(self.classes)
@@ -64,22 +79,29 @@ class Candidates:
 
     def rows(self, sl: slice | np.ndarray) -> "Candidates":
         return Candidates(self.classes[sl], self.head[sl], self.sims[sl], self.labels[sl], self.has_image[sl],
-                          self.dups[sl], self.size[sl])
+                          self.dups[sl], self.size[sl], None if self.proto is None else self.proto[sl])
+
+    @property
+    def proto_or_zero(self) -> np.ndarray:
+        """``proto [P, W]``, zeros where prototypes were not computed."""
+        return np.zeros(self.classes.shape, np.float32) if self.proto is None else self.proto
 
     def widened(self, width: int) -> "Candidates":
         """The same candidates with the per-candidate columns padded to ``width`` (parts of one width join)."""
         return Candidates(pad_columns(self.classes, width, -1), pad_columns(self.head, width, 0), self.sims,
-                          self.labels, self.has_image, self.dups, pad_columns(self.size, width, 0))
+                          self.labels, self.has_image, self.dups, pad_columns(self.size, width, 0),
+                          None if self.proto is None else pad_columns(self.proto, width, 0))
 
     @classmethod
     def concat(cls, parts: list["Candidates"]) -> "Candidates":
         def stack(arrays: list[np.ndarray], fill: float) -> np.ndarray:
             width = max(a.shape[1] for a in arrays)
             return np.concatenate([pad_columns(a, width, fill) for a in arrays])
+        with_proto = all(p.proto is not None for p in parts)
         return cls(stack([p.classes for p in parts], -1), stack([p.head for p in parts], 0),
                    np.concatenate([p.sims for p in parts]), np.concatenate([p.labels for p in parts]),
                    np.concatenate([p.has_image for p in parts]), stack([p.dups for p in parts], -1),
-                   stack([p.size for p in parts], 0))
+                   stack([p.size for p in parts], 0), stack([p.proto for p in parts], 0) if with_proto else None)
 
 
 _SIZES: tuple[weakref.ref, np.ndarray] | None = None  # (the labels array counted, its counts): one index at a time
@@ -96,14 +118,17 @@ def class_sizes(index: VectorIndex) -> np.ndarray:
     return got[1]
 
 
-def candidates_for(index: VectorIndex, duplicates: DuplicateTable, outs: list, k: int) -> Candidates:
+def candidates_for(index: VectorIndex, duplicates: DuplicateTable, outs: list, k: int,
+                   prototypes: np.ndarray | None = None) -> Candidates:
     """Candidates of embedded batches ``outs`` (:class:`~..pipeline.embed.ProductOutputs`): one search of ``k``
-    neighbours for all their products, and the exact-duplicate lookup of all their pictures."""
+    neighbours for all their products, and the exact-duplicate lookup of all their pictures; with unit class
+    ``prototypes [C, D]``, each product's cosine to them (and their nearest classes as candidates)."""
     o = ProductOutputs.concat(outs)
     has = o.n_images > 0
     sims, labels = neighbour_labels(index, o.emb, k, has)
     dups = duplicates.product_labels(o.image_hash, o.image_owner, len(o.emb), index.labels)
-    return Candidates.build(o.probs, sims, labels, has, dups, sizes=class_sizes(index))
+    proto_sims = None if prototypes is None else np.where(has[:, None], o.emb @ prototypes.T, 0.0)
+    return Candidates.build(o.probs, sims, labels, has, dups, sizes=class_sizes(index), proto_sims=proto_sims)
 
 
 def neighbour_labels(index: VectorIndex, emb: np.ndarray, k: int, has_image: np.ndarray, exclude: int | None = None

@@ -12,9 +12,10 @@ from ...errors import UserError
 from ...rundir import RunDir
 from .candidates import Candidates
 
-FEATURES = ("head", "knn", "dup", "log_head", "knn_x_sim", "nearest", "log_size", "knn_rare")
-BASE_FEATURES = 6  # the first six; the last two (the class's size) are the long-tail ones, and a calibration
-# saved before they existed holds six weights
+FEATURES = ("head", "knn", "dup", "log_head", "knn_x_sim", "nearest", "log_size", "knn_rare", "proto")
+BASE_FEATURES = 6  # the first six; then two on the class's size and one on its prototype (the long-tail ones);
+TAIL_FEATURES = 8  # a calibration saved before those existed holds fewer weights (the missing ones weigh 0)
+PROTO_TAU = 0.05  # the prototype cosine is given as cos / PROTO_TAU (a weight near 1 is a softmax at this tau)
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,9 @@ class FusedClassifier:
     class is the nearest neighbour's; the share of indexed pictures identical (byte for byte) to the product's;
     for the long tail, ``log(1 + n)`` of the class's ``n`` indexed products (a learnt weight on it is a logit
     adjustment, Menon et al. 2021) and the kNN share over ``sqrt(1 + n)`` (a kNN that counts more for small
-    classes, whose few products rarely fill the neighbour list).
+    classes, whose few products rarely fill the neighbour list); the cosine to the class's prototype (the mean
+    embedding of its indexed products: a nearest-class-mean vote, which a class of 3 products casts as well as
+    one of 3,000), over :data:`PROTO_TAU`.
 
     Without ``weights`` the weights are ``(alpha, 1 - alpha, beta, 0, 0, 0)``: the classic mix
     ``alpha * p_head + (1 - alpha) * p_knn + beta * p_dup``. ``evaluate`` either picks alpha/beta on a grid or
@@ -62,6 +65,11 @@ class FusedClassifier:
         return "grid" if self.weights is None else "learnt"
 
     @property
+    def uses_prototypes(self) -> bool:
+        """Whether the rule weighs the prototype feature (then candidates need ``proto``)."""
+        return self.weights is not None and self.weights[FEATURES.index("proto")] != 0
+
+    @property
     def coefficients(self) -> np.ndarray:
         """The weight ``[F]`` of each of :data:`FEATURES`."""
         if self.weights is not None:
@@ -85,7 +93,7 @@ class FusedClassifier:
         top_sim = np.where(has_knn, np.nan_to_num(c.sims[:, :1], neginf=0.0), 0.0)
         nearest = (c.classes == c.labels[:, :1]) & (c.labels[:, :1] >= 0)
         feats = np.stack([head, knn, c.dup_share, np.log(head + 1e-6), knn * top_sim, nearest, np.log1p(c.size),
-                          knn / np.sqrt(1.0 + c.size)], axis=-1)
+                          knn / np.sqrt(1.0 + c.size), c.proto_or_zero / PROTO_TAU], axis=-1)
         return np.where((c.classes >= 0)[..., None], feats, 0.0).astype(np.float32)
 
     def candidate_scores(self, c: Candidates, feats: np.ndarray | None = None) -> np.ndarray:
@@ -139,8 +147,8 @@ def load_fusion(run: RunDir, fallback: int, overrides: FusionOverrides = FusionO
     saved = run.read_calibration() or {}
     pick = lambda name, given: given if given is not None else saved.get(name, getattr(DEFAULT, name))  # noqa: E731
     weights = saved.get("weights") if alpha is None and beta is None else None
-    if weights and len(weights) == BASE_FEATURES:  # saved before the long-tail features: they weigh nothing
-        weights = list(weights) + [0.0] * (len(FEATURES) - BASE_FEATURES)
+    if weights and len(weights) in (BASE_FEATURES, TAIL_FEATURES):  # saved before the later features: 0 weight
+        weights = list(weights) + [0.0] * (len(FEATURES) - len(weights))
     return FusedClassifier(float(pick("alpha", alpha)), int(pick("k", k)), float(pick("tau", tau)),
                            float(pick("beta", beta)), fallback, float(saved.get("temperature", 1.0)),
                            tuple(weights) if weights else None)
