@@ -152,17 +152,17 @@ def _with_peers(store: PartStore, n_parts: int, peers: PeerSettings, params: dic
             z = store.read(part, ("classes", "probs"))
             yield propagate(z["classes"], z["probs"], None, peers)
         return
-    got = [store.read(part, ("classes", "probs", "n_images")) for part in range(n_parts)]
     blocks = [np.load(PartStore.embeddings_file(store.folder, part), mmap_mode="r") for part in range(n_parts)]
-    width = max(g["classes"].shape[1] for g in got)
-    classes = np.concatenate([pad_columns(g["classes"], width, -1) for g in got])
-    probs = np.concatenate([pad_columns(g["probs"], width, 0) for g in got])
-    has_image = np.concatenate([g["n_images"] for g in got]) > 0
-    sizes = [len(g["classes"]) for g in got]
-    del got  # the parts' own copies: only the joined arrays are kept
-    log.info("peer propagation over %d products (mu %s, k %d)", len(classes), peers.mu, peers.k)
-    graph = peer_graph(blocks, has_image, peers.k)
+    has_image = np.concatenate([store.read(part, ("n_images",))["n_images"] for part in range(n_parts)]) > 0
+    log.info("peer propagation over %d products (mu %s, k %d)", len(has_image), peers.mu, peers.k)
+    graph = peer_graph(blocks, has_image, peers.k)  # first: its search index is gone before the classes load
     params["peer_graph"] = graph.cost
+    got = [store.read(part, ("classes", "probs")) for part in range(n_parts)]
+    width = max(g["classes"].shape[1] for g in got)
+    sizes = [len(g["classes"]) for g in got]
+    classes = np.concatenate([pad_columns(g.pop("classes"), width, -1) for g in got])
+    probs = np.concatenate([pad_columns(g.pop("probs"), width, 0) for g in got])
+    del got
     f_c, f_v = propagate(classes, probs, graph, peers)
     lo = 0
     for n in sizes:

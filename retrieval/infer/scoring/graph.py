@@ -14,7 +14,7 @@ from index import VectorIndex, choose_factory, exact_topk, mapped_rows, normalis
 from index.store import CODES_ALONE_NPROBE, REFINE_FACTOR
 
 log = logging.getLogger(__name__)
-PEER_MEMORY = 512e6  # bytes the peer graph's search index may hold (past that, SQ8 codes, re-ranked if need be)
+PEER_MEMORY = 256e6  # bytes the peer graph's search index may hold (past that, codes: half floats, then SQ8)
 PEER_RECALL = 0.95  # recall of the exact peers an approximate graph search must reach on a sample
 RECALL_SAMPLE = 1000  # products the recall is measured on
 MAX_NPROBE = 512  # the widest search the tuning tries (a bound on the graph's cost)
