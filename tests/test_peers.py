@@ -9,9 +9,10 @@ from retrieval.data.offsets import RecordReader, load_offsets
 from retrieval.infer.indexdir.bundle import open_index
 from retrieval.infer.pipeline.embed import LoaderSettings, embed_products
 from retrieval.infer.predict import predict, read_submission
+from retrieval.infer.scoring import graph as graph_module
 from retrieval.infer.scoring import peers as peers_module
 from retrieval.infer.scoring.fused import FusionOverrides
-from retrieval.infer.scoring.peers import PeerSettings, calibrate_peers, load_peers, peer_graph, propagate
+from retrieval.infer.scoring.peers import PeerSettings, calibrate_peers, load_peers, peer_graph, propagate, top_classes
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -73,6 +74,16 @@ def test_sparse_propagation_equals_dense_label_propagation(mu, k, tau):
         m.setattr(peers_module, "ROWS_PER_BLOCK", 7)
         small_c, small_p = propagate(classes, base.astype(np.float32), peer_graph([emb], has, k), s)
     assert np.array_equal(small_c, got_c) and np.allclose(small_p, got_p, atol=1e-7)
+    # as predict runs it: the graph's links only, the first stage's kept arrays reused in place (blocks of 7)
+    first_c, first_p = top_classes(classes, base, s.keep)
+    first_c, first_p = first_c.astype(np.int32), first_p.astype(np.float32)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(peers_module, "ROWS_PER_BLOCK", 7)
+        m.setattr(graph_module, "ROWS_PER_BLOCK", 7)
+        links = peer_graph([emb], has, k).links(tau, k)
+        lean_c, lean_p = propagate(first_c, first_p, links, s, inplace=True)
+    assert np.array_equal(lean_c, got_c) and np.allclose(lean_p, got_p, atol=1e-7)
+    assert links.pos.shape == (n, k) and np.allclose(links.w.sum(1)[has], 1, atol=1e-6)
 
 
 def test_a_doubtful_product_follows_its_confident_near_duplicate_peers():

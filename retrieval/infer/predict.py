@@ -157,13 +157,15 @@ def _with_peers(store: PartStore, n_parts: int, peers: PeerSettings, params: dic
     log.info("peer propagation over %d products (mu %s, k %d)", len(has_image), peers.mu, peers.k)
     graph = peer_graph(blocks, has_image, peers.k)  # first: its search index is gone before the classes load
     params["peer_graph"] = graph.cost
+    links = graph.links(peers.tau, peers.k)
+    del graph
     got = [store.read(part, ("classes", "probs")) for part in range(n_parts)]
     width = max(g["classes"].shape[1] for g in got)
     sizes = [len(g["classes"]) for g in got]
     classes = np.concatenate([pad_columns(g.pop("classes"), width, -1) for g in got])
     probs = np.concatenate([pad_columns(g.pop("probs"), width, 0) for g in got])
     del got
-    f_c, f_v = propagate(classes, probs, graph, peers)
+    f_c, f_v = propagate(classes, probs, links, peers, inplace=True)
     lo = 0
     for n in sizes:
         yield f_c[lo:lo + n], f_v[lo:lo + n]

@@ -14,7 +14,7 @@ from index import VectorIndex, choose_factory, exact_topk, mapped_rows, normalis
 from index.store import CODES_ALONE_NPROBE, REFINE_FACTOR
 
 log = logging.getLogger(__name__)
-PEER_MEMORY = 256e6  # bytes the peer graph's search index may hold (past that, codes: half floats, then SQ8)
+PEER_MEMORY = 512e6  # bytes the peer graph's search index may hold (past that, codes: half floats, then SQ8)
 PEER_RECALL = 0.95  # recall of the exact peers an approximate graph search must reach on a sample
 RECALL_SAMPLE = 1000  # products the recall is measured on
 MAX_NPROBE = 512  # the widest search the tuning tries (a bound on the graph's cost)
@@ -35,6 +35,25 @@ class PeerGraph:
         """Weights ``[P, k]`` of the first ``k`` peers, ``exp(sim / tau)`` summing to 1 per product (all 0 for a
         product without peers)."""
         return normalise_rows(vote_weights(self.sims, self.pos, tau, k)[0])
+
+    def links(self, tau: float, k: int) -> "PeerLinks":
+        """What propagation needs of the graph, in half its size: the first ``k`` peers and their weights,
+        computed in blocks of :data:`ROWS_PER_BLOCK` products."""
+        n, kk = len(self.pos), min(k, self.pos.shape[1])
+        w = np.empty((n, kk), np.float32)
+        for lo in range(0, n, ROWS_PER_BLOCK):
+            sl = slice(lo, lo + ROWS_PER_BLOCK)
+            w[sl] = PeerGraph(self.pos[sl], self.sims[sl]).weights(tau, kk)
+        return PeerLinks(np.maximum(self.pos[:, :kk], 0), w)
+
+
+@dataclass
+class PeerLinks:
+    """Each product's first peers ``pos [P, k]`` (0 where none: its weight is 0) and weights ``w [P, k]``
+    (``exp(sim / tau)`` summing to 1 per product, all 0 for a product without peers)."""
+
+    pos: np.ndarray
+    w: np.ndarray
 
 
 def _members(blocks: Sequence[np.ndarray], starts: np.ndarray, has_image: np.ndarray) -> Iterator[np.ndarray]:
