@@ -25,8 +25,9 @@ PROTO_TOP = 5  # classes of the nearest prototypes kept too, where prototypes ar
 @dataclass
 class Candidates:
     """Per product, the only classes the fused rule can rank first: the head's top ``m`` plus the neighbours'
-    and exact duplicates' classes (sorted, deduplicated, -1 padded), with the head's exact probability for each.
-    Fused scores over these equal the dense ``[P, C]`` ones, so the top-m ranking never needs all C classes."""
+    and exact duplicates' classes, and the nearest prototypes' where prototypes are used (sorted, deduplicated,
+    -1 padded), with the head's exact probability for each. Fused scores over these equal the dense ``[P, C]``
+    ones, so the top-m ranking never needs all C classes."""
 
     classes: np.ndarray    # [P, W] int32 class index, -1 = padding
     head: np.ndarray       # [P, W] float32 head probability of each candidate
