@@ -13,6 +13,8 @@ import numpy as np
 from index import VectorIndex, choose_factory, exact_topk, mapped_rows, normalise_rows, take_rows, vote_weights
 from index.store import CODES_ALONE_NPROBE, REFINE_FACTOR
 
+from ...model.runtime import release_heap
+
 log = logging.getLogger(__name__)
 PEER_MEMORY = 512e6  # bytes the peer graph's search index may hold (past that, codes: half floats, then SQ8)
 PEER_RECALL = 0.95  # recall of the exact peers an approximate graph search must reach on a sample
@@ -103,6 +105,7 @@ def peer_graph(blocks: Sequence[np.ndarray], has_image: np.ndarray, k: int, memo
         index.train(np.concatenate([m[rng.random(len(m)) < share] for m in _members(blocks, starts, has_image)]))
     for m in _members(blocks, starts, has_image):
         index.add(m, np.full(len(m), -1))
+    release_heap()  # the inverted lists grew by doubling: the outgrown buffers go back to the system
     index.refine = lambda p: mapped_rows(blocks, member[p])  # codes: shortlists re-ranked from those rows alone
     search = index.search
     recall = 1.0
