@@ -176,6 +176,14 @@ class VectorIndex:
         log.info("training %s on %d vectors", self.factory, len(x))
         train_ivf(self.faiss_index, x)
 
+    def train_on_blocks(self, blocks, n: int, seed: int = 0) -> None:
+        """Train on a uniform sample of :meth:`training_rows` of the ``n`` vectors given as blocks ``[n_i, d]``
+        (memory-mapped ones are fine: each block is read once)."""
+        if self.faiss_index.is_trained:
+            return
+        rng, share = np.random.default_rng(seed), min(1.0, self.training_rows(n) / max(n, 1))
+        self.train(np.concatenate([np.asarray(b)[rng.random(len(b)) < share] for b in blocks]))
+
     def training_rows(self, n: int) -> int:
         """How many of ``n`` vectors to sample for :meth:`train` (all of them when it needs none)."""
         return 0 if self.faiss_index.is_trained else training_rows(self.faiss_index, n)

@@ -68,9 +68,7 @@ def _fill_index(vi: VectorIndex, store: PartStore, parts: list, labels: np.ndarr
     """Train (if needed) and fill ``vi`` from the stored parts; tune its search depth; returns recall@10."""
     n = sum(c for _, c in parts)
     blocks = lambda: (store.read(p, ("emb",))["emb"] for p, _ in parts)  # noqa: E731
-    if not vi.faiss_index.is_trained:
-        rng, share = np.random.default_rng(0), min(1.0, vi.training_rows(n) / n)
-        vi.train(np.concatenate([b[rng.random(len(b)) < share] for b in blocks()]))
+    vi.train_on_blocks(blocks(), n)
 
     def added_blocks():  # each part is read once here: added to the index, then scored exactly for tuning
         start = 0

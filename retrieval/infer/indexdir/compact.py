@@ -69,9 +69,7 @@ def _compact(folder: IndexFolder) -> str | None:
     emb = [s.embeddings(k) for s in segs for k in range(len(s.parts))]
     labels = np.concatenate([s.vectors.labels for s in segs])
     if not flat:
-        share = min(1.0, vi.training_rows(n) / n)
-        rng = np.random.default_rng(0)
-        vi.train(np.concatenate([np.asarray(b)[rng.random(len(b)) < share] for b in emb]))
+        vi.train_on_blocks(emb, n)
     start = 0
     for block in emb:
         vi.add(np.asarray(block, np.float32), labels[start:start + len(block)])

@@ -99,10 +99,7 @@ def peer_graph(blocks: Sequence[np.ndarray], has_image: np.ndarray, k: int, memo
     starts = np.cumsum([0] + [len(b) for b in blocks])
     if starts[-1] != len(has_image):
         raise ValueError(f"{starts[-1]} embeddings for {len(has_image)} products")
-    if not index.faiss_index.is_trained:  # IVF: trained on a sample spread over all the blocks
-        share = min(1.0, index.training_rows(len(member)) / len(member))
-        rng = np.random.default_rng(seed)
-        index.train(np.concatenate([m[rng.random(len(m)) < share] for m in _members(blocks, starts, has_image)]))
+    index.train_on_blocks(_members(blocks, starts, has_image), len(member), seed)  # IVF: a sample of all blocks
     for m in _members(blocks, starts, has_image):
         index.add(m, np.full(len(m), -1))
     release_heap()  # the inverted lists grew by doubling: the outgrown buffers go back to the system
