@@ -54,7 +54,7 @@ def test_peer_graph_is_the_brute_force_neighbours_without_self_or_imageless_prod
 
 
 @pytest.mark.parametrize("mu,k,tau", [(0.5, 3, 0.1), (0.9, 6, 0.05)])
-def test_sparse_propagation_equals_dense_label_propagation(mu, k, tau):
+def test_sparse_propagation_equals_dense_label_propagation(mu, k, tau, tmp_path):
     rng = np.random.default_rng(1)
     n, c = 40, 7
     emb = _unit(rng.normal(size=(n, 5)))
@@ -74,14 +74,17 @@ def test_sparse_propagation_equals_dense_label_propagation(mu, k, tau):
         m.setattr(peers_module, "ROWS_PER_BLOCK", 7)
         small_c, small_p = propagate(classes, base.astype(np.float32), peer_graph([emb], has, k), s)
     assert np.array_equal(small_c, got_c) and np.allclose(small_p, got_p, atol=1e-7)
-    # as predict runs it: the graph's links only, the first stage's kept arrays reused in place (blocks of 7)
+    # as predict runs it: the graph's links only, the first stage read from memory-mapped files (int16 classes)
     first_c, first_p = top_classes(classes, base, s.keep)
-    first_c, first_p = first_c.astype(np.int32), first_p.astype(np.float32)
+    np.save(tmp_path / "c.npy", first_c.astype(np.int16))
+    np.save(tmp_path / "p.npy", first_p.astype(np.float32))
     with pytest.MonkeyPatch.context() as m:
         m.setattr(peers_module, "ROWS_PER_BLOCK", 7)
         m.setattr(graph_module, "ROWS_PER_BLOCK", 7)
         links = peer_graph([emb], has, k).links(tau, k)
-        lean_c, lean_p = propagate(first_c, first_p, links, s, inplace=True)
+        lean_c, lean_p = propagate(np.load(tmp_path / "c.npy", mmap_mode="r"),
+                                   np.load(tmp_path / "p.npy", mmap_mode="r"), links, s)
+    assert lean_c.dtype == np.int16 and lean_p.dtype == np.float32
     assert np.array_equal(lean_c, got_c) and np.allclose(lean_p, got_p, atol=1e-7)
     assert links.pos.shape == (n, k) and np.allclose(links.w.sum(1)[has], 1, atol=1e-6)
 

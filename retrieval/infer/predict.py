@@ -108,7 +108,7 @@ def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path,
     release_heap()
     n_parts = len(parts)
     t = time.perf_counter()
-    n_written = _assemble(_with_peers(store, n_parts, peers, report.params),
+    n_written = _assemble(_with_peers(store, n_parts, peers, report.params, len(ids_of)),
                           table["product_id"], ids_of, out_csv, top, scores_out)
     timer.add("peers+write", t)
     if n_written != len(table):
@@ -141,12 +141,12 @@ def _decide(bundle: IndexBundle, clf: FusedClassifier, outs: list, peers: PeerSe
     return out
 
 
-def _with_peers(store: PartStore, n_parts: int, peers: PeerSettings, params: dict
+def _with_peers(store: PartStore, n_parts: int, peers: PeerSettings, params: dict, n_classes: int
                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Each part's final ``(classes [P, keep], probs [P, keep])``, best first: the fused distributions, smoothed
     over the products' peers in the whole file when peer propagation is on (the graph and the distributions of
-    all products are held in memory, ``O(P * (k + keep))``; the embeddings are memory-mapped). The graph's cost
-    goes to ``params["peer_graph"]``."""
+    all products are held in memory, ``O(P * (k + keep))``; the embeddings and the first stage are memory-mapped).
+    The graph's cost goes to ``params["peer_graph"]``."""
     if not peers.on:
         for part in range(n_parts):
             z = store.read(part, ("classes", "probs"))
@@ -159,17 +159,36 @@ def _with_peers(store: PartStore, n_parts: int, peers: PeerSettings, params: dic
     params["peer_graph"] = graph.cost
     links = graph.links(peers.tau, peers.k)
     del graph
-    got = [store.read(part, ("classes", "probs")) for part in range(n_parts)]
-    width = max(g["classes"].shape[1] for g in got)
-    sizes = [len(g["classes"]) for g in got]
-    classes = np.concatenate([pad_columns(g.pop("classes"), width, -1) for g in got])
-    probs = np.concatenate([pad_columns(g.pop("probs"), width, 0) for g in got])
-    del got
-    f_c, f_v = propagate(classes, probs, links, peers, inplace=True)
+    classes, probs, sizes = _first_stage_on_disk(store, n_parts, n_classes)
+    f_c, f_v = propagate(classes, probs, links, peers)
+    del classes, probs, links
     lo = 0
     for n in sizes:
         yield f_c[lo:lo + n], f_v[lo:lo + n]
         lo += n
+
+
+def _first_stage_on_disk(store: PartStore, n_parts: int, n_classes: int
+                         ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """The parts' first-stage ``classes [P, W]`` (int16 where the classes fit) and ``probs [P, W]`` copied part by
+    part into two ``.npy`` files of the store and memory-mapped read-only (never the whole file in the heap),
+    and each part's number of products."""
+    parts = [store.read(part, ("classes",))["classes"].shape for part in range(n_parts)]
+    sizes, width = [n for n, _ in parts], max(w for _, w in parts)
+    dtype = np.int16 if n_classes <= np.iinfo(np.int16).max else np.int32
+    files = {k: store.folder / f"first_stage.{k}.npy" for k in ("classes", "probs")}
+    out = {"classes": np.lib.format.open_memmap(files["classes"], "w+", dtype, (sum(sizes), width)),
+           "probs": np.lib.format.open_memmap(files["probs"], "w+", np.float32, (sum(sizes), width))}
+    lo = 0
+    for part, n in enumerate(sizes):
+        z = store.read(part, ("classes", "probs"))
+        out["classes"][lo:lo + n] = pad_columns(z["classes"], width, -1)
+        out["probs"][lo:lo + n] = pad_columns(z["probs"], width, 0)
+        lo += n
+    for a in out.values():
+        a.flush()
+    del out
+    return np.load(files["classes"], mmap_mode="r"), np.load(files["probs"], mmap_mode="r"), sizes
 
 
 def _assemble(decided: Iterator[tuple[np.ndarray, np.ndarray]], product_ids: np.ndarray, ids_of: np.ndarray,

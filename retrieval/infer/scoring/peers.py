@@ -81,42 +81,46 @@ def top_classes(classes: np.ndarray, values: np.ndarray, keep: int) -> tuple[np.
     out_c = np.where(out_v > 0, np.take_along_axis(c, top, 1), -1)
     if out_c.shape[1] < keep:
         out_c, out_v = pad_columns(out_c, keep, -1), pad_columns(out_v, keep, 0)
-    return out_c.astype(np.int32), out_v.astype(np.float32)
+    return out_c.astype(np.int16 if classes.dtype == np.int16 else np.int32), out_v.astype(np.float32)
 
 
-def propagate(classes: np.ndarray, probs: np.ndarray, graph: PeerGraph | PeerLinks | None, s: PeerSettings,
-              inplace: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def propagate(classes: np.ndarray, probs: np.ndarray, graph: PeerGraph | PeerLinks | None, s: PeerSettings
+              ) -> tuple[np.ndarray, np.ndarray]:
     """Smoothed distributions from first-stage ones (``classes [P, W]``, ``probs [P, W]`` summing to 1 per
     product; class -1 = padding): ``(classes [P, keep], probs [P, keep])``, each row best first, summing to 1
     (a product without peers keeps its own distribution, truncated). ``graph``: the peer graph or its
-    :meth:`~.graph.PeerGraph.links`. ``inplace`` (where ``W == keep``): the inputs become the first stage's
-    kept distributions, in their own memory (a caller that has no further use for them saves a copy)."""
+    :meth:`~.graph.PeerGraph.links`. The inputs are only read, block by block (memory-mapped arrays are fine:
+    besides the graph, two ``[P, keep]`` distributions are held); int16 classes stay int16 (half the memory)."""
     n = len(classes)
     blocks = [slice(lo, min(lo + ROWS_PER_BLOCK, n)) for lo in range(0, n, ROWS_PER_BLOCK)]
-    if inplace and classes.shape[1] == s.keep and classes.dtype == np.int32 and probs.dtype == np.float32:
-        base = (classes, probs)
-    else:
-        base = (np.empty((n, s.keep), np.int32), np.empty((n, s.keep), np.float32))
+    dtype = np.int16 if classes.dtype == np.int16 else np.int32
+
+    def first(sl: slice) -> tuple[np.ndarray, np.ndarray]:  # a block's own distribution, its keep classes
+        c, v = top_classes(np.asarray(classes[sl]), np.asarray(probs[sl], np.float64), s.keep)
+        return c.astype(dtype, copy=False), v
+
+    f_c, f_v = np.empty((n, s.keep), dtype), np.empty((n, s.keep), np.float32)
     for sl in blocks:  # block by block: the sort's temporaries never span the whole file
-        base[0][sl], base[1][sl] = top_classes(np.asarray(classes[sl]), np.asarray(probs[sl], np.float64), s.keep)
+        f_c[sl], f_v[sl] = first(sl)
     if not s.on:
-        return base[0], normalise_rows(base[1])
+        return f_c, normalise_rows(f_v)
     links = graph if isinstance(graph, PeerLinks) else graph.links(s.tau, s.k)
     pos, w = links.pos, links.w
     own = np.where(w.sum(1, keepdims=True) == 0, 1.0, 1 - s.mu).astype(np.float32)  # no peer: all on its own
-    f_c, f_v = base
+    new_c, new_v = np.empty_like(f_c), np.empty_like(f_v)
     for _ in range(s.iters):
-        new_c, new_v = np.empty_like(f_c), np.empty_like(f_v)
         for sl in blocks:
             m = sl.stop - sl.start
+            b_c, b_v = first(sl)
             nb_c = f_c[pos[sl]].reshape(m, -1)  # [m, k * keep] the peers' current classes
             nb_v = (f_v[pos[sl]] * (s.mu * w[sl])[..., None]).reshape(m, -1)
-            cat_c = np.concatenate([base[0][sl], nb_c], 1)
-            cat_v = np.concatenate([base[1][sl] * own[sl], nb_v], 1)
-            new_c[sl], new_v[sl] = top_classes(cat_c, cat_v.astype(np.float64), s.keep)
+            cat_c = np.concatenate([b_c, nb_c], 1)
+            cat_v = np.concatenate([b_v * own[sl], nb_v], 1)
+            c, v = top_classes(cat_c, cat_v.astype(np.float64), s.keep)
+            new_c[sl], new_v[sl] = c, v
             total = new_v[sl].sum(1, keepdims=True)
             np.divide(new_v[sl], total, out=new_v[sl], where=total > 0)  # normalised in place, block by block
-        f_c, f_v = new_c, new_v
+        f_c, f_v, new_c, new_v = new_c, new_v, f_c, f_v  # two buffers, swapped: never a third
     return f_c, f_v
 
 
