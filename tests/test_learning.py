@@ -359,6 +359,15 @@ def test_prototype_candidates_and_feature_match_the_formula_by_hand():
     got = set(c.classes[0][c.classes[0] >= 0].tolist())
     assert got == {0, 1, 2} | {7, 9, 10, 11, 8}  # head's top 3, the neighbour's class, the 5 nearest prototypes
     assert PROTO_TOP == 5
+    plain = c.without_proto()  # what a rule without prototypes sees: the prototypes' own classes are gone
+    assert set(plain.classes[0][plain.classes[0] >= 0].tolist()) == {0, 1, 2} and plain.proto is None
+    assert np.allclose(plain.head[0][plain.classes[0] >= 0], head[0, plain.classes[0][plain.classes[0] >= 0]])
+    near_head = proto_sims.copy()
+    near_head[0, 1] = 0.95  # the nearest prototype is also a head candidate: it stays for every rule
+    both = Candidates.build(head, np.array([[0.9]]), np.array([[2]]), np.ones(1, bool), m=3, proto_sims=near_head)
+    kept = both.without_proto().classes[0]
+    assert set(kept[kept >= 0].tolist()) == {0, 1, 2}
+    assert set(both.classes[0][both.proto_only[0]].tolist()) == {7, 9, 10, 11}
     f = FusedClassifier(k=1, tau=0.1, weights=(0,) * (len(FEATURES) - 1) + (1.0,)).features(c)[0]
     for j, cls in enumerate(c.classes[0]):
         want = proto_sims[0, cls] / PROTO_TAU if cls >= 0 else 0.0
@@ -403,3 +412,27 @@ def test_prototype_rule_wins_for_small_classes_the_others_miss_and_not_on_noise(
     assert noise.cv[noise.chosen] <= noise.cv["grid"] + 0.05
     no_proto = calibrate(Candidates.build(head, sims, labels, np.ones(n, bool), m=5, sizes=sizes), y, fallback=0)
     assert "learnt_proto" not in no_proto.cv  # without prototypes the rule is not a choice
+    for rule in no_proto.cv:  # the other rules are scored on the candidates predict gives them: no prototype's class
+        assert cal.cv[rule] == no_proto.cv[rule] and np.array_equal(cal.oof[rule], no_proto.oof[rule])
+
+
+def test_rules_without_prototypes_score_the_candidates_predict_gives_them():
+    """A product with no neighbour and a flat head: every candidate ties under the kNN-only rule, so the first
+    listed class wins. Prototype-only classes (0-4 here) come first in the list; evaluate must not let them win
+    for a rule that predict runs without prototypes (predict never adds them there): the same answer as
+    candidates built without any prototype."""
+    from retrieval.infer.scoring.streamed import score_part
+    n_cls = 10
+    head = np.zeros((1, n_cls))
+    head[0, [5, 6]] = 0.5
+    sims, labels = np.zeros((1, 2)), np.full((1, 2), -1)
+    proto_sims = np.zeros((1, n_cls))
+    proto_sims[0, :5] = 0.9
+    with_p = Candidates.build(head, sims, labels, np.ones(1, bool), m=2, proto_sims=proto_sims)
+    without = Candidates.build(head, sims, labels, np.ones(1, bool), m=2)
+    assert with_p.classes[0][with_p.classes[0] >= 0].min() == 0  # a prototype-only class is listed first
+    knn = FusedClassifier(0.0, 2, 0.1, 0.0, 0)
+    fused = FusedClassifier(1.0, 2, 0.1, 0.0, 0)
+    got, want = score_part(with_p, fused, knn, knn, 3), score_part(without, fused, knn, knn, 3)
+    assert got.knn.tolist() == want.knn.tolist() == [5]
+    assert np.array_equal(got.classes, want.classes) and np.allclose(got.probs, want.probs)

@@ -75,7 +75,8 @@ def _embed_parts(bundle: IndexBundle, path: Path, table: np.ndarray, rows: np.nd
     parts = numbered(rows, part_products)
     cls_of = {int(r): int(v) for r, v in zip(rows, y, strict=True)}
     key = {"model": bundle.manifest.model_sha256, "count": len(bundle.vectors), "data": file_fingerprint(path),
-           "rows": hashlib.sha1(rows.tobytes()).hexdigest(), "mirror": bundle.manifest.mirror, "with": "emb+size+proto",
+           "rows": hashlib.sha1(rows.tobytes()).hexdigest(), "mirror": bundle.manifest.mirror,
+           "with": "emb+size+proto+only",
            "runtime": bundle.runtime}
     store = PartStore(scratch, key, restart=is_first_rank())
     work = PartWork(lambda outs: _part(bundle, outs, np.array([cls_of[int(r)] for o in outs for r in o.rows])),

@@ -127,6 +127,7 @@ def calibrate(c: Candidates, y: np.ndarray, fallback: int, seed: int = 0) -> Cal
     products."""
     n = len(y)
     fold = np.random.default_rng(seed).permutation(n) % FOLDS
+    full, c = c, c.without_proto()  # every rule but learnt_proto sees the candidates predict gives it
     temp = fit_temperature(c, y)
     base = FusedClassifier(fallback=fallback, temperature=temp)
     correct = _grid_correct(c, y, fold, base)
@@ -136,8 +137,9 @@ def calibrate(c: Candidates, y: np.ndarray, fallback: int, seed: int = 0) -> Cal
     best = max(grid, key=lambda g: g["accuracy"])
     grid_clf = replace(base, alpha=best["alpha"], k=best["k"], tau=best["tau"], beta=best["beta"])
     uses = {"learnt": BASE_FEATURES, "learnt_tail": TAIL_FEATURES, "learnt_proto": len(FEATURES)}
-    if c.proto is None:  # no prototypes: that rule is not a choice
+    if full.proto is None:  # no prototypes: that rule is not a choice
         uses.pop("learnt_proto")
+    seen = {r: full if r == "learnt_proto" else c for r in uses}
     rules = tuple(r for r in RULES if r == "grid" or r in uses)
     oof = {r: np.full(n, fallback, np.int64) for r in rules}
     for f in range(FOLDS):
@@ -148,12 +150,12 @@ def calibrate(c: Candidates, y: np.ndarray, fallback: int, seed: int = 0) -> Cal
         oof["grid"][te] = replace(base, alpha=a, k=k, tau=t, beta=b).predict_candidates(c.rows(te))[0][:, 0]
         cf = replace(grid_clf, temperature=fit_temperature(c.rows(tr), y[tr]))
         for rule, use in uses.items():
-            learnt = replace(cf, weights=fit_weights(cf, c.rows(tr), y[tr], seed=seed, use=use))
-            oof[rule][te] = learnt.predict_candidates(c.rows(te))[0][:, 0]
+            learnt = replace(cf, weights=fit_weights(cf, seen[rule].rows(tr), y[tr], seed=seed, use=use))
+            oof[rule][te] = learnt.predict_candidates(seen[rule].rows(te))[0][:, 0]
     cv = {r: float((p == y).mean()) if n else 0.0 for r, p in oof.items()}
     chosen = max(rules, key=lambda r: (cv[r], -RULES.index(r)))
     clf = grid_clf if chosen == "grid" else \
-        replace(grid_clf, weights=fit_weights(grid_clf, c, y, seed=seed, use=uses[chosen]))
+        replace(grid_clf, weights=fit_weights(grid_clf, seen[chosen], y, seed=seed, use=uses[chosen]))
     log.info("fusion: %s rule chosen (cross-validated accuracy: %s; head temperature %.3g)", chosen,
              ", ".join(f"{r} {v:.4f}" for r, v in cv.items()), temp)
     return Calibration(clf, grid, cv, oof, temp, chosen)

@@ -3,7 +3,7 @@ neighbours found in the index and the exact-duplicate labels."""
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
@@ -37,6 +37,7 @@ class Candidates:
     dups: np.ndarray       # [P, D] class of each exactly matching indexed picture, -1 = none
     size: np.ndarray       # [P, W] float32 indexed products of each candidate class (0 on padding)
     proto: np.ndarray | None = None  # [P, W] float32 cosine to each candidate's class prototype (None: not used)
+    proto_only: np.ndarray | None = None  # [P, W] bool: a candidate only because its prototype is among the nearest
 
     @classmethod
     def build(cls, p_head: np.ndarray, sims: np.ndarray, labels: np.ndarray, has_image: np.ndarray,
@@ -51,10 +52,12 @@ class Candidates:
         top = np.argpartition(-p_head, m - 1, axis=1)[:, :m] if m < p_head.shape[1] else \
             np.broadcast_to(np.arange(m), (len(p_head), m))
         extra = [top, labels, dups]
+        near = None
         if proto_sims is not None:
             mp = min(PROTO_TOP, proto_sims.shape[1])
-            extra.append(np.argpartition(-proto_sims, mp - 1, axis=1)[:, :mp] if mp < proto_sims.shape[1] else
-                         np.broadcast_to(np.arange(mp), (len(p_head), mp)))
+            near = (np.argpartition(-proto_sims, mp - 1, axis=1)[:, :mp] if mp < proto_sims.shape[1] else
+                    np.broadcast_to(np.arange(mp), (len(p_head), mp)))
+            extra.append(near)
         cand = np.sort(np.concatenate(extra, 1), axis=1)
         cand[:, 1:][cand[:, 1:] == cand[:, :-1]] = -1
         head = np.where(cand >= 0, np.take_along_axis(p_head, np.maximum(cand, 0), 1), 0.0)
@@ -62,13 +65,18 @@ class Candidates:
         if sizes is not None and len(sizes):
             known = (cand >= 0) & (cand < len(sizes))
             size[known] = np.asarray(sizes)[cand[known]]
-        proto = None
+        proto = only = None
         if proto_sims is not None:
             known = (cand >= 0) & (cand < proto_sims.shape[1])
             proto = np.where(known, np.take_along_axis(proto_sims, np.where(known, cand, 0), 1), 0.0)
             proto = proto.astype(np.float32)
+            others = np.concatenate(extra[:-1], 1)  # [P, m + K + D] the classes a rule without prototypes sees
+            only = np.zeros(cand.shape, bool)
+            for j in range(near.shape[1]):
+                c_j = near[:, j:j + 1]
+                only |= (cand == c_j) & ~(others == c_j).any(1, keepdims=True)
         return cls(cand.astype(np.int32), head.astype(np.float32), np.asarray(sims, np.float32),
-                   np.asarray(labels, np.int32), np.asarray(has_image, bool), dups, size, proto)
+                   np.asarray(labels, np.int32), np.asarray(has_image, bool), dups, size, proto, only)
 
     def __len__(self) -> int:
         return len(self.classes)
@@ -79,8 +87,22 @@ class Candidates:
         return duplicate_share(self.classes, self.dups)
 
     def rows(self, sl: slice | np.ndarray) -> "Candidates":
+        pick = lambda a: None if a is None else a[sl]  # noqa: E731
         return Candidates(self.classes[sl], self.head[sl], self.sims[sl], self.labels[sl], self.has_image[sl],
-                          self.dups[sl], self.size[sl], None if self.proto is None else self.proto[sl])
+                          self.dups[sl], self.size[sl], pick(self.proto), pick(self.proto_only))
+
+    def without_proto(self) -> "Candidates":
+        """The candidates a rule that does not weigh prototypes sees, as predict builds them for it: those that
+        are candidates only through a nearest prototype become padding, and ``proto`` is dropped."""
+        if self.proto_only is None:
+            return self if self.proto is None else replace(self, proto=None)
+        gone = self.proto_only
+        return Candidates(np.where(gone, -1, self.classes), np.where(gone, 0, self.head), self.sims, self.labels,
+                          self.has_image, self.dups, np.where(gone, 0, self.size))
+
+    def for_rule(self, uses_prototypes: bool) -> "Candidates":
+        """These candidates for a rule that weighs prototypes, or as :meth:`without_proto` for one that does not."""
+        return self if uses_prototypes else self.without_proto()
 
     @property
     def proto_or_zero(self) -> np.ndarray:
@@ -89,9 +111,10 @@ class Candidates:
 
     def widened(self, width: int) -> "Candidates":
         """The same candidates with the per-candidate columns padded to ``width`` (parts of one width join)."""
+        pad = lambda a, fill: None if a is None else pad_columns(a, width, fill)  # noqa: E731
         return Candidates(pad_columns(self.classes, width, -1), pad_columns(self.head, width, 0), self.sims,
                           self.labels, self.has_image, self.dups, pad_columns(self.size, width, 0),
-                          None if self.proto is None else pad_columns(self.proto, width, 0))
+                          pad(self.proto, 0), pad(self.proto_only, False))
 
     @classmethod
     def concat(cls, parts: list["Candidates"]) -> "Candidates":
@@ -99,10 +122,12 @@ class Candidates:
             width = max(a.shape[1] for a in arrays)
             return np.concatenate([pad_columns(a, width, fill) for a in arrays])
         with_proto = all(p.proto is not None for p in parts)
+        with_only = all(p.proto_only is not None for p in parts)
         return cls(stack([p.classes for p in parts], -1), stack([p.head for p in parts], 0),
                    np.concatenate([p.sims for p in parts]), np.concatenate([p.labels for p in parts]),
                    np.concatenate([p.has_image for p in parts]), stack([p.dups for p in parts], -1),
-                   stack([p.size for p in parts], 0), stack([p.proto for p in parts], 0) if with_proto else None)
+                   stack([p.size for p in parts], 0), stack([p.proto for p in parts], 0) if with_proto else None,
+                   stack([p.proto_only for p in parts], False) if with_only else None)
 
 
 _SIZES: tuple[weakref.ref, np.ndarray] | None = None  # (the labels array counted, its counts): one index at a time

@@ -141,7 +141,7 @@ def peer_graph(blocks: Sequence[np.ndarray], has_image: np.ndarray, k: int, memo
     log.info("peer graph over %d products: %s, nprobe %s, recall of the exact %d peers %.3f (sample of %d), "
              "%.1f s, index %.0f MB", len(member), factory, index.nprobe, k, recall,
              min(RECALL_SAMPLE, len(member)), cost["seconds"], cost["index_mb"])
-    del index, search
+    index = search = None  # the lambdas above hold `search` in a cell: let go of it too
     release_heap()  # the lists' buffers sit amid the C heap: freed, they stay resident until trimmed
     return PeerGraph(pos, sims, cost)
 
