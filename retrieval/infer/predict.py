@@ -19,7 +19,7 @@ from .indexdir.bundle import IndexBundle, open_index
 from .pipeline.embed import LoaderSettings, Timer
 from .pipeline.parts import PartWork, numbered, run_parts
 from .pipeline.store import PartStore
-from .scoring.candidates import candidates_for, pad_columns
+from .scoring.candidates import candidates_for
 from .scoring.fused import FusedClassifier, FusionOverrides, load_fusion
 from .scoring.peers import (
     PeerSettings,
@@ -153,13 +153,15 @@ def _with_peers(store: PartStore, n_parts: int, peers: PeerSettings, params: dic
             yield propagate(z["classes"], z["probs"], None, peers)
         return
     blocks = [np.load(PartStore.embeddings_file(store.folder, part), mmap_mode="r") for part in range(n_parts)]
-    has_image = np.concatenate([store.read(part, ("n_images",))["n_images"] for part in range(n_parts)]) > 0
+    counts = [store.read(part, ("n_images",))["n_images"] for part in range(n_parts)]
+    has_image = np.concatenate(counts) > 0
     log.info("peer propagation over %d products (mu %s, k %d)", len(has_image), peers.mu, peers.k)
     graph = peer_graph(blocks, has_image, peers.k)  # first: its search index is gone before the classes load
     params["peer_graph"] = graph.cost
     links = graph.links(peers.tau, peers.k)
     del graph
-    classes, probs, sizes = _first_stage_on_disk(store, n_parts, n_classes)
+    sizes = [len(c) for c in counts]
+    classes, probs = _first_stage_on_disk(store, sizes, peers.keep, n_classes)
     f_c, f_v = propagate(classes, probs, links, peers)
     del classes, probs, links
     lo = 0
@@ -168,27 +170,25 @@ def _with_peers(store: PartStore, n_parts: int, peers: PeerSettings, params: dic
         lo += n
 
 
-def _first_stage_on_disk(store: PartStore, n_parts: int, n_classes: int
-                         ) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """The parts' first-stage ``classes [P, W]`` (int16 where the classes fit) and ``probs [P, W]`` copied part by
-    part into two ``.npy`` files of the store and memory-mapped read-only (never the whole file in the heap),
-    and each part's number of products."""
-    parts = [store.read(part, ("classes",))["classes"].shape for part in range(n_parts)]
-    sizes, width = [n for n, _ in parts], max(w for _, w in parts)
+def _first_stage_on_disk(store: PartStore, sizes: list[int], keep: int, n_classes: int
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """The parts' first-stage ``classes [P, keep]`` (int16 where the classes fit) and ``probs [P, keep]``
+    (``sizes``: each part's products) copied part by part into two ``.npy`` files of the store and
+    memory-mapped read-only (never the whole file in the heap)."""
     dtype = np.int16 if n_classes <= np.iinfo(np.int16).max else np.int32
     files = {k: store.folder / f"first_stage.{k}.npy" for k in ("classes", "probs")}
-    out = {"classes": np.lib.format.open_memmap(files["classes"], "w+", dtype, (sum(sizes), width)),
-           "probs": np.lib.format.open_memmap(files["probs"], "w+", np.float32, (sum(sizes), width))}
+    out = {"classes": np.lib.format.open_memmap(files["classes"], "w+", dtype, (sum(sizes), keep)),
+           "probs": np.lib.format.open_memmap(files["probs"], "w+", np.float32, (sum(sizes), keep))}
     lo = 0
     for part, n in enumerate(sizes):
-        z = store.read(part, ("classes", "probs"))
-        out["classes"][lo:lo + n] = pad_columns(z["classes"], width, -1)
-        out["probs"][lo:lo + n] = pad_columns(z["probs"], width, 0)
+        z = store.read(part, ("classes", "probs"))  # each part keeps exactly ``keep`` classes (top_classes)
+        out["classes"][lo:lo + n] = z["classes"]
+        out["probs"][lo:lo + n] = z["probs"]
         lo += n
     for a in out.values():
         a.flush()
     del out
-    return np.load(files["classes"], mmap_mode="r"), np.load(files["probs"], mmap_mode="r"), sizes
+    return np.load(files["classes"], mmap_mode="r"), np.load(files["probs"], mmap_mode="r")
 
 
 def _assemble(decided: Iterator[tuple[np.ndarray, np.ndarray]], product_ids: np.ndarray, ids_of: np.ndarray,

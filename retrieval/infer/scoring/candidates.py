@@ -97,8 +97,8 @@ class Candidates:
         if self.proto_only is None:
             return self if self.proto is None else replace(self, proto=None)
         gone = self.proto_only
-        return Candidates(np.where(gone, -1, self.classes), np.where(gone, 0, self.head), self.sims, self.labels,
-                          self.has_image, self.dups, np.where(gone, 0, self.size))
+        return replace(self, classes=np.where(gone, -1, self.classes), head=np.where(gone, 0, self.head),
+                       size=np.where(gone, 0, self.size), proto=None, proto_only=None)
 
     def for_rule(self, uses_prototypes: bool) -> "Candidates":
         """These candidates for a rule that weighs prototypes, or as :meth:`without_proto` for one that does not."""
