@@ -194,6 +194,9 @@ def train(train_file: Path = typer.Argument(..., help="training BSON file"),
           arcface_margin_min: Optional[float] = typer.Option(
               None, min=0.0, help="SubCenterArcFace with class-size margins: this many degrees for the largest class, "
               f"the full margin for the smallest (0: one margin) {_default('arcface_margin_min')}"),
+          logit_adjust: Optional[float] = typer.Option(
+              None, min=0.0, help="logit-adjusted cross-entropy: logits + this x log(class prior) in training, so the "
+              f"head learns balanced scores (Menon et al. 2021; 0: off) {_default('logit_adjust')}"),
           epochs: Optional[int] = typer.Option(None, min=1, help=f"epochs {_default('epochs')}"),
           max_steps: Optional[int] = typer.Option(None, min=1, help="stop after this many steps (overrides epochs)"),
           checkpoint_every: Optional[int] = typer.Option(None, min=0, help="also save last.ckpt every N steps"),
@@ -217,7 +220,7 @@ def train(train_file: Path = typer.Argument(..., help="training BSON file"),
              "embed_dim": embed_dim, "metric_loss": metric_loss.value if metric_loss else None,
              "metric_weight": metric_weight, "hier_heads": hier_heads, "sampled_negatives": sampled_negatives,
              "m_per_class": m_per_class, "lp_epochs": lp_epochs, "freeze_blocks": freeze_blocks, "pool": pool,
-             "arcface_margin_min": arcface_margin_min,
+             "arcface_margin_min": arcface_margin_min, "logit_adjust": logit_adjust,
              "crop_min": crop_min, "colour_aug": colour_aug, "epochs": epochs,
              "max_steps": max_steps,
              "checkpoint_every_steps": checkpoint_every, "batch_size": batch_size, "lr": lr,

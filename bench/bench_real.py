@@ -27,11 +27,14 @@ import common
 import numpy as np
 import torch
 import torch.nn.functional as F
+from real_report import bootstrap, by_size_table, plot
+from tail_classifiers import balanced_classifiers
 
+import retrieval.infer.scoring.calibrate as calibrate_module
 from index import knn_vote
 from retrieval.data.images import decode_image, encode_jpeg
 from retrieval.data.offsets import RecordReader, load_offsets
-from retrieval.infer.evaluate import BUCKETS, evaluate
+from retrieval.infer.evaluate import evaluate
 from retrieval.infer.indexdir.build import IndexSettings, build_index, open_index
 from retrieval.infer.predict import predict, read_submission
 from retrieval.infer.query import similar
@@ -43,13 +46,6 @@ from retrieval.train.probe import frozen_features
 from retrieval.train.run import train
 
 GROCERY = Path(os.environ.get("GROCERY_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data" / "grocery")
-
-
-def bootstrap(correct: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of the mean of ``correct [N]`` (or of a paired difference)."""
-    rng = np.random.default_rng(seed)
-    means = correct[rng.integers(0, len(correct), (n, len(correct)))].mean(1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def product_features(path: Path, backbone: str, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -99,7 +95,8 @@ def frozen_baselines(a: argparse.Namespace, qy: np.ndarray) -> dict:
 
 
 def finetune(work: Path, epochs: int, a: argparse.Namespace, qy: np.ndarray) -> dict:
-    """Train on all of train.bson, index it, calibrate with `evaluate` on val.bson, predict test.bson."""
+    """Train on all of train.bson, index it, calibrate with `evaluate` on val.bson, predict test.bson; the same
+    calibrated without the grid's prototype vote (gamma 0), and the class-balanced classifiers on the embeddings."""
     name = f"e{epochs}"
     run, t0 = work / name, time.perf_counter()
     shutil.rmtree(run, ignore_errors=True)
@@ -110,14 +107,26 @@ def finetune(work: Path, epochs: int, a: argparse.Namespace, qy: np.ndarray) -> 
     idx = work / f"{name}_idx"
     shutil.rmtree(idx, ignore_errors=True)
     build_index(GROCERY / "train.bson", run, idx, IndexSettings("all"))
+    out = {}
+    gammas = calibrate_module.GAMMAS
+    try:  # first calibrated without the prototype vote (the ablation), then as shipped (what the run keeps)
+        calibrate_module.GAMMAS = (0.0,)
+        evaluate(idx, GROCERY / "val.bson", out_dir=work / f"{name}_eval_noproto")
+        predict(GROCERY / "test.bson", idx, work / f"{name}_noproto.csv", FusionOverrides(peer_weight=0.0),
+                restart=True)
+        out["fused_noproto"] = read_submission(work / f"{name}_noproto.csv")[1] == qy
+    finally:
+        calibrate_module.GAMMAS = gammas
     m = evaluate(idx, GROCERY / "val.bson", out_dir=work / f"{name}_eval")
-    out = {"minutes": t_train / 60, "val": (m["head_accuracy"], m["knn_accuracy"], m["fused_accuracy"]),
-           "fusion": m["fusion"], "cal": m["calibration"], "peers": m["peers"], "index": idx}
+    out.update({"minutes": t_train / 60, "val": (m["head_accuracy"], m["knn_accuracy"], m["fused_accuracy"]),
+                "fusion": m["fusion"], "cal": m["calibration"], "peers": m["peers"], "index": idx})
     for key, kw in (("head", {"alpha": 1.0, "beta": 0.0}), ("knn", {"alpha": 0.0, "beta": 0.0}),
                     ("fused_np", {"peer_weight": 0.0}), ("fused", {})):
         sub = work / f"{name}_{key}.csv"
         predict(GROCERY / "test.bson", idx, sub, FusionOverrides(**kw), restart=True)
         out[key] = read_submission(sub)[1] == qy
+    bal = balanced_classifiers(run, idx, GROCERY / "val.bson", GROCERY / "test.bson", work / f"{name}_emb")
+    out.update({"ncm": bal["ncm"], "crt": bal["crt"], "balanced_what": bal["what"]})
     return out
 
 
@@ -138,50 +147,6 @@ def similar_recall(work: Path, idx: Path, n: int) -> tuple[float, float]:
         f.write_bytes(p.images[0])
         cat_hits += similar(bundle, images=[f], k=1)[0].category_id == p.category_id
     return hits / n, cat_hits / n
-
-
-def plot(work: Path, runs: dict[int, dict], base: dict) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    xs = [runs[e]["minutes"] for e in sorted(runs)]
-    for key, label in (("head", "head"), ("knn", "kNN"), ("fused_np", "fused, no peers"), ("fused", "fused")):
-        ax.plot(xs, [runs[e][key].mean() for e in sorted(runs)], "o-", label=f"fine-tuned {label}")
-    for key, label, style in (("lp", "linear probe (frozen)", "--"), ("knn", "kNN (frozen)", ":")):
-        ax.axhline(base[key].mean(), color="grey", linestyle=style, label=label)
-    for e, x in zip(sorted(runs), xs, strict=True):
-        ax.annotate(f"{e} ep", (x, runs[e]["fused"].mean()), textcoords="offset points", xytext=(0, 6), fontsize=8)
-    ax.set(xlabel="training minutes (2 CPU cores)", ylabel="test product accuracy", title="Grocery Store, real photos")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = work / "accuracy_vs_minutes.png"
-    fig.savefig(out, dpi=110)
-    return out
-
-
-def by_size_table(qy: np.ndarray, base: dict, runs: dict[int, dict], budgets: list[int]) -> None:
-    """Test accuracy by the number of training products of the true category, each with its 95% bootstrap
-    interval: the frozen probe, then head, kNN and fused per budget (and the fusion rule evaluate chose)."""
-    ids, n = np.unique(load_offsets(GROCERY / "train.bson", progress=False)["category_id"], return_counts=True)
-    size = dict(zip(ids.tolist(), n.tolist(), strict=True))
-    counts = np.array([size.get(int(c), 0) for c in qy])
-    rows = []
-    for lo, hi, name in BUCKETS:
-        m = (counts >= lo) & (counts < hi)
-        if not m.any():
-            continue
-        cells = [("probe", base["lp"])] + [(f"{key} {e} ep", runs[e][key]) for e in budgets
-                                           for key in ("head", "knn", "fused")]
-        for what, correct in cells:
-            rows.append((name, int(m.sum()), what, float(correct[m].mean()),
-                         "[{:.3f}, {:.3f}]".format(*bootstrap(correct[m]))))
-    common.print_table(rows, ("training products in category", "test products", "what", "accuracy",
-                              "95% interval"))
-    for e in budgets:
-        fu = runs[e]["fusion"]
-        print(f"  {e} epochs: fusion chosen on val.bson: {fu.get('chosen', fu['rule'])} "
-              f"(cross-validated {json.dumps(fu.get('cv', {}))})")
 
 
 def main() -> None:
@@ -215,6 +180,10 @@ def main() -> None:
         r = runs[e]
         rows += [(f"(b) head, fine-tuned {e} epochs", r["head"], f"{r['minutes']:.1f}", ""),
                  (f"(c) kNN, fine-tuned {e} epochs", r["knn"], "", ""),
+                 (f"(e) nearest class mean, fine-tuned {e} epochs", r["ncm"], "", r["balanced_what"]),
+                 (f"(f) cRT (class-balanced re-trained classifier), {e} epochs", r["crt"], "", ""),
+                 (f"(d1) fused without peers, without the prototype vote, {e} epochs", r["fused_noproto"], "",
+                  "calibrated on val.bson with gamma 0"),
                  (f"(d0) fused without peers, {e} epochs", r["fused_np"], "",
                   f"{r['fusion']['rule']} rule (CV grid {r['fusion']['cv_grid']:.3f} / learnt "
                   f"{r['fusion']['cv_learnt']:.3f}), T {r['fusion']['temperature']:.2f}"),
@@ -244,7 +213,7 @@ def main() -> None:
         lo, hi = bootstrap(d)
         print(f"  {e} epochs: {d.mean():+.4f} [{lo:+.4f}, {hi:+.4f}]")
     print()
-    by_size_table(qy, base, runs, budgets)
+    by_size_table(GROCERY, qy, base, runs, budgets)
     print()
     if a.recall_queries:
         inst, cat = similar_recall(work, main_run["index"], a.recall_queries)

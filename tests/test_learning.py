@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval.infer.scoring.calibrate import TEMPERATURES, calibrate, fit_temperature
+from retrieval.infer.scoring.calibrate import GAMMAS, TEMPERATURES, calibrate, fit_temperature
 from retrieval.infer.scoring.candidates import Candidates, class_sizes
 from retrieval.infer.scoring.fused import FEATURES, FusedClassifier, load_fusion
 from retrieval.model.config import ModelConfig
@@ -70,6 +70,10 @@ def test_linear_probe_step_fits_the_new_layers_and_reports_frozen_baselines():
     truth = np.array([int(val.y[val.owner == p][0]) for p in range(val.n_products)])
     assert base.linear_probe == pytest.approx(float((per_product.argmax(1) == truth).mean()))
     assert base.linear_probe > 0.9
+    # a logit-adjusted probe is scored with its prior given back: a prior that swamps the logits picks class 3
+    swamp = torch.tensor([0.0, 0.0, 0.0, 1e4, 0.0])
+    shifted = frozen_baseline(net, train, val, truth, swamp)
+    assert shifted.linear_probe == pytest.approx(float((truth == 3).mean())) and shifted.knn == base.knn
 
 
 def test_lp_ft_run_applies_the_recipe_and_writes_the_frozen_baseline(small_data, tmp_path):
@@ -268,11 +272,17 @@ def test_class_size_rule_wins_where_the_head_leans_to_big_classes_and_not_on_noi
 def test_a_calibration_saved_before_the_long_tail_features_loads_with_them_off(tmp_path):
     from retrieval.rundir import RunDir
     run = RunDir(tmp_path)
-    for old in ([0.5, 0.4, 1.0, 0.1, 0.2, 0.3], [0.5, 0.4, 1.0, 0.1, 0.2, 0.3, -0.2, 0.7]):  # before size, proto
+    base = [0.5, 0.4, 1.0, 0.1, 0.2, 0.3]
+    for old in (base, base + [-0.2, 0.7]):  # saved before the size features, before the prototype ones
         run.write_calibration({"alpha": 0.5, "k": 10, "tau": 0.05, "beta": 1.0, "temperature": 1.0, "weights": old})
         clf = load_fusion(run, fallback=0)
         assert list(clf.coefficients) == pytest.approx(old + [0.0] * (len(FEATURES) - len(old)))
         assert not clf.uses_prototypes
+    old = base + [-0.2, 0.7, 0.3]  # saved before the prototype vote: its cosine feature kept, the vote off
+    run.write_calibration({"alpha": 0.5, "k": 10, "tau": 0.05, "beta": 1.0, "temperature": 1.0, "weights": old})
+    assert list(load_fusion(run, fallback=0).coefficients) == pytest.approx(old + [0.0])
+    run.write_calibration({"alpha": 0.5, "k": 10, "tau": 0.05, "beta": 1.0, "temperature": 1.0})  # an old grid
+    assert load_fusion(run, fallback=0).gamma == 0 and not load_fusion(run, fallback=0).uses_prototypes
     with pytest.raises(Exception, match="fusion weights must be"):
         FusedClassifier(weights=tuple(old[:5]))
 
@@ -341,7 +351,7 @@ def test_class_size_arcface_margins_match_the_formula_by_hand():
 def test_prototype_candidates_and_feature_match_the_formula_by_hand():
     from index import class_sums, prototypes
     from retrieval.infer.scoring.candidates import PROTO_TOP
-    from retrieval.infer.scoring.fused import PROTO_TAU
+    from retrieval.infer.scoring.fused import PROTO_SHARE_TAU, PROTO_TAU
     rng = np.random.default_rng(3)
     vecs, lab = rng.normal(size=(30, 4)), rng.integers(-1, 6, 30)
     lab[lab == 4] = 5  # class 4 has no product
@@ -369,9 +379,23 @@ def test_prototype_candidates_and_feature_match_the_formula_by_hand():
     assert set(kept[kept >= 0].tolist()) == {0, 1, 2}
     assert set(both.classes[0][both.proto_only[0]].tolist()) == {7, 9, 10, 11}
     f = FusedClassifier(k=1, tau=0.1, weights=(0,) * (len(FEATURES) - 1) + (1.0,)).features(c)[0]
+    cands = [int(x) for x in c.classes[0] if x >= 0]
+    vote = {cl: np.exp(proto_sims[0, cl] / PROTO_SHARE_TAU) for cl in cands}  # the prototype vote, by hand
     for j, cls in enumerate(c.classes[0]):
         want = proto_sims[0, cls] / PROTO_TAU if cls >= 0 else 0.0
         assert f[j, FEATURES.index("proto")] == pytest.approx(want, rel=1e-5)
+        want = vote[cls] / sum(vote.values()) if cls >= 0 else 0.0
+        assert f[j, FEATURES.index("proto_share")] == pytest.approx(want, rel=1e-4, abs=1e-7)
+    # the grid rule with the vote: alpha * head + (1 - alpha) * kNN + gamma * vote (the kNN: class 2 alone)
+    grid = FusedClassifier(0.4, 1, 0.1, 0.0, gamma=0.5)
+    assert grid.uses_prototypes and grid.rule == "grid" and not FusedClassifier(0.4, 1, 0.1, 0.0).uses_prototypes
+    hp = {cl: head[0, cl] for cl in cands}
+    hand = {cl: 0.4 * hp[cl] / sum(hp.values()) + 0.6 * (cl == 2) + 0.5 * vote[cl] / sum(vote.values())
+            for cl in cands}
+    got = grid.candidate_scores(c)[0]
+    assert {int(cl): float(v) for cl, v in zip(c.classes[0], got, strict=True) if cl >= 0} == \
+        pytest.approx(hand, rel=1e-4)
+    assert grid.predict_candidates(c)[0][0, 0] == max(hand, key=hand.get)
 
 
 def test_prototype_rule_wins_for_small_classes_the_others_miss_and_not_on_noise():
@@ -401,18 +425,34 @@ def test_prototype_rule_wins_for_small_classes_the_others_miss_and_not_on_noise(
     def cands() -> Candidates:
         return Candidates.build(head, sims, labels, np.ones(n, bool), m=5, sizes=sizes, proto_sims=proto_sims)
     cal = calibrate(cands(), y, fallback=0)
-    assert cal.chosen == "learnt_proto" and cal.cv["learnt_proto"] > max(cal.cv["learnt_tail"], cal.cv["grid"]) + 0.3
+    assert cal.gamma > 0  # the grid rule casts the prototype vote where there are prototypes
+    for rule in ("grid", "learnt_proto"):  # the rules that see the prototypes get both kinds of class
+        assert cal.cv[rule] > max(cal.cv["learnt"], cal.cv["learnt_tail"]) + 0.3
+        assert (cal.oof[rule][y >= big] == y[y >= big]).mean() > 0.9  # out of fold, from the labels
+        assert (cal.oof[rule][y < big] == y[y < big]).mean() > 0.9
     assert cal.cv["learnt"] < 0.75 and cal.cv["learnt_tail"] < 0.75  # blind to what tells the followers apart
-    small_rows, big_rows = y >= big, y < big
-    assert (cal.oof["learnt_proto"][small_rows] == y[small_rows]).mean() > 0.95  # out of fold, from the labels
-    assert (cal.oof["learnt_tail"][small_rows] == y[small_rows]).mean() < 0.05
-    assert (cal.oof["learnt_proto"][big_rows] == y[big_rows]).mean() > 0.95
-    assert cal.classifier.uses_prototypes and cal.classifier.coefficients[FEATURES.index("proto")] > 0
+    assert (cal.oof["learnt_tail"][y >= big] == y[y >= big]).mean() < 0.05
+    assert cal.chosen in ("grid", "learnt_proto") and cal.classifier.uses_prototypes
     noise = calibrate(cands(), rng.integers(0, n_cls, n), fallback=0)
-    assert noise.cv[noise.chosen] <= noise.cv["grid"] + 0.05
+    assert noise.cv[noise.chosen] <= noise.cv["learnt"] + 0.05
+    # no neighbours, the head right by a little, the nearest prototype the head's second class: any vote is wrong
+    m_head = np.full((n, n_cls), 0.38 / (n_cls - 2))
+    m_head[np.arange(n), y] = 0.32
+    m_head[np.arange(n), (y + 1) % n_cls] = 0.3
+    misleading = proto_sims.copy()
+    misleading[np.arange(n), y] = 0.3
+    misleading[np.arange(n), (y + 1) % n_cls] = 0.7
+    none = np.full((n, 3), -1)
+    wrong = calibrate(Candidates.build(m_head, sims, none, np.ones(n, bool), m=5, sizes=sizes, proto_sims=misleading),
+                      y, fallback=0)
+    assert wrong.gamma == 0 and wrong.cv["grid"] == 1.0 and wrong.best(gamma=max(GAMMAS))["accuracy"] == 0.0
+    agree = calibrate(Candidates.build(head, sims, labels, np.ones(n, bool), m=5, sizes=sizes, proto_sims=misleading),
+                      lead, fallback=0)  # the unanimous neighbours outvote any vote: a tie, and the vote is kept
+    assert agree.cv["grid"] == 1.0 and agree.gamma == max(GAMMAS) == agree.best(gamma=max(GAMMAS))["gamma"]
     no_proto = calibrate(Candidates.build(head, sims, labels, np.ones(n, bool), m=5, sizes=sizes), y, fallback=0)
-    assert "learnt_proto" not in no_proto.cv  # without prototypes the rule is not a choice
-    for rule in no_proto.cv:  # the other rules are scored on the candidates predict gives them: no prototype's class
+    assert "learnt_proto" not in no_proto.cv and no_proto.gamma == 0  # without prototypes: no prototype vote
+    assert no_proto.cv["grid"] < 0.75
+    for rule in ("learnt", "learnt_tail"):  # scored on the candidates predict gives them: no prototype's class
         assert cal.cv[rule] == no_proto.cv[rule] and np.array_equal(cal.oof[rule], no_proto.oof[rule])
 
 
@@ -436,3 +476,31 @@ def test_rules_without_prototypes_score_the_candidates_predict_gives_them():
     got, want = score_part(with_p, fused, knn, knn, 3), score_part(without, fused, knn, knn, 3)
     assert got.knn.tolist() == want.knn.tolist() == [5]
     assert np.array_equal(got.classes, want.classes) and np.allclose(got.probs, want.probs)
+
+
+def test_logit_adjusted_loss_matches_the_formula_by_hand():
+    """Menon et al.'s loss: cross-entropy of ``logits + tau * log(prior)``, the prior from training products per
+    class (a class without products counts one), computed here by hand; and the frozen probe is scored with
+    the prior given back (its posterior at the training skew)."""
+    from retrieval.data.categories import CategoryTable
+    from retrieval.train.losses import log_prior
+    from retrieval.train.module import RetrievalModule
+    counts = np.array([100, 10, 0])
+    want_prior = np.log(np.array([100, 10, 1]) / 111)
+    assert np.allclose(log_prior(counts, 0.7).numpy(), 0.7 * want_prior, atol=1e-6)
+    cfg = TrainConfig.build(logit_adjust=1.0, metric_loss="none", label_smoothing=0.0)
+    net = EmbeddingNet(ModelConfig("tiny", None, 32, 16, 3)).eval()
+    module = RetrievalModule(net, cfg, CategoryTable.from_ids([7, 8, 9]), {}, counts)
+    images, y = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 2, 0, 1])
+    with torch.no_grad():
+        logits = net.head(net.neck(net.pooled(images))[1]).double()
+        want = -torch.log_softmax(logits + torch.from_numpy(want_prior), 1)[torch.arange(6), y].mean()
+        got = module.training_step((images, y, y, y), 0)
+    assert float(got) == pytest.approx(float(want), rel=1e-4)
+    plain = RetrievalModule(net, TrainConfig.build(metric_loss="none", label_smoothing=0.0), module.categories, {},
+                            counts)
+    with torch.no_grad():
+        assert float(plain.training_step((images, y, y, y), 0)) == pytest.approx(
+            float(torch.nn.functional.cross_entropy(logits, y)), rel=1e-4)
+    with pytest.raises(ValueError, match="per class"):
+        RetrievalModule(net, cfg, module.categories, {}, None)

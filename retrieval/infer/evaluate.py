@@ -144,9 +144,10 @@ def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir:
     counts = np.bincount(bundle.vectors.labels[bundle.vectors.labels >= 0], minlength=len(cats))[y]
     cal = calibrate(gather(lambda p: _read_candidates(store, p), sizes, sample), y[sample], fallback, seed)
     clf, grid = cal.classifier, cal.grid
-    knn_only, no_dup = cal.best(alpha=0.0, beta=0.0), cal.best(beta=0.0)
+    knn_only, no_dup = cal.best(alpha=0.0, beta=0.0, gamma=0.0), cal.best(beta=0.0)
     knn_clf = FusedClassifier(0.0, knn_only["k"], knn_only["tau"], 0.0, fallback)
-    no_dup_clf = FusedClassifier(no_dup["alpha"], no_dup["k"], no_dup["tau"], 0.0, fallback, cal.temperature)
+    no_dup_clf = FusedClassifier(no_dup["alpha"], no_dup["k"], no_dup["tau"], 0.0, fallback, cal.temperature,
+                                 gamma=no_dup["gamma"])
     sc = score_parts(lambda p: _read_candidates(store, p), len(sizes), clf, knn_clf, no_dup_clf, PeerSettings().keep)
     blocks = [np.load(PartStore.embeddings_file(store.folder, p), mmap_mode="r") for p in range(len(sizes))]
     graph = peer_graph(blocks, has_image, max(PEER_KS))
@@ -209,7 +210,8 @@ def metrics_table(m: dict) -> str:
              ("kNN accuracy", f"{m['knn_accuracy']:.4f}  (k={m['knn_best']['k']}, tau={m['knn_best']['tau']})"),
              ("fused accuracy", f"{m['fused_accuracy']:.4f}  ({fu['rule']} rule; k={cal['k']}, tau={cal['tau']}, "
                                 f"head temperature {fu['temperature']:.3g}"
-                                + (f", alpha={cal['alpha']}, beta={cal['beta']})" if fu["rule"] == "grid" else ")")),
+                                + (f", alpha={cal['alpha']}, beta={cal['beta']}, prototype vote "
+                                   f"{cal.get('gamma', 0.0)})" if fu["rule"] == "grid" else ")")),
              ("fusion choice", f"{fu.get('chosen', fu['rule'])}: cross-validated accuracy "
                                + (", ".join(f"{r} {v:.4f}" for r, v in fu["cv"].items()) if "cv" in fu else
                                   f"grid {fu['cv_grid']:.4f}, learnt {fu['cv_learnt']:.4f}")),

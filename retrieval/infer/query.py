@@ -16,7 +16,7 @@ from ..errors import UserError
 from .indexdir.bundle import IndexBundle, check_source, open_index
 from .pipeline.embed import embed_images
 from .scoring.candidates import Candidates, class_sizes, neighbour_labels
-from .scoring.fused import FusedClassifier
+from .scoring.fused import FEATURES, FusedClassifier
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,8 @@ def neighbours_from(bundle: IndexBundle, sims: np.ndarray, pos: np.ndarray) -> t
 def classify_pictures(bundle: IndexBundle, clf: FusedClassifier, pictures: list[bytes], top: int = 5,
                       names: list[str] | None = None, exclude: int | None = None) -> list[dict]:
     """The ``top`` fused categories of one product's pictures, each with its head, kNN, exact-duplicate and
-    fused score; ``exclude``: an index position left out of the vote (a product's own, when it is the query)."""
+    prototype shares and fused score; ``exclude``: an index position left out of the vote (a product's own,
+    when it is the query)."""
     emb, probs, _ = embed_pictures(bundle, pictures, names)
     return classify_outputs(bundle, clf, emb, probs, [picture_hash(p) for p in pictures], top, exclude)
 
@@ -177,7 +178,8 @@ def classify_outputs(bundle: IndexBundle, clf: FusedClassifier, emb: np.ndarray,
         protos = emb[None] @ (bundle.prototypes if exclude is None else bundle.prototypes_without(exclude)).T
     c = Candidates.build(probs[None], sims, labels, np.ones(1, bool), dups, sizes=class_sizes(index), proto_sims=protos)
     votes = clf.candidate_votes(c)
-    scores = clf.candidate_scores(c, clf.features(c, votes))[0]
+    feats = clf.features(c, votes)
+    scores = clf.candidate_scores(c, feats)[0]
     probs = clf.probabilities(scores[None])[0]
     cats = bundle.categories
     out = []
@@ -188,6 +190,7 @@ def classify_outputs(bundle: IndexBundle, clf: FusedClassifier, emb: np.ndarray,
         l1, l2, l3 = (n.strip() for n in cats.names[cls])
         out.append({"category_id": int(cats.ids[cls]), "level1": l1, "level2": l2, "level3": l3,
                     "head": float(c.head[0, j]), "knn": float(votes[0][0, j]), "duplicate": float(c.dup_share[0, j]),
+                    "prototype": float(feats[0, j, FEATURES.index("proto_share")]),
                     "fused": float(probs[j]), "score": float(scores[j])})
     return out
 

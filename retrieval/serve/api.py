@@ -254,8 +254,8 @@ def create_app(index_dir: str | Path, settings: ServeSettings | None = None,
                        include_self: Annotated[bool, Form(description="let an indexed product's own vector and "
                                                           "pictures vote")] = False) -> dict:
         """The top categories of one product (uploaded pictures, or an indexed product's own pictures) with
-        head, kNN and exact-duplicate shares and the fused probability (summing to 1 over the candidates). By
-        ``product_id``, the product's own vector and pictures do not vote unless ``include_self``."""
+        head, kNN, exact-duplicate and prototype shares and the fused probability (summing to 1 over the
+        candidates). By ``product_id``, the product's own vector and pictures do not vote unless ``include_self``."""
         data, names = await _pictures(images)
         _check_one_query(product_id, data)
         b = state.bundle

@@ -74,6 +74,7 @@ class LossSettings:
     arcface_scale: float = 30.0
     arcface_sub_centers: int = 3
     arcface_margin_min: float = 0.0  # > 0: class-size margins, from this (largest class) to arcface_margin (smallest)
+    logit_adjust: float = 0.0  # > 0: logit-adjusted cross-entropy (Menon et al. 2021), logits + this x log(prior)
 
 
 @dataclass(frozen=True)

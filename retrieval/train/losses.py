@@ -64,11 +64,20 @@ class MetricLoss(nn.Module):
         return self.loss(emb, labels, pairs) if pairs is not None else self.loss(emb, labels)
 
 
+def log_prior(counts: np.ndarray, weight: float) -> torch.Tensor:
+    """``weight x log(prior) [C]`` from training products per class ``counts [C]`` (a class without products counts
+    as one): added to the logits in training, the logit-adjusted loss of Menon et al. (ICLR 2021) lets the head
+    learn balanced scores, so a rare class is not outvoted by its prior."""
+    c = np.maximum(np.asarray(counts, np.float64), 1.0)
+    return torch.tensor(weight * np.log(c / c.sum()), dtype=torch.float32)
+
+
 def sampled_softmax_loss(z: torch.Tensor, head: nn.Linear, labels: torch.Tensor, n_negatives: int,
-                         label_smoothing: float = 0.0) -> torch.Tensor:
+                         label_smoothing: float = 0.0, adjust: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy over the batch's classes plus ``n_negatives`` uniformly sampled ones.
 
-    ``z [B, D]`` features, ``labels [B]`` (< 0 ignored). Cost is O(B x (classes in batch + negatives)).
+    ``z [B, D]`` features, ``labels [B]`` (< 0 ignored), ``adjust [C]`` added to the logits.
+    Cost is O(B x (classes in batch + negatives)).
     """
     keep = labels >= 0
     z, labels = z[keep], labels[keep]
@@ -76,4 +85,6 @@ def sampled_softmax_loss(z: torch.Tensor, head: nn.Linear, labels: torch.Tensor,
     neg = torch.randint(0, n_classes, (n_negatives,), device=labels.device)
     sel = torch.unique(torch.cat([labels, neg]))  # sorted
     logits = F.linear(z, head.weight[sel], head.bias[sel])
+    if adjust is not None:
+        logits = logits + adjust[sel]
     return F.cross_entropy(logits.float(), torch.searchsorted(sel, labels), label_smoothing=label_smoothing)

@@ -12,7 +12,7 @@ from ..data.categories import CategoryTable
 from ..data.datasets import ProductBatch
 from ..model.network import EmbeddingNet, product_mean
 from .config import TrainConfig
-from .losses import MetricLoss, sampled_softmax_loss
+from .losses import MetricLoss, log_prior, sampled_softmax_loss
 
 
 class RetrievalModule(pl.LightningModule):
@@ -23,6 +23,12 @@ class RetrievalModule(pl.LightningModule):
         super().__init__()
         self.net, self.cfg, self.categories, self.run_info = net, cfg, categories, run_info
         self.metric = MetricLoss(cfg.loss, net.cfg.n_classes, net.cfg.embed_dim, class_counts)
+        adjust = None
+        if cfg.loss.logit_adjust > 0:
+            if class_counts is None:
+                raise ValueError("the logit-adjusted loss needs the training products per class")
+            adjust = log_prior(class_counts, cfg.loss.logit_adjust)
+        self.register_buffer("adjust", adjust, persistent=False)  # [C] or None
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, y, y1, y2 = batch
@@ -30,10 +36,12 @@ class RetrievalModule(pl.LightningModule):
         f, z = self.net.neck(self.net.pooled(images))  # BN-neck: metric loss before batch norm, CE after
         emb = F.normalize(f.float(), dim=-1)
         if loss_cfg.sampled_negatives > 0:
-            ce = sampled_softmax_loss(z, self.net.head, y, loss_cfg.sampled_negatives, loss_cfg.label_smoothing)
+            ce = sampled_softmax_loss(z, self.net.head, y, loss_cfg.sampled_negatives, loss_cfg.label_smoothing,
+                                      self.adjust)
         else:
-            ce = F.cross_entropy(self.net.head(z).float(), y, label_smoothing=loss_cfg.label_smoothing,
-                                 ignore_index=-100)
+            logits = self.net.head(z).float()
+            ce = F.cross_entropy(logits if self.adjust is None else logits + self.adjust, y,
+                                 label_smoothing=loss_cfg.label_smoothing, ignore_index=-100)
         loss = ce + loss_cfg.metric_weight * self.metric(emb, y)
         for head, target in ((self.net.head_l1, y1), (self.net.head_l2, y2)):
             if head is not None:

@@ -23,7 +23,7 @@ from ..data.offsets import RecordReader
 from ..model.network import EmbeddingNet, product_mean
 from ..model.runtime import autocast_for, device_of
 from .config import LossSettings, TrainConfig
-from .losses import MetricLoss
+from .losses import MetricLoss, log_prior
 
 log = logging.getLogger(__name__)
 KNN_K, KNN_TAU = 20, 0.05  # the frozen kNN baseline's vote (DINO's recipe; fixed, not tuned)
@@ -78,9 +78,10 @@ def frozen_features(net: EmbeddingNet, reader: RecordReader, rows: np.ndarray, l
 
 
 def fit_new_layers(net: EmbeddingNet, feats: Features, loss_cfg: LossSettings, epochs: int, lr: float = 1e-3,
-                   batch_size: int = 256, seed: int = 0) -> float:
+                   batch_size: int = 256, seed: int = 0, adjust: torch.Tensor | None = None) -> float:
     """Fit the neck and the class head on cached features (the backbone untouched): AdamW with cosine decay,
     cross-entropy (label smoothing) on the batch-normalised feature plus the metric loss before it.
+    ``adjust [C]`` (the logit adjustment, as fine-tuning uses it) is added to the logits of the loss.
     Returns the last epoch's training accuracy."""
     dev = device_of(net)
     layers = [net.proj, net.head]
@@ -103,6 +104,8 @@ def fit_new_layers(net: EmbeddingNet, feats: Features, loss_cfg: LossSettings, e
             x, y = feats.x[idx].to(dev), feats.y[idx].to(dev)
             f, z = net.neck(x)
             logits = net.head(z).float()
+            if adjust is not None:
+                logits = logits + adjust.to(dev)
             loss = F.cross_entropy(logits, y, label_smoothing=loss_cfg.label_smoothing)
             loss = loss + loss_cfg.metric_weight * metric(F.normalize(f.float(), dim=-1), y)
             opt.zero_grad(set_to_none=True)
@@ -117,9 +120,11 @@ def fit_new_layers(net: EmbeddingNet, feats: Features, loss_cfg: LossSettings, e
 
 
 @torch.no_grad()
-def frozen_baseline(net: EmbeddingNet, train: Features, val: Features, val_labels: np.ndarray) -> FrozenBaseline:
+def frozen_baseline(net: EmbeddingNet, train: Features, val: Features, val_labels: np.ndarray,
+                    adjust: torch.Tensor | None = None) -> FrozenBaseline:
     """kNN (k 20, tau 0.05, cosine over training products' mean features) and the fitted probe's head (mean
-    of image probabilities), as validation product accuracy on products that have a decodable image."""
+    of image probabilities, with the prior ``adjust [C]`` given back to a logit-adjusted head), as validation
+    product accuracy on products that have a decodable image."""
     if val.n_products == 0 or len(val.x) == 0 or len(train.x) == 0:
         return FrozenBaseline(None, None, len(train.x), val.n_products)
     y = torch.as_tensor(val_labels)
@@ -136,7 +141,8 @@ def frozen_baseline(net: EmbeddingNet, train: Features, val: Features, val_label
     was_training = net.training
     net.eval()
     dev = device_of(net)
-    probs = torch.cat([net.head(net.neck(x.to(dev))[1]).float().softmax(-1).cpu() for x in val.x.split(4096)])
+    shift = 0.0 if adjust is None else adjust.to(dev)
+    probs = torch.cat([(net.head(net.neck(x.to(dev))[1]).float() + shift).softmax(-1).cpu() for x in val.x.split(4096)])
     net.train(was_training)
     lp = float(((product_mean(probs, val.owner, val.n_products).argmax(1) == y) & has).sum()) / max(1, int(has.sum()))
     return FrozenBaseline(float(knn), lp, len(train.x), val.n_products)
@@ -165,8 +171,12 @@ def linear_probe_warm_start(net: EmbeddingNet, reader: RecordReader, train_rows:
     val = frozen_features(net, reader, val_rows[vpick], val_labels[vpick], workers=workers)
     before = {k: v.clone() for k, v in net.proj.state_dict().items()}, \
         {k: v.clone() for k, v in net.head.state_dict().items()}
-    fit_new_layers(net, train, loss_cfg, epochs or BASELINE_EPOCHS, seed=seed)
-    base = replace(frozen_baseline(net, train, val, val_labels[vpick]), lp_epochs=epochs)
+    adjust = None
+    if loss_cfg.logit_adjust > 0:
+        adjust = log_prior(np.bincount(train_labels[train_labels >= 0], minlength=net.cfg.n_classes),
+                           loss_cfg.logit_adjust)
+    fit_new_layers(net, train, loss_cfg, epochs or BASELINE_EPOCHS, seed=seed, adjust=adjust)
+    base = replace(frozen_baseline(net, train, val, val_labels[vpick], adjust), lp_epochs=epochs)
     if not epochs:
         net.proj.load_state_dict(before[0])
         net.head.load_state_dict(before[1])

@@ -17,6 +17,9 @@ ALPHAS = tuple(round(float(a), 2) for a in np.linspace(0, 1, 11))
 KS = (5, 10, 20, 50)
 TAUS = (0.02, 0.05, 0.07, 0.1)
 BETAS = (0.0, 0.5, 1.0, 2.0)  # weight of the exact-duplicate vote
+# weight of the prototype vote, where the index has prototypes; on equal validation accuracy the larger wins: a
+# split with the training skew holds few products of small classes, which the vote is for (README, "Long tail")
+GAMMAS = (0.0, 0.25, 0.5)
 TEMPERATURES = tuple(float(t) for t in np.geomspace(0.25, 8.0, 31))
 FOLDS = 5
 BLOCK = 2048  # products per scoring block of the grid
@@ -72,21 +75,27 @@ def fit_weights(clf: FusedClassifier, c: Candidates, y: np.ndarray, l2: float = 
     return tuple(float(v) for v in w.detach()) + unused
 
 
-def _grid_correct(c: Candidates, y: np.ndarray, fold: np.ndarray, base: FusedClassifier) -> dict[tuple, np.ndarray]:
-    """Correct predictions per fold ``[FOLDS]`` of every (alpha, k, tau, beta), scored block by block (beta only
-    where some product has an exact duplicate in the index)."""
-    betas = BETAS if (c.dups >= 0).any() else (0.0,)
-    correct = {(a, k, t, b): np.zeros(FOLDS, np.int64) for k in KS for t in TAUS for a in ALPHAS for b in betas}
-    for lo in range(0, len(c), BLOCK):
-        block, yb, fb = c.rows(slice(lo, lo + BLOCK)), y[lo:lo + BLOCK], fold[lo:lo + BLOCK]
-        for k in KS:
-            for t in TAUS:
-                clf = replace(base, alpha=0.5, k=k, tau=t, beta=0.0)
-                feats = clf.features(block)  # shared by every alpha and beta
-                for a in ALPHAS:
-                    for b in betas:
-                        pred = replace(clf, alpha=a, beta=b).predict_candidates(block, 1, feats)[0][:, 0]
-                        correct[(a, k, t, b)] += np.bincount(fb, weights=pred == yb, minlength=FOLDS).astype(np.int64)
+def _grid_correct(seen: dict[float, Candidates], y: np.ndarray, fold: np.ndarray, base: FusedClassifier
+                  ) -> dict[tuple, np.ndarray]:
+    """Correct predictions per fold ``[FOLDS]`` of every (alpha, k, tau, beta, gamma), scored block by block on
+    the candidates each gamma sees (``seen``: with the prototypes' classes where gamma > 0); beta only where some
+    product has an exact duplicate in the index."""
+    betas = BETAS if any((c.dups >= 0).any() for c in seen.values()) else (0.0,)
+    correct = {(a, k, t, b, g): np.zeros(FOLDS, np.int64)
+               for k in KS for t in TAUS for a in ALPHAS for b in betas for g in seen}
+    for lo in range(0, len(y), BLOCK):
+        yb, fb = y[lo:lo + BLOCK], fold[lo:lo + BLOCK]
+        for g, c in seen.items():
+            block = c.rows(slice(lo, lo + BLOCK))
+            for k in KS:
+                for t in TAUS:
+                    clf = replace(base, alpha=0.5, k=k, tau=t, beta=0.0, gamma=g)
+                    feats = clf.features(block)  # shared by every alpha and beta
+                    for a in ALPHAS:
+                        for b in betas:
+                            pred = replace(clf, alpha=a, beta=b).predict_candidates(block, 1, feats)[0][:, 0]
+                            correct[(a, k, t, b, g)] += np.bincount(fb, weights=pred == yb,
+                                                                    minlength=FOLDS).astype(np.int64)
     return correct
 
 
@@ -107,6 +116,7 @@ class Calibration:
     oof: dict[str, np.ndarray]
     temperature: float
     chosen: str
+    gamma: float = 0.0  # the best grid row's prototype vote weight
 
     @property
     def cv_grid(self) -> float:
@@ -117,8 +127,10 @@ class Calibration:
         return max(v for r, v in self.cv.items() if r != "grid")
 
     def best(self, **fixed) -> dict:
-        """The best grid row among those with the given values (e.g. ``alpha=0, beta=0``: kNN alone)."""
-        return max((g for g in self.grid if all(g[k] == v for k, v in fixed.items())), key=lambda g: g["accuracy"])
+        """The best grid row among those with the given values (e.g. ``alpha=0, beta=0, gamma=0``: kNN alone);
+        on equal accuracy the larger prototype vote."""
+        return max((g for g in self.grid if all(g[k] == v for k, v in fixed.items())),
+                   key=lambda g: (g["accuracy"], g["gamma"]))
 
 
 def calibrate(c: Candidates, y: np.ndarray, fallback: int, seed: int = 0) -> Calibration:
@@ -127,15 +139,16 @@ def calibrate(c: Candidates, y: np.ndarray, fallback: int, seed: int = 0) -> Cal
     products."""
     n = len(y)
     fold = np.random.default_rng(seed).permutation(n) % FOLDS
-    full, c = c, c.without_proto()  # every rule but learnt_proto sees the candidates predict gives it
+    full, c = c, c.without_proto()  # the rules without prototypes see the candidates predict gives them
     temp = fit_temperature(c, y)
     base = FusedClassifier(fallback=fallback, temperature=temp)
-    correct = _grid_correct(c, y, fold, base)
+    grid_seen = {g: (full if g else c) for g in (GAMMAS if full.proto is not None else (0.0,))}
+    correct = _grid_correct(grid_seen, y, fold, base)
     total = {key: v.sum() for key, v in correct.items()}
-    grid = [{"alpha": a, "k": k, "tau": t, "beta": b, "accuracy": total[(a, k, t, b)] / n}
-            for (a, k, t, b) in correct]
-    best = max(grid, key=lambda g: g["accuracy"])
-    grid_clf = replace(base, alpha=best["alpha"], k=best["k"], tau=best["tau"], beta=best["beta"])
+    grid = [{"alpha": a, "k": k, "tau": t, "beta": b, "gamma": g, "accuracy": total[(a, k, t, b, g)] / n}
+            for (a, k, t, b, g) in correct]
+    best = max(grid, key=lambda r: (r["accuracy"], r["gamma"]))
+    grid_clf = replace(base, alpha=best["alpha"], k=best["k"], tau=best["tau"], beta=best["beta"], gamma=best["gamma"])
     uses = {"learnt": BASE_FEATURES, "learnt_tail": TAIL_FEATURES, "learnt_proto": len(FEATURES)}
     if full.proto is None:  # no prototypes: that rule is not a choice
         uses.pop("learnt_proto")
@@ -146,8 +159,9 @@ def calibrate(c: Candidates, y: np.ndarray, fallback: int, seed: int = 0) -> Cal
         tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
         if len(te) == 0:
             continue
-        a, k, t, b = max(correct, key=lambda key: total[key] - correct[key][f])  # chosen without fold f
-        oof["grid"][te] = replace(base, alpha=a, k=k, tau=t, beta=b).predict_candidates(c.rows(te))[0][:, 0]
+        a, k, t, b, g = max(correct, key=lambda key: (total[key] - correct[key][f], key[4]))  # without fold f
+        oof["grid"][te] = replace(base, alpha=a, k=k, tau=t, beta=b, gamma=g).predict_candidates(
+            grid_seen[g].rows(te))[0][:, 0]
         cf = replace(grid_clf, temperature=fit_temperature(c.rows(tr), y[tr]))
         for rule, use in uses.items():
             learnt = replace(cf, weights=fit_weights(cf, seen[rule].rows(tr), y[tr], seed=seed, use=use))
@@ -155,11 +169,11 @@ def calibrate(c: Candidates, y: np.ndarray, fallback: int, seed: int = 0) -> Cal
     cv = {r: float((p == y).mean()) if n else 0.0 for r, p in oof.items()}
     chosen = max(rules, key=lambda r: (cv[r], -RULES.index(r)))
     clf = grid_clf if chosen == "grid" else \
-        replace(grid_clf, weights=fit_weights(grid_clf, seen[chosen], y, seed=seed, use=uses[chosen]))
+        replace(grid_clf, weights=fit_weights(grid_clf, seen[chosen], y, seed=seed, use=uses[chosen]), gamma=0.0)
     log.info("fusion: %s rule chosen (cross-validated accuracy: %s; head temperature %.3g)", chosen,
              ", ".join(f"{r} {v:.4f}" for r, v in cv.items()), temp)
-    return Calibration(clf, grid, cv, oof, temp, chosen)
+    return Calibration(clf, grid, cv, oof, temp, chosen, best["gamma"])
 
 
-__all__ = ["ALPHAS", "BETAS", "FEATURES", "KS", "RULES", "TAUS", "Calibration", "calibrate", "fit_temperature",
-           "fit_weights"]
+__all__ = ["ALPHAS", "BETAS", "FEATURES", "GAMMAS", "KS", "RULES", "TAUS", "Calibration", "calibrate",
+           "fit_temperature", "fit_weights"]

@@ -12,10 +12,12 @@ from ...errors import UserError
 from ...rundir import RunDir
 from .candidates import Candidates
 
-FEATURES = ("head", "knn", "dup", "log_head", "knn_x_sim", "nearest", "log_size", "knn_rare", "proto")
-BASE_FEATURES = 6  # the first six; then two on the class's size and one on its prototype (the long-tail ones);
+FEATURES = ("head", "knn", "dup", "log_head", "knn_x_sim", "nearest", "log_size", "knn_rare", "proto",
+            "proto_share")
+BASE_FEATURES = 6  # the first six; then two on the class's size and two on its prototype (the long-tail ones);
 TAIL_FEATURES = 8  # a calibration saved before those existed holds fewer weights (the missing ones weigh 0)
 PROTO_TAU = 0.05  # the prototype cosine is given as cos / PROTO_TAU (a weight near 1 is a softmax at this tau)
+PROTO_SHARE_TAU = 0.02  # the prototype vote: softmax of cos / PROTO_SHARE_TAU over the candidates
 
 
 @dataclass(frozen=True)
@@ -29,12 +31,12 @@ class FusedClassifier:
     adjustment, Menon et al. 2021) and the kNN share over ``sqrt(1 + n)`` (a kNN that counts more for small
     classes, whose few products rarely fill the neighbour list); the cosine to the class's prototype (the mean
     embedding of its indexed products: a nearest-class-mean vote, which a class of 3 products casts as well as
-    one of 3,000), over :data:`PROTO_TAU`.
+    one of 3,000), over :data:`PROTO_TAU`, and the prototype vote (:func:`proto_share`).
 
-    Without ``weights`` the weights are ``(alpha, 1 - alpha, beta, 0, 0, 0)``: the classic mix
-    ``alpha * p_head + (1 - alpha) * p_knn + beta * p_dup``. ``evaluate`` either picks alpha/beta on a grid or
-    learns ``weights`` (a conditional logistic regression), whichever wins on validation. Products without a
-    decodable image get class ``fallback``."""
+    Without ``weights`` the weights are ``(alpha, 1 - alpha, beta, 0, ..., gamma)``: the classic mix
+    ``alpha * p_head + (1 - alpha) * p_knn + beta * p_dup``, plus ``gamma * p_proto`` where prototypes are used.
+    ``evaluate`` either picks alpha/beta on a grid or learns ``weights`` (a conditional logistic regression),
+    whichever wins on validation. Products without a decodable image get class ``fallback``."""
 
     alpha: float = 0.5
     k: int = 20
@@ -43,6 +45,7 @@ class FusedClassifier:
     fallback: int = 0
     temperature: float = 1.0
     weights: tuple[float, ...] | None = None
+    gamma: float = 0.0  # the grid rule's weight of the prototype vote (``proto_share``)
 
     def __post_init__(self) -> None:
         if not 0 <= self.alpha <= 1:
@@ -53,6 +56,8 @@ class FusedClassifier:
             raise UserError(f"tau must be positive, got {self.tau}")
         if not self.beta >= 0:
             raise UserError(f"beta must be at least 0, got {self.beta}")
+        if not self.gamma >= 0:
+            raise UserError(f"gamma must be at least 0, got {self.gamma}")
         if not self.temperature > 0:
             raise UserError(f"temperature must be positive, got {self.temperature}")
         if self.weights is not None:
@@ -66,15 +71,17 @@ class FusedClassifier:
 
     @property
     def uses_prototypes(self) -> bool:
-        """Whether the rule weighs the prototype feature (then candidates need ``proto``)."""
-        return self.weights is not None and self.weights[FEATURES.index("proto")] != 0
+        """Whether the rule weighs a prototype feature (then candidates need ``proto``)."""
+        w = self.coefficients
+        return bool(w[FEATURES.index("proto")] != 0 or w[FEATURES.index("proto_share")] != 0)
 
     @property
     def coefficients(self) -> np.ndarray:
         """The weight ``[F]`` of each of :data:`FEATURES`."""
         if self.weights is not None:
             return np.asarray(self.weights, np.float32)
-        return np.asarray([self.alpha, 1 - self.alpha, self.beta] + [0] * (len(FEATURES) - 3), np.float32)
+        return np.asarray([self.alpha, 1 - self.alpha, self.beta] + [0] * (len(FEATURES) - 4) + [self.gamma],
+                          np.float32)
 
     def params(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k != "fallback"}
@@ -93,7 +100,7 @@ class FusedClassifier:
         top_sim = np.where(has_knn, np.nan_to_num(c.sims[:, :1], neginf=0.0), 0.0)
         nearest = (c.classes == c.labels[:, :1]) & (c.labels[:, :1] >= 0)
         feats = np.stack([head, knn, c.dup_share, np.log(head + 1e-6), knn * top_sim, nearest, np.log1p(c.size),
-                          knn / np.sqrt(1.0 + c.size), c.proto_or_zero / PROTO_TAU], axis=-1)
+                          knn / np.sqrt(1.0 + c.size), c.proto_or_zero / PROTO_TAU, proto_share(c)], axis=-1)
         return np.where((c.classes >= 0)[..., None], feats, 0.0).astype(np.float32)
 
     def candidate_scores(self, c: Candidates, feats: np.ndarray | None = None) -> np.ndarray:
@@ -118,11 +125,23 @@ class FusedClassifier:
         """``(classes [P, top], scores [P, top])`` best first; column 0 is the prediction (fallback where a
         product has no image). ``feats``: as in :meth:`candidate_scores`."""
         scores = self.candidate_scores(c, feats)
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :top]
+        order = scores.argmax(1)[:, None] if top == 1 else np.argsort(-scores, axis=1, kind="stable")[:, :top]
         classes = np.take_along_axis(c.classes, order, 1).astype(np.int64)
         best = np.take_along_axis(scores, order, 1)
         classes[:, 0] = np.where(c.has_image, classes[:, 0], self.fallback)
         return classes, np.where(np.isfinite(best), best, 0.0)
+
+
+def proto_share(c: Candidates) -> np.ndarray:
+    """The prototype vote ``[P, W]``: softmax of ``cos / PROTO_SHARE_TAU`` over each product's candidates (0
+    without prototypes, on padding and for products without an image)."""
+    if c.proto is None:
+        return np.zeros(c.classes.shape, np.float32)
+    valid = (c.classes >= 0) & c.has_image[:, None]
+    s = np.where(valid, c.proto / PROTO_SHARE_TAU, -np.inf)
+    top = s.max(1, keepdims=True)
+    e = np.where(valid, np.exp(s - np.where(np.isfinite(top), top, 0.0)), 0.0)
+    return normalise_rows(e)
 
 
 DEFAULT = FusedClassifier()  # used where no calibration exists
@@ -147,8 +166,8 @@ def load_fusion(run: RunDir, fallback: int, overrides: FusionOverrides = FusionO
     saved = run.read_calibration() or {}
     pick = lambda name, given: given if given is not None else saved.get(name, getattr(DEFAULT, name))  # noqa: E731
     weights = saved.get("weights") if alpha is None and beta is None else None
-    if weights and len(weights) in (BASE_FEATURES, TAIL_FEATURES):  # saved before the later features: 0 weight
+    if weights and len(weights) in (BASE_FEATURES, TAIL_FEATURES, len(FEATURES) - 1):  # older: 0 for later ones
         weights = list(weights) + [0.0] * (len(FEATURES) - len(weights))
     return FusedClassifier(float(pick("alpha", alpha)), int(pick("k", k)), float(pick("tau", tau)),
                            float(pick("beta", beta)), fallback, float(saved.get("temperature", 1.0)),
-                           tuple(weights) if weights else None)
+                           tuple(weights) if weights else None, float(saved.get("gamma", 0.0)))

@@ -56,8 +56,8 @@ def score_part(c: Candidates, fused: FusedClassifier, knn: FusedClassifier, no_d
                ) -> Scores:
     """:class:`Scores` of one part's candidates (each rule scores those predict would give it)."""
     classes, probs = top_classes(*first_stage(fused, c.for_rule(fused.uses_prototypes)), keep)
-    plain = c.without_proto()
-    return Scores(knn.predict_candidates(plain, 1)[0][:, 0], no_dup.predict_candidates(plain, 1)[0][:, 0],
+    return Scores(knn.predict_candidates(c.for_rule(knn.uses_prototypes), 1)[0][:, 0],
+                  no_dup.predict_candidates(c.for_rule(no_dup.uses_prototypes), 1)[0][:, 0],
                   c.has_image.copy(), (c.dups >= 0).any(1), classes, probs)
 
 
