@@ -326,6 +326,8 @@ def predict(test_file: Path = typer.Argument(..., help="BSON file to classify"),
             tau: Optional[float] = typer.Option(None, min=1e-6, help="vote temperature (default: the calibration)"),
             beta: Optional[float] = typer.Option(None, min=0.0, help="weight of the vote of exactly duplicated indexed "
                                                  "pictures (default: the calibration)"),
+            gamma: Optional[float] = typer.Option(None, min=0.0, help="weight of the prototype vote (nearest class "
+                                                  "mean) in the grid rule (default: the calibration; 0 = off)"),
             peer_weight: Optional[float] = typer.Option(
                 None, min=0.0, max=0.99, help="weight mu of the peer propagation over the file's own products "
                 "(0 = off; default: the calibration's, off when --alpha or --beta is given)"),
@@ -342,7 +344,7 @@ def predict(test_file: Path = typer.Argument(..., help="BSON file to classify"),
     from retrieval.infer.predict import ScoresOutput
     from retrieval.infer.predict import predict as _predict
     from retrieval.infer.scoring.fused import FusionOverrides
-    r = _predict(test_file, index, out, FusionOverrides(alpha, k, tau, beta, peer_weight),
+    r = _predict(test_file, index, out, FusionOverrides(alpha, k, tau, beta, peer_weight, gamma),
                  ScoresOutput(scores_out, top) if scores_out else None,
                  _loader(batch_size, workers, devices, num_nodes, accelerator), part_products=part_products,
                  restart=restart, runtime=_runtime(runtime))

@@ -120,7 +120,8 @@ def finetune(work: Path, epochs: int, a: argparse.Namespace, qy: np.ndarray) -> 
     m = evaluate(idx, GROCERY / "val.bson", out_dir=work / f"{name}_eval")
     out.update({"minutes": t_train / 60, "val": (m["head_accuracy"], m["knn_accuracy"], m["fused_accuracy"]),
                 "fusion": m["fusion"], "cal": m["calibration"], "peers": m["peers"], "index": idx})
-    for key, kw in (("head", {"alpha": 1.0, "beta": 0.0}), ("knn", {"alpha": 0.0, "beta": 0.0}),
+    for key, kw in (("head", {"alpha": 1.0, "beta": 0.0, "gamma": 0.0}), ("knn", {"alpha": 0.0, "beta": 0.0,
+                                                                                 "gamma": 0.0}),
                     ("fused_np", {"peer_weight": 0.0}), ("fused", {})):
         sub = work / f"{name}_{key}.csv"
         predict(GROCERY / "test.bson", idx, sub, FusionOverrides(**kw), restart=True)

@@ -85,7 +85,7 @@ def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path,
     bundle = open_index(index_dir, mmap=True, runtime=runtime)
     bundle.refuse_runtime_on(loader.distributed)
     clf = load_fusion(bundle.run, bundle.fallback_class, fusion)  # validates alpha, k, tau, beta
-    peers = load_peers(bundle.run, fusion.peer_weight, off=fusion.alpha is not None or fusion.beta is not None)
+    peers = load_peers(bundle.run, fusion.peer_weight, off=fusion.grid_given)
     net, cats = bundle.net, bundle.categories
     mirror = bundle.manifest.mirror
     reader = RecordReader(test_path, table)

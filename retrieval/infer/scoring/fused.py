@@ -150,14 +150,20 @@ DEFAULT = FusedClassifier()  # used where no calibration exists
 @dataclass(frozen=True)
 class FusionOverrides:
     """Values a user sets over the calibration (None: the calibration's, else :data:`DEFAULT`'s); checked by
-    :class:`FusedClassifier`. A given alpha or beta means the grid rule with those weights and, unless
-    ``peer_weight`` is given too, no peer propagation (:mod:`.peers`)."""
+    :class:`FusedClassifier`. A given alpha, beta or gamma means the grid rule with those weights (the others from
+    the calibration) and, unless ``peer_weight`` is given too, no peer propagation (:mod:`.peers`)."""
 
     alpha: float | None = None
     k: int | None = None
     tau: float | None = None
     beta: float | None = None
     peer_weight: float | None = None
+    gamma: float | None = None  # the grid rule's prototype vote
+
+    @property
+    def grid_given(self) -> bool:
+        """Whether a weight of the grid rule is given (then the grid rule, and no peers unless asked)."""
+        return self.alpha is not None or self.beta is not None or self.gamma is not None
 
 
 def load_fusion(run: RunDir, fallback: int, overrides: FusionOverrides = FusionOverrides()) -> FusedClassifier:
@@ -165,9 +171,9 @@ def load_fusion(run: RunDir, fallback: int, overrides: FusionOverrides = FusionO
     alpha, k, tau, beta = overrides.alpha, overrides.k, overrides.tau, overrides.beta
     saved = run.read_calibration() or {}
     pick = lambda name, given: given if given is not None else saved.get(name, getattr(DEFAULT, name))  # noqa: E731
-    weights = saved.get("weights") if alpha is None and beta is None else None
+    weights = None if overrides.grid_given else saved.get("weights")
     if weights and len(weights) in (BASE_FEATURES, TAIL_FEATURES, len(FEATURES) - 1):  # older: 0 for later ones
         weights = list(weights) + [0.0] * (len(FEATURES) - len(weights))
     return FusedClassifier(float(pick("alpha", alpha)), int(pick("k", k)), float(pick("tau", tau)),
                            float(pick("beta", beta)), fallback, float(saved.get("temperature", 1.0)),
-                           tuple(weights) if weights else None, float(saved.get("gamma", 0.0)))
+                           tuple(weights) if weights else None, float(pick("gamma", overrides.gamma)))
