@@ -283,6 +283,14 @@ def test_a_calibration_saved_before_the_long_tail_features_loads_with_them_off(t
     assert list(load_fusion(run, fallback=0).coefficients) == pytest.approx(old + [0.0])
     run.write_calibration({"alpha": 0.5, "k": 10, "tau": 0.05, "beta": 1.0, "temperature": 1.0})  # an old grid
     assert load_fusion(run, fallback=0).gamma == 0 and not load_fusion(run, fallback=0).uses_prototypes
+    from retrieval.infer.scoring.fused import FusionOverrides
+    run.write_calibration({"alpha": 0.5, "k": 10, "tau": 0.05, "beta": 1.0, "temperature": 1.0, "gamma": 0.25,
+                           "weights": old + [0.4]})
+    assert load_fusion(run, 0).rule == "learnt" and not FusionOverrides(k=5).grid_given
+    head_only = load_fusion(run, 0, FusionOverrides(alpha=1.0, beta=0.0))  # a given weight: the grid rule
+    assert head_only.rule == "grid" and head_only.gamma == 0.25 and FusionOverrides(alpha=1.0).grid_given
+    no_vote = load_fusion(run, 0, FusionOverrides(gamma=0.0))
+    assert no_vote.rule == "grid" and not no_vote.uses_prototypes and (no_vote.alpha, no_vote.beta) == (0.5, 1.0)
     with pytest.raises(Exception, match="fusion weights must be"):
         FusedClassifier(weights=tuple(old[:5]))
 
