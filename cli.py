@@ -330,7 +330,7 @@ def predict(test_file: Path = typer.Argument(..., help="BSON file to classify"),
                                                   "mean) in the grid rule (default: the calibration; 0 = off)"),
             peer_weight: Optional[float] = typer.Option(
                 None, min=0.0, max=0.99, help="weight mu of the peer propagation over the file's own products "
-                "(0 = off; default: the calibration's, off when --alpha or --beta is given)"),
+                "(0 = off; default: the calibration's, off when --alpha, --beta or --gamma is given)"),
             top: int = typer.Option(5, min=1, max=20, help="categories per product in --scores-out"),
             scores_out: Optional[Path] = typer.Option(
                 None, help="also write the top categories with scores, one JSON object per line (JSON Lines)"),

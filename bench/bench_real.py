@@ -27,10 +27,9 @@ import common
 import numpy as np
 import torch
 import torch.nn.functional as F
-from real_report import bootstrap, by_size_table, plot
+from real_report import bootstrap, by_size_table, grid_gammas, plot
 from tail_classifiers import balanced_classifiers
 
-import retrieval.infer.scoring.calibrate as calibrate_module
 from index import knn_vote
 from retrieval.data.images import decode_image, encode_jpeg
 from retrieval.data.offsets import RecordReader, load_offsets
@@ -108,15 +107,11 @@ def finetune(work: Path, epochs: int, a: argparse.Namespace, qy: np.ndarray) -> 
     shutil.rmtree(idx, ignore_errors=True)
     build_index(GROCERY / "train.bson", run, idx, IndexSettings("all"))
     out = {}
-    gammas = calibrate_module.GAMMAS
-    try:  # first calibrated without the prototype vote (the ablation), then as shipped (what the run keeps)
-        calibrate_module.GAMMAS = (0.0,)
+    with grid_gammas((0.0,)):  # first calibrated without the prototype vote (the ablation), then as shipped
         evaluate(idx, GROCERY / "val.bson", out_dir=work / f"{name}_eval_noproto")
         predict(GROCERY / "test.bson", idx, work / f"{name}_noproto.csv", FusionOverrides(peer_weight=0.0),
                 restart=True)
         out["fused_noproto"] = read_submission(work / f"{name}_noproto.csv")[1] == qy
-    finally:
-        calibrate_module.GAMMAS = gammas
     m = evaluate(idx, GROCERY / "val.bson", out_dir=work / f"{name}_eval")
     out.update({"minutes": t_train / 60, "val": (m["head_accuracy"], m["knn_accuracy"], m["fused_accuracy"]),
                 "fusion": m["fusion"], "cal": m["calibration"], "peers": m["peers"], "index": idx})

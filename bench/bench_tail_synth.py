@@ -17,7 +17,7 @@ from pathlib import Path
 
 import common
 import numpy as np
-from real_report import bootstrap
+from real_report import bootstrap, grid_gammas
 
 import retrieval.infer.scoring.calibrate as calibrate_module
 from retrieval.data.offsets import load_offsets
@@ -40,17 +40,12 @@ def run_variant(work: Path, data: dict, name: str, a: argparse.Namespace, **reci
     build_index(data["train.bson"], run, work / f"{name}_idx_train", IndexSettings("train"))
     build_index(data["train.bson"], run, work / f"{name}_idx_all", IndexSettings("all"))
     out = {}
-    shipped = calibrate_module.GAMMAS
-    try:
-        for what, gammas in (("no prototype vote", (0.0,)), ("prototype vote", shipped)):
-            calibrate_module.GAMMAS = gammas  # the grid's prototype vote weights, for this ablation only
+    for what, gammas in (("no prototype vote", (0.0,)), ("prototype vote", calibrate_module.GAMMAS)):
+        with grid_gammas(gammas):
             m = evaluate(work / f"{name}_idx_train", out_dir=work / f"{name}_eval_{len(gammas)}")
             sub = work / f"{name}_{len(gammas)}.csv"
             predict(data["test.bson"], work / f"{name}_idx_all", sub, restart=True)
-            out[f"{name}, {what} ({m['fusion']['chosen']}, gamma {m['calibration']['gamma']})"] = \
-                read_submission(sub)[1]
-    finally:
-        calibrate_module.GAMMAS = shipped
+        out[f"{name}, {what} ({m['fusion']['chosen']}, gamma {m['calibration']['gamma']})"] = read_submission(sub)[1]
     return out
 
 

@@ -3,16 +3,29 @@ where the test set does not follow it, as on bench/grocery_tail.py's set)."""
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import common
 import numpy as np
 
+import retrieval.infer.scoring.calibrate as calibrate_module
 from retrieval.data.offsets import load_offsets
 from retrieval.infer.evaluate import BUCKETS
 
 KEYS = (("head", "head"), ("knn", "kNN"), ("ncm", "nearest class mean"), ("crt", "cRT"),
         ("fused_noproto", "fused, no peers, no prototype vote"), ("fused_np", "fused, no peers"), ("fused", "fused"))
+
+
+@contextmanager
+def grid_gammas(values: tuple[float, ...]):
+    """The grid's prototype vote weights ``evaluate`` chooses among, for an ablation only (put back on exit)."""
+    shipped = calibrate_module.GAMMAS
+    calibrate_module.GAMMAS = values
+    try:
+        yield
+    finally:
+        calibrate_module.GAMMAS = shipped
 
 
 def bootstrap(correct: np.ndarray, n: int = 2000, seed: int = 0, weights: np.ndarray | None = None

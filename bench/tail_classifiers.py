@@ -8,6 +8,7 @@ Written with plain numpy / torch, apart from the library's scoring, so they chec
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +27,10 @@ def stored_embeddings(idx: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def embed_file(path: Path, run: Path, out: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Embeddings ``[N, D]`` and class indices ``[N]`` of every product of ``path`` (through an index folder)."""
-    if not (out / "manifest.json").exists() and not any(out.glob("gen*")):
-        build_index(path, run, out, IndexSettings("all"))
+    """Embeddings ``[N, D]`` and class indices ``[N]`` of every product of ``path`` (through a new index folder
+    ``out``: one left by an earlier model would hold other embeddings)."""
+    shutil.rmtree(out, ignore_errors=True)
+    build_index(path, run, out, IndexSettings("all"))
     return stored_embeddings(out)
 
 
