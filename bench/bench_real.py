@@ -122,7 +122,7 @@ def finetune(work: Path, epochs: int, a: argparse.Namespace, qy: np.ndarray) -> 
         predict(GROCERY / "test.bson", idx, sub, FusionOverrides(**kw), restart=True)
         out[key] = read_submission(sub)[1] == qy
     bal = balanced_classifiers(run, idx, GROCERY / "val.bson", GROCERY / "test.bson", work / f"{name}_emb")
-    out.update({"ncm": bal["ncm"], "crt": bal["crt"], "balanced_what": bal["what"]})
+    out.update({key: bal[key] for key in ("ncm", "crt", "knn_p05", "knn_p1")}, balanced_what=bal["what"])
     return out
 
 
@@ -178,6 +178,8 @@ def main() -> None:
                  (f"(c) kNN, fine-tuned {e} epochs", r["knn"], "", ""),
                  (f"(e) nearest class mean, fine-tuned {e} epochs", r["ncm"], "", r["balanced_what"]),
                  (f"(f) cRT (class-balanced re-trained classifier), {e} epochs", r["crt"], "", ""),
+                 (f"(g) kNN weighted by 1 / size^0.5, {e} epochs", r["knn_p05"], "", "k 20, tau 0.05"),
+                 (f"(g1) kNN weighted by 1 / size, {e} epochs", r["knn_p1"], "", "k 20, tau 0.05"),
                  (f"(d1) fused without peers, without the prototype vote, {e} epochs", r["fused_noproto"], "",
                   "calibrated on val.bson with gamma 0"),
                  (f"(d0) fused without peers, {e} epochs", r["fused_np"], "",

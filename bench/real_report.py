@@ -14,6 +14,7 @@ from retrieval.data.offsets import load_offsets
 from retrieval.infer.evaluate import BUCKETS
 
 KEYS = (("head", "head"), ("knn", "kNN"), ("ncm", "nearest class mean"), ("crt", "cRT"),
+        ("knn_p05", "kNN / size^0.5"), ("knn_p1", "kNN / size"),
         ("fused_noproto", "fused, no peers, no prototype vote"), ("fused_np", "fused, no peers"), ("fused", "fused"))
 
 

@@ -3,7 +3,10 @@
 Both read the unit product embeddings an index folder stores (no new forward pass over the training set):
   - NCM: the nearest class mean (the prototypes the fused rule's ``proto`` feature uses), cosine over unit means;
   - cRT (Kang et al., ICLR 2020): a linear softmax classifier re-trained on the frozen fine-tuned embeddings with
-    class-balanced sampling (every class drawn equally often), its L2 chosen on the validation set.
+    class-balanced sampling (every class drawn equally often), its L2 chosen on the validation set;
+  - a kNN vote weighted by category size: each neighbour's exp(similarity / tau) divided by its category's
+    number of training products to the power p (p 0 is the plain vote; p 1 gives every category the same total
+    weight in expectation).
 Written with plain numpy / torch, apart from the library's scoring, so they check it.
 """
 from __future__ import annotations
@@ -69,9 +72,23 @@ def crt_predict(lin: torch.nn.Linear, qx: np.ndarray) -> np.ndarray:
         return lin(torch.from_numpy(qx) * 16.0).argmax(1).numpy()
 
 
+def knn_by_size(tx: np.ndarray, ty: np.ndarray, qx: np.ndarray, n_classes: int, power: float, k: int = 20,
+                tau: float = 0.05) -> np.ndarray:
+    """Cosine kNN over unit embeddings, neighbour weights ``exp(sim / tau) / size[c] ** power`` -> class ``[Q]``."""
+    size = np.bincount(ty, minlength=n_classes).astype(np.float64)
+    sims = qx @ tx.T
+    top = np.argsort(-sims, axis=1)[:, :k]
+    s = np.take_along_axis(sims, top, 1)
+    w = np.exp((s - s[:, :1]) / tau) / size[ty[top]] ** power
+    votes = np.zeros((len(qx), n_classes))
+    np.add.at(votes, (np.repeat(np.arange(len(qx)), top.shape[1]), ty[top].ravel()), w.ravel())
+    return votes.argmax(1)
+
+
 def balanced_classifiers(run: Path, train_idx: Path, val_path: Path, test_path: Path, work: Path
                          ) -> dict[str, np.ndarray | str]:
-    """Correct ``[Q]`` per test product of NCM and cRT (L2 chosen on ``val_path``), and the validation figures."""
+    """Correct ``[Q]`` per test product of NCM, cRT (L2 chosen on ``val_path``) and the size-weighted kNN (p 0.5
+    and 1), and the validation figures."""
     tx, ty = stored_embeddings(train_idx)
     keep = ty >= 0
     tx, ty = tx[keep], ty[keep]
@@ -82,5 +99,8 @@ def balanced_classifiers(run: Path, train_idx: Path, val_path: Path, test_path: 
     val_acc = {wd: float((crt_predict(lin, vx) == vy).mean()) for wd, lin in fits.items()}
     wd = max(val_acc, key=val_acc.get)
     ncm_val = float((ncm_predict(tx, ty, vx, n) == vy).mean())
+    knn_val = {p: float((knn_by_size(tx, ty, vx, n, p) == vy).mean()) for p in (0.0, 0.5, 1.0)}
     return {"ncm": ncm_predict(tx, ty, qx, n) == qy, "crt": crt_predict(fits[wd], qx) == qy,
-            "what": f"val.bson: NCM {ncm_val:.3f}, cRT {val_acc[wd]:.3f} (weight decay {wd})"}
+            "knn_p05": knn_by_size(tx, ty, qx, n, 0.5) == qy, "knn_p1": knn_by_size(tx, ty, qx, n, 1.0) == qy,
+            "what": f"val.bson: NCM {ncm_val:.3f}, cRT {val_acc[wd]:.3f} (weight decay {wd}), kNN by size "
+                    + ", ".join(f"p {p}: {v:.3f}" for p, v in knn_val.items())}

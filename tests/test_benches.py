@@ -26,3 +26,22 @@ def test_bench_runs_quick_and_prints_a_table(name, tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "|---|" in out.stdout  # a Markdown table was printed
+
+
+def test_size_weighted_knn_of_the_tail_bench_against_a_hand_made_case():
+    """bench/tail_classifiers' size-weighted kNN: a query nearer a small category's one product than a large
+    category's two products is voted to the small one when weights are divided by the size, and to the large one
+    by the plain vote (tau 1: weights e^0.9 vs e^0.8 + e^0.7)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from tail_classifiers import knn_by_size
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    import numpy as np
+    q = np.array([[1.0, 0.0]])
+    tx = np.array([[0.9, np.sqrt(1 - 0.81)], [0.8, -0.6], [0.7, np.sqrt(1 - 0.49)]])
+    ty = np.array([0, 1, 1])
+    assert np.exp(0.9) < np.exp(0.8) + np.exp(0.7) and np.exp(0.9) > (np.exp(0.8) + np.exp(0.7)) / 2
+    assert knn_by_size(tx, ty, q, 2, power=0.0, k=3, tau=1.0).tolist() == [1]
+    assert knn_by_size(tx, ty, q, 2, power=1.0, k=3, tau=1.0).tolist() == [0]
+    assert knn_by_size(tx, ty, q, 2, power=1.0, k=1, tau=1.0).tolist() == [0]
