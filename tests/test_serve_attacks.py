@@ -422,13 +422,17 @@ def test_classify_by_id_leaves_its_own_vector_and_pictures_out(client, served, s
     own = next(i for i in range(n) if not any(hashes[i] & hashes[j] for j in range(n) if j != i))
     pid = int(b.product_ids[own])
     clf = load_fusion(b.run, b.fallback_class)
+    assert not clf.uses_prototypes  # this brute force leaves prototypes out
     emb, probs, _ = embed_pictures(b, product_pictures(b, own))
     vecs = np.stack([b.vector(i) for i in range(n)])
     sims = vecs @ emb
     sims[own] = -np.inf
     top = np.argsort(-sims, kind="stable")[:clf.k]
-    c = Candidates.build(probs[None], sims[top][None], b.vectors.labels[top][None], np.ones(1, bool),
-                         np.full((1, 16), -1, np.int32))
+    labels = np.asarray(b.vectors.labels)
+    others = np.delete(labels, own)
+    sizes = np.array([np.sum(others == k) for k in range(labels.max() + 1)], np.float32)  # its class, less itself
+    c = Candidates.build(probs[None], sims[top][None], labels[top][None], np.ones(1, bool),
+                         np.full((1, 16), -1, np.int32), sizes=sizes)
     scores = clf.candidate_scores(c, clf.features(c, clf.candidate_votes(c)))[0]
     expected = [int(b.categories.ids[c.classes[0, j]]) for j in np.argsort(-scores, kind="stable")[:5]
                 if np.isfinite(scores[j])]

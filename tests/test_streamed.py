@@ -67,8 +67,12 @@ def test_evaluate_gives_the_same_metrics_whatever_the_part_size(indexes, tmp_pat
     one = evaluate(indexes["train"], out_dir=tmp_path / "a", loader=LoaderSettings(workers=0), part_products=10_000)
     many = evaluate(indexes["train"], out_dir=tmp_path / "b", loader=LoaderSettings(workers=0), part_products=7)
     for key in ("products", "head_accuracy", "knn_accuracy", "fused_accuracy", "fused_top5_accuracy",
-                "fused_without_duplicates_accuracy", "by_frequency", "calibration", "level2_accuracy"):
+                "fused_without_duplicates_accuracy", "by_frequency", "level2_accuracy"):
         assert one[key] == many[key], key
+    # the fitted weights to float rounding (searches in batches of another shape sum in another order)
+    a, b = one["calibration"], many["calibration"]
+    assert {k: v for k, v in a.items() if k != "weights"} == {k: v for k, v in b.items() if k != "weights"}
+    np.testing.assert_allclose(a["weights"], b["weights"], rtol=1e-4, atol=1e-6)
     assert one["calibration_products"] == one["products"] and not (tmp_path / "b" / "parts").exists()
 
 

@@ -176,7 +176,12 @@ def classify_outputs(bundle: IndexBundle, clf: FusedClassifier, emb: np.ndarray,
     protos = None
     if clf.uses_prototypes:
         protos = emb[None] @ (bundle.prototypes if exclude is None else bundle.prototypes_without(exclude)).T
-    c = Candidates.build(probs[None], sims, labels, np.ones(1, bool), dups, sizes=class_sizes(index), proto_sims=protos)
+    sizes = class_sizes(index)
+    own = -1 if exclude is None else int(index.labels[exclude])
+    if own >= 0:  # its class's size without it, as for a product that is not indexed
+        sizes = sizes.copy()
+        sizes[own] -= 1
+    c = Candidates.build(probs[None], sims, labels, np.ones(1, bool), dups, sizes=sizes, proto_sims=protos)
     votes = clf.candidate_votes(c)
     feats = clf.features(c, votes)
     scores = clf.candidate_scores(c, feats)[0]
