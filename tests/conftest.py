@@ -29,6 +29,14 @@ def shared_file(name: str) -> Path:
     return p
 
 
+def assert_same_calibration(a: dict, b: dict) -> None:
+    """Two evaluate runs' fitted fusions: the same rule and settings, the weights equal to float rounding
+    (searches in batches of another shape sum in another order)."""
+    import numpy as np
+    assert {k: v for k, v in a.items() if k != "weights"} == {k: v for k, v in b.items() if k != "weights"}
+    np.testing.assert_allclose(a["weights"], b["weights"], rtol=1e-4, atol=1e-6)
+
+
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory) -> dict[str, Path]:
     """150 training + 30 test products, 6 categories, 32 px images."""

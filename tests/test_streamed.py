@@ -14,6 +14,7 @@ from retrieval.infer.scoring.candidates import Candidates
 from retrieval.infer.scoring.fused import FusedClassifier
 from retrieval.infer.scoring.peers import first_stage, peer_graph, top_classes
 from retrieval.infer.scoring.streamed import calibration_rows, gather, score_parts
+from tests.conftest import assert_same_calibration
 
 
 def _candidates(n: int, classes: int, rng: np.random.Generator) -> Candidates:
@@ -69,10 +70,7 @@ def test_evaluate_gives_the_same_metrics_whatever_the_part_size(indexes, tmp_pat
     for key in ("products", "head_accuracy", "knn_accuracy", "fused_accuracy", "fused_top5_accuracy",
                 "fused_without_duplicates_accuracy", "by_frequency", "level2_accuracy"):
         assert one[key] == many[key], key
-    # the fitted weights to float rounding (searches in batches of another shape sum in another order)
-    a, b = one["calibration"], many["calibration"]
-    assert {k: v for k, v in a.items() if k != "weights"} == {k: v for k, v in b.items() if k != "weights"}
-    np.testing.assert_allclose(a["weights"], b["weights"], rtol=1e-4, atol=1e-6)
+    assert_same_calibration(one["calibration"], many["calibration"])
     assert one["calibration_products"] == one["products"] and not (tmp_path / "b" / "parts").exists()
 
 
