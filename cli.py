@@ -300,20 +300,65 @@ def similar(index: Path = typer.Option(..., help="index folder"),
 @command("add-to-index")
 def add_to_index(new_file: Path = typer.Argument(..., help="BSON file of new products"),
                  index: Path = typer.Option(..., help="index folder"), batch_size: int = BATCH,
-                 workers: int = WORKERS) -> None:
+                 workers: int = WORKERS,
+                 replace: bool = typer.Option(False, help="products already indexed get the file's pictures and "
+                                              "category (their old entry removed in the same commit); else skipped")
+                 ) -> None:
     """Append new products to an index without retraining or rebuilding."""
     from retrieval.infer.indexdir.build import add_to_index as _add
-    added, dups = _add(index, new_file, _loader(batch_size, workers))
-    typer.echo(f"added {added} products; {len(dups)} already indexed" + (f" (e.g. {dups[:5]})" if dups else ""))
+    added, dups = _add(index, new_file, _loader(batch_size, workers), replace=replace)
+    said = "replaced" if replace else "already indexed, skipped"
+    typer.echo(f"added {added} products; {len(dups)} {said}" + (f" (e.g. {dups[:5]})" if dups else ""))
+
+
+@command()
+def remove(index: Path = typer.Option(..., help="index folder"),
+           product_id: Optional[List[int]] = typer.Option(None, min=0, help="a product id to remove; repeatable"),
+           ids: Optional[Path] = typer.Option(None, help="file of product ids, one per line (or a CSV whose first "
+                                              "column is _id)")) -> None:
+    """Remove products from an index (one generation commit; unknown ids change nothing)."""
+    from retrieval.infer.indexdir.changes import read_ids, remove_products
+    wanted = list(product_id or []) + (read_ids(ids) if ids else [])
+    if not wanted:
+        raise UserError("give --product-id ID (repeatable) or --ids FILE")
+    c = remove_products(index, wanted)
+    typer.echo(f"removed {c.products} products; generation {c.generation}")
+
+
+@command()
+def relabel(corrections: Path = typer.Argument(..., help="CSV of _id,category_id (an audit's CSV as it is)"),
+            index: Path = typer.Option(..., help="index folder")) -> None:
+    """Give indexed products their correct categories: they vote for them at once, without retraining."""
+    from retrieval.infer.indexdir.changes import read_corrections, relabel_products
+    c = relabel_products(index, read_corrections(corrections))
+    typer.echo(f"relabelled {c.products} products; generation {c.generation}")
+
+
+@command()
+def check(index: Path = typer.Option(..., help="index folder"),
+          quick: bool = typer.Option(False, help="sizes and small files only (every byte by default)")) -> None:
+    """Verify every byte the live generation references against the checksums recorded at commit; exit 2 naming
+    each damaged file."""
+    from retrieval.infer.indexdir.compact import check_index
+    r = check_index(index, full=not quick)
+    for line in r.damaged:
+        typer.secho(f"damaged: {line}", fg=typer.colors.RED, err=True)
+    if r.damaged:
+        raise UserError(f"{index}: {len(r.damaged)} damaged files in generation {r.generation}")
+    typer.echo(f"{index}: generation {r.generation}, {r.products:,} products, {r.bytes_read / 1e9:.2f} GB verified; "
+               "no damage")
 
 
 @command("compact")
-def compact(index: Path = typer.Option(..., help="index folder")) -> None:
-    """Merge an index's small segments (left by adds) into one; queries answer the same (adds compact on their
-    own past 8 small segments)."""
+def compact(index: Path = typer.Option(..., help="index folder"),
+            index_memory: Optional[float] = typer.Option(None, min=1e-3, help="memory budget of the rewritten "
+                                                         "segment's index in GB (default: the build's)")) -> None:
+    """Merge an index's small segments (left by adds) into one and drop removed products for good (adds and
+    removals compact on their own past 8 small segments or a fifth of a segment removed)."""
     from retrieval.infer.indexdir.compact import compact as _compact
-    gen = _compact(index)
-    typer.echo(f"compacted into generation {gen}" if gen else "nothing to compact (fewer than 2 small segments)")
+    gen = _compact(index, index_memory * 1e9 if index_memory else None)
+    typer.echo(f"compacted into generation {gen}" if gen else "nothing to compact (fewer than 2 small segments and "
+               "nothing removed)")
 
 
 @command()

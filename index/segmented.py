@@ -85,7 +85,9 @@ class SegmentedIndex:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        allowed = np.flatnonzero(np.isin(part.labels, np.asarray(labels, np.int64)))
+        ok = np.isin(part.labels, np.asarray(labels, np.int64))
+        ok[part.removed] = False  # a generation's removed products are never found
+        allowed = np.flatnonzero(ok)
         vecs = None
         if 0 < len(allowed) <= EXACT_SUBSET_MAX:
             try:

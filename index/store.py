@@ -17,6 +17,8 @@ EXACT_SUBSET_MAX = 200_000  # restricted searches over at most this many vectors
 REFINE_FACTOR = 4  # a coded index with exact vectors at hand returns this many times k, re-ranked exactly
 SEARCH_DEPTHS = sorted({int(round(2 ** (i / 2))) for i in range(31)})  # tune tries nprobe 1, 2, 3, 4, 6, 8, ...
 CODES_ALONE_NPROBE = 64  # the widest search a coded index's codes alone are tuned to before re-ranking is used
+OVERFETCH_MAX = 1024  # up to this many removed vectors, a search asks k + removed and drops them (exact, and
+# batched searches keep FAISS's BLAS path); past it, removed vectors are skipped inside FAISS by a selector
 
 
 def take_rows(blocks: Sequence[np.ndarray], rows: np.ndarray) -> np.ndarray:
@@ -116,7 +118,31 @@ class VectorIndex:
         self.nprobe, self.ef_search = nprobe, ef_search
         self.refine: Callable[[np.ndarray], np.ndarray] | None = None  # exact vectors of positions (see search)
         self.rerank = rerank  # whether a coded index uses ``refine`` (tune turns it off where codes suffice)
+        self.removed = np.zeros(0, np.int64)  # sorted positions never returned (a generation's deletion set)
+        self._live_sel = None  # the FAISS selector of the positions not removed (built at the first search)
         self._apply()
+
+    def view(self, labels: np.ndarray, removed: np.ndarray) -> "VectorIndex":
+        """This index (the same FAISS object, never copied) with other ``labels [n]`` and the sorted positions
+        ``removed [R]`` left out of every search: a generation's view of an immutable segment."""
+        v = VectorIndex(self.faiss_index, labels, self.factory, self.nprobe, self.ef_search, self.rerank)
+        if len(v.labels) != len(self):
+            raise ValueError(f"{len(v.labels)} labels for {len(self)} vectors")
+        v.refine, v.removed = self.refine, np.unique(np.asarray(removed, np.int64))
+        return v
+
+    @property
+    def live_count(self) -> int:
+        return len(self) - len(self.removed)
+
+    def _live_selector(self):
+        """A FAISS selector of the positions not removed (a bitmap; built once per view)."""
+        if self._live_sel is None:
+            live = np.ones(len(self), bool)
+            live[self.removed] = False
+            self._live_bits = np.packbits(live, bitorder="little")  # kept: the selector reads this memory
+            self._live_sel = faiss.IDSelectorBitmap(len(self), faiss.swig_ptr(self._live_bits))
+        return self._live_sel
 
     @classmethod
     def create(cls, d: int, factory: str) -> "VectorIndex":
@@ -221,7 +247,9 @@ class VectorIndex:
             raise ValueError(f"queries must be [Q, {self.dim}], got {list(q.shape)}")
         allowed = None
         if allowed_labels is not None:
-            allowed = np.flatnonzero(np.isin(self.labels, np.asarray(allowed_labels, np.int64)))
+            ok = np.isin(self.labels, np.asarray(allowed_labels, np.int64))
+            ok[self.removed] = False
+            allowed = np.flatnonzero(ok)
             if len(allowed) == 0:
                 return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
             if len(allowed) <= EXACT_SUBSET_MAX:
@@ -231,9 +259,36 @@ class VectorIndex:
         params = self._params(allowed)
         if params is not None:
             return self.faiss_index.search(q, k, params=params)
+        if not len(self.removed):
+            return self._search(q, k)
+        if len(self.removed) <= OVERFETCH_MAX:  # ask for the removed ones too, then drop them
+            sims, pos = self._search(q, min(len(self), k + len(self.removed)))
+            gone = np.isin(pos, self.removed) | (pos < 0)
+            order = np.argsort(gone, axis=1, kind="stable")[:, :k]
+            sims, pos = np.take_along_axis(sims, order, 1), np.take_along_axis(pos, order, 1)
+            gone = np.take_along_axis(gone, order, 1)
+            sims, pos = np.where(gone, -np.inf, sims).astype(np.float32), np.where(gone, -1, pos)
+            if pos.shape[1] < k:
+                pad = k - pos.shape[1]
+                sims = np.pad(sims, ((0, 0), (0, pad)), constant_values=-np.inf)
+                pos = np.pad(pos, ((0, 0), (0, pad)), constant_values=-1)
+            return sims, pos
+        return self._search(q, k, self._depth_params(self._live_selector()))
+
+    def _depth_params(self, sel):
+        """Search parameters of this index's tuned depth, restricted to ``sel``."""
+        if self.ivf is not None:
+            return faiss.SearchParametersIVF(sel=sel, nprobe=self.nprobe)
+        if self.hnsw is not None:
+            return faiss.SearchParametersHNSW(sel=sel, efSearch=self.ef_search)
+        return faiss.SearchParameters(sel=sel)
+
+    def _search(self, q: np.ndarray, k: int, params=None) -> tuple[np.ndarray, np.ndarray]:
+        """The plain search at the tuned depth (a coded index's shortlist re-ranked exactly with ``refine``)."""
         if self.refine is not None and self.rerank and self.coded and len(self):
-            return rerank(q, self.faiss_index.search(q, min(len(self), REFINE_FACTOR * k))[1], k, self.refine)
-        return self.faiss_index.search(q, k)
+            return rerank(q, self.faiss_index.search(q, min(len(self), REFINE_FACTOR * k), params=params)[1], k,
+                          self.refine)
+        return self.faiss_index.search(q, k, params=params)
 
     @property
     def coded(self) -> bool:

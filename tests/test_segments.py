@@ -339,5 +339,23 @@ def test_class_prototypes_are_the_mean_stored_embedding_over_every_segment(world
     pos = int(np.flatnonzero(labels >= 0)[0])
     without = want[labels[pos]] * norm[labels[pos]] - emb[pos]
     np.testing.assert_allclose(b.prototypes_without(pos)[labels[pos]], without / np.linalg.norm(without), atol=1e-5)
-    (b.segments[0].path / "class_sums.npy").unlink()  # a segment written before the sums: computed from embeddings
+    _as_written_before_checksums(idx)  # a segment written before the sums (and checksums): computed from embeddings
+    (b.segments[0].path / "class_sums.npy").unlink()
     np.testing.assert_allclose(open_index(idx).prototypes, want, atol=1e-5)
+
+
+def _as_written_before_checksums(idx: Path) -> None:
+    """Rewrite the live generation as code before checksums wrote it: no ``files`` in any segment.json, no
+    ``checksums`` in the manifest."""
+    from dataclasses import replace
+
+    from retrieval.infer.indexdir.manifest import IndexManifest
+    layout = IndexFolder(idx)
+    f = IndexFolder.manifest_file(layout.generation())
+    man = IndexManifest.load(f)
+    for sid, _ in man.segments:
+        meta = layout.segment(sid) / "segment.json"
+        d = json.loads(meta.read_text())
+        d.pop("files", None)
+        meta.write_text(json.dumps(d))
+    replace(man, checksums={}).save(f)

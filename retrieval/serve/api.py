@@ -12,13 +12,15 @@ serve``) runs it under uvicorn. A server is an input surface for strangers:
   thread; the rest of their work and every other handler that touches the index runs in the thread pool;
 - at most :data:`MAX_PICTURES` pictures a query, counted before any is decoded; pictures are decoded reduced
   to the model's size, and pixel caps are read from the header (``retrieval.data.images``);
-- writes (``POST /products``) need ``Authorization: Bearer <token>`` and are refused in read-only mode; one add
-  runs at a time (the index folder's writer lock), it commits a new generation, and queries keep the generation
-  they started with until the swap; error messages carry no server path.
+- writes (``POST /products``, ``DELETE`` and ``PATCH /products/{id}``) need ``Authorization: Bearer <token>`` and
+  are refused in read-only mode; one write runs at a time (the index folder's writer lock), it commits a new
+  generation, and queries keep the generation they started with until the swap; a full disk is a 507 that
+  changed nothing; error messages carry no server path.
 """
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import logging
 import re
@@ -28,7 +30,8 @@ import weakref
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi import Path as Path_
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -36,7 +39,8 @@ from ..data.images import picture_hash
 from ..errors import UserError
 from ..infer.indexdir.build import add_to_index
 from ..infer.indexdir.bundle import IndexBundle, open_index
-from ..infer.indexdir.folder import IndexFolder, WriterBusy
+from ..infer.indexdir.changes import UnknownProducts, relabel_products, remove_products
+from ..infer.indexdir.folder import DiskFull, IndexFolder, WriterBusy
 from ..infer.pipeline.embed import LoaderSettings
 from ..infer.query import (
     UnknownProduct,
@@ -194,6 +198,19 @@ def create_app(index_dir: str | Path, settings: ServeSettings | None = None,
     async def _unknown(_: Request, e: UnknownProduct) -> JSONResponse:
         return JSONResponse({"detail": str(e)}, status_code=404)
 
+    @app.exception_handler(UnknownProducts)
+    async def _unknown_ids(_: Request, e: UnknownProducts) -> JSONResponse:
+        return JSONResponse({"detail": _no_paths(str(e))}, status_code=404)
+
+    @app.exception_handler(DiskFull)
+    async def _disk_full(_: Request, e: DiskFull) -> JSONResponse:
+        return JSONResponse({"detail": "the server's disk is full; nothing was changed"}, status_code=507)
+
+    @app.exception_handler(WriterBusy)
+    async def _busy_writer(_: Request, e: WriterBusy) -> JSONResponse:
+        return JSONResponse({"detail": "another write is running on this index; try again when it has finished"},
+                            status_code=409)
+
     @app.exception_handler(UserError)
     async def _user_error(_: Request, e: UserError) -> JSONResponse:
         return JSONResponse({"detail": _no_paths(str(e))}, status_code=400)
@@ -208,8 +225,12 @@ def create_app(index_dir: str | Path, settings: ServeSettings | None = None,
     async def health() -> dict:
         """Whether the server is up, and what it serves (answered on the event loop, never behind work)."""
         b = state.bundle
-        return {"status": "ok", "products": len(b.vectors), "categories": len(b.categories),
-                "backbone": b.manifest.backbone, "index": b.manifest.factory, "writes": not settings.read_only}
+        return {"status": "ok", "products": b.live_count, "categories": len(b.categories),
+                "backbone": b.manifest.backbone, "index": b.manifest.factory, "writes": not settings.read_only,
+                "generation": b.generation,
+                "segments": [{"id": s.sid, "products": s.live_count, "removed": len(s.state.removed),
+                              "relabelled": len(s.state.relabels), "factory": s.meta.get("factory", s.vectors.factory),
+                              "tuned_recall_at_10": s.meta.get("tuned_recall_at_10")} for s in b.segments]}
 
     @app.post("/similar")
     async def similar(product_id: Annotated[int | None, Form(ge=0, le=2 ** 63 - 1)] = None,
@@ -283,25 +304,55 @@ def create_app(index_dir: str | Path, settings: ServeSettings | None = None,
             raise HTTPException(404, f"product _id {product_id} has {len(pictures)} pictures; no picture {n}")
         return Response(pictures[n], media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
+    @app.delete("/products/{product_id}")
+    def remove_product(request: Request, product_id: Annotated[int, Path_(ge=0, le=2 ** 63 - 1)]) -> dict:
+        """Remove an indexed product (needs the token): one generation commit; it is never found or voting from
+        the next query on. 404 for a product that is not indexed."""
+        with state.writer:
+            change = remove_products(state.folder, [product_id], on_commit=state.reload)
+        log.info("DELETE /products/%d from %s: generation %s", product_id, _client(request), change.generation)
+        return {"removed": product_id, "generation": change.generation, "products": state.bundle.live_count}
+
+    @app.patch("/products/{product_id}")
+    def relabel_product(request: Request, product_id: Annotated[int, Path_(ge=0, le=2 ** 63 - 1)],
+                        category_id: Annotated[int, Form(description="the product's correct category id")]) -> dict:
+        """Give an indexed product another category (needs the token; the category must be in the run's table):
+        it votes for it from the next query on, without retraining."""
+        with state.writer:
+            change = relabel_products(state.folder, {product_id: category_id}, on_commit=state.reload)
+        log.info("PATCH /products/%d -> %d from %s: generation %s", product_id, category_id, _client(request),
+                 change.generation)
+        return {"product_id": product_id, "category_id": category_id, "generation": change.generation}
+
     @app.post("/products")
     def add_products(request: Request,
-                     file: Annotated[UploadFile, File(description="BSON file of products to add")]) -> dict:
+                     file: Annotated[UploadFile, File(description="BSON file of products to add")],
+                     replace: Annotated[bool, Query(description="give products already indexed the file's pictures "
+                                                                "and category (else they are skipped)")] = False
+                     ) -> dict:
         """Add the products of an uploaded BSON file to the index as a new generation (needs the token; the
         request guard has checked it, and the read-only mode, before the body was read)."""
         layout = IndexFolder(state.folder)
         layout.uploads.mkdir(exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=layout.uploads, suffix=".bson", delete=False) as tmp:
-            while chunk := file.file.read(1 << 20):
-                tmp.write(chunk)
+        tmp = tempfile.NamedTemporaryFile(dir=layout.uploads, suffix=".bson", delete=False)
+        try:
+            with tmp:
+                while chunk := file.file.read(1 << 20):
+                    tmp.write(chunk)
+        except OSError as e:
+            Path(tmp.name).unlink(missing_ok=True)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull("upload") from None
+            raise
         added, already, upload = 0, [], Path(tmp.name)
         try:
             with state.writer:
                 # the writer embeds with its own copy of the model (kept in state.nets): sharing the serving one
                 # with the query thread stalled the event loop (soak test: /health p99 over its 0.1 s bound)
                 added, already = add_to_index(state.folder, upload, LoaderSettings(workers=0),
-                                              on_commit=state.reload, nets=state.nets)
-        except WriterBusy:
-            raise HTTPException(409, "another add is running on this index; try again when it has finished") from None
+                                              on_commit=state.reload, nets=state.nets, replace=replace)
+        except (WriterBusy, DiskFull):
+            raise
         except UserError as e:
             msg = _no_paths(str(e).replace(tmp.name, file.filename or "upload"))
             raise HTTPException(400, f"upload {file.filename}: {msg}") from None
@@ -310,9 +361,10 @@ def create_app(index_dir: str | Path, settings: ServeSettings | None = None,
             if refs is not None and upload.resolve() not in refs[1]:
                 for leftover in layout.uploads.glob(upload.name + "*"):
                     leftover.unlink(missing_ok=True)
-        total = len(state.bundle.vectors)
-        log.info("POST /products from %s: %s, %d added, %d already indexed; %d products", _client(request),
-                 file.filename, added, len(already), total)
-        return {"added": added, "already_indexed": already[:100], "products": total}
+        total = state.bundle.live_count
+        log.info("POST /products from %s: %s, %d added, %d already indexed%s; %d products", _client(request),
+                 file.filename, added, len(already), " (replaced)" if replace else "", total)
+        key = "replaced" if replace else "already_indexed"
+        return {"added": added, key: already[:100], "products": total}
 
     return app

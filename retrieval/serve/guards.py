@@ -170,7 +170,8 @@ class RequestGuard:
 
     def _check_write(self, scope, get) -> None:
         s = self.settings
-        write = scope["path"] in self.writes
+        path = scope["path"]
+        write = any(path == w or path.startswith(w + "/") for w in self.writes)  # /products and /products/{id}
         if write and s.read_only:
             raise Refusal(403, "this server is read-only")
         origin = get(b"origin")

@@ -11,10 +11,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from tqdm import tqdm
 
-from index import DuplicateTable, VectorIndex, choose_factory, exact_topk, mapped_rows
-from index.store import REFINE_FACTOR
+from index import DuplicateTable
 
 from ...data.images import DecodeStats
 from ...data.offsets import RecordReader, file_fingerprint, load_offsets
@@ -26,11 +24,12 @@ from ...rundir import RunDir
 from ..pipeline.embed import LoaderSettings, ProductOutputs
 from ..pipeline.parts import PartWork, numbered, run_parts
 from ..pipeline.store import PartStore
+from .builder import SegmentSpec, build_segment
 from .bundle import IndexBundle, load_index_model, open_index, refuse_runtime_on  # noqa: F401 (re-exported: tests and the CLI import them here)
+from .changes import live_positions, with_changes
 from .compact import commit_manifest, maybe_compact
 from .folder import IndexFolder, fsync_path
 from .manifest import IndexManifest, Source
-from .segments import known_ids, write_segment
 
 log = logging.getLogger(__name__)
 
@@ -64,33 +63,6 @@ def _duplicates(store: PartStore, parts: list[tuple[int, int]], first_position: 
     return DuplicateTable(np.concatenate(hashes), np.concatenate(positions))
 
 
-def _fill_index(vi: VectorIndex, store: PartStore, parts: list, labels: np.ndarray, target_recall: float) -> float:
-    """Train (if needed) and fill ``vi`` from the stored parts; tune its search depth; returns recall@10."""
-    n = sum(c for _, c in parts)
-    blocks = lambda: (store.read(p, ("emb",))["emb"] for p, _ in parts)  # noqa: E731
-    vi.train_on_blocks(blocks(), n)
-
-    def added_blocks():  # each part is read once here: added to the index, then scored exactly for tuning
-        start = 0
-        for b in tqdm(blocks(), total=len(parts), desc="adding to index", unit="parts"):
-            vi.add(b, labels[start:start + len(b)])
-            start += len(b)
-            yield b
-
-    if vi.ivf is None and vi.hnsw is None:
-        for _ in added_blocks():
-            pass
-        return 1.0
-    q = store.read(parts[0][0], ("emb",))["emb"][:1000]
-    truth = exact_topk(q, added_blocks(), 10)[1]
-    maps = [np.load(store.embeddings_file(store.folder, p), mmap_mode="r") for p, _ in parts]
-    vi.refine = lambda pos: mapped_rows(maps, pos)  # as the folder's readers will: codes re-ranked exactly
-    recall = vi.tune(q, truth, target_recall)
-    log.info("%s over %d products: recall@10 %.3f of the exact search (nprobe %s%s)", vi.factory, n, recall,
-             vi.nprobe, f", shortlists of {REFINE_FACTOR}x re-ranked with the stored embeddings" if vi.coded else "")
-    return recall
-
-
 @dataclass(frozen=True)
 class IndexSettings:
     """What ``build-index`` makes: ``split`` ("train": the run's training split, "all": every labelled product),
@@ -111,8 +83,13 @@ class IndexSettings:
             raise UserError(f"unknown runtime {self.runtime!r}; valid: {', '.join(RUNTIMES)}")
         if self.split not in ("train", "all"):
             raise UserError(f"split must be 'train' or 'all', got {self.split!r}")
-        if self.part_products < 1 or not self.memory_budget > 0 or not 0 < self.target_recall <= 1:
-            raise UserError("part size must be at least 1, memory budget positive, target recall in (0, 1]")
+        if self.part_products < 1:
+            raise UserError("part size must be at least 1")
+        self.spec  # refuses a bad factory, budget or recall target before any work  # noqa: B018
+
+    @property
+    def spec(self) -> SegmentSpec:
+        return SegmentSpec(self.index_type, self.memory_budget, self.target_recall)
 
 
 def build_index(train_path: str | Path, run_dir: str | Path, out_dir: str | Path,
@@ -154,24 +131,21 @@ def _build(train_path: Path, run: RunDir, out: IndexFolder, settings: IndexSetti
         return None
     stats, embed_s = done
     parts = [(p, len(r)) for p, r in parts]
-    factory = settings.index_type
-    if factory == "auto":
-        factory = choose_factory(len(rows), net.cfg.embed_dim, settings.memory_budget)
-    vi = VectorIndex.create(net.cfg.embed_dim, factory)
-    recall = _fill_index(vi, store, parts, cats.encode(table["category_id"][rows]), settings.target_recall)
     arrays = {"product_ids": table["product_id"][rows], "category_ids": table["category_id"][rows],
               "offsets": table["offset"][rows], "lengths": table["length"][rows].astype(np.int64),
               "sources": np.zeros(len(rows), np.int32)}
     store.sync()
-    sid = write_segment(out, vi, arrays, _duplicates(store, parts, 0), parts,
-                        [store.embeddings_file(store.folder, p) for p, _ in parts])
+    sid, factory, recall = build_segment(out, net.cfg.embed_dim, settings.spec, cats.encode(table["category_id"][rows]),
+                                         arrays, _duplicates(store, parts, 0), parts,
+                                         [store.embeddings_file(store.folder, p) for p, _ in parts])
     manifest = IndexManifest(
         model_file=out.relative(model.path), model_sha256=model.sha256, run_dir=out.relative(run.path),
         backbone=net.cfg.backbone, image_size=net.cfg.image_size, dim=net.cfg.embed_dim, factory=factory,
         count=len(rows), split=split, mirror=mirror, store_key=key, parts=tuple(parts),
         sources=(Source(out.relative(train_path), fp),), origin=str(out.path.resolve()), tuned_recall_at_10=recall,
         decode=stats.summary(), embedding={"seconds": round(embed_s, 3), "images": stats.decoded},
-        runtime=runtime_fingerprint(net), segments=((sid, len(rows)),))
+        runtime=runtime_fingerprint(net), segments=((sid, len(rows)),), index_memory=settings.memory_budget,
+        target_recall=settings.target_recall)
     _warn_dropped(out)
     commit_manifest(out, manifest)
     log.info("index of %d products (%s) written to %s; %s", len(rows), factory, out.path, stats.summary())
@@ -192,15 +166,18 @@ def _warn_dropped(out: IndexFolder) -> None:
 
 
 def add_to_index(index_dir: str | Path, new_path: str | Path, loader: LoaderSettings = LoaderSettings(),
-                 on_commit: Callable[[str], None] | None = None, nets: dict | None = None) -> tuple[int, list[int]]:
+                 on_commit: Callable[[str], None] | None = None, nets: dict | None = None,
+                 replace: bool = False) -> tuple[int, list[int]]:
     """Embed the products of ``new_path`` and commit them as ONE new segment (a small index of them alone: the
-    cost grows with what is added, not with the catalogue); returns (added, ids already indexed). Holds the
+    cost grows with what is added, not with the catalogue); returns (added, ids already indexed). ``replace``:
+    a product already indexed gets the file's pictures and category (its old entry removed in the same commit;
+    the returned list then names the replaced ones); else it is skipped. Holds the
     folder's writer lock: a second writer is refused. ``on_commit(generation)`` runs once the generation is
     committed; ``nets``: a cache of embedding runtimes kept by a caller that adds often (a server). An error
     after the commit (garbage collection, compaction, ``on_commit``) is logged: the add has succeeded."""
     folder = IndexFolder(index_dir)
     with folder.writer():
-        added, already = _add(folder, Path(new_path), loader, nets if nets is not None else {})
+        added, already = _add(folder, Path(new_path), loader, nets if nets is not None else {}, replace)
         if added:
             try:
                 maybe_compact(folder)
@@ -225,16 +202,18 @@ def _writer_net(folder: IndexFolder, man: IndexManifest, nets: dict):
     return nets[key]
 
 
-def _add(folder: IndexFolder, new_path: Path, loader: LoaderSettings, nets: dict) -> tuple[int, list[int]]:
+def _add(folder: IndexFolder, new_path: Path, loader: LoaderSettings, nets: dict,
+         replace: bool = False) -> tuple[int, list[int]]:
     man = IndexManifest.load(IndexFolder.manifest_file(folder.generation()))
     table = load_offsets(new_path)
-    known = known_ids(folder, [sid for sid, _ in man.segments], table["product_id"])
+    seg, local = live_positions(folder, man, table["product_id"])
+    known = seg >= 0
     _, first = np.unique(table["product_id"], return_index=True)
     fresh = np.zeros(len(table), bool)
     fresh[first] = True
-    rows = np.flatnonzero(fresh & ~known)
+    rows = np.flatnonzero(fresh & (replace | ~known))
     dups = table["product_id"][known | ~fresh].tolist()
-    if dups:
+    if dups and not replace:
         log.warning("%d products of %s are already in the index and were skipped (e.g. %s)", len(dups), new_path,
                     dups[:5])
     if len(rows) == 0:
@@ -256,13 +235,16 @@ def _add(folder: IndexFolder, new_path: Path, loader: LoaderSettings, nets: dict
     _embed_to_store(net, man.mirror, RecordReader(new_path, table), [(name, rows)], store, loader,
                     "embedding new products")
     parts = [(name, len(rows))]
-    vi = VectorIndex.create(man.dim, "Flat")  # small: exact; compaction builds a bigger index from many
-    vi.add(store.read(name, ("emb",))["emb"], labels)
     arrays = {"product_ids": table["product_id"][rows], "category_ids": cat_ids, "offsets": table["offset"][rows],
               "lengths": table["length"][rows].astype(np.int64), "sources": np.full(len(rows), len(man.sources),
                                                                                    np.int32)}
-    sid = write_segment(folder, vi, arrays, _duplicates(store, parts, 0), parts, [store.embeddings_file(store.folder,
-                                                                                                    name)])
+    # small: exact; compaction builds a bigger index from many
+    sid, _, _ = build_segment(folder, man.dim, SegmentSpec("Flat"), labels, arrays, _duplicates(store, parts, 0),
+                              parts, [store.embeddings_file(store.folder, name)])
+    old = rows[known[rows]]  # replaced products: their old rows leave in the same commit
+    if len(old):
+        man = with_changes(folder, man, removed={man.segments[s][0]: local[old][seg[old] == s]
+                                                 for s in np.unique(seg[old])})
     if new_path.resolve().is_relative_to(folder.path.resolve()):  # an upload: durable before CURRENT names it
         fsync_path(new_path)
         fsync_path(new_path.parent)

@@ -19,7 +19,7 @@ from ...model.runtime import best_device
 from ...rundir import RunDir
 from .folder import IndexFolder
 from .manifest import IndexManifest
-from .segments import ARRAYS, Segment, load_segment
+from .segments import ARRAYS, Segment, load_segment, load_state, meta_file
 
 __all__ = ["ARRAYS", "IndexBundle", "open_index", "query_tower", "check_source", "refuse_runtime_on"]
 
@@ -101,6 +101,11 @@ class IndexBundle:
         # a large segment and its additions are read in place: no copy of the catalogue's arrays at each add
         self.arrays = {k: Joined([s.arrays[k] for s in segs]) for k in ARRAYS}
         self.duplicates = JoinedDuplicates([s.duplicates for s in segs], self.vectors.offsets[:-1].tolist())
+
+    @property
+    def live_count(self) -> int:
+        """Products a query can find (every segment's rows less those this generation removed)."""
+        return sum(s.live_count for s in self.segments)
 
     @property
     def layout(self) -> IndexFolder:
@@ -217,13 +222,31 @@ def open_index(folder: str | Path, mmap: bool = False, runtime: str | None = Non
     else:
         reuse = None
         loaded = load_index_model(layout, man, best_device())
-    have = {s.sid: s for s in reuse.segments} if reuse is not None else {}
-    segs = [have.get(sid) or load_segment(layout, sid, mmap) for sid, _ in man.segments]
+    segs = open_segments(layout, man, mmap, reuse)
     if not segs or [len(s) for s in segs] != [n for _, n in man.segments] or man.count != sum(map(len, segs)):
         raise UserError(f"{layout.path}: manifest count {man.count} and its segments disagree; rebuild the index")
     bundle = IndexBundle(layout.path, man, segs, loaded, generation=gen.name)
     bundle.tower = reuse.tower if reuse is not None else query_tower(bundle, runtime)
     return bundle
+
+
+def open_segments(layout: IndexFolder, man: IndexManifest, mmap: bool = False,
+                  reuse: IndexBundle | None = None) -> list[Segment]:
+    """The segments ``man`` lists, as its generation sees them (deletion sets and relabels applied); segments
+    ``reuse`` has open are taken as they are (their view too, where the generation did not change them)."""
+    old = reuse.manifest.segment_state if reuse is not None else {}
+    have = {s.sid: s for s in reuse.segments} if reuse is not None else {}
+    out = []
+    for sid, _ in man.segments:
+        entry = man.segment_state.get(sid)
+        seg = have.get(sid)
+        if seg is not None and old.get(sid) == entry:
+            out.append(seg)
+            continue
+        base = (seg.base or seg) if seg is not None else load_segment(layout, sid, mmap,
+                                                                    man.checksums.get(meta_file(sid)))
+        out.append(base.with_state(load_state(layout, entry, man.checksums, len(base))))
+    return out
 
 
 def query_tower(bundle: IndexBundle, runtime: str | None) -> nn.Module | None:

@@ -1,27 +1,41 @@
-"""Generation commits, compaction of small segments, and a check of a folder's live generation (torch-free)."""
+"""Generation commits (checksums recorded), compaction (segments merged, removed rows dropped, the result built
+by the one segment builder) and the check of every byte a live generation references (torch-free)."""
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import replace
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from index import DuplicateTable, VectorIndex, choose_factory
+from index import DuplicateTable
 
 from ...errors import UserError
+from .builder import SegmentSpec, build_segment
 from .folder import IndexFolder, write_file
+from .integrity import Damaged, read_json, record, verify
 from .manifest import IndexManifest
-from .segments import ARRAYS, load_segment, write_segment
+from .segments import ARRAYS, load_segment, load_state, meta_file
 
 log = logging.getLogger(__name__)
 COMPACT_SMALL = 50_000  # a segment of at most this many products is small
 COMPACT_AT = 8  # an add that leaves more small segments than this at the tail compacts them into one
+COMPACT_REMOVED = 0.2  # a segment with a larger share of its rows removed is rewritten without them
+
+
+def _with_checksums(folder: IndexFolder, man: IndexManifest) -> IndexManifest:
+    """``man`` with ``[size, digest]`` of every file it references outside segment folders: each segment's
+    ``segment.json`` and each state file (a value recorded by an earlier generation is kept, never re-read)."""
+    refs = [meta_file(sid) for sid, _ in man.segments]
+    refs += [e[k] for e in man.segment_state.values() for k in ("removed", "relabels") if e.get(k)]
+    return replace(man, checksums={r: man.checksums.get(r) or record(folder.path / r) for r in refs})
 
 
 def commit_manifest(folder: IndexFolder, manifest: IndexManifest) -> str:
-    """Commit ``manifest`` (whose segments are sealed) as the folder's new live generation; returns its name."""
+    """Commit ``manifest`` (whose segments and state files are sealed) as the folder's new live generation, with
+    the checksums of what it references; returns its name."""
+    manifest = _with_checksums(folder, manifest)
     return folder.commit(lambda gen: write_file(IndexFolder.manifest_file(gen), manifest.save)).name
 
 
@@ -39,77 +53,158 @@ def _small_tail(man: IndexManifest) -> int:
     return n
 
 
-def maybe_compact(folder: IndexFolder) -> str | None:
-    """Compact when more than :data:`COMPACT_AT` small segments trail (the caller holds the writer lock)."""
-    if _small_tail(live_manifest(folder)) > COMPACT_AT:
-        return _compact(folder)
-    return None
+def _to_merge(man: IndexManifest, force: bool) -> list[str]:
+    """Segments to rewrite: the small tail when it is long (``force``: 2 or more), and every segment with more
+    than :data:`COMPACT_REMOVED` of its rows removed (``force``: any removed)."""
+    tail = _small_tail(man)
+    out = [sid for sid, _ in man.segments[-tail:]] if tail > (1 if force else COMPACT_AT) else []
+    for sid, n in man.segments:
+        gone = man.segment_state.get(sid, {}).get("removed_count", 0)
+        if sid not in out and gone and (force or gone > COMPACT_REMOVED * n):
+            out.append(sid)
+    return out
 
 
-def compact(index_dir: str | Path) -> str | None:
-    """Merge the small segments at the end of the live generation into one and commit it (holding the writer
-    lock); returns the new generation's name, or None when there was nothing to merge. Results and positions
-    of every query are unchanged (a merged Flat segment is still exact)."""
+def maybe_compact(folder: IndexFolder, spec: SegmentSpec | None = None) -> str | None:
+    """Compact when more than :data:`COMPACT_AT` small segments trail or a segment has more than
+    :data:`COMPACT_REMOVED` of its rows removed (the caller holds the writer lock)."""
+    man = live_manifest(folder)
+    merge = _to_merge(man, force=False)
+    return _compact(folder, man, merge, spec) if merge else None
+
+
+def compact(index_dir: str | Path, index_memory: float | None = None) -> str | None:
+    """Rewrite the small segments at the end of the live generation, and every segment with removed rows, into
+    one segment without the removed rows (built like a build: the index type chosen within ``index_memory``
+    bytes, default the build's, tuned to the build's recall target), and commit it (holding the writer lock);
+    returns the new generation's name, or None when there was nothing to do."""
     folder = IndexFolder(index_dir)
     with folder.writer():
-        return _compact(folder)
+        man = live_manifest(folder)
+        merge = _to_merge(man, force=True)
+        if not merge:
+            log.info("%s: %d segments, none to merge and nothing removed", folder.path, len(man.segments))
+            return None
+        spec = SegmentSpec("auto", index_memory or man.index_memory or 8e9, man.target_recall)
+        return _compact(folder, man, merge, spec)
 
 
-def _compact(folder: IndexFolder) -> str | None:
-    man = live_manifest(folder)
-    tail = _small_tail(man)
-    if tail < 2:
-        log.info("%s: %d segments, none to merge", folder.path, len(man.segments))
-        return None
-    keep, merge = man.segments[:-tail], man.segments[-tail:]
-    segs = [load_segment(folder, sid) for sid, _ in merge]
-    n = sum(len(s) for s in segs)
-    flat = all(s.vectors.factory == "Flat" for s in segs)
-    vi = VectorIndex.create(man.dim, "Flat" if flat else choose_factory(n, man.dim))
-    emb = [s.embeddings(k) for s in segs for k in range(len(s.parts))]
-    labels = np.concatenate([s.vectors.labels for s in segs])
-    if not flat:
-        vi.train_on_blocks(emb, n)
-    start = 0
-    for block in emb:
-        vi.add(np.asarray(block, np.float32), labels[start:start + len(block)])
-        start += len(block)
-    offsets = np.concatenate([[0], np.cumsum([len(s) for s in segs])])
-    owners = [s.duplicates.positions + o for s, o in zip(segs, offsets[:-1], strict=True)]
-    dups = DuplicateTable(np.concatenate([s.duplicates.hashes for s in segs]), np.concatenate(owners))
-    arrays = {k: np.concatenate([s.arrays[k] for s in segs]) for k in ARRAYS}
-    parts = [p for s in segs for p in s.parts]
-    sid = write_segment(folder, vi, arrays, dups, parts, [f for s in segs for f in s.emb_files()])
-    name = commit_manifest(folder, replace(man, segments=keep + ((sid, n),)))
-    log.info("%s: %d small segments (%d products) merged into %s", folder.path, tail, n, sid)
+def _compact(folder: IndexFolder, man: IndexManifest, merge: list[str], spec: SegmentSpec | None) -> str:
+    spec = spec or SegmentSpec("auto", man.index_memory or 8e9, man.target_recall)
+    counts = dict(man.segments)
+    segs = [load_segment(folder, sid, mmap=True, meta_record=man.checksums.get(meta_file(sid)))
+            .with_state(load_state(folder, man.segment_state.get(sid), man.checksums, counts[sid])) for sid in merge]
+    keep = [s.live_mask() for s in segs]
+    n = int(sum(k.sum() for k in keep))
+    if n == 0:
+        rest = tuple(e for e in man.segments if e[0] not in merge)
+        if not rest:
+            raise UserError(f"{folder.path}: every product is removed; an index needs at least one (rebuild it)")
+        states = {s: e for s, e in man.segment_state.items() if s not in merge}
+        return commit_manifest(folder, replace(man, segments=rest, segment_state=states,
+                                               count=sum(c for _, c in rest)))
+    work = folder.work / f"compact-{time.time_ns()}"
+    work.mkdir(parents=True)
+    emb_file = work / "emb.npy"
+    dim = man.dim
+    out = np.lib.format.open_memmap(emb_file, "w+", np.float32, (n, dim))
+    at = 0
+    for s, k in zip(segs, keep, strict=True):
+        start = 0
+        for part in range(len(s.parts)):
+            block = s.embeddings(part)
+            m = k[start:start + len(block)]
+            rows = np.asarray(block[np.flatnonzero(m)], np.float32)
+            out[at:at + len(rows)] = rows
+            at, start = at + len(rows), start + len(block)
+    out.flush()
+    del out
+    labels = np.concatenate([np.asarray(s.vectors.labels)[k] for s, k in zip(segs, keep, strict=True)])
+    arrays = {a: np.concatenate([np.asarray(s.arrays[a])[k] for s, k in zip(segs, keep, strict=True)]) for a in ARRAYS}
+    dups, offset = [], 0
+    for s, k in zip(segs, keep, strict=True):
+        new_pos = np.cumsum(k) - 1 + offset  # each kept row's new local position
+        alive = k[s.duplicates.positions]
+        dups.append((s.duplicates.hashes[alive], new_pos[s.duplicates.positions[alive]]))
+        offset += int(k.sum())
+    table = DuplicateTable(np.concatenate([h for h, _ in dups]), np.concatenate([p for _, p in dups]))
+    parts = [(f"compacted-{work.name.split('-')[1]}", n)]
+    sid, factory, recall = build_segment(folder, dim, spec, labels, arrays, table, parts, [emb_file])
+    rest = tuple(e for e in man.segments if e[0] not in merge) + ((sid, n),)
+    states = {s: e for s, e in man.segment_state.items() if s not in merge}
+    kept_parts = tuple(tuple(p) for s, _ in rest[:-1] for p in read_json(folder.segment(s) / "segment.json")["parts"])
+    name = commit_manifest(folder, replace(man, segments=rest, segment_state=states, count=sum(c for _, c in rest),
+                                           parts=kept_parts + tuple(parts)))
+    log.info("%s: %d segments (%d live products) rewritten into %s (%s, recall@10 %.3f)", folder.path, len(merge),
+             n, sid, factory, recall)
     return name
 
 
-def check_folder(index_dir: str | Path) -> tuple[str, int]:
-    """``(live generation, products)`` after checking that every file it references is present and agrees
-    (counts of arrays, id maps, labels, embeddings); a :class:`UserError` otherwise. Reads no model."""
+@dataclass(frozen=True)
+class CheckReport:
+    """What :func:`check_index` found: the live generation, its live products, bytes read, and every damaged
+    file (one line each)."""
+
+    generation: str
+    products: int
+    bytes_read: int
+    damaged: tuple[str, ...]
+
+
+def check_index(index_dir: str | Path, full: bool = True) -> CheckReport:
+    """Verify every file the live generation references against the checksums recorded at commit (``full``:
+    every byte; else sizes, and the small files' bytes) and the counts they must agree on; damaged files are
+    listed, not raised. A folder with no readable manifest raises."""
     folder = IndexFolder(index_dir)
     gen = folder.generation()
     man = IndexManifest.load(IndexFolder.manifest_file(gen))
-    total = 0
+    damaged: list[str] = []
+    read = 0
+
+    def check(path: Path, expected: list | None, whole: bool = full) -> bool:
+        nonlocal read
+        try:
+            verify(path, expected, full=whole)
+            read += path.stat().st_size if whole else 0
+            return True
+        except Damaged as e:
+            damaged.append(str(e))
+            return False
+
+    live = 0
     for sid, count in man.segments:
         path = folder.segment(sid)
+        if not check(path / "segment.json", man.checksums.get(meta_file(sid)), True):
+            continue
         try:
-            meta = json.loads((path / "segment.json").read_text())
-            sizes = {k: len(np.load(path / f"{k}.npy", mmap_mode="r"))
-                     for k in (*ARRAYS, "id_sorted", "id_order")}
-            sizes["labels"] = len(np.load(path / "faiss" / "labels.npy", mmap_mode="r"))
-            sizes["emb"] = sum(len(np.load(path / "emb" / f"{k:05d}.npy", mmap_mode="r"))
-                               for k in range(len(meta["parts"])))
-            ok = (path / "faiss" / "index.faiss").stat().st_size > 0 and (path / "duplicates.npz").exists()
-        except (OSError, ValueError, KeyError) as e:
-            raise UserError(f"{folder.path}: segment {sid} of {gen.name} is broken ({e})") from None
-        if not ok or meta["count"] != count or set(sizes.values()) != {count}:
-            raise UserError(f"{folder.path}: segment {sid} of {gen.name} disagrees ({sizes}, listed {count})")
-        total += count
-    if total != man.count:
-        raise UserError(f"{folder.path}: {gen.name} counts {man.count} products, its segments {total}")
+            meta = read_json(path / "segment.json")
+        except Damaged as e:
+            damaged.append(str(e))
+            continue
+        files = meta.get("files") or {}
+        ok = all([check(path / rel, files[rel], full or files[rel][0] <= (64 << 20)) for rel in files])
+        if meta.get("count") != count:
+            damaged.append(f"{path / 'segment.json'}: counts {meta.get('count')} products, the manifest {count}")
+        entry = man.segment_state.get(sid) or {}
+        for k in ("removed", "relabels"):
+            if entry.get(k):
+                ok &= check(folder.path / entry[k], man.checksums.get(entry[k]), True)
+        if ok:
+            try:
+                live += len(load_segment(folder, sid, mmap=True, meta_record=None)
+                            .with_state(load_state(folder, entry, man.checksums, count)).live_mask().nonzero()[0])
+            except UserError as e:
+                damaged.append(str(e))
     for src in man.sources:
         if not folder.resolve(src.path, man.origin).exists():
-            raise UserError(f"{folder.path}: source {src.path} of {gen.name} is missing")
-    return gen.name, total
+            damaged.append(f"{src.path}: source file of {gen.name} is missing (its pictures cannot be shown)")
+    return CheckReport(gen.name, live, read, tuple(damaged))
+
+
+def check_folder(index_dir: str | Path) -> tuple[str, int]:
+    """``(live generation, live products)`` after checking sizes, small files and counts of everything the live
+    generation references; a :class:`Damaged` error naming the first damaged file otherwise. Reads no model."""
+    r = check_index(index_dir, full=False)
+    if r.damaged:
+        raise Damaged(r.damaged[0])
+    return r.generation, r.products

@@ -2,6 +2,7 @@
 writer lock, and the crash points tests drive through ``CDISCOUNT_CRASH_AT``)."""
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -66,6 +67,10 @@ class WriterBusy(UserError):
     """Another process (or thread) is writing the same index folder."""
 
 
+class DiskFull(UserError):
+    """A write of the index folder ran out of space (ENOSPC): nothing was committed, the attempt's files are gone."""
+
+
 class IndexFolder:
     """``IDX/``, and every file name in it (nothing else spells one):
 
@@ -76,6 +81,8 @@ class IndexFolder:
     - ``work/build/``: build-index's embedded parts (resumable; segments hard-link what they keep of them),
       ``work/<other>/``: parts of an add, removed once it commits or dies;
     - ``uploads/``: BSON files added over HTTP (sources of later generations);
+    - ``state/<segment>.<nonce>.removed.npy`` / ``.relabels.npy``: a generation's deletion set and relabel table of
+      one segment (written aside, never changed; a later change writes new ones);
     - ``.writer.lock``: held by the one writer.
 
     Before ``CURRENT`` moves, every file the new generation references is fsynced with its folder. The writer
@@ -95,6 +102,7 @@ class IndexFolder:
 
     uploads = property(lambda self: self.path / "uploads")
     segments = property(lambda self: self.path / "segments")
+    state = property(lambda self: self.path / "state")
     work = property(lambda self: self.path / "work")
     build_parts = property(lambda self: self.path / "work" / "build")
     embeddings = build_parts  # the parts build-index embeds into (never read by a generation)
@@ -123,6 +131,11 @@ class IndexFolder:
 
     def segment(self, sid: str) -> Path:
         return self.segments / sid
+
+    def new_state_file(self, sid: str, kind: str) -> Path:
+        """A fresh file name for segment ``sid``'s ``kind`` ("removed" or "relabels") table."""
+        self.state.mkdir(parents=True, exist_ok=True)
+        return self.state / f"{sid}.{time.time_ns():020d}.{kind}.npy"
 
     def add_parts(self, key: str) -> Path:
         """The work folder of an add's parts (``key``: what it holds)."""
@@ -195,19 +208,21 @@ class IndexFolder:
         gens = sorted(p for p in self._generations.iterdir() if p.name.startswith("g"))
         return [p for p in gens if p in gens[-self.KEEP:] or p.name == live]
 
-    def referenced(self) -> tuple[set[str], set[Path]] | None:
-        """Segment ids and upload paths that the kept generations reference, or None when one of their
-        manifests cannot be read (then nothing is collected)."""
-        sids, sources = set(), set()
+    def referenced(self) -> tuple[set[str], set[Path], set[str]] | None:
+        """Segment ids, upload paths and state file names that the kept generations reference, or None when
+        one of their manifests cannot be read (then nothing is collected)."""
+        sids, sources, states = set(), set(), set()
         for gen in self._kept():
             try:
                 d = json.loads(self.manifest_file(gen).read_text())
                 sids |= {s[0] for s in d.get("segments", [])}
                 origin = d.get("origin", "")
                 sources |= {self.resolve(s["path"], origin) for s in d.get("sources", [])}
-            except (OSError, ValueError, KeyError, TypeError, IndexError):
+                for st in d.get("segment_state", {}).values():
+                    states |= {Path(st[k]).name for k in ("removed", "relabels") if st.get(k)}
+            except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
                 return None
-        return sids, sources
+        return sids, sources, states
 
     def collect(self) -> None:
         """Remove what no kept generation references (the caller holds the writer lock): older generations, dead
@@ -216,13 +231,15 @@ class IndexFolder:
         if refs is None:
             log.warning("%s: a kept generation's manifest is unreadable; nothing is collected", self.path)
             return
-        sids, sources = refs
+        sids, sources, states = refs
         kept = {p.name for p in self._kept()}
         doomed = []
         if self._generations.is_dir():
             doomed += [p for p in self._generations.iterdir() if p.name not in kept]
         if self.segments.is_dir():
             doomed += [p for p in self.segments.iterdir() if p.name not in sids]
+        if self.state.is_dir():
+            doomed += [p for p in self.state.iterdir() if p.name not in states]
         if self.work.is_dir():
             doomed += [p for p in self.work.iterdir() if p != self.build_parts]
         if self.uploads.is_dir():
@@ -259,6 +276,22 @@ class IndexFolder:
                     self.collect()
                 except Exception:
                     log.exception("%s: garbage collection failed", self.path)
-            yield self
+            try:
+                yield self
+            except BaseException as e:
+                self._after_failure()
+                if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise DiskFull(f"{self.path}: no space left on the disk; nothing was changed (the live "
+                                   "generation is as before; free some space and try again)") from None
+                raise
         finally:
             os.close(fd)
+
+    def _after_failure(self) -> None:
+        """Remove a failed write's files at once (the writer lock is still held): unlisted segments and state,
+        dead generations, add work."""
+        try:
+            if self.exists():
+                self.collect()
+        except Exception:  # the next writer collects them
+            log.exception("%s: could not remove a failed write's files", self.path)
