@@ -72,9 +72,10 @@ def test_mismatches_are_refused(small_data, trained_run, indexes, tmp_path):
     ck = tmp_path / "model.pt"
     shutil.copy(open_index(indexes["train"]).run.model_file, ck)
     manifest_file = IndexFolder.manifest_file(IndexFolder(copy).generation())
-    man = json.loads(manifest_file.read_text())
-    man["model_file"] = str(ck)
-    manifest_file.write_text(json.dumps(man))
+    from dataclasses import replace
+
+    from retrieval.infer.indexdir.manifest import IndexManifest
+    replace(IndexManifest.load(manifest_file), model_file=str(ck)).save(manifest_file)  # a user's edit, re-sealed
     open_index(copy)
     with open(ck, "ab") as f:
         f.write(b"changed")

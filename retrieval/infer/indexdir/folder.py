@@ -205,7 +205,9 @@ class IndexFolder:
         if not self._generations.is_dir():
             return []
         live = self.current_name() if self.exists() else None
-        gens = sorted(p for p in self._generations.iterdir() if p.name.startswith("g"))
+        # a generation newer than the live one is a commit that failed before CURRENT moved: dead
+        gens = sorted(p for p in self._generations.iterdir() if p.name.startswith("g") and (live is None or
+                                                                                            p.name <= live))
         return [p for p in gens if p in gens[-self.KEEP:] or p.name == live]
 
     def referenced(self) -> tuple[set[str], set[Path], set[str]] | None:

@@ -208,8 +208,8 @@ def load_segment(folder: IndexFolder, sid: str, mmap: bool = False, meta_record:
     path = folder.segment(sid)
     what = f"{folder.path}: segment {sid}: "
     if not (path / "segment.json").exists():
-        raise Damaged(f"{folder.path}: segment {sid} listed by the live generation is missing; restore it or "
-                      "rebuild the index")
+        raise Damaged(f"{path / 'segment.json'} is missing (segment {sid}, listed by the live generation); restore "
+                      "it or rebuild the index")
     verify(path / "segment.json", meta_record, what=what)
     meta = read_json(path / "segment.json", what)
     files = meta.get("files")

@@ -1,0 +1,352 @@
+"""A catalogue that changes: remove, relabel and replace products (library, CLI, HTTP) checked against a brute-force
+oracle over the live products read straight from the segments' files; compaction drops what was removed; damaged
+files are named, never served; a full disk changes nothing."""
+from __future__ import annotations
+
+import errno
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retrieval.data.synth import SynthConfig, make_data
+from retrieval.errors import UserError
+from retrieval.infer.indexdir import folder as folder_mod
+from retrieval.infer.indexdir.build import IndexSettings, add_to_index, build_index, open_index
+from retrieval.infer.indexdir.changes import UnknownProducts, relabel_products, remove_products
+from retrieval.infer.indexdir.compact import check_index, compact
+from retrieval.infer.indexdir.folder import DiskFull, IndexFolder
+from retrieval.infer.indexdir.integrity import Damaged
+from retrieval.infer.pipeline.embed import LoaderSettings
+from retrieval.infer.query import UnknownProduct, similar
+from retrieval.infer.scoring.candidates import class_sizes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, small_data, trained_run):
+    root = tmp_path_factory.mktemp("cat") / "world"
+    shutil.copytree(small_data["train.bson"].parent, root / "data")
+    shutil.copytree(trained_run, root / "run")
+    build_index(root / "data" / "train.bson", root / "run", root / "idx", IndexSettings("all", part_products=40),
+                LoaderSettings(workers=0))
+    return root
+
+
+@pytest.fixture()
+def world(tmp_path, built):
+    shutil.copytree(built, tmp_path / "world")
+    return tmp_path / "world"
+
+
+def _oracle(idx: Path) -> dict:
+    """Every live product of the live generation, read from the files with plain numpy (no segment code):
+    id -> (embedding, class, category id), applying the manifest's deletion sets and relabels by hand."""
+    import json
+    layout = IndexFolder(idx)
+    man = json.loads((layout.generation() / "manifest.json").read_text())
+    out = {}
+    for sid, _ in man["segments"]:
+        path = layout.segment(sid)
+        meta = json.loads((path / "segment.json").read_text())
+        emb = np.concatenate([np.load(path / "emb" / f"{k:05d}.npy") for k in range(len(meta["parts"]))])
+        ids, labels = np.load(path / "product_ids.npy"), np.load(path / "faiss" / "labels.npy")
+        cats = np.load(path / "category_ids.npy")
+        st = man.get("segment_state", {}).get(sid, {})
+        gone = set(np.load(idx / st["removed"]).tolist()) if st.get("removed") else set()
+        rel = {int(r[0]): (int(r[1]), int(r[2])) for r in np.load(idx / st["relabels"])} if st.get("relabels") else {}
+        for i in range(len(ids)):
+            if i not in gone:
+                cat, lab = rel.get(i, (int(cats[i]), int(labels[i])))
+                out[int(ids[i])] = (emb[i], lab, cat)
+    return out
+
+
+def _brute(oracle: dict, q: np.ndarray, k: int, label: int | None = None) -> list[int]:
+    ids = [i for i, (_, lab, _) in oracle.items() if label is None or lab == label]
+    scores = np.array([float(q @ oracle[i][0]) for i in ids])
+    order = np.argsort(-scores, kind="stable")[:k]
+    return [ids[j] for j in order]
+
+
+def _assert_readers_follow(idx: Path, removed: set[int]) -> None:
+    """Every reader of a freshly opened bundle agrees with the oracle over the live products."""
+    oracle = _oracle(idx)
+    assert not removed & set(oracle)
+    b = open_index(idx)
+    assert b.live_count == len(oracle)
+    for pid in removed:
+        assert b.position_of(pid) is None
+        with pytest.raises(UnknownProduct):
+            similar(b, product_id=pid, k=3)
+    queries = list(oracle)[::9]
+    for pid in queries:
+        q = oracle[pid][0]
+        got = [int(b.product_ids[p]) for p in b.vectors.search(q[None], 8)[1][0] if p >= 0]
+        assert got == _brute(oracle, q, 8)
+        lab = oracle[pid][1]
+        if lab >= 0:
+            got = [int(b.product_ids[p]) for p in b.vectors.search(q[None], 5, [lab])[1][0] if p >= 0]
+            assert got == _brute(oracle, q, 5, lab)
+        assert b.vectors.labels[b.position_of(pid)] == lab
+    labels = np.array([lab for _, lab, _ in oracle.values()])
+    want_sizes = np.bincount(labels[labels >= 0], minlength=len(b.categories))
+    sizes = class_sizes(b.vectors)
+    assert np.array_equal(np.pad(sizes, (0, len(want_sizes) - len(sizes))), want_sizes)
+    sums = np.zeros((len(b.categories), b.manifest.dim))
+    for e, lab, _ in oracle.values():
+        if lab >= 0:
+            sums[lab] += e
+    np.testing.assert_allclose(b.class_sums, sums, atol=1e-4)
+
+
+def test_remove_relabel_replace_every_reader_follows(world, tmp_path):
+    idx = world / "idx"
+    b0 = open_index(idx)
+    ids = [int(i) for i in b0.product_ids]
+    gone = set(ids[3:40:3])
+    remove_products(idx, sorted(gone))
+    _assert_readers_follow(idx, gone)
+    # the removed products' pictures never vote as exact duplicates (their labels are gone with them)
+    b = open_index(idx)
+    pos0 = [b0.position_of(p) for p in gone]
+    hashes = b.duplicates.hashes[np.isin(b.duplicates.positions, pos0)]
+    _, matched = b.duplicates.matches(hashes)
+    live_owner = [p for p in matched.tolist() if p not in pos0 and b.vectors.labels[p] >= 0]
+    want = sorted(int(b.vectors.labels[p]) for p in live_owner)  # only live owners vote (pictures shared by others)
+    got = b.duplicates.product_labels(hashes, np.zeros(len(hashes), np.int64), 1, b.vectors.labels, cap=64)[0]
+    assert len(hashes) and sorted(got[got >= 0].tolist()) == want and len(matched) > len(live_owner)
+    # relabel: the product votes for its new class in the very next query
+    victim = ids[1]
+    cats = b.categories.ids
+    new_cat = int(next(c for c in cats if c != int(b.arrays["category_ids"][b.position_of(victim)])))
+    relabel_products(idx, {victim: new_cat})
+    b = open_index(idx)
+    pos = b.position_of(victim)
+    assert int(b.arrays["category_ids"][pos]) == new_cat
+    assert b.vectors.labels[pos] == b.categories.encode([new_cat])[0]
+    _assert_readers_follow(idx, gone)
+    # replace: an indexed product gets new pictures; its old row leaves in the same commit
+    new = make_data(tmp_path / "new", SynthConfig(products=12, categories=3, seed=31, image_size=32),
+                    progress=False)["train.bson"]
+    from retrieval.data.offsets import load_offsets
+    new_ids = set(load_offsets(new)["product_id"].tolist())
+    overlap = new_ids & set(open_index(idx).product_ids.tolist())
+    assert overlap
+    added, replaced = add_to_index(idx, new, LoaderSettings(workers=0), replace=True)
+    assert added == len(new_ids) and set(replaced) == overlap
+    oracle = _oracle(idx)
+    b = open_index(idx)
+    for pid in overlap:  # found once, in the new segment, with the new file's embedding
+        p = b.position_of(pid)
+        assert b.vectors.locate(p)[0] == len(b.segments) - 1
+        np.testing.assert_allclose(b.vector(p), oracle[pid][0])
+    _assert_readers_follow(idx, gone - new_ids)
+
+
+def test_unknown_ids_or_categories_change_nothing(world):
+    idx = world / "idx"
+    gen = IndexFolder(idx).current_name()
+    b = open_index(idx)
+    with pytest.raises(UnknownProducts, match="999999"):
+        remove_products(idx, [int(b.product_ids[0]), 999999])
+    with pytest.raises(UserError, match="not in the run's category table"):
+        relabel_products(idx, {int(b.product_ids[0]): 123456789})
+    with pytest.raises(UnknownProducts):
+        relabel_products(idx, {424242: int(b.categories.ids[0])})
+    remove_products(idx, [int(b.product_ids[0])])
+    with pytest.raises(UnknownProducts):  # removed: unknown from now on
+        remove_products(idx, [int(b.product_ids[0])])
+    assert IndexFolder(idx).current_name() != gen and open_index(idx).live_count == 149
+
+
+def test_compaction_drops_removed_rows_and_is_built_like_a_build(world, monkeypatch):
+    idx = world / "idx"
+    ids = [int(i) for i in open_index(idx).product_ids]
+    gone = set(ids[:20])
+    remove_products(idx, sorted(gone))  # 20 of 150: under a fifth, kept as a deletion set
+    assert len(open_index(idx).segments[0].state.removed) == 20
+    remove_products(idx, ids[20:32])  # 32 of 150: past a fifth, the segment is rewritten without them
+    gone |= set(ids[20:32])
+    b = open_index(idx)
+    assert b.manifest.segment_state == {} and len(b.segments) == 1 and len(b.segments[0]) == 118
+    assert b.segments[0].meta["factory"] == "Flat" and b.segments[0].meta["tuned_recall_at_10"] == 1.0
+    _assert_readers_follow(idx, gone)
+    # a segment past the Flat size is built within the memory budget and tuned like a build's
+    import retrieval.infer.indexdir.builder as builder
+    monkeypatch.setattr(builder, "choose_factory", lambda n, d, budget: "IVF4,SQ8" if budget < 1e6 else "IVF4,Flat")
+    remove_products(idx, [ids[40]])
+    compact(idx, index_memory=1e5)
+    seg = open_index(idx).segments[0]
+    assert seg.meta["factory"] == "IVF4,SQ8" and 0.9 <= seg.meta["tuned_recall_at_10"] <= 1.0
+    assert len(seg) == 117 and check_index(idx).damaged == ()
+
+
+DAMAGE = ["faiss/index.faiss", "faiss/labels.npy", "product_ids.npy", "id_sorted.npy", "duplicates.npz",
+          "class_sums.npy", "segment.json"]
+
+
+@pytest.mark.parametrize("name", DAMAGE + ["emb/00000.npy"])
+@pytest.mark.parametrize("how", ["flip", "truncate", "missing"])
+def test_a_damaged_file_is_named_never_served(world, name, how):
+    idx = world / "idx"
+    seg = open_index(idx).segments[0]
+    f = seg.path / name
+    data = bytearray(f.read_bytes())
+    if how == "flip":
+        mid = len(data) // 2
+        data[mid:mid + 64] = bytes(255 - x for x in data[mid:mid + 64])
+        f.write_bytes(bytes(data))
+    elif how == "truncate":
+        f.write_bytes(bytes(data[:len(data) // 2]))
+    else:
+        f.unlink()
+    report = check_index(idx)
+    assert len(report.damaged) >= 1 and name.split("/")[-1] in report.damaged[0]
+    opened_checks = name != "emb/00000.npy" or how != "flip"  # embeddings are mapped: `check` reads their bytes
+    if opened_checks:
+        with pytest.raises(Damaged, match=name.split("/")[-1].replace(".", r"\.")):
+            open_index(idx)
+    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "check", "--index", str(idx)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and name.split("/")[-1] in r.stderr and "Traceback" not in r.stderr
+
+
+def test_similar_on_a_damaged_index_is_one_line_exit_2(world):
+    idx = world / "idx"
+    b = open_index(idx)
+    f = b.segments[0].path / "faiss" / "index.faiss"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 4096] = np.random.default_rng(0).integers(0, 256, 4096, np.uint8).tobytes()
+    f.write_bytes(bytes(data[:len(f.read_bytes())]))
+    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "similar", "--index", str(idx), "--product-id",
+                        str(int(b.product_ids[0]))], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "index.faiss is damaged" in r.stderr and "Traceback" not in r.stderr
+    assert len([ln for ln in r.stderr.splitlines() if ln.startswith("error")]) == 1
+
+
+def test_a_server_keeps_the_last_good_generation(world):
+    from fastapi.testclient import TestClient
+
+    from retrieval.serve.api import create_app
+    idx = world / "idx"
+    pid = int(open_index(idx).product_ids[5])
+    with TestClient(create_app(idx), base_url="http://localhost") as c:
+        state = c.app.state.index
+        gen = state.bundle.generation
+        remove_products(idx, [pid])
+        entry = next(iter(open_index(idx).manifest.segment_state.values()))
+        (idx / entry["removed"]).write_bytes(b"\x93NUMPY garbage")  # the new generation's deletion set is damaged
+        with pytest.raises(Damaged):
+            state.reload()
+        assert state.bundle.generation == gen
+        r = c.post("/similar", data={"product_id": pid, "k": 3})
+        assert r.status_code == 200 and c.get("/health").json()["products"] == 150
+
+
+def _enospc_at(monkeypatch, n: int) -> None:
+    """The ``n``-th write step of this process fails with ENOSPC, as a full disk would."""
+    real, seen = folder_mod.crash_point, {"write": 0}
+
+    def point(kind: str) -> None:
+        if kind == "write":
+            seen["write"] += 1
+            if seen["write"] == n:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real(kind)
+    monkeypatch.setattr(folder_mod, "crash_point", point)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])  # a remove writes its deletion set, the manifest, CURRENT
+def test_a_full_disk_changes_nothing_and_leaves_nothing(world, monkeypatch, n, tmp_path):
+    idx = world / "idx"
+    layout = IndexFolder(idx)
+    gen = layout.current_name()
+    before = sorted(p.relative_to(idx) for p in idx.rglob("*") if "work" not in p.parts and p.is_file())
+    ids = [int(i) for i in open_index(idx).product_ids[:4]]
+    new = make_data(tmp_path / "new", SynthConfig(products=8, categories=3, seed=77, image_size=32),
+                    progress=False)["train.bson"]
+    for op in (lambda: remove_products(idx, ids), lambda: add_to_index(idx, new, LoaderSettings(workers=0))):
+        _enospc_at(monkeypatch, n)
+        with pytest.raises(DiskFull, match="nothing was changed"):
+            op()
+        monkeypatch.undo()
+        assert layout.current_name() == gen
+        after = sorted(p.relative_to(idx) for p in idx.rglob("*") if "work" not in p.parts and p.is_file())
+        assert after == before and not list(layout.work.glob("add-*"))
+    assert check_index(idx).damaged == ()
+
+
+def test_http_writes_need_the_token_and_follow_at_once(world, tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from retrieval.serve.api import create_app
+    from retrieval.serve.guards import ServeSettings
+    idx = world / "idx"
+    b = open_index(idx)
+    pid, other = int(b.product_ids[7]), int(b.product_ids[8])
+    auth = {"Authorization": "Bearer s3cret"}
+    with TestClient(create_app(idx, ServeSettings(token="s3cret")), base_url="http://localhost") as c:
+        assert c.delete(f"/products/{pid}").status_code == 401
+        assert c.patch(f"/products/{pid}", data={"category_id": 1}).status_code == 401
+        assert c.delete(f"/products/{pid}", headers={"Authorization": "Bearer nope"}).status_code == 403
+        assert c.delete("/products/987654", headers=auth).status_code == 404
+        r = c.delete(f"/products/{pid}", headers=auth)
+        assert r.status_code == 200 and r.json()["products"] == 149
+        assert c.post("/similar", data={"product_id": pid}).status_code == 404
+        assert c.get(f"/products/{pid}/images/0").status_code == 404
+        for page in range(0, 150, 20):  # paging through everything never meets it
+            got = c.post("/similar", data={"product_id": other, "k": 20, "offset": page}).json()["results"]
+            assert pid not in [n["product_id"] for n in got]
+        cat = int(b.categories.ids[0])
+        found = c.post("/similar", data={"product_id": other, "k": 50, "category": cat}).json()["results"]
+        assert pid not in [n["product_id"] for n in found]
+        assert c.patch(f"/products/{other}", data={"category_id": 123456789}, headers=auth).status_code == 400
+        r = c.patch(f"/products/{other}", data={"category_id": cat}, headers=auth)
+        assert r.status_code == 200
+        found = c.post("/similar", data={"product_id": other, "k": 5, "category": cat, "include_self": True})
+        assert other in [n["product_id"] for n in found.json()["results"]]
+        health = c.get("/health").json()
+        assert health["products"] == 149 and health["segments"][0]["removed"] == 1
+        assert health["segments"][0]["relabelled"] == 1 and health["segments"][0]["factory"] == "Flat"
+        _enospc_at(monkeypatch, 1)
+        r = c.delete(f"/products/{other}", headers=auth)
+        assert r.status_code == 507 and "nothing was changed" in r.json()["detail"]
+        monkeypatch.undo()
+        assert c.get("/health").json()["products"] == 149
+
+
+def test_cli_remove_relabel_and_a_server_follows_within_a_second(world, tmp_path):
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from retrieval.serve.api import create_app
+    idx = world / "idx"
+    b = open_index(idx)
+    a, z = int(b.product_ids[10]), int(b.product_ids[11])
+    cli = [sys.executable, str(ROOT / "cli.py")]
+    with TestClient(create_app(idx), base_url="http://localhost") as c:
+        r = subprocess.run(cli + ["remove", "--index", str(idx), "--product-id", str(a), "--product-id", "5555555"],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "5555555" in r.stderr and "Traceback" not in r.stderr
+        r = subprocess.run(cli + ["remove", "--index", str(idx), "--product-id", str(a)], capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        deadline = time.monotonic() + 3
+        while c.post("/similar", data={"product_id": a}).status_code != 404:
+            assert time.monotonic() < deadline, "the server did not follow the CLI's remove"
+            time.sleep(0.1)
+    csv = tmp_path / "fix.csv"
+    cat = int(b.categories.ids[-1])
+    csv.write_text(f"_id,category_id\n{z},{cat}\n")
+    r = subprocess.run(cli + ["relabel", str(csv), "--index", str(idx)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert int(open_index(idx).arrays["category_ids"][open_index(idx).position_of(z)]) == cat
+    csv.write_text(f"_id,category_id\n{z},99999999\n")
+    r = subprocess.run(cli + ["relabel", str(csv), "--index", str(idx)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "99999999" in r.stderr
