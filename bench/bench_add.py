@@ -27,7 +27,7 @@ from retrieval.infer.indexdir import bundle as bundle_mod
 from retrieval.infer.indexdir.compact import check_folder, commit_manifest
 from retrieval.infer.indexdir.folder import IndexFolder
 from retrieval.infer.indexdir.manifest import IndexManifest, Source
-from retrieval.infer.indexdir.segments import known_ids, write_segment
+from retrieval.infer.indexdir.segments import locate_ids, write_segment
 
 
 def _unit(rng, n: int, d: int) -> np.ndarray:
@@ -80,7 +80,7 @@ def bench(root: Path, n: int, add: int, d: int, repeat: int) -> tuple:
             t = time.perf_counter()
             with folder.writer():
                 man = IndexManifest.load(IndexFolder.manifest_file(folder.generation()))
-                assert not known_ids(folder, [s for s, _ in man.segments], new).any()
+                assert (locate_ids(folder, [s for s, _ in man.segments], new)[0] < 0).all()
                 sid, _ = _segment(folder, rng, new, d)
                 commit_manifest(folder, man.with_segment(sid, [(f"add-{next_id}", add)], Source("upload", {})))
             took = time.perf_counter() - t

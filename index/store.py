@@ -119,7 +119,7 @@ class VectorIndex:
         self.refine: Callable[[np.ndarray], np.ndarray] | None = None  # exact vectors of positions (see search)
         self.rerank = rerank  # whether a coded index uses ``refine`` (tune turns it off where codes suffice)
         self.removed = np.zeros(0, np.int64)  # sorted positions never returned (a generation's deletion set)
-        self._live_sel = None  # the FAISS selector of the positions not removed (built at the first search)
+        self._live_sel = self._live_params = None  # selector of the positions not removed, its search parameters
         self._apply()
 
     def view(self, labels: np.ndarray, removed: np.ndarray) -> "VectorIndex":
@@ -273,7 +273,9 @@ class VectorIndex:
                 sims = np.pad(sims, ((0, 0), (0, pad)), constant_values=-np.inf)
                 pos = np.pad(pos, ((0, 0), (0, pad)), constant_values=-1)
             return sims, pos
-        return self._search(q, k, self._depth_params(self._live_selector()))
+        if self._live_params is None:  # built once per view: a SWIG object per query costs as much as a search
+            self._live_params = self._depth_params(self._live_selector())
+        return self._search(q, k, self._live_params)
 
     def _depth_params(self, sel):
         """Search parameters of this index's tuned depth, restricted to ``sel``."""

@@ -14,6 +14,7 @@ import pytest
 
 from retrieval.data.synth import SynthConfig, make_data
 from retrieval.infer.indexdir.build import IndexSettings, build_index, open_index
+from retrieval.infer.indexdir.changes import remove_products
 from retrieval.infer.indexdir.compact import check_folder
 from retrieval.infer.pipeline.embed import LoaderSettings
 
@@ -35,9 +36,18 @@ def child(idx):
         from retrieval.infer.indexdir.build import IndexSettings, build_index
         build_index(world / "data" / "train.bson", world / "run", idx, IndexSettings("train", part_products=40),
                     LoaderSettings(workers=0), restart=True)
-    elif op == "add":
+    elif op in ("add", "replace"):
         from retrieval.infer.indexdir.build import add_to_index
-        add_to_index(idx, new, LoaderSettings(workers=0))
+        add_to_index(idx, new, LoaderSettings(workers=0), replace=op == "replace")
+    elif op == "remove":
+        from retrieval.infer.indexdir.changes import remove_products
+        remove_products(idx, ids[:10])
+    elif op == "relabel":
+        from retrieval.infer.indexdir.changes import relabel_products
+        relabel_products(idx, {i: cat for i in ids[:10]})
+    elif op == "compact":
+        from retrieval.infer.indexdir.compact import compact
+        compact(idx)
     else:
         from fastapi.testclient import TestClient
         from retrieval.serve.api import create_app
@@ -46,9 +56,20 @@ def child(idx):
             if r.status_code != 200:
                 os._exit(3)
 
+source = world / ("idx-removed" if op == "compact" else "idx")
+import numpy as np
+from retrieval.infer.indexdir.manifest import IndexManifest
+_man = IndexManifest.load(IndexFolder.manifest_file(IndexFolder(source).generation()))
+ids = [int(i) for i in np.load(IndexFolder(source).segment(_man.segments[0][0]) / "product_ids.npy")[20:40]]
+cat = int(np.load(IndexFolder(source).segment(_man.segments[0][0]) / "category_ids.npy")[0])
+
+def state(idx):
+    man = IndexManifest.load(IndexFolder.manifest_file(IndexFolder(idx).generation()))
+    return [len(man.segments), man.removed_count, sum(e["relabel_count"] for e in man.segment_state.values())]
+
 def run(kind, n):
     idx = world / f"idx-{op}-{kind}-{n}"  # beside the pristine one: its relative paths hold
-    shutil.copytree(world / "idx", idx)
+    shutil.copytree(source, idx)
     pid = os.fork()
     if pid == 0:
         if kind:
@@ -63,6 +84,7 @@ def run(kind, n):
     out = {"kind": kind, "n": n, "rc": rc}
     try:
         out["gen"], out["count"] = check_folder(idx)
+        out["state"] = [out["count"]] + state(idx)
         with IndexFolder(idx).writer():  # the next writer collects garbage: never what the live one needs
             pass
         assert check_folder(idx) == (out["gen"], out["count"])
@@ -75,6 +97,8 @@ def run(kind, n):
     shutil.rmtree(idx)
     return True
 
+print(json.dumps({"kind": "none", "n": 0, "rc": 0, "gen": check_folder(source)[0],
+                  "state": [check_folder(source)[1]] + state(source)}), flush=True)
 run("", 0)
 for kind in kinds:
     if points == "all":
@@ -97,6 +121,8 @@ def crash_world(tmp_path_factory, small_data, trained_run):
                 LoaderSettings(workers=0))
     new = make_data(root / "new", SynthConfig(products=12, categories=3, seed=31, image_size=32),
                     progress=False)["train.bson"]
+    shutil.copytree(root / "idx", root / "idx-removed")  # the starting point of a compaction: 15 removed
+    remove_products(root / "idx-removed", [int(i) for i in open_index(root / "idx").product_ids[-15:]])
     return root, new
 
 
@@ -111,39 +137,50 @@ def _matrix(crash_world, op: str, kinds: str, points: str) -> list[dict]:
 
 
 def _check(rows: list[dict], world: Path, op: str) -> None:
-    old_gen, old = check_folder(world / "idx")
-    whole = rows[0]
-    assert whole["rc"] == 0 and "error" not in whole, whole
-    new = whole["count"]
-    assert new != old  # the operation changes the count: old and new states are told apart
-    crashed = [r for r in rows[1:] if r["rc"] == 77]
+    old_gen, _ = check_folder(world / ("idx-removed" if op == "compact" else "idx"))
+    base = rows[0]
+    whole = rows[1]
+    assert base["rc"] == 0 and whole["rc"] == 0 and "error" not in whole, whole
+    assert base["gen"] == old_gen
+    old, new = base["state"], whole["state"]  # (live products, segments, removed, relabelled)
+    assert new != old  # the operation changes the state: old and new are told apart
+    crashed = [r for r in rows[2:] if r["rc"] == 77]
     assert crashed, "no crash point was reached"
-    for r in rows[1:]:
+    for r in rows[2:]:
         assert "error" not in r, r
         assert r["rc"] in (0, 77), r
-        assert (r["gen"], r["count"]) == (old_gen, old) or (r["gen"] != old_gen and r["count"] == new), r
-        if op == "post" and r["count"] == new:  # committed: its upload is kept (it is the new products' source)
+        assert (r["gen"], r["state"]) == (old_gen, old) or (r["gen"] != old_gen and r["state"] == new), r
+        if op == "post" and r["state"] == new:  # committed: its upload is kept (it is the new products' source)
             assert len(r["uploads"]) == 1, r
-    seen = {r["count"] for r in crashed}
-    assert old in seen and (new in seen or any(r["rc"] == 0 for r in rows[1:])), seen
+    seen = {tuple(r["state"]) for r in crashed}
+    old, new = tuple(old), tuple(new)
+    assert old in seen and (new in seen or any(r["rc"] == 0 for r in rows[2:])), seen
 
 
 def test_a_few_crash_points_of_an_add_leave_old_or_new(crash_world):
     """The first write and a late rename of an add: quick enough for every run of the suite (the whole matrix,
-    for all three operations, is the slow test below)."""
+    for every operation, is the slow test below)."""
     rows = _matrix(crash_world, "add", "write,rename", "1,7")
     _check(rows, crash_world[0], "add")
 
 
+@pytest.mark.parametrize("op", ["remove", "relabel", "compact"])
+def test_every_crash_point_of_a_change_leaves_old_or_new(crash_world, op):
+    """A remove, a relabel and a compaction, killed at every write, fsync and rename in turn (few: fast)."""
+    rows = _matrix(crash_world, op, "write,fsync,rename", "all")
+    _check(rows, crash_world[0], op)
+    assert len([r for r in rows[2:] if r["rc"] == 0]) == 3
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("op", ["build", "add", "post"])
+@pytest.mark.parametrize("op", ["build", "add", "post", "replace"])
 def test_every_crash_point_leaves_old_or_new(crash_world, op):
     """Every write, fsync and rename, until the operation completes without reaching the point."""
     rows = _matrix(crash_world, op, "write,fsync,rename", "all")
     _check(rows, crash_world[0], op)
-    finals = [r for r in rows[1:] if r["rc"] == 0]
+    finals = [r for r in rows[2:] if r["rc"] == 0]
     assert len(finals) == 3  # each kind ran out of points: the whole operation passed every one of them
     world = crash_world[0]
     for r in finals:  # the completed folders open and serve
         b = open_index(world / f"idx-{op}-{r['kind']}-{r['n']}")
-        assert len(b.product_ids) == r["count"] and b.position_of(int(b.product_ids[-1])) == r["count"] - 1
+        assert b.live_count == r["count"] and b.position_of(int(b.product_ids[-1])) == len(b.product_ids) - 1

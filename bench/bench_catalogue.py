@@ -1,0 +1,217 @@
+"""What a changing catalogue costs: removals, queries over a generation with removed rows, compaction and check.
+
+Synthetic, like bench_add: N clustered unit vectors (dim --dim) with random ids and 1,000 classes, one base
+segment made by the one segment builder (the index type chosen within --index-memory and tuned to recall@10
+0.95, as build-index does); the model load is stubbed (the same at any size). Measured per size:
+- remove 1,000 products (``changes.remove_products``: id lookup in the id maps, the deletion set written aside,
+  one generation commit), median of --repeat, and the reader's reopen after it;
+- single queries (by id: id map, stored vector, search; by picture: a search with a new vector; the forward pass
+  is the same with or without removals and is left out), queries/s with 10% of the products removed against the
+  same folder's generation with none, alternating rounds;
+- recall@10 of the served results against exact search over the live products, beside the build's;
+- compaction with 10% removed (seconds; peak RSS of a child process that runs it alone, against the RSS of a
+  child that only opens the folder); ``check`` (every byte) in GB/s against a plain read of the same files.
+Usage: python bench/bench_catalogue.py [--sizes 100000 1000000] [--dim 64] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import common
+import numpy as np
+
+from index import DuplicateTable
+from retrieval.infer.indexdir import bundle as bundle_mod
+from retrieval.infer.indexdir.builder import SegmentSpec, build_segment
+from retrieval.infer.indexdir.changes import remove_products
+from retrieval.infer.indexdir.compact import check_index, commit_manifest
+from retrieval.infer.indexdir.folder import IndexFolder
+from retrieval.infer.indexdir.manifest import IndexManifest, Source
+
+
+class _Model:  # a reader's model, loaded once per server: the same at any size, so stubbed here
+    sha256 = "0" * 64
+
+
+def _stub() -> None:
+    bundle_mod.load_index_model = lambda *a, **k: _Model()
+    bundle_mod.query_tower = lambda bundle, runtime: None
+
+
+def _vectors(rng, n: int, d: int, centres: int = 2000) -> np.ndarray:
+    """Clustered unit vectors ``[n, d]`` (products come in families, as catalogue embeddings do)."""
+    c = rng.normal(size=(centres, d)).astype(np.float32)
+    v = c[rng.integers(0, centres, n)] + 0.35 * rng.normal(size=(n, d)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def make_folder(root: Path, n: int, d: int, memory: float) -> tuple[IndexFolder, np.ndarray, np.ndarray, float]:
+    """A one-segment index of ``n`` synthetic products; returns (folder, ids, vectors, build recall@10)."""
+    folder = IndexFolder(root / f"idx_{n}")
+    shutil.rmtree(folder.path, ignore_errors=True)
+    rng = np.random.default_rng(n)
+    ids = rng.choice(10 * n, n, replace=False).astype(np.int64)
+    v = _vectors(rng, n, d)
+    with folder.writer():
+        (folder.path / "base").touch()
+        emb = folder.work / "bench" / "emb.npy"
+        emb.parent.mkdir(parents=True)
+        np.save(emb, v)
+        labels = rng.integers(0, 1000, n)
+        arrays = {"product_ids": ids, "category_ids": labels, "offsets": np.zeros(n, np.int64),
+                  "lengths": np.ones(n, np.int64), "sources": np.zeros(n, np.int32)}
+        dups = DuplicateTable(rng.integers(0, 2 ** 62, n), np.arange(n))
+        sid, factory, recall = build_segment(folder, d, SegmentSpec("auto", memory), labels, arrays, dups,
+                                             [(0, n)], [emb])
+        man = IndexManifest(model_file="none", model_sha256="0" * 64, run_dir=".", backbone="synthetic",
+                            image_size=0, dim=d, factory=factory, count=n, split="all", mirror=False, store_key={},
+                            parts=((0, n),), sources=(Source("base", {}),), segments=((sid, n),),
+                            tuned_recall_at_10=recall, index_memory=memory)
+        commit_manifest(folder, replace(man))
+    return folder, ids, v, recall
+
+
+def _qps(bundle, ids: np.ndarray, vecs: np.ndarray) -> tuple[float, float]:
+    """(by id, by picture) single queries per second over ``ids`` / ``vecs`` (k = 10, one at a time)."""
+    t = time.perf_counter()
+    for pid in ids.tolist():
+        pos = bundle.position_of(pid)
+        bundle.vectors.search(bundle.vector(pos)[None], 11)
+    by_id = len(ids) / (time.perf_counter() - t)
+    t = time.perf_counter()
+    for q in vecs:
+        bundle.vectors.search(q[None], 10)
+    return by_id, len(vecs) / (time.perf_counter() - t)
+
+
+def _child_rss(code: str) -> tuple[float, float]:
+    """(seconds, peak RSS MB) of ``code`` run alone in a child process."""
+    env = {**os.environ, "PYTHONPATH": f"{common.ROOT}:{common.ROOT / 'bench'}"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return tuple(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+CHILD = """
+import json, resource, time
+import bench_catalogue as b
+from retrieval.infer.indexdir.compact import compact
+b._stub()
+t = time.perf_counter()
+{op}
+print(json.dumps([time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]))
+"""
+
+
+def bench(root: Path, n: int, d: int, memory: float, repeat: int, queries: int) -> dict:
+    folder, ids, v, build_recall = make_folder(root, n, d, memory)
+    rng = np.random.default_rng(1)
+    order = rng.permutation(n)
+    none = bundle_mod.open_index(folder.path)
+    removes, reopens, at = [], [], 0
+    reader = none
+    for i in range(repeat + 1):  # the first is a warm-up
+        gone = ids[order[at:at + 1000]]
+        at += 1000
+        t = time.perf_counter()
+        remove_products(folder.path, gone)
+        took = time.perf_counter() - t
+        t = time.perf_counter()
+        reader = bundle_mod.open_index(folder.path, reuse=reader)
+        if i:
+            removes.append(took)
+            reopens.append(time.perf_counter() - t)
+    if at < n // 10:
+        remove_products(folder.path, ids[order[at:n // 10]])  # 10% removed in all
+    tenth = bundle_mod.open_index(folder.path, reuse=reader)
+    live = order[n // 10:]
+    q_ids = ids[live[rng.integers(0, len(live), queries)]]
+    q_vecs = v[live[rng.integers(0, len(live), queries)]] + 0.03 * rng.normal(size=(queries, d)).astype(np.float32)
+    q_vecs /= np.linalg.norm(q_vecs, axis=1, keepdims=True)  # new pictures of products like indexed ones
+    rounds = {"none": [], "tenth": []}
+    for _ in range(3):  # alternating rounds: a busy moment hits both
+        for name, b in (("none", none), ("tenth", tenth)):
+            rounds[name].append(_qps(b, q_ids[:len(q_ids) // 3], q_vecs[:len(q_vecs) // 3]))
+    med = {k: np.median(np.array(r), 0) for k, r in rounds.items()}
+    # recall@10 of what is served, against exact search over the live products only
+    import faiss
+    flat = faiss.IndexFlatIP(d)
+    flat.add(v[live])
+    truth = live[flat.search(q_vecs, 10)[1]]
+    served = tenth.vectors.search(q_vecs, 10)[1]
+    recall = float(np.mean([len(set(s) & set(t)) / 10 for s, t in zip(served.tolist(), truth.tolist())]))
+    flat = faiss.IndexFlatIP(d)
+    flat.add(v)
+    truth0, served0 = flat.search(q_vecs, 10)[1], none.vectors.search(q_vecs, 10)[1]
+    recall0 = float(np.mean([len(set(s) & set(t)) / 10 for s, t in zip(served0.tolist(), truth0.tolist())]))
+    base_code = CHILD.format(op=f"b.bundle_mod.open_index({str(folder.path)!r})")
+    _, open_rss = _child_rss(base_code)
+    compact_s, compact_rss = _child_rss(CHILD.format(op=f"compact({str(folder.path)!r})"))
+    files = [p for p in folder.path.rglob("*") if p.is_file() and "work" not in p.parts]
+    size = sum(p.stat().st_size for p in files)
+
+    def plain():
+        for p in files:
+            with open(p, "rb", buffering=0) as f:
+                while f.read(8 << 20):
+                    pass
+    plain()  # warm: both read from the page cache
+    plain_s = common.best_time(plain, 3)
+    check_s = common.best_time(lambda: check_index(folder.path), 3)
+    assert check_index(folder.path).damaged == ()
+    shutil.rmtree(folder.path, ignore_errors=True)
+    return {"n": n, "factory": none.manifest.factory, "remove": float(np.median(removes)),
+            "reopen": float(np.median(reopens)), "qps": med, "recall": recall, "recall0": recall0, "build_recall": build_recall,
+            "compact_s": compact_s, "compact_rss": compact_rss, "open_rss": open_rss, "gb": size / 1e9,
+            "check_gbs": size / 1e9 / check_s, "plain_gbs": size / 1e9 / plain_s}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--index-memory", type=float, default=8e9, help="bytes the index type is chosen within")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--queries", type=int, default=600)
+    ap.add_argument("--workdir", type=Path, default=Path("bench_out/catalogue"))
+    ap.add_argument("--quick", action="store_true", help="30k and 60k products, 1 removal, 150 queries")
+    a = ap.parse_args()
+    if a.quick:
+        a.sizes, a.repeat, a.queries = [30_000, 60_000], 1, 150
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    _stub()
+    rows = [bench(a.workdir, n, a.dim, a.index_memory, a.repeat, a.queries) for n in a.sizes]
+    base = rows[0]["remove"]
+    common.print_table([(f"{r['n']:,}", r["factory"], f"{r['remove'] * 1e3:.1f}", f"{r['remove'] / base:.2f}x",
+                         f"{r['reopen'] * 1e3:.1f}") for r in rows],
+                       ("catalogue (products)", "index", "remove 1,000 (ms, median)", "vs smallest",
+                        "reader reopen (ms)"))
+    print()
+    common.print_table([(f"{r['n']:,}", f"{r['qps']['none'][0]:.0f}", f"{r['qps']['tenth'][0]:.0f}",
+                         f"{r['qps']['tenth'][0] / r['qps']['none'][0]:.2f}x", f"{r['qps']['none'][1]:.0f}",
+                         f"{r['qps']['tenth'][1]:.0f}", f"{r['qps']['tenth'][1] / r['qps']['none'][1]:.2f}x",
+                         f"{r['recall0']:.3f}", f"{r['recall']:.3f}", f"{r['build_recall']:.3f}") for r in rows],
+                       ("catalogue", "by id q/s (none removed)", "by id q/s (10% removed)", "ratio",
+                        "by picture q/s (none)", "by picture q/s (10%)", "ratio", "served recall@10 (none removed)",
+                        "served recall@10 (10% removed, vs live)", "build recall@10"))
+    print()
+    common.print_table([(f"{r['n']:,}", f"{r['compact_s']:.1f}", f"{r['compact_rss']:.0f}", f"{r['open_rss']:.0f}",
+                         f"{r['gb']:.2f}", f"{r['check_gbs']:.2f}", f"{r['plain_gbs']:.2f}",
+                         f"{r['check_gbs'] / r['plain_gbs']:.2f}x") for r in rows],
+                       ("catalogue", "compact 10% removed (s)", "its peak RSS (MB)", "open only: peak RSS (MB)",
+                        "folder (GB)", "check (GB/s)", "plain read (GB/s)", "check / read"))
+    print(f"\nmachine: {os.cpu_count()} cores; this process's peak RSS "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    shutil.rmtree(a.workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
