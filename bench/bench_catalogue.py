@@ -29,7 +29,7 @@ from pathlib import Path
 import common
 import numpy as np
 
-from index import DuplicateTable
+from index import DuplicateTable, recall_at_k
 from retrieval.infer.indexdir import bundle as bundle_mod
 from retrieval.infer.indexdir.builder import SegmentSpec, build_segment
 from retrieval.infer.indexdir.changes import remove_products
@@ -147,11 +147,11 @@ def bench(root: Path, n: int, d: int, memory: float, repeat: int, queries: int) 
     flat.add(v[live])
     truth = live[flat.search(q_vecs, 10)[1]]
     served = tenth.vectors.search(q_vecs, 10)[1]
-    recall = float(np.mean([len(set(s) & set(t)) / 10 for s, t in zip(served.tolist(), truth.tolist())]))
+    recall = recall_at_k(served, truth, 10)
     flat = faiss.IndexFlatIP(d)
     flat.add(v)
     truth0, served0 = flat.search(q_vecs, 10)[1], none.vectors.search(q_vecs, 10)[1]
-    recall0 = float(np.mean([len(set(s) & set(t)) / 10 for s, t in zip(served0.tolist(), truth0.tolist())]))
+    recall0 = recall_at_k(served0, truth0, 10)
     base_code = CHILD.format(op=f"b.bundle_mod.open_index({str(folder.path)!r})")
     _, open_rss = _child_rss(base_code)
     compact_s, compact_rss = _child_rss(CHILD.format(op=f"compact({str(folder.path)!r})"))
@@ -169,7 +169,8 @@ def bench(root: Path, n: int, d: int, memory: float, repeat: int, queries: int) 
     assert check_index(folder.path).damaged == ()
     shutil.rmtree(folder.path, ignore_errors=True)
     return {"n": n, "factory": none.manifest.factory, "remove": float(np.median(removes)),
-            "reopen": float(np.median(reopens)), "qps": med, "recall": recall, "recall0": recall0, "build_recall": build_recall,
+            "reopen": float(np.median(reopens)), "qps": med, "recall": recall, "recall0": recall0,
+            "build_recall": build_recall,
             "compact_s": compact_s, "compact_rss": compact_rss, "open_rss": open_rss, "gb": size / 1e9,
             "check_gbs": size / 1e9 / check_s, "plain_gbs": size / 1e9 / plain_s}
 
