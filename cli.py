@@ -349,6 +349,20 @@ def check(index: Path = typer.Option(..., help="index folder"),
                "no damage")
 
 
+@command()
+def audit(index: Path = typer.Option(..., help="index folder"),
+          out: Path = typer.Option(Path("audit.csv"), help="CSV of suspects (relabel accepts it as it is)"),
+          sheet: Optional[Path] = typer.Option(None, help="also a contact sheet PNG of the most confident 24"),
+          max_products: Optional[int] = typer.Option(None, min=1, help="audit only this many products")) -> None:
+    """List indexed products whose category the index disagrees with (itself left out), most confident first."""
+    from retrieval.infer.audit import audit_index, write_audit
+    suspects = audit_index(index, max_products)
+    write_audit(index, suspects, out, sheet)
+    typer.echo(f"{len(suspects):,} products disagree with the index; written to {out}"
+               + (f" and {sheet}" if sheet and suspects else "")
+               + f"; apply with: cli.py relabel {out} --index {index}")
+
+
 @command("compact")
 def compact(index: Path = typer.Option(..., help="index folder"),
             index_memory: Optional[float] = typer.Option(None, min=1e-3, help="memory budget of the rewritten "

@@ -350,3 +350,35 @@ def test_cli_remove_relabel_and_a_server_follows_within_a_second(world, tmp_path
     csv.write_text(f"_id,category_id\n{z},99999999\n")
     r = subprocess.run(cli + ["relabel", str(csv), "--index", str(idx)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "99999999" in r.stderr
+
+
+def test_audit_finds_flipped_labels_and_relabel_takes_its_csv(world, tmp_path):
+    from retrieval.infer.audit import audit_index, write_audit
+    from retrieval.infer.indexdir.changes import read_corrections
+    idx = world / "idx"
+    b = open_index(idx)
+    before = {s.product_id for s in audit_index(idx)}  # what the index already disagrees with
+    cats = [int(c) for c in b.categories.ids]
+    rng = np.random.default_rng(3)
+    clean = [int(p) for p in b.product_ids if int(p) not in before]
+    flips = {}
+    for pid in rng.choice(clean, 6, replace=False).tolist():
+        own = int(b.arrays["category_ids"][b.position_of(pid)])
+        flips[pid] = int(rng.choice([c for c in cats if c != own]))
+    relabel_products(idx, flips)  # wrong labels, on purpose
+    suspects = audit_index(idx)
+    found = {s.product_id for s in suspects}
+    assert len(set(flips) & found) >= 5  # the index disagrees with the wrong labels
+    for s in suspects:  # each suspect's label is the one now indexed, and the suggestion another category
+        assert s.category_id == int(open_index(idx).arrays["category_ids"][open_index(idx).position_of(s.product_id)])
+        assert s.suggested_id != s.category_id and 0 < s.p_suggested <= 1 and s.p_own <= s.p_suggested
+    assert [s.p_suggested for s in suspects] == sorted((s.p_suggested for s in suspects), reverse=True)
+    out = tmp_path / "audit.csv"
+    write_audit(idx, suspects, out, tmp_path / "audit.png")
+    assert (tmp_path / "audit.png").stat().st_size > 1000
+    fixes = read_corrections(out)
+    assert fixes == {s.product_id: s.suggested_id for s in suspects}
+    relabel_products(idx, fixes)
+    after = open_index(idx)
+    for pid in set(flips) & found:  # back to a category the index agrees with
+        assert int(after.arrays["category_ids"][after.position_of(pid)]) != flips[pid]
