@@ -382,3 +382,77 @@ def test_audit_finds_flipped_labels_and_relabel_takes_its_csv(world, tmp_path):
     after = open_index(idx)
     for pid in set(flips) & found:  # back to a category the index agrees with
         assert int(after.arrays["category_ids"][after.position_of(pid)]) != flips[pid]
+
+
+CHANGES = """
+import sys, json
+from pathlib import Path
+import numpy as np
+from retrieval.infer.indexdir.build import add_to_index
+from retrieval.infer.indexdir.changes import relabel_products, remove_products
+from retrieval.infer.indexdir.compact import check_folder, compact
+from retrieval.infer.pipeline.embed import LoaderSettings
+idx, new, ids, cat = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
+steps = [lambda: remove_products(idx, ids[:8]), lambda: relabel_products(idx, {i: cat for i in ids[8:16]}),
+         lambda: add_to_index(idx, new, LoaderSettings(workers=0), replace=True), lambda: compact(idx)]
+for step in steps:
+    step()
+    print(json.dumps(check_folder(idx)), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_of_changes_leaves_a_committed_state(world, tmp_path):
+    """Remove, relabel, replace and compact in one process, killed with SIGKILL at random moments: the folder
+    always opens at one of the states the whole run passes through, with every file it references whole."""
+    import json
+    import os
+    import signal
+    import time
+    new = make_data(tmp_path / "new", SynthConfig(products=12, categories=3, seed=31, image_size=32),
+                    progress=False)["train.bson"]
+    b = open_index(world / "idx")
+    args = [json.dumps([int(i) for i in b.product_ids[40:56]]), str(int(b.categories.ids[0]))]
+    script = tmp_path / "changes.py"
+    script.write_text(CHANGES)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    probe = world / "probe"
+    shutil.copytree(world / "idx", probe)
+    t = time.perf_counter()
+    done = subprocess.run([sys.executable, str(script), str(probe), str(new), *args], check=True, env=env,
+                          capture_output=True, text=True, timeout=600)
+    whole = time.perf_counter() - t
+    from retrieval.infer.indexdir.compact import check_folder
+    states = [check_folder(world / "idx")[1]] + [json.loads(line)[1] for line in done.stdout.splitlines()]
+    assert len(states) == 5
+    for n, moment in enumerate(np.random.default_rng(5).uniform(0.3 * whole, whole, 6)):
+        idx = world / f"idx{n}"
+        shutil.copytree(world / "idx", idx)
+        p = subprocess.Popen([sys.executable, str(script), str(idx), str(new), *args], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        time.sleep(moment)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        gen, count = check_folder(idx)
+        assert count in states and check_index(idx).damaged == ()
+        assert open_index(idx).live_count == count
+
+
+def test_two_writers_a_change_is_refused_while_another_writes(world):
+    from fastapi.testclient import TestClient
+
+    from retrieval.infer.indexdir.folder import WriterBusy
+    from retrieval.serve.api import create_app
+    idx = world / "idx"
+    pid = int(open_index(idx).product_ids[3])
+    with TestClient(create_app(idx), base_url="http://localhost") as c:
+        with IndexFolder(idx).writer():  # another process is writing
+            assert c.delete(f"/products/{pid}").status_code == 409
+            assert c.patch(f"/products/{pid}", data={"category_id": 1}).status_code == 409
+            with pytest.raises(WriterBusy):
+                remove_products(idx, [pid])
+            r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "remove", "--index", str(idx), "--product-id",
+                                str(pid)], capture_output=True, text=True, timeout=300)
+            assert r.returncode == 2 and "another process is writing" in r.stderr
+        assert c.get("/health").json()["products"] == 150
+        assert c.delete(f"/products/{pid}").status_code == 200
