@@ -297,7 +297,7 @@ def test_queries_answer_from_the_old_generation_while_an_add_runs(served, small_
     import httpx
     import uvicorn
 
-    import retrieval.serve.api as api
+    import retrieval.serve.writes as api  # the write routes
     folder = tmp_path / "idx"
     shutil.copytree(served, folder)
     real = api.add_to_index
@@ -420,7 +420,7 @@ def test_more_bad_input_is_a_4xx_writes_nothing_and_the_server_keeps_serving(cli
 def test_concurrent_adds_queue_behind_one_writer_and_errors_name_no_server_path(served, small_data, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from retrieval.serve.api import _no_paths
+    from retrieval.serve.writes import no_paths as _no_paths
     folder = tmp_path / "idx"
     shutil.copytree(served, folder)
     p = _first(small_data)

@@ -456,3 +456,16 @@ def test_two_writers_a_change_is_refused_while_another_writes(world):
             assert r.returncode == 2 and "another process is writing" in r.stderr
         assert c.get("/health").json()["products"] == 150
         assert c.delete(f"/products/{pid}").status_code == 200
+
+
+def test_a_bad_index_type_is_refused_before_any_work(world, monkeypatch):
+    import retrieval.infer.indexdir.build as build_mod
+    monkeypatch.setattr(build_mod, "load_model_file", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(UserError, match="IVF_garbage"):
+        build_index(world / "data" / "train.bson", world / "run", world / "idx2",
+                    IndexSettings("all", index_type="IVF_garbage,Flat"), LoaderSettings(workers=0))
+    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "build-index", str(world / "data" / "train.bson"),
+                        "--model", str(world / "run"), "--out", str(world / "idx3"), "--index-type",
+                        "IVF_garbage,Flat"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "IVF_garbage" in r.stderr and "Traceback" not in r.stderr
+    assert not (world / "idx3" / "CURRENT").exists()

@@ -20,28 +20,22 @@ serve``) runs it under uvicorn. A server is an input surface for strangers:
 from __future__ import annotations
 
 import asyncio
-import errno
 import gc
 import logging
-import re
-import tempfile
 import threading
 import weakref
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
-from fastapi import Path as Path_
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from ..data.images import picture_hash
 from ..errors import UserError
-from ..infer.indexdir.build import add_to_index
 from ..infer.indexdir.bundle import IndexBundle, open_index
-from ..infer.indexdir.changes import UnknownProducts, relabel_products, remove_products
+from ..infer.indexdir.changes import UnknownProducts
 from ..infer.indexdir.folder import DiskFull, IndexFolder, WriterBusy
-from ..infer.pipeline.embed import LoaderSettings
 from ..infer.query import (
     UnknownProduct,
     classify_outputs,
@@ -53,6 +47,7 @@ from ..infer.query import (
 from ..infer.scoring.fused import load_fusion
 from .batching import Busy, QueryBatcher, warm_up
 from .guards import RequestGuard, ServeSettings, check_exposure  # noqa: F401 (check_exposure: re-exported)
+from .writes import add_write_routes, no_paths
 
 log = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("page.html")
@@ -131,14 +126,6 @@ def _watch(state_ref, stop: threading.Event) -> None:
         del state
 
 
-_PATH = re.compile(r"(?:/[\w.\-]+)+/([\w.\-]+)")
-
-
-def _no_paths(message: str) -> str:
-    """A message for a stranger: every absolute path reduced to its file name."""
-    return _PATH.sub(r"\1", message)
-
-
 def _count(files: list[UploadFile] | None) -> None:
     """Refuse a query of more than :data:`MAX_PICTURES` pictures (413), before any is read or decoded."""
     if files and len(files) > MAX_PICTURES:
@@ -160,10 +147,6 @@ async def _pictures(files: list[UploadFile] | None) -> tuple[list[bytes], list[s
 def _check_one_query(product_id: int | None, data: list[bytes]) -> None:
     if (product_id is None) == (not data):
         raise HTTPException(400, "give exactly one of product_id or one or more images")
-
-
-def _client(request: Request) -> str:
-    return f"{request.client.host}:{request.client.port}" if request.client else "unknown client"
 
 
 def settle_heap() -> None:
@@ -200,7 +183,7 @@ def create_app(index_dir: str | Path, settings: ServeSettings | None = None,
 
     @app.exception_handler(UnknownProducts)
     async def _unknown_ids(_: Request, e: UnknownProducts) -> JSONResponse:
-        return JSONResponse({"detail": _no_paths(str(e))}, status_code=404)
+        return JSONResponse({"detail": no_paths(str(e))}, status_code=404)
 
     @app.exception_handler(DiskFull)
     async def _disk_full(_: Request, e: DiskFull) -> JSONResponse:
@@ -213,7 +196,7 @@ def create_app(index_dir: str | Path, settings: ServeSettings | None = None,
 
     @app.exception_handler(UserError)
     async def _user_error(_: Request, e: UserError) -> JSONResponse:
-        return JSONResponse({"detail": _no_paths(str(e))}, status_code=400)
+        return JSONResponse({"detail": no_paths(str(e))}, status_code=400)
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
@@ -226,7 +209,7 @@ def create_app(index_dir: str | Path, settings: ServeSettings | None = None,
         """Whether the server is up, and what it serves (answered on the event loop, never behind work)."""
         b = state.bundle
         return {"status": "ok", "products": b.live_count, "categories": len(b.categories),
-                "backbone": b.manifest.backbone, "index": b.manifest.factory, "writes": not settings.read_only,
+                "backbone": b.manifest.backbone, "index": b.vectors.factory, "writes": not settings.read_only,
                 "generation": b.generation,
                 "segments": [{"id": s.sid, "products": s.live_count, "removed": len(s.state.removed),
                               "relabelled": len(s.state.relabels), "factory": s.meta.get("factory", s.vectors.factory),
@@ -304,67 +287,5 @@ def create_app(index_dir: str | Path, settings: ServeSettings | None = None,
             raise HTTPException(404, f"product _id {product_id} has {len(pictures)} pictures; no picture {n}")
         return Response(pictures[n], media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
-    @app.delete("/products/{product_id}")
-    def remove_product(request: Request, product_id: Annotated[int, Path_(ge=0, le=2 ** 63 - 1)]) -> dict:
-        """Remove an indexed product (needs the token): one generation commit; it is never found or voting from
-        the next query on. 404 for a product that is not indexed."""
-        with state.writer:
-            change = remove_products(state.folder, [product_id], on_commit=state.reload)
-        log.info("DELETE /products/%d from %s: generation %s", product_id, _client(request), change.generation)
-        return {"removed": product_id, "generation": change.generation, "products": state.bundle.live_count}
-
-    @app.patch("/products/{product_id}")
-    def relabel_product(request: Request, product_id: Annotated[int, Path_(ge=0, le=2 ** 63 - 1)],
-                        category_id: Annotated[int, Form(description="the product's correct category id")]) -> dict:
-        """Give an indexed product another category (needs the token; the category must be in the run's table):
-        it votes for it from the next query on, without retraining."""
-        with state.writer:
-            change = relabel_products(state.folder, {product_id: category_id}, on_commit=state.reload)
-        log.info("PATCH /products/%d -> %d from %s: generation %s", product_id, category_id, _client(request),
-                 change.generation)
-        return {"product_id": product_id, "category_id": category_id, "generation": change.generation}
-
-    @app.post("/products")
-    def add_products(request: Request,
-                     file: Annotated[UploadFile, File(description="BSON file of products to add")],
-                     replace: Annotated[bool, Query(description="give products already indexed the file's pictures "
-                                                                "and category (else they are skipped)")] = False
-                     ) -> dict:
-        """Add the products of an uploaded BSON file to the index as a new generation (needs the token; the
-        request guard has checked it, and the read-only mode, before the body was read)."""
-        layout = IndexFolder(state.folder)
-        layout.uploads.mkdir(exist_ok=True)
-        tmp = tempfile.NamedTemporaryFile(dir=layout.uploads, suffix=".bson", delete=False)
-        try:
-            with tmp:
-                while chunk := file.file.read(1 << 20):
-                    tmp.write(chunk)
-        except OSError as e:
-            Path(tmp.name).unlink(missing_ok=True)
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFull("upload") from None
-            raise
-        added, already, upload = 0, [], Path(tmp.name)
-        try:
-            with state.writer:
-                # the writer embeds with its own copy of the model (kept in state.nets): sharing the serving one
-                # with the query thread stalled the event loop (soak test: /health p99 over its 0.1 s bound)
-                added, already = add_to_index(state.folder, upload, LoaderSettings(workers=0),
-                                              on_commit=state.reload, nets=state.nets, replace=replace)
-        except (WriterBusy, DiskFull):
-            raise
-        except UserError as e:
-            msg = _no_paths(str(e).replace(tmp.name, file.filename or "upload"))
-            raise HTTPException(400, f"upload {file.filename}: {msg}") from None
-        finally:
-            refs = layout.referenced()  # a source of a kept generation stays (CURRENT has moved: it succeeded)
-            if refs is not None and upload.resolve() not in refs[1]:
-                for leftover in layout.uploads.glob(upload.name + "*"):
-                    leftover.unlink(missing_ok=True)
-        total = state.bundle.live_count
-        log.info("POST /products from %s: %s, %d added, %d already indexed%s; %d products", _client(request),
-                 file.filename, added, len(already), " (replaced)" if replace else "", total)
-        key = "replaced" if replace else "already_indexed"
-        return {"added": added, key: already[:100], "products": total}
-
+    add_write_routes(app, state)
     return app

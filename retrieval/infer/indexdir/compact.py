@@ -133,8 +133,11 @@ def _compact(folder: IndexFolder, man: IndexManifest, merge: list[str], spec: Se
     rest = tuple(e for e in man.segments if e[0] not in merge) + ((sid, n),)
     states = {s: e for s, e in man.segment_state.items() if s not in merge}
     kept_parts = tuple(tuple(p) for s, _ in rest[:-1] for p in read_json(folder.segment(s) / "segment.json")["parts"])
+    largest = max(rest, key=lambda e: e[1])[0] == sid  # the manifest reports the largest segment's index
     name = commit_manifest(folder, replace(man, segments=rest, segment_state=states, count=sum(c for _, c in rest),
-                                           parts=kept_parts + tuple(parts)))
+                                           parts=kept_parts + tuple(parts),
+                                           factory=factory if largest else man.factory,
+                                           tuned_recall_at_10=round(recall, 4) if largest else man.tuned_recall_at_10))
     log.info("%s: %d segments (%d live products) rewritten into %s (%s, recall@10 %.3f)", folder.path, len(merge),
              n, sid, factory, recall)
     return name
