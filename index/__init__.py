@@ -1,7 +1,8 @@
 """FAISS side of the system: needs only numpy and faiss."""
 from .dups import DuplicateTable, JoinedDuplicates, duplicate_share
+from .rows import exact_topk, mapped_rows, recall_at_k, release_pages, rerank, take_rows
 from .segmented import SegmentedIndex, merge_topk
-from .store import VectorIndex, choose_factory, exact_topk, mapped_rows, recall_at_k, release_pages, rerank, take_rows
+from .store import VectorIndex, choose_factory
 from .vote import class_shares, class_sums, knn_vote, normalise_rows, prototypes, vote_weights
 
 __all__ = ["VectorIndex", "SegmentedIndex", "merge_topk", "choose_factory", "recall_at_k", "rerank", "take_rows",

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import json
 import logging
-import mmap
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import faiss
 import numpy as np
 
 from .ivf import choose_factory, train_ivf, training_rows  # noqa: F401 (choose_factory: re-exported)
+from .rows import drop_removed, recall_at_k, rerank
 
 log = logging.getLogger(__name__)
 EXACT_SUBSET_MAX = 200_000  # restricted searches over at most this many vectors are exact
@@ -18,94 +18,9 @@ REFINE_FACTOR = 4  # a coded index with exact vectors at hand returns this many 
 SEARCH_DEPTHS = sorted({int(round(2 ** (i / 2))) for i in range(31)})  # tune tries nprobe 1, 2, 3, 4, 6, 8, ...
 CODES_ALONE_NPROBE = 64  # the widest search a coded index's codes alone are tuned to before re-ranking is used
 OVERFETCH_MAX = 1024  # up to this many removed vectors, a search asks k + removed and drops them (exact, and
-# batched searches keep FAISS's BLAS path); past it, removed vectors are skipped inside FAISS by a selector
-
-
-def take_rows(blocks: Sequence[np.ndarray], rows: np.ndarray) -> np.ndarray:
-    """Rows ``rows`` (sorted positions counted on across blocks) of arrays given as blocks ``[n_i, D]``, read block
-    by block (memory-mapped blocks are only touched where a row lies)."""
-    rows = np.asarray(rows, np.int64)
-    out, lo = [], 0
-    for b in blocks:
-        a, z = np.searchsorted(rows, [lo, lo + len(b)])
-        if z > a:
-            out.append(np.asarray(b[rows[a:z] - lo], np.float32))
-        lo += len(b)
-    got = sum(len(o) for o in out)
-    if got != len(rows):
-        raise IndexError(f"{len(rows) - got} of {len(rows)} rows are not in blocks of {lo} rows (or not sorted)")
-    if not out:
-        return np.zeros((0, blocks[0].shape[1] if len(blocks) else 0), np.float32)
-    return np.concatenate(out)
-
-
-def release_pages(arrays: Sequence[np.ndarray]) -> None:
-    """Drop the pages of memory-mapped arrays (``np.memmap``) from this process: they stay in the page cache,
-    read again at the next touch, but no longer count in the process's resident memory. Random reads over
-    gigabytes of stored embeddings (re-ranking, peers) would otherwise leave them all resident."""
-    for a in arrays:
-        m = getattr(a, "_mmap", None)
-        if m is not None and hasattr(mmap, "MADV_DONTNEED"):
-            m.madvise(mmap.MADV_DONTNEED)
-
-
-def mapped_rows(maps: Sequence[np.ndarray], rows: np.ndarray) -> np.ndarray:
-    """:func:`take_rows` of memory-mapped blocks, their pages then released (:func:`release_pages`): the
-    exact vectors a coded index's shortlist is re-ranked with, read at random over the whole catalogue."""
-    out = take_rows(maps, rows)
-    release_pages(maps)
-    return out
-
-
-RERANK_BYTES = 64 << 20  # candidate vectors gathered at once by rerank (queries are taken in chunks)
-
-
-def rerank(queries: np.ndarray, shortlist: np.ndarray, k: int, fetch: Callable[[np.ndarray], np.ndarray]
-           ) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` best of each query's ``shortlist [Q, M]`` (positions, -1 = none) by exact inner product with
-    ``queries [Q, D]``; ``fetch(sorted unique positions [U])`` gives their vectors ``[U, D]``. Returns
-    ``(sims [Q, k], positions [Q, k])``, -1 padded. Queries go in chunks of about :data:`RERANK_BYTES`."""
-    if shortlist.shape[1] < k:
-        shortlist = np.pad(shortlist, ((0, 0), (0, k - shortlist.shape[1])), constant_values=-1)
-    q, m = shortlist.shape
-    step = max(1, RERANK_BYTES // max(1, m * queries.shape[1] * 4))
-    sims, pos = np.full((q, k), -np.inf, np.float32), np.full((q, k), -1, np.int64)
-    for lo in range(0, q, step):
-        sl = shortlist[lo:lo + step]
-        uniq = np.unique(sl[sl >= 0])
-        if not len(uniq):
-            continue
-        vecs = np.asarray(fetch(uniq), np.float32)
-        at = np.searchsorted(uniq, np.maximum(sl, 0)).clip(0, len(uniq) - 1)
-        s = np.where(sl >= 0, np.einsum("qd,qmd->qm", queries[lo:lo + step], vecs[at]), -np.inf).astype(np.float32)
-        order = np.argsort(-s, axis=1, kind="stable")[:, :k]
-        sims[lo:lo + step], pos[lo:lo + step] = np.take_along_axis(s, order, 1), np.take_along_axis(sl, order, 1)
-    return sims, pos
-
-
-def exact_topk(queries: np.ndarray, parts, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product top-k of ``queries [Q, d]`` over vectors given as an iterable of ``[n_i, d]`` blocks
-    (positions count on across blocks), in bounded memory."""
-    q = np.ascontiguousarray(queries, np.float32)
-    best_s = np.full((len(q), k), -np.inf, np.float32)
-    best_p = np.full((len(q), k), -1, np.int64)
-    start = 0
-    for block in parts:
-        flat = faiss.IndexFlatIP(q.shape[1])
-        flat.add(np.ascontiguousarray(block, np.float32))
-        s, p = flat.search(q, min(k, len(block)))
-        s_all = np.concatenate([best_s, s], 1)
-        p_all = np.concatenate([best_p, np.where(p >= 0, p + start, -1)], 1)
-        order = np.argsort(-s_all, axis=1, kind="stable")[:, :k]
-        best_s, best_p = np.take_along_axis(s_all, order, 1), np.take_along_axis(p_all, order, 1)
-        start += len(block)
-    return best_s, best_p
-
-
-def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
-    """Mean fraction of the true top-k ids found in the approximate top-k (both ``[Q, >=k]``)."""
-    hits = sum(len(set(f[:k]) & set(t[:k])) for f, t in zip(found.tolist(), truth.tolist(), strict=True))
-    return hits / (len(truth) * k)
+# batched searches keep FAISS's BLAS path); past it, a search asks a few more than the removed share predicts and
+# searches again, skipping them inside FAISS (a selector), only the rows left short
+OVERFETCH_SPARE = 8
 
 
 class VectorIndex:
@@ -261,21 +176,26 @@ class VectorIndex:
             return self.faiss_index.search(q, k, params=params)
         if not len(self.removed):
             return self._search(q, k)
-        if len(self.removed) <= OVERFETCH_MAX:  # ask for the removed ones too, then drop them
-            sims, pos = self._search(q, min(len(self), k + len(self.removed)))
-            gone = np.isin(pos, self.removed) | (pos < 0)
-            order = np.argsort(gone, axis=1, kind="stable")[:, :k]
-            sims, pos = np.take_along_axis(sims, order, 1), np.take_along_axis(pos, order, 1)
-            gone = np.take_along_axis(gone, order, 1)
-            sims, pos = np.where(gone, -np.inf, sims).astype(np.float32), np.where(gone, -1, pos)
-            if pos.shape[1] < k:
-                pad = k - pos.shape[1]
-                sims = np.pad(sims, ((0, 0), (0, pad)), constant_values=-np.inf)
-                pos = np.pad(pos, ((0, 0), (0, pad)), constant_values=-1)
-            return sims, pos
-        if self._live_params is None:  # built once per view: a SWIG object per query costs as much as a search
+        if self.hnsw is not None and len(self.removed) > OVERFETCH_MAX:  # a graph walk: skip them inside FAISS
+            return self._search(q, k, self._live_search_params())
+        # Flat and IVF scan the same vectors for any k: ask for more, drop the removed ones. With every removed
+        # one asked for, that is exact; else a row left with fewer than k is searched again with the selector
+        every = len(self.removed) <= OVERFETCH_MAX
+        extra = len(self.removed) if every else OVERFETCH_SPARE + int(np.ceil(3 * k * len(self.removed) / len(self)))
+        sims, pos = self._search(q, min(len(self), k + extra))
+        full = (pos >= 0).all(1)  # the search was not exhausted: more live ones may lie beyond it
+        sims, pos, live = drop_removed(sims, pos, self.removed, k)
+        short = np.flatnonzero(full & (live < k)) if not every else np.zeros(0, np.int64)
+        if len(short):
+            sims[short], pos[short] = self._search(q[short], k, self._live_search_params())
+        return sims, pos
+
+    def _live_search_params(self):
+        """Search parameters that skip the removed positions (built once per view: a SWIG object per query
+        costs as much as a search)."""
+        if self._live_params is None:
             self._live_params = self._depth_params(self._live_selector())
-        return self._search(q, k, self._live_params)
+        return self._live_params
 
     def _depth_params(self, sel):
         """Search parameters of this index's tuned depth, restricted to ``sel``."""

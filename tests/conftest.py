@@ -69,6 +69,33 @@ def trained_run(trained) -> Path:
     return trained[0]
 
 
+def build_world(root: Path, small_data: dict, trained_run: Path) -> Path:
+    """``root`` holding a copy of ``small_data`` (``data/``), of the trained run (``run/``) and an index of all
+    150 products (``idx/``), side by side (the index's relative paths hold wherever ``root`` is copied)."""
+    import shutil
+
+    from retrieval.infer.indexdir.build import build_index
+    shutil.copytree(small_data["train.bson"].parent, root / "data")
+    shutil.copytree(trained_run, root / "run")
+    build_index(root / "data" / "train.bson", root / "run", root / "idx", IndexSettings("all", part_products=40),
+                LoaderSettings(workers=0))
+    return root
+
+
+@pytest.fixture(scope="session")
+def built_world(tmp_path_factory, small_data, trained_run) -> Path:
+    """One :func:`build_world` for the session; tests never write into it (they take :func:`world`)."""
+    return build_world(tmp_path_factory.mktemp("built") / "world", small_data, trained_run)
+
+
+@pytest.fixture()
+def world(tmp_path, built_world) -> Path:
+    """A copy of :func:`built_world` of the test's own, to change at will."""
+    import shutil
+    shutil.copytree(built_world, tmp_path / "world")
+    return tmp_path / "world"
+
+
 @pytest.fixture(scope="session")
 def indexes(small_data, trained_run, tmp_path_factory) -> dict[str, Path]:
     """A train-split index and an all-products index of ``small_data``."""

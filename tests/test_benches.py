@@ -19,7 +19,8 @@ def test_every_bench_script_is_listed():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", BENCHES)
 def test_bench_runs_quick_and_prints_a_table(name, tmp_path):
-    needs = {"bench_real.py": "grocery/train.bson", "bench_scale.py": "category_names.csv"}  # real data beside
+    needs = {"bench_real.py": "grocery/train.bson", "bench_audit.py": "grocery/train.bson",
+             "bench_scale.py": "category_names.csv"}  # real data beside
     if name in needs and not (ROOT.parent / "shared" / "data" / needs[name]).exists():
         pytest.skip(f"../shared/data/{needs[name]} is not on this machine")
     out = subprocess.run([sys.executable, str(ROOT / "bench" / name), "--quick", "--workdir", str(tmp_path / "w")],

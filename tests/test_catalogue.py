@@ -27,22 +27,6 @@ from retrieval.infer.scoring.candidates import class_sizes
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, small_data, trained_run):
-    root = tmp_path_factory.mktemp("cat") / "world"
-    shutil.copytree(small_data["train.bson"].parent, root / "data")
-    shutil.copytree(trained_run, root / "run")
-    build_index(root / "data" / "train.bson", root / "run", root / "idx", IndexSettings("all", part_products=40),
-                LoaderSettings(workers=0))
-    return root
-
-
-@pytest.fixture()
-def world(tmp_path, built):
-    shutil.copytree(built, tmp_path / "world")
-    return tmp_path / "world"
-
-
 def _oracle(idx: Path) -> dict:
     """Every live product of the live generation, read from the files with plain numpy (no segment code):
     id -> (embedding, class, category id), applying the manifest's deletion sets and relabels by hand."""
@@ -265,12 +249,14 @@ def _enospc_at(monkeypatch, n: int) -> None:
 def test_a_full_disk_changes_nothing_and_leaves_nothing(world, monkeypatch, n, tmp_path):
     idx = world / "idx"
     layout = IndexFolder(idx)
+    ids = [int(i) for i in open_index(idx).product_ids[:6]]
+    remove_products(idx, ids[4:])  # something for a compaction to drop
     gen = layout.current_name()
     before = sorted(p.relative_to(idx) for p in idx.rglob("*") if "work" not in p.parts and p.is_file())
-    ids = [int(i) for i in open_index(idx).product_ids[:4]]
     new = make_data(tmp_path / "new", SynthConfig(products=8, categories=3, seed=77, image_size=32),
                     progress=False)["train.bson"]
-    for op in (lambda: remove_products(idx, ids), lambda: add_to_index(idx, new, LoaderSettings(workers=0))):
+    for op in (lambda: remove_products(idx, ids[:4]), lambda: add_to_index(idx, new, LoaderSettings(workers=0)),
+               lambda: compact(idx)):
         _enospc_at(monkeypatch, n)
         with pytest.raises(DiskFull, match="nothing was changed"):
             op()
@@ -316,6 +302,26 @@ def test_http_writes_need_the_token_and_follow_at_once(world, tmp_path, monkeypa
         _enospc_at(monkeypatch, 1)
         r = c.delete(f"/products/{other}", headers=auth)
         assert r.status_code == 507 and "nothing was changed" in r.json()["detail"]
+        monkeypatch.undo()
+        import retrieval.serve.writes as writes
+
+        class Full:  # the upload's own file fills the disk half-way
+            def __init__(self, **kw):
+                self.f = open(kw["dir"] / "partial.bson", "wb")
+                self.name = self.f.name
+
+            def write(self, _chunk):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.f.close()
+        monkeypatch.setattr(writes.tempfile, "NamedTemporaryFile", Full)
+        bson_bytes = (world / "data" / "test.bson").read_bytes()
+        r = c.post("/products", files={"file": ("n.bson", bson_bytes, "application/octet-stream")}, headers=auth)
+        assert r.status_code == 507 and not list(IndexFolder(idx).uploads.iterdir())
         monkeypatch.undo()
         assert c.get("/health").json()["products"] == 149
 

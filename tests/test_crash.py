@@ -11,12 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import build_world
 
 from retrieval.data.synth import SynthConfig, make_data
-from retrieval.infer.indexdir.build import IndexSettings, build_index, open_index
+from retrieval.infer.indexdir.build import open_index
 from retrieval.infer.indexdir.changes import remove_products
 from retrieval.infer.indexdir.compact import check_folder
-from retrieval.infer.pipeline.embed import LoaderSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 # One driver process imports everything once and forks a child per crash point (the parent runs no torch or
@@ -114,11 +114,7 @@ for kind in kinds:
 @pytest.fixture(scope="module")
 def crash_world(tmp_path_factory, small_data, trained_run):
     """Data, run and an index of all 150 products side by side, and a file of new products."""
-    root = tmp_path_factory.mktemp("crash") / "world"
-    shutil.copytree(small_data["train.bson"].parent, root / "data")
-    shutil.copytree(trained_run, root / "run")
-    build_index(root / "data" / "train.bson", root / "run", root / "idx", IndexSettings("all", part_products=40),
-                LoaderSettings(workers=0))
+    root = build_world(tmp_path_factory.mktemp("crash") / "world", small_data, trained_run)
     new = make_data(root / "new", SynthConfig(products=12, categories=3, seed=31, image_size=32),
                     progress=False)["train.bson"]
     shutil.copytree(root / "idx", root / "idx-removed")  # the starting point of a compaction: 15 removed

@@ -6,42 +6,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import build_world
 
 from retrieval.data.synth import SynthConfig, make_data
 from retrieval.errors import UserError
-from retrieval.infer.indexdir.build import IndexSettings, add_to_index, build_index, open_index
+from retrieval.infer.indexdir.build import add_to_index, open_index
 from retrieval.infer.indexdir.folder import IndexFolder, WriterBusy
 from retrieval.infer.pipeline.embed import LoaderSettings
 from retrieval.infer.query import embed_pictures, product_pictures, similar
 
 
-def _build_world(root: Path, small_data, trained_run) -> Path:
-    """A folder holding data, run and index side by side (what a user moves together)."""
-    shutil.copytree(small_data["train.bson"].parent, root / "data")
-    shutil.copytree(trained_run, root / "run")
-    build_index(root / "data" / "train.bson", root / "run", root / "idx", IndexSettings("all"),
-                LoaderSettings(workers=0))
-    return root
-
-
-@pytest.fixture(scope="module")
-def built_world(tmp_path_factory, small_data, trained_run):
-    """One world built for the module: tests that change it take their own copy through ``world``."""
-    return _build_world(tmp_path_factory.mktemp("built") / "world", small_data, trained_run)
-
-
-@pytest.fixture()
-def world(tmp_path, built_world):
-    """This test's own copy of ``built_world`` (a copy keeps its relative paths: data, run and index move together),
-    free to be moved, locked, added to or broken."""
-    root = tmp_path / "world"
-    shutil.copytree(built_world, root)
-    return root
-
-
 def test_a_moved_folder_still_opens_and_a_missing_source_is_named(small_data, trained_run, tmp_path):
     # built here, not copied: a copy would still find the shared world's data through the folder's origin
-    world = _build_world(tmp_path / "world", small_data, trained_run)
+    world = build_world(tmp_path / "world", small_data, trained_run)
     before = open_index(world / "idx")
     pid, pictures = int(before.product_ids[3]), product_pictures(before, 3)
     moved = tmp_path / "elsewhere" / "moved"

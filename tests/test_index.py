@@ -239,3 +239,35 @@ def test_released_mapped_pages_leave_the_process_but_not_the_data(tmp_path):
     release_pages([m, np.zeros(3)])  # plain arrays are left alone
     assert touched - before > 40 and touched - rss_file_mb() > 40
     assert float(m.sum(dtype=np.float64)) == total  # read again from the file, unchanged
+
+
+@pytest.mark.parametrize("n_removed", [0, 7, 1500, 2400])
+def test_a_view_with_removed_rows_searches_like_brute_force_over_the_live_ones(n_removed):
+    """Few removed (every one asked for and dropped), many (a few more asked for, rows left short searched again
+    with a selector: 2,400 of 4,000 forces that), for a Flat index against a brute-force loop, and an IVF index
+    against its own selector search over the same lists; filtered searches never return a removed row."""
+    rng = np.random.default_rng(n_removed)
+    n, d = 4000, 16
+    v = rng.normal(size=(n, d)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    labels = rng.integers(0, 5, n)
+    removed = np.sort(rng.choice(n, n_removed, replace=False))
+    live = np.setdiff1d(np.arange(n), removed)
+    q = v[rng.integers(0, n, 60)] + 0.2 * rng.normal(size=(60, d)).astype(np.float32)
+    flat = VectorIndex.create(d, "Flat")
+    flat.add(v, labels)
+    view = flat.view(np.where(np.isin(np.arange(n), removed), -1, labels), removed)
+    for k in (1, 10, 40):
+        _, pos = view.search(q, k)
+        scores = q @ v[live].T
+        truth = live[np.argsort(-scores, axis=1, kind="stable")[:, :k]]
+        assert np.array_equal(pos, truth)
+    _, pos = view.search(q, 10, [2])
+    assert not np.isin(pos, removed).any() and (labels[pos[pos >= 0]] == 2).all()
+    ivf = VectorIndex.create(d, "IVF16,Flat")
+    ivf.add(v, labels)
+    ivf.set_nprobe(3)
+    iv = ivf.view(labels, removed)
+    got = iv.search(q, 10)[1]
+    want = iv._search(q, 10, iv._live_search_params())[1] if n_removed else ivf.search(q, 10)[1]
+    assert np.array_equal(got, want) and not np.isin(got, removed).any()

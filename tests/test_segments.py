@@ -65,25 +65,6 @@ def test_segment_search_equals_brute_force_over_all_vectors():
     assert seg.locate(57) == (2, 6) and seg.locate(0) == (0, 0)
 
 
-def _world(root: Path, small_data, trained_run) -> Path:
-    shutil.copytree(small_data["train.bson"].parent, root / "data")
-    shutil.copytree(trained_run, root / "run")
-    build_index(root / "data" / "train.bson", root / "run", root / "idx", IndexSettings("all", part_products=40),
-                LoaderSettings(workers=0))
-    return root
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, small_data, trained_run):
-    return _world(tmp_path_factory.mktemp("seg") / "world", small_data, trained_run)
-
-
-@pytest.fixture()
-def world(tmp_path, built):
-    shutil.copytree(built, tmp_path / "world")
-    return tmp_path / "world"
-
-
 def _new(tmp_path: Path, seed: int, n: int = 10) -> Path:
     return make_data(tmp_path / f"new{seed}", SynthConfig(products=n, categories=3, seed=seed, image_size=32),
                      progress=False)["train.bson"]

@@ -26,8 +26,8 @@ from ..pipeline.parts import PartWork, numbered, run_parts
 from ..pipeline.store import PartStore
 from .builder import SegmentSpec, build_segment
 from .bundle import IndexBundle, load_index_model, open_index, refuse_runtime_on  # noqa: F401 (re-exported: tests and the CLI import them here)
-from .changes import live_positions, with_changes
-from .compact import commit_manifest, maybe_compact
+from .changes import after_commit, live_positions, with_changes
+from .compact import commit_manifest
 from .folder import IndexFolder, fsync_path
 from .manifest import IndexManifest, Source
 
@@ -179,15 +179,7 @@ def add_to_index(index_dir: str | Path, new_path: str | Path, loader: LoaderSett
     with folder.writer():
         added, already = _add(folder, Path(new_path), loader, nets if nets is not None else {}, replace)
         if added:
-            try:
-                maybe_compact(folder)
-            except Exception:
-                log.exception("%s: compaction after an add failed (the add is committed)", folder.path)
-            if on_commit is not None:
-                try:
-                    on_commit(folder.current_name())
-                except Exception:
-                    log.exception("%s: the add is committed, but its hook failed", folder.path)
+            after_commit(folder, on_commit)
         return added, already
 
 

@@ -96,8 +96,9 @@ def _by_segment(man: IndexManifest, seg: np.ndarray, rows: np.ndarray) -> dict[s
     return {man.segments[s][0]: rows[seg == s] for s in np.unique(seg)}
 
 
-def _commit(folder: IndexFolder, man: IndexManifest, on_commit: Callable[[str], None] | None) -> str:
-    name = commit_manifest(folder, man)
+def after_commit(folder: IndexFolder, on_commit: Callable[[str], None] | None) -> None:
+    """What follows a committed change (the writer lock still held): compaction where it is due, then the
+    caller's hook. An error here is logged, never raised: the change has succeeded."""
     try:
         maybe_compact(folder)
     except Exception:
@@ -107,6 +108,11 @@ def _commit(folder: IndexFolder, man: IndexManifest, on_commit: Callable[[str], 
             on_commit(folder.current_name())
         except Exception:
             log.exception("%s: the change is committed, but its hook failed", folder.path)
+
+
+def _commit(folder: IndexFolder, man: IndexManifest, on_commit: Callable[[str], None] | None) -> str:
+    name = commit_manifest(folder, man)
+    after_commit(folder, on_commit)
     return name
 
 
