@@ -17,10 +17,11 @@ EXACT_SUBSET_MAX = 200_000  # restricted searches over at most this many vectors
 REFINE_FACTOR = 4  # a coded index with exact vectors at hand returns this many times k, re-ranked exactly
 SEARCH_DEPTHS = sorted({int(round(2 ** (i / 2))) for i in range(31)})  # tune tries nprobe 1, 2, 3, 4, 6, 8, ...
 CODES_ALONE_NPROBE = 64  # the widest search a coded index's codes alone are tuned to before re-ranking is used
-OVERFETCH_MAX = 1024  # up to this many removed vectors, a search asks k + removed and drops them (exact, and
-# batched searches keep FAISS's BLAS path); past it, a search asks a few more than the removed share predicts and
-# searches again, skipping them inside FAISS (a selector), only the rows left short
+OVERFETCH_MAX = 1024  # a batch over a Flat index with up to this many removed asks k + removed and drops them (exact,
+# on FAISS's BLAS path); past it, a few more than the removed share predicts, and searches again, skipping them
+# inside FAISS (a selector), only the rows left short
 OVERFETCH_SPARE = 8
+BLAS_ROWS = 20  # FAISS's Flat search uses BLAS from this many queries (distance_compute_blas_threshold)
 
 
 class VectorIndex:
@@ -35,6 +36,7 @@ class VectorIndex:
         self.rerank = rerank  # whether a coded index uses ``refine`` (tune turns it off where codes suffice)
         self.removed = np.zeros(0, np.int64)  # sorted positions never returned (a generation's deletion set)
         self._live_sel = self._live_params = None  # selector of the positions not removed, its search parameters
+        self._batch_flat = True  # whether a batch of queries runs on BLAS (a Flat index): known at the first search
         self._apply()
 
     def view(self, labels: np.ndarray, removed: np.ndarray) -> "VectorIndex":
@@ -176,10 +178,16 @@ class VectorIndex:
             return self.faiss_index.search(q, k, params=params)
         if not len(self.removed):
             return self._search(q, k)
-        if self.hnsw is not None and len(self.removed) > OVERFETCH_MAX:  # a graph walk: skip them inside FAISS
+        if self._live_params is not None and (len(q) < BLAS_ROWS or not self._batch_flat):  # the common query
+            return self._search(q, k, self._live_params)
+        self._batch_flat = self.ivf is None and self.hnsw is None  # a batch over a Flat index is BLAS work
+        if not self._batch_flat or len(q) < BLAS_ROWS:
+            # skipped inside FAISS: IVF lists and graphs are scanned one query at a time anyway, and a few queries
+            # over a Flat index do not use BLAS
             return self._search(q, k, self._live_search_params())
-        # Flat and IVF scan the same vectors for any k: ask for more, drop the removed ones. With every removed
-        # one asked for, that is exact; else a row left with fewer than k is searched again with the selector
+        # a batch over a Flat index: a selector would leave FAISS's BLAS path, so ask for more and drop the removed
+        # ones. With every removed one asked for, that is exact; else a row left with fewer than k is searched again
+        # with the selector: the results are the selector's either way
         every = len(self.removed) <= OVERFETCH_MAX
         extra = len(self.removed) if every else OVERFETCH_SPARE + int(np.ceil(3 * k * len(self.removed) / len(self)))
         sims, pos = self._search(q, min(len(self), k + extra))
