@@ -213,8 +213,9 @@ def main() -> None:
                          _ratio(r, 0), f"{r['qps']['none'][1]:.0f}",
                          f"{r['qps']['tenth'][1]:.0f}", _ratio(r, 1),
                          f"{r['recall0']:.3f}", f"{r['recall']:.3f}", f"{r['build_recall']:.3f}") for r in rows],
-                       ("catalogue", "by id q/s (none removed)", "by id q/s (10% removed)", "ratio [quartiles of rounds]",
-                        "by picture q/s (none)", "by picture q/s (10%)", "ratio [quartiles]", "served recall@10 (none removed)",
+                       ("catalogue", "by id q/s (none removed)", "by id q/s (10% removed)",
+                        "ratio [quartiles of rounds]", "by picture q/s (none)", "by picture q/s (10%)",
+                        "ratio [quartiles]", "served recall@10 (none removed)",
                         "served recall@10 (10% removed, vs live)", "build recall@10"))
     print()
     common.print_table([(f"{r['n']:,}", f"{r['compact_s']:.1f}", f"{r['compact_rss']:.0f}", f"{r['open_rss']:.0f}",
