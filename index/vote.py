@@ -53,6 +53,17 @@ def knn_vote(sims: np.ndarray, labels: np.ndarray, n_classes: int, tau: float = 
 
 
 
+CHUNK_ROWS = 65_536  # rows of a (memory-mapped) block read into memory at a time
+
+
+def chunked(blocks):
+    """Blocks ``[n_i, D]`` cut into pieces of at most :data:`CHUNK_ROWS` rows (in order; views, not copies), so
+    that a block of a whole catalogue is never read into memory at once."""
+    for b in blocks:
+        for lo in range(0, len(b), CHUNK_ROWS):
+            yield b[lo:lo + CHUNK_ROWS]
+
+
 def class_sums(blocks, labels: np.ndarray) -> np.ndarray:
     """Sum ``[C, D]`` (float64) of the vectors of each class, ``C = max(labels) + 1``, over vectors given as
     blocks ``[n_i, D]`` in position order with their ``labels [N]`` (-1: no class, left out). Read block by
@@ -60,7 +71,7 @@ def class_sums(blocks, labels: np.ndarray) -> np.ndarray:
     labels = np.asarray(labels, np.int64)
     n_classes = int(labels.max()) + 1 if len(labels) else 0
     out, start = None, 0
-    for b in blocks:
+    for b in chunked(blocks):
         b = np.asarray(b, np.float64)
         if out is None:
             out = np.zeros((n_classes, b.shape[1]), np.float64)

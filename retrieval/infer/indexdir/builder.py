@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from index import DuplicateTable, VectorIndex, choose_factory, exact_topk, mapped_rows
 from index.store import REFINE_FACTOR
+from index.vote import CHUNK_ROWS, chunked
 
 from ...errors import UserError
 from .folder import IndexFolder
@@ -55,9 +56,11 @@ def fill_and_tune(vi: VectorIndex, blocks: list[np.ndarray], labels: np.ndarray,
     n = sum(len(b) for b in blocks)
     vi.train_on_blocks(blocks, n)
 
-    def added():  # each block is read once here: added to the index, then scored exactly for tuning
+    def added():  # each block is read once here (in pieces): added to the index, then scored exactly for tuning
         start = 0
-        for b in tqdm(blocks, desc="adding to index", unit="parts", disable=len(blocks) < 2):
+        for b in tqdm(chunked(blocks), desc="adding to index", unit="pieces", total=sum(-(-len(b) // CHUNK_ROWS)
+                                                                                        for b in blocks),
+                      disable=n < 2 * CHUNK_ROWS):
             b = np.ascontiguousarray(b, np.float32)
             vi.add(b, labels[start:start + len(b)])
             start += len(b)
