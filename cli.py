@@ -343,10 +343,12 @@ def check(index: Path = typer.Option(..., help="index folder"),
     r = check_index(index, full=not quick)
     for line in r.damaged:
         typer.secho(f"damaged: {line}", fg=typer.colors.RED, err=True)
+    for line in r.unverified:
+        typer.secho(f"not verifiable: {line}", fg=typer.colors.YELLOW, err=True)
     if r.damaged:
         raise UserError(f"{index}: {len(r.damaged)} damaged files in generation {r.generation}")
     typer.echo(f"{index}: generation {r.generation}, {r.products:,} products, {r.bytes_read / 1e9:.2f} GB verified; "
-               "no damage")
+               "no damage" + (f" ({len(r.unverified)} segments not verifiable)" if r.unverified else ""))
 
 
 @command()

@@ -46,6 +46,8 @@ class VectorIndex:
         if len(v.labels) != len(self):
             raise ValueError(f"{len(v.labels)} labels for {len(self)} vectors")
         v.refine, v.removed = self.refine, np.unique(np.asarray(removed, np.int64))
+        if len(v.removed):  # built here, before any reader thread can search it (never lazily, under a race)
+            v._live_params = v._depth_params(v._live_selector())
         return v
 
     @property
@@ -58,7 +60,7 @@ class VectorIndex:
             live = np.ones(len(self), bool)
             live[self.removed] = False
             self._live_bits = np.packbits(live, bitorder="little")  # kept: the selector reads this memory
-            self._live_sel = faiss.IDSelectorBitmap(len(self), faiss.swig_ptr(self._live_bits))
+            self._live_sel = faiss.IDSelectorBitmap(len(self._live_bits), faiss.swig_ptr(self._live_bits))  # bytes
         return self._live_sel
 
     @classmethod

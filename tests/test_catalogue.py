@@ -494,3 +494,60 @@ def test_a_damaged_manifest_or_state_file_is_named(world):
     with pytest.raises(Damaged, match=state.name):
         open_index(idx)
     assert state.name in check_index(idx).damaged[0]
+
+
+def test_the_collector_never_makes_damage_permanent(world):
+    """A live manifest that fails its checksum, or CURRENT naming no generation: a writer refuses or fails, and
+    nothing the folder holds is collected (a reader's refusal stays repairable)."""
+    idx = world / "idx"
+    layout = IndexFolder(idx)
+    sid = open_index(idx).manifest.segments[0][0]
+    man = IndexFolder.manifest_file(layout.generation())
+    good = man.read_text()
+    man.write_text(good.replace(sid, sid[:-1] + ("0" if sid[-1] != "0" else "1")))  # one digit of the id
+    with pytest.raises(Damaged):
+        remove_products(idx, [int(np.load(layout.segment(sid) / "product_ids.npy")[0])])
+    assert layout.segment(sid).is_dir()
+    man.write_text(good)
+    current = layout.current_name()
+    layout.current_file.write_text("g00000000000000000001")  # names no generation
+    with pytest.raises(UserError):
+        remove_products(idx, [int(np.load(layout.segment(sid) / "product_ids.npy")[0])])
+    assert (idx / "generations" / current).is_dir() and layout.segment(sid).is_dir()
+    layout.current_file.write_text(current)
+    assert check_index(idx).damaged == ()
+
+
+def test_compaction_refuses_damaged_rows_instead_of_sealing_them(world):
+    idx = world / "idx"
+    ids = [int(i) for i in open_index(idx).product_ids]
+    remove_products(idx, ids[:5])
+    seg = open_index(idx).segments[0]
+    emb = seg.path / "emb" / "00001.npy"
+    data = bytearray(emb.read_bytes())
+    data[-100] ^= 0xFF  # a flipped bit in a mapped file: opening does not read it, compaction must
+    emb.write_bytes(bytes(data))
+    gen = IndexFolder(idx).current_name()
+    with pytest.raises(Damaged, match="00001.npy"):
+        compact(idx)
+    assert IndexFolder(idx).current_name() == gen and not list((idx / "work").glob("compact-*"))
+
+
+def test_a_write_the_server_cannot_open_is_not_reported_live(world, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    import retrieval.serve.api as api
+    idx = world / "idx"
+    b = open_index(idx)
+    pid = int(b.product_ids[9])
+    with TestClient(api.create_app(idx), base_url="http://localhost") as c:
+        real = api.open_index
+        monkeypatch.setattr(api, "open_index", lambda *a, **k: (_ for _ in ()).throw(Damaged("x is damaged")))
+        r = c.delete(f"/products/{pid}")
+        assert r.status_code == 503 and "committed" in r.json()["detail"]
+        assert c.post("/similar", data={"product_id": pid}).status_code == 200  # still the last good one
+        monkeypatch.setattr(api, "open_index", real)
+        c.app.state.index._failed = (None, 0.0)
+        c.app.state.index.poll()  # the next try opens it
+        assert c.post("/similar", data={"product_id": pid}).status_code == 404
+        assert c.patch(f"/products/{b.product_ids[1]}", data={"category_id": 2 ** 70}).status_code == 422

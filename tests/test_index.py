@@ -102,7 +102,7 @@ def test_rerank_and_take_rows_against_loops():
     assert np.array_equal(take_rows(blocks, np.array([0, 11, 12, 49])), x[[0, 11, 12, 49]])
     with pytest.raises(IndexError):
         take_rows(blocks, np.array([3, 50]))  # past the end: refused, never a shorter array
-    import index.store as store_mod
+    import index.rows as store_mod
     whole = rerank(q, short, 3, lambda p: take_rows(blocks, p))
     monkey = store_mod.RERANK_BYTES
     try:

@@ -90,6 +90,7 @@ def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path,
     mirror = bundle.manifest.mirror
     reader = RecordReader(test_path, table)
     key = {"test": file_fingerprint(test_path), "model": bundle.manifest.model_sha256, "count": len(bundle.vectors),
+           "generation": bundle.generation,  # a remove or relabel keeps the count: parts of another generation differ
            "params": clf.params(), "peers": peers.params(), "mirror": mirror, "top": top,
            "part_products": part_products, "runtime": bundle.runtime}
     store = PartStore(out_csv.with_name(out_csv.name + ".parts"), key, restart=restart and is_first_rank())

@@ -23,6 +23,7 @@ import asyncio
 import gc
 import logging
 import threading
+import time
 import weakref
 from pathlib import Path
 from typing import Annotated
@@ -73,6 +74,7 @@ class _State:
         self.nets: dict = {}  # the writer's own embedding runtime, loaded at the first add and kept
         self.bundle: IndexBundle = open_index(folder, runtime=runtime)
         self._seen = self._stamp()
+        self._failed: tuple = (None, 0.0)  # (stamp of CURRENT that failed to open, when to try it again)
         self._stop = threading.Event()
         threading.Thread(target=_watch, args=(weakref.ref(self), self._stop), name="index-watcher",
                          daemon=True).start()
@@ -94,18 +96,33 @@ class _State:
         """Open the live generation (reusing the model and the segments already open) and swap to it if it is
         not the one served; True when it swapped."""
         with self.reload_lock:
-            self._seen = self._stamp()
+            seen = self._stamp()  # taken before the open: a commit during it is seen at the next poll
             if IndexFolder(self.folder).current_name() == self.bundle.generation:
+                self._seen = seen
                 return False
-            fresh = open_index(self.folder, runtime=self.runtime, reuse=self.bundle)
+            fresh = open_index(self.folder, runtime=self.runtime, reuse=self.bundle)  # refused: retried next poll
             self.swap(fresh)
+            self._seen = seen
             log.info("serving generation %s (%d products)", fresh.generation, len(fresh.vectors))
             return True
 
+    RETRY_S = 30.0  # a generation that could not be opened is tried again after this long (or at the next commit)
+
     def poll(self) -> None:
-        """Reload when ``CURRENT`` changed since last seen (one stat)."""
-        if self._stamp() != self._seen:
+        """Reload when ``CURRENT`` changed since last seen (one stat); a generation that failed to open is tried
+        again every :attr:`RETRY_S` seconds, not at every poll."""
+        stamp = self._stamp()
+        if stamp == self._seen or (stamp == self._failed[0] and time.monotonic() < self._failed[1]):
+            return
+        try:
             self.reload()
+        except Exception:
+            self._failed = (stamp, time.monotonic() + self.RETRY_S)
+            raise
+
+    def served(self) -> bool:
+        """Whether the generation queries see is the folder's live one."""
+        return IndexFolder(self.folder).current_name() == self.bundle.generation
 
     def close(self) -> None:
         self._stop.set()
@@ -285,7 +302,8 @@ def create_app(index_dir: str | Path, settings: ServeSettings | None = None,
         pictures = product_pictures(b, product_position(b, product_id))
         if not 0 <= n < len(pictures):
             raise HTTPException(404, f"product _id {product_id} has {len(pictures)} pictures; no picture {n}")
-        return Response(pictures[n], media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+        # private and short: a removed or replaced product's pictures must not outlive it in shared caches
+        return Response(pictures[n], media_type="image/jpeg", headers={"Cache-Control": "private, max-age=60"})
 
     add_write_routes(app, state)
     return app

@@ -33,6 +33,14 @@ def client_name(request: Request) -> str:
     return f"{request.client.host}:{request.client.port}" if request.client else "unknown client"
 
 
+def _check_served(state, what: str) -> None:
+    """After a committed write: refuse to say it is live when this server could not open the new generation."""
+    if not state.served():
+        raise HTTPException(503, f"{what} is committed, but this server could not open the new generation (it is "
+                                 f"still serving {state.bundle.generation} and retries); run `cli.py check`",
+                            headers={"Retry-After": "30"})
+
+
 def add_write_routes(app: FastAPI, state) -> None:
     """Register the write routes on ``app`` over the served index ``state`` (``api._State``)."""
 
@@ -43,17 +51,20 @@ def add_write_routes(app: FastAPI, state) -> None:
         with state.writer:
             change = remove_products(state.folder, [product_id], on_commit=state.reload)
         log.info("DELETE /products/%d from %s: generation %s", product_id, client_name(request), change.generation)
+        _check_served(state, f"the removal of {product_id}")
         return {"removed": product_id, "generation": change.generation, "products": state.bundle.live_count}
 
     @app.patch("/products/{product_id}")
     def relabel_product(request: Request, product_id: Annotated[int, Path_(ge=0, le=2 ** 63 - 1)],
-                        category_id: Annotated[int, Form(description="the product's correct category id")]) -> dict:
+                        category_id: Annotated[int, Form(ge=0, le=2 ** 63 - 1,
+                                                         description="the product's correct category id")]) -> dict:
         """Give an indexed product another category (needs the token; the category must be in the run's table):
         it votes for it from the next query on, without retraining."""
         with state.writer:
             change = relabel_products(state.folder, {product_id: category_id}, on_commit=state.reload)
         log.info("PATCH /products/%d -> %d from %s: generation %s", product_id, category_id, client_name(request),
                  change.generation)
+        _check_served(state, f"the relabel of {product_id}")
         return {"product_id": product_id, "category_id": category_id, "generation": change.generation}
 
     @app.post("/products")
@@ -96,5 +107,7 @@ def add_write_routes(app: FastAPI, state) -> None:
         total = state.bundle.live_count
         log.info("POST /products from %s: %s, %d added, %d already indexed%s; %d products", client_name(request),
                  file.filename, added, len(already), " (replaced)" if replace else "", total)
+        if added:
+            _check_served(state, f"the add of {added} products")
         key = "replaced" if replace else "already_indexed"
         return {"added": added, key: already[:100], "products": total}

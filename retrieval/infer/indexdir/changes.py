@@ -14,7 +14,6 @@ import numpy as np
 
 from ...data.categories import CategoryTable
 from ...errors import UserError
-from ...rundir import RunDir
 from .compact import commit_manifest, live_manifest, maybe_compact
 from .folder import IndexFolder, fsync_path, write_file
 from .manifest import IndexManifest
@@ -133,13 +132,10 @@ def remove_products(index_dir: str | Path, ids: Iterable[int],
 
 
 def run_categories(folder: IndexFolder, man: IndexManifest) -> CategoryTable:
-    """The category table of the run the index was built with."""
-    f = RunDir(folder.resolve(man.run_dir, man.origin)).categories_file
-    try:
-        return CategoryTable.load(f)
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"{f}: the run's category table cannot be read ({type(e).__name__}); keep the run folder "
-                        "beside the index") from None
+    """The category table readers decode with: the one inside the index's model file (checked against the
+    manifest's hash; a run folder's categories.json is not covered by it)."""
+    from .bundle import load_index_model  # torch, only for a relabel
+    return load_index_model(folder, man, "cpu").categories
 
 
 def relabel_products(index_dir: str | Path, corrections: dict[int, int],

@@ -3,6 +3,7 @@ by the one segment builder) and the check of every byte a live generation refere
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -89,8 +90,29 @@ def compact(index_dir: str | Path, index_memory: float | None = None) -> str | N
         return _compact(folder, man, merge, spec)
 
 
+def _verify_whole(folder: IndexFolder, man: IndexManifest, sid: str) -> None:
+    """Every byte of segment ``sid`` against its checksums (compaction copies rows into a new segment with new
+    checksums: damage must be refused before it is copied, never sealed as sound)."""
+    path = folder.segment(sid)
+    what = f"{folder.path}: segment {sid}: "
+    verify(path / "segment.json", man.checksums.get(meta_file(sid)), what=what)
+    files = read_json(path / "segment.json", what).get("files") or {}
+    for rel, expected in files.items():
+        verify(path / rel, expected, what=what)
+
+
 def _compact(folder: IndexFolder, man: IndexManifest, merge: list[str], spec: SegmentSpec | None) -> str:
     spec = spec or SegmentSpec("auto", man.index_memory or 8e9, man.target_recall)
+    for sid in merge:
+        _verify_whole(folder, man, sid)
+    work = folder.work / f"compact-{time.time_ns()}"
+    try:
+        return _rewrite(folder, man, merge, spec, work)
+    finally:  # the new segment links what it keeps of the work: none of it is needed once sealed or failed
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _rewrite(folder: IndexFolder, man: IndexManifest, merge: list[str], spec: SegmentSpec, work: Path) -> str:
     counts = dict(man.segments)
     segs = [load_segment(folder, sid, mmap=True, meta_record=man.checksums.get(meta_file(sid)))
             .with_state(load_state(folder, man.segment_state.get(sid), man.checksums, counts[sid])) for sid in merge]
@@ -101,9 +123,9 @@ def _compact(folder: IndexFolder, man: IndexManifest, merge: list[str], spec: Se
         if not rest:
             raise UserError(f"{folder.path}: every product is removed; an index needs at least one (rebuild it)")
         states = {s: e for s, e in man.segment_state.items() if s not in merge}
-        return commit_manifest(folder, replace(man, segments=rest, segment_state=states,
+        parts = tuple(tuple(p) for s, _ in rest for p in read_json(folder.segment(s) / "segment.json")["parts"])
+        return commit_manifest(folder, replace(man, segments=rest, segment_state=states, parts=parts,
                                                count=sum(c for _, c in rest)))
-    work = folder.work / f"compact-{time.time_ns()}"
     work.mkdir(parents=True)
     emb_file = work / "emb.npy"
     dim = man.dim
@@ -152,6 +174,7 @@ class CheckReport:
     products: int
     bytes_read: int
     damaged: tuple[str, ...]
+    unverified: tuple[str, ...] = ()  # what was written before checksums were kept (present, not provably whole)
 
 
 def check_index(index_dir: str | Path, full: bool = True) -> CheckReport:
@@ -162,6 +185,7 @@ def check_index(index_dir: str | Path, full: bool = True) -> CheckReport:
     gen = folder.generation()
     man = IndexManifest.load(IndexFolder.manifest_file(gen))
     damaged: list[str] = []
+    unverified: list[str] = []
     read = 0
 
     def check(path: Path, expected: list | None, whole: bool = full) -> bool:
@@ -185,6 +209,9 @@ def check_index(index_dir: str | Path, full: bool = True) -> CheckReport:
             damaged.append(str(e))
             continue
         files = meta.get("files") or {}
+        if not files or meta_file(sid) not in man.checksums:
+            unverified.append(f"segment {sid}: written before checksums were kept (the next change records "
+                              "those of segment.json; a rebuild or compaction records all)")
         ok = all([check(path / rel, files[rel], full or files[rel][0] <= (64 << 20)) for rel in files])
         if meta.get("count") != count:
             damaged.append(f"{path / 'segment.json'}: counts {meta.get('count')} products, the manifest {count}")
@@ -201,7 +228,7 @@ def check_index(index_dir: str | Path, full: bool = True) -> CheckReport:
     for src in man.sources:
         if not folder.resolve(src.path, man.origin).exists():
             damaged.append(f"{src.path}: source file of {gen.name} is missing (its pictures cannot be shown)")
-    return CheckReport(gen.name, live, read, tuple(damaged))
+    return CheckReport(gen.name, live, read, tuple(damaged), tuple(unverified))
 
 
 def check_folder(index_dir: str | Path) -> tuple[str, int]:

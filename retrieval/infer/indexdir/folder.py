@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from ...errors import UserError
+from .integrity import json_digest
 
 log = logging.getLogger(__name__)
 CRASH_ENV = "CDISCOUNT_CRASH_AT"  # "write:N", "fsync:N" or "rename:N": os._exit(77) at the N-th such step
@@ -65,6 +66,13 @@ def fsync_tree(root: Path) -> None:
 
 class WriterBusy(UserError):
     """Another process (or thread) is writing the same index folder."""
+
+
+def _disk_full(e: BaseException) -> bool:
+    """Whether ``e`` says the disk (or the quota) is full: an OSError, or FAISS's RuntimeError around one."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(e, RuntimeError) and ("No space left" in str(e) or "Disk quota" in str(e))
 
 
 class DiskFull(UserError):
@@ -134,7 +142,9 @@ class IndexFolder:
 
     def new_state_file(self, sid: str, kind: str) -> Path:
         """A fresh file name for segment ``sid``'s ``kind`` ("removed" or "relabels") table."""
-        self.state.mkdir(parents=True, exist_ok=True)
+        if not self.state.is_dir():
+            self.state.mkdir(parents=True)
+            fsync_path(self.path)  # the new folder's entry is durable before a generation names a file in it
         return self.state / f"{sid}.{time.time_ns():020d}.{kind}.npy"
 
     def add_parts(self, key: str) -> Path:
@@ -178,7 +188,8 @@ class IndexFolder:
         """Write a new generation with ``write(folder)`` aside, fsync it, and make it current atomically (the
         segments it lists are sealed already). Garbage is collected after; an error there is only logged."""
         self._generations.mkdir(parents=True, exist_ok=True)
-        name = f"g{time.time_ns():020d}"
+        newest = max((int(p.name[1:]) for p in self._generations.iterdir() if p.name[1:].isdigit()), default=0)
+        name = f"g{max(time.time_ns(), newest + 1):020d}"  # names sort in commit order, whatever the clock does
         tmp = self._generations / f".new-{name}"
         tmp.mkdir()
         try:
@@ -212,11 +223,16 @@ class IndexFolder:
 
     def referenced(self) -> tuple[set[str], set[Path], set[str]] | None:
         """Segment ids, upload paths and state file names that the kept generations reference, or None when
-        one of their manifests cannot be read (then nothing is collected)."""
+        ``CURRENT`` names no generation here or one of their manifests is unreadable or fails its own checksum
+        (then nothing is collected: damage is refused by readers, never made permanent by the collector)."""
         sids, sources, states = set(), set(), set()
+        if self.exists() and not (self._generations / self.current_name()).is_dir():
+            return None
         for gen in self._kept():
             try:
                 d = json.loads(self.manifest_file(gen).read_text())
+                if "digest" in d and d["digest"] != json_digest(d):
+                    return None
                 sids |= {s[0] for s in d.get("segments", [])}
                 origin = d.get("origin", "")
                 sources |= {self.resolve(s["path"], origin) for s in d.get("sources", [])}
@@ -231,7 +247,8 @@ class IndexFolder:
         writes (``.new-*``), unlisted segments, add work, and uploads past :data:`UPLOAD_GRACE_S`."""
         refs = self.referenced()
         if refs is None:
-            log.warning("%s: a kept generation's manifest is unreadable; nothing is collected", self.path)
+            log.warning("%s: CURRENT or a kept generation's manifest is missing or damaged; nothing is collected "
+                        "(run `cli.py check`)", self.path)
             return
         sids, sources, states = refs
         kept = {p.name for p in self._kept()}
@@ -278,11 +295,16 @@ class IndexFolder:
                     self.collect()
                 except Exception:
                     log.exception("%s: garbage collection failed", self.path)
+            before = self.current_name() if self.exists() else None
             try:
                 yield self
             except BaseException as e:
                 self._after_failure()
-                if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                if _disk_full(e):
+                    after = self.current_name() if self.exists() else None
+                    if after != before:  # CURRENT had moved: the change is live, a step after it failed
+                        raise DiskFull(f"{self.path}: no space left on the disk after the change was committed "
+                                       f"(generation {after} is live); free some space") from None
                     raise DiskFull(f"{self.path}: no space left on the disk; nothing was changed (the live "
                                    "generation is as before; free some space and try again)") from None
                 raise
