@@ -15,6 +15,7 @@ from .rows import drop_removed, recall_at_k, rerank
 log = logging.getLogger(__name__)
 EXACT_SUBSET_MAX = 200_000  # restricted searches over at most this many vectors are exact
 REFINE_FACTOR = 4  # a coded index with exact vectors at hand returns this many times k, re-ranked exactly
+TUNED_K = 10  # the k a search depth is tuned at (recall@10): a smaller k still re-ranks REFINE_FACTOR x TUNED_K
 SEARCH_DEPTHS = sorted({int(round(2 ** (i / 2))) for i in range(31)})  # tune tries nprobe 1, 2, 3, 4, 6, 8, ...
 CODES_ALONE_NPROBE = 64  # the widest search a coded index's codes alone are tuned to before re-ranking is used
 OVERFETCH_MAX = 1024  # a batch over a Flat index with up to this many removed asks k + removed and drops them (exact,
@@ -218,8 +219,8 @@ class VectorIndex:
     def _search(self, q: np.ndarray, k: int, params=None) -> tuple[np.ndarray, np.ndarray]:
         """The plain search at the tuned depth (a coded index's shortlist re-ranked exactly with ``refine``)."""
         if self.refine is not None and self.rerank and self.coded and len(self):
-            return rerank(q, self.faiss_index.search(q, min(len(self), REFINE_FACTOR * k), params=params)[1], k,
-                          self.refine)
+            depth = REFINE_FACTOR * max(k, TUNED_K)  # never shallower than the shortlist the depth was tuned with
+            return rerank(q, self.faiss_index.search(q, min(len(self), depth), params=params)[1], k, self.refine)
         return self.faiss_index.search(q, k, params=params)
 
     @property

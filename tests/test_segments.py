@@ -276,10 +276,11 @@ def test_a_coded_index_folder_re_ranks_with_its_stored_embeddings(small_data, tr
     assert np.mean((pos[:, 0] == np.arange(40)) | np.isclose(sims[:, 0], 1.0, atol=1e-5)) >= 0.9
     brute = stored @ stored.T
     assert np.allclose(sims, np.take_along_axis(brute[:40], pos, 1), atol=1e-5)
-    sims, pos = b.vectors.search(stored, 10)  # recall@10 over every stored product: near the reported one
-    truth = np.argsort(-brute, 1, kind="stable")[:, :10]
-    recall = np.mean([len(set(a) & set(t)) / 10 for a, t in zip(pos.tolist(), truth.tolist(), strict=True)])
-    assert recall >= man.tuned_recall_at_10 - 0.05
+    ranked = -np.sort(-brute, 1)
+    for k in (1, 5, 10):  # recall@k over every stored product, ties counted as found: at least the reported one
+        sims, pos = b.vectors.search(stored, k)
+        found = np.take_along_axis(brute, pos, 1) >= ranked[:, k - 1:k] - 1e-6  # as near as the k-th true one
+        assert found.mean() >= man.tuned_recall_at_10 - 0.02, k
 
 
 def test_a_joined_column_reads_like_the_concatenated_array():
