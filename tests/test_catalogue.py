@@ -286,6 +286,14 @@ def test_http_writes_need_the_token_and_follow_at_once(world, tmp_path, monkeypa
         assert r.status_code == 200 and r.json()["products"] == 149
         assert c.post("/similar", data={"product_id": pid}).status_code == 404
         assert c.get(f"/products/{pid}/images/0").status_code == 404
+        from retrieval.infer.query import product_pictures
+        own = product_pictures(b, b.position_of(pid))  # its own pictures would find it first, were it there
+        for route in ("/similar", "/classify"):
+            r = c.post(route, files=[("images", (f"p{i}.jpg", p, "image/jpeg")) for i, p in enumerate(own)],
+                       data={"k": 50} if route == "/similar" else {})
+            assert r.status_code == 200
+            if route == "/similar":
+                assert pid not in [n["product_id"] for n in r.json()["results"]]
         for page in range(0, 150, 20):  # paging through everything never meets it
             got = c.post("/similar", data={"product_id": other, "k": 20, "offset": page}).json()["results"]
             assert pid not in [n["product_id"] for n in got]
