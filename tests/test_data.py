@@ -356,3 +356,12 @@ def test_loader_batches_never_cross_a_part_end():
     from retrieval.data.datasets import batches_within
     assert batches_within(np.array([3, 8, 9]), 2) == [[0, 1], [2], [3, 4], [5, 6], [7], [8]]
     assert batches_within(np.array([4]), 4) == [[0, 1, 2, 3]] and batches_within(np.zeros(0, np.int64), 3) == []
+
+
+def test_an_undecodable_picture_is_named_without_an_object_repr():
+    from retrieval.data.images import ImageDecodeError, decode_image
+    for data in (b"garbage bytes here", b"\xff\xd8\xff\xe0" + b"\x00" * 40):
+        with pytest.raises(ImageDecodeError) as e:
+            decode_image(data)
+        msg = str(e.value)
+        assert f"({len(data)} bytes)" in msg and " object at 0x" not in msg and "BytesIO" not in msg

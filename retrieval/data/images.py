@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -93,6 +94,11 @@ def picture_hash(data: bytes) -> int:
     return int.from_bytes(hashlib.md5(data).digest()[:8], "little", signed=True)
 
 
+def _no_repr(message: str) -> str:
+    """A library's message without the object reprs some put in it (``<_io.BytesIO object at 0x7f...>``)."""
+    return re.sub(r"<[\w.]+ object at 0x[0-9a-f]+>", "the picture", message)
+
+
 def decode_image(data: bytes, min_size: int | None = None) -> np.ndarray:
     """Decode JPEG (or PNG, WebP, GIF, BMP) bytes to an RGB array ``[H, W, 3]`` uint8.
 
@@ -121,8 +127,12 @@ def decode_image(data: bytes, min_size: int | None = None) -> np.ndarray:
         raise
     except Image.DecompressionBombError as e:
         raise ImageDecodeError(f"picture over the {MAX_PIXELS:,}-pixel limit ({e})") from e
+    except Image.UnidentifiedImageError as e:  # its message names an in-memory object: never shown
+        raise ImageDecodeError(f"undecodable picture ({len(data)} bytes): not a picture in a known format "
+                               f"(starts {data[:8].hex(' ')})") from e
     except Exception as e:
-        raise ImageDecodeError(f"undecodable picture ({len(data)} bytes): {e}") from e
+        raise ImageDecodeError(f"undecodable picture ({len(data)} bytes): {type(e).__name__}: "
+                               f"{_no_repr(str(e))}") from e
 
 
 def _pillow_decode(im: Image.Image, min_size: int | None, data: bytes) -> np.ndarray:
