@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from index import DuplicateTable
+from index.vote import chunked
 
 from ...errors import UserError
 from .builder import SegmentSpec, build_segment
@@ -133,12 +134,10 @@ def _rewrite(folder: IndexFolder, man: IndexManifest, merge: list[str], spec: Se
     at = 0
     for s, k in zip(segs, keep, strict=True):
         start = 0
-        for part in range(len(s.parts)):
-            block = s.embeddings(part)
-            m = k[start:start + len(block)]
-            rows = np.asarray(block[np.flatnonzero(m)], np.float32)
+        for piece in chunked([s.embeddings(part) for part in range(len(s.parts))]):  # bounded memory
+            rows = np.asarray(piece[np.flatnonzero(k[start:start + len(piece)])], np.float32)
             out[at:at + len(rows)] = rows
-            at, start = at + len(rows), start + len(block)
+            at, start = at + len(rows), start + len(piece)
     out.flush()
     del out
     labels = np.concatenate([np.asarray(s.vectors.labels)[k] for s, k in zip(segs, keep, strict=True)])
