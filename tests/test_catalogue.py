@@ -593,3 +593,21 @@ def test_http_replace_gives_indexed_products_their_new_pictures(world, tmp_path)
         for pid in ids:  # each found once, in the newest segment
             assert b.vectors.locate(b.position_of(pid))[0] == len(b.segments) - 1
     _assert_readers_follow(idx, set())
+
+
+def test_id_and_correction_files_are_read_as_written_or_refused_by_line(tmp_path):
+    from retrieval.infer.indexdir.changes import read_corrections, read_ids
+    f = tmp_path / "ids.csv"
+    f.write_text("_id,category_id\n12,5\n\n7,5\n")
+    assert read_ids(f) == [12, 7]
+    f.write_text("12\n7\nx7\n")
+    with pytest.raises(UserError, match="line 3"):
+        read_ids(f)
+    f.write_text("p_suggested,category_id,_id\n0.9,1000010653,12\n")  # columns found by name
+    assert read_corrections(f) == {12: 1000010653}
+    f.write_text("12,5\n12,6\n")
+    with pytest.raises(UserError, match="two categories"):
+        read_corrections(f)
+    f.write_text("id,cat\n1,2\n")
+    with pytest.raises(UserError, match="_id and category_id"):
+        read_corrections(f)
