@@ -611,3 +611,24 @@ def test_id_and_correction_files_are_read_as_written_or_refused_by_line(tmp_path
     f.write_text("id,cat\n1,2\n")
     with pytest.raises(UserError, match="_id and category_id"):
         read_corrections(f)
+
+
+def test_an_index_of_every_product_less_the_validation_ones_evaluates_like_a_train_index(indexes, tmp_path):
+    """Deletion sets hold the held-out products out of every figure: an all-products index with the run's
+    validation products removed scores the validation split exactly as the train-split index does (an
+    independent build), and evaluate refuses it while they are still in."""
+    import shutil as sh
+
+    from retrieval.infer.evaluate import evaluate
+    all_idx = tmp_path / "all"
+    sh.copytree(indexes["all"], all_idx)
+    b = open_index(all_idx)
+    val = np.load(b.run.split_file)["val_ids"]
+    with pytest.raises(UserError, match="contains"):
+        evaluate(all_idx, out_dir=tmp_path / "x", loader=LoaderSettings(workers=0))
+    remove_products(all_idx, val.tolist())
+    masked = evaluate(all_idx, out_dir=tmp_path / "m", loader=LoaderSettings(workers=0))
+    train = evaluate(indexes["train"], out_dir=tmp_path / "t", loader=LoaderSettings(workers=0))
+    for key in ("products", "head_accuracy", "knn_accuracy", "fused_accuracy", "fused_top5_accuracy",
+                "fused_without_duplicates_accuracy", "by_frequency"):
+        assert masked[key] == train[key], key

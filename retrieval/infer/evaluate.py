@@ -38,18 +38,24 @@ BUCKETS = ((1, 10, "1-9"), (10, 100, "10-99"), (100, 1000, "100-999"), (1000, 10
 def _eval_rows(bundle: IndexBundle, val_path: str | Path | None) -> tuple[Path, np.ndarray, np.ndarray]:
     """(data file, offset table, rows to score); refuses rows whose products are in the index."""
     if val_path is None:
-        if bundle.manifest.split != "train":
-            raise UserError(f"{bundle.folder} was built with --split {bundle.manifest.split}: it contains the "
-                            "validation products. Build an evaluation index with --split train")
+        if bundle.manifest.split != "train" and \
+                bundle.loaded.info.get("train_file") != bundle.manifest.sources[0].fingerprint:
+            raise UserError(f"{bundle.folder} does not index the run's training file; evaluate a labelled file "
+                            "(evaluate --index IDX VAL.bson) or build an index with --split train")
         path = check_source(bundle, 0)  # the indexed training file (resolved from the folder, unchanged)
         table, rows = load_offsets(path), bundle.run.split().val_rows
+        held = np.isin(table["product_id"][rows], bundle.live_product_ids)
+        if held.any():
+            raise UserError(f"{bundle.folder} was built with --split {bundle.manifest.split}: it contains the "
+                            f"validation products ({int(held.sum())} of {len(rows)}). Build an evaluation index with "
+                            "--split train, or remove them (cli.py remove --index IDX --ids VAL_IDS)")
     else:
         path = Path(val_path)
         table = load_offsets(path)
         rows = np.flatnonzero(table["category_id"] >= 0)
     if len(rows) == 0:
         raise UserError(f"{path}: no labelled products to evaluate")
-    overlap = np.isin(table["product_id"][rows], bundle.product_ids)
+    overlap = np.isin(table["product_id"][rows], bundle.live_product_ids)  # removed ones are not in the index
     if overlap.any():
         raise UserError(f"the index {bundle.folder} contains {int(overlap.sum())} of the products being scored "
                         f"(e.g. _id {int(table['product_id'][rows][overlap][0])}); evaluate with an index of "

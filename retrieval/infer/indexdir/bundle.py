@@ -116,6 +116,11 @@ class IndexBundle:
         """All product ids ``[N]`` in position order (joined once, where the bundle has several segments)."""
         return np.asarray(self.arrays["product_ids"])
 
+    @cached_property
+    def live_product_ids(self) -> np.ndarray:
+        """The ids ``[L]`` of the products this generation serves (removed ones left out)."""
+        return np.concatenate([np.asarray(s.arrays["product_ids"])[s.live_mask()] for s in self.segments])
+
     @property
     def net(self):
         """What embeds pictures for this index: the runtime it was opened with (torch's network by default)."""
