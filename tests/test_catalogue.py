@@ -289,6 +289,7 @@ def test_http_writes_need_the_token_and_follow_at_once(world, tmp_path, monkeypa
     auth = {"Authorization": "Bearer s3cret"}
     with TestClient(create_app(idx, ServeSettings(token="s3cret")), base_url="http://localhost") as c:
         assert c.delete(f"/products/{pid}").status_code == 401
+        assert c.delete("/elsewhere/1").status_code == 401 and c.put("/products").status_code == 401  # by method
         assert c.patch(f"/products/{pid}", data={"category_id": 1}).status_code == 401
         assert c.delete(f"/products/{pid}", headers={"Authorization": "Bearer nope"}).status_code == 403
         assert c.delete("/products/987654", headers=auth).status_code == 404

@@ -171,7 +171,10 @@ class RequestGuard:
     def _check_write(self, scope, get) -> None:
         s = self.settings
         path = scope["path"]
-        write = any(path == w or path.startswith(w + "/") for w in self.writes)  # /products and /products/{id}
+        # /products and /products/{id}; and any DELETE, PATCH or PUT whatever its path (a mounted root path must
+        # never turn a write into a read)
+        write = scope["method"] in ("DELETE", "PATCH", "PUT") or any(path == w or path.startswith(w + "/")
+                                                                    for w in self.writes)
         if write and s.read_only:
             raise Refusal(403, "this server is read-only")
         origin = get(b"origin")
