@@ -98,7 +98,7 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
 
 
 def drop_removed(sims: np.ndarray, pos: np.ndarray, removed: np.ndarray, k: int
-          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The first ``k`` results per row that are not in sorted ``removed``, -1 padded; and how many each row kept."""
     at = np.minimum(np.searchsorted(removed, pos), max(len(removed) - 1, 0))  # sorted: a binary search per result
     gone = (pos < 0) | ((removed[at] == pos) if len(removed) else False)

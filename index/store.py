@@ -36,8 +36,8 @@ class VectorIndex:
         self.refine: Callable[[np.ndarray], np.ndarray] | None = None  # exact vectors of positions (see search)
         self.rerank = rerank  # whether a coded index uses ``refine`` (tune turns it off where codes suffice)
         self.removed = np.zeros(0, np.int64)  # sorted positions never returned (a generation's deletion set)
-        self._live_sel = self._live_params = None  # selector of the positions not removed, its search parameters
-        self._batch_flat = True  # whether a batch of queries runs on BLAS (a Flat index): known at the first search
+        self._live_params = None  # search parameters that skip the removed positions (set by view)
+        self._batch_flat = False  # whether a batch of queries runs on BLAS (a Flat index; set by view)
         self._apply()
 
     def view(self, labels: np.ndarray, removed: np.ndarray) -> "VectorIndex":
@@ -48,21 +48,17 @@ class VectorIndex:
             raise ValueError(f"{len(v.labels)} labels for {len(self)} vectors")
         v.refine, v.removed = self.refine, np.unique(np.asarray(removed, np.int64))
         if len(v.removed):  # built here, before any reader thread can search it (never lazily, under a race)
-            v._live_params = v._depth_params(v._live_selector())
+            live = np.ones(len(v), bool)
+            live[v.removed] = False
+            v._live_bits = np.packbits(live, bitorder="little")  # kept: the selector reads this memory
+            v._live_sel = faiss.IDSelectorBitmap(len(v._live_bits), faiss.swig_ptr(v._live_bits))  # length in bytes
+            v._live_params = v._depth_params(v._live_sel)
+            v._batch_flat = v.ivf is None and v.hnsw is None  # a batch over a Flat index is BLAS work
         return v
 
     @property
     def live_count(self) -> int:
         return len(self) - len(self.removed)
-
-    def _live_selector(self):
-        """A FAISS selector of the positions not removed (a bitmap; built once per view)."""
-        if self._live_sel is None:
-            live = np.ones(len(self), bool)
-            live[self.removed] = False
-            self._live_bits = np.packbits(live, bitorder="little")  # kept: the selector reads this memory
-            self._live_sel = faiss.IDSelectorBitmap(len(self._live_bits), faiss.swig_ptr(self._live_bits))  # bytes
-        return self._live_sel
 
     @classmethod
     def create(cls, d: int, factory: str) -> "VectorIndex":
@@ -181,13 +177,10 @@ class VectorIndex:
             return self.faiss_index.search(q, k, params=params)
         if not len(self.removed):
             return self._search(q, k)
-        if self._live_params is not None and (len(q) < BLAS_ROWS or not self._batch_flat):  # the common query
-            return self._search(q, k, self._live_params)
-        self._batch_flat = self.ivf is None and self.hnsw is None  # a batch over a Flat index is BLAS work
         if not self._batch_flat or len(q) < BLAS_ROWS:
             # skipped inside FAISS: IVF lists and graphs are scanned one query at a time anyway, and a few queries
             # over a Flat index do not use BLAS
-            return self._search(q, k, self._live_search_params())
+            return self._search(q, k, self._live_params)
         # a batch over a Flat index: a selector would leave FAISS's BLAS path, so ask for more and drop the removed
         # ones. With every removed one asked for, that is exact; else a row left with fewer than k is searched again
         # with the selector: the results are the selector's either way
@@ -198,15 +191,8 @@ class VectorIndex:
         sims, pos, live = drop_removed(sims, pos, self.removed, k)
         short = np.flatnonzero(full & (live < k)) if not every else np.zeros(0, np.int64)
         if len(short):
-            sims[short], pos[short] = self._search(q[short], k, self._live_search_params())
+            sims[short], pos[short] = self._search(q[short], k, self._live_params)
         return sims, pos
-
-    def _live_search_params(self):
-        """Search parameters that skip the removed positions (built once per view: a SWIG object per query
-        costs as much as a search)."""
-        if self._live_params is None:
-            self._live_params = self._depth_params(self._live_selector())
-        return self._live_params
 
     def _depth_params(self, sel):
         """Search parameters of this index's tuned depth, restricted to ``sel``."""

@@ -269,5 +269,5 @@ def test_a_view_with_removed_rows_searches_like_brute_force_over_the_live_ones(n
     ivf.set_nprobe(3)
     iv = ivf.view(labels, removed)
     got = iv.search(q, 10)[1]
-    want = iv._search(q, 10, iv._live_search_params())[1] if n_removed else ivf.search(q, 10)[1]
+    want = iv._search(q, 10, iv._live_params)[1] if n_removed else ivf.search(q, 10)[1]
     assert np.array_equal(got, want) and not np.isin(got, removed).any()

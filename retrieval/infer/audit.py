@@ -9,7 +9,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -40,17 +39,12 @@ def _name(bundle: IndexBundle, cat_id: int) -> str:
     return " / ".join(n.strip() for n in bundle.categories.names[cls]) if cls is not None else "?"
 
 
-def _live_positions(bundle: IndexBundle) -> np.ndarray:
-    return np.concatenate([np.flatnonzero(s.live_mask()) + off
-                           for s, off in zip(bundle.segments, bundle.vectors.offsets[:-1], strict=True)])
-
-
 def audit_index(index_dir: str | Path, max_products: int | None = None) -> list[Suspect]:
     """Every labelled live product whose top fused category (itself left out) is another one, most confident
     first. ``max_products``: audit only the first that many live products (a sample of a large catalogue)."""
     bundle = open_index(index_dir)
     clf = load_fusion(bundle.run, bundle.fallback_class)
-    positions = _live_positions(bundle)
+    positions = bundle.live_positions
     positions = positions[bundle.vectors.labels[positions] >= 0][:max_products]
     if not len(positions):
         raise UserError(f"{index_dir}: no labelled products to audit")

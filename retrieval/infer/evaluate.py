@@ -44,11 +44,6 @@ def _eval_rows(bundle: IndexBundle, val_path: str | Path | None) -> tuple[Path, 
                             "(evaluate --index IDX VAL.bson) or build an index with --split train")
         path = check_source(bundle, 0)  # the indexed training file (resolved from the folder, unchanged)
         table, rows = load_offsets(path), bundle.run.split().val_rows
-        held = np.isin(table["product_id"][rows], bundle.live_product_ids)
-        if held.any():
-            raise UserError(f"{bundle.folder} was built with --split {bundle.manifest.split}: it contains the "
-                            f"validation products ({int(held.sum())} of {len(rows)}). Build an evaluation index with "
-                            "--split train, or remove them (cli.py remove --index IDX --ids VAL_IDS)")
     else:
         path = Path(val_path)
         table = load_offsets(path)
@@ -56,6 +51,10 @@ def _eval_rows(bundle: IndexBundle, val_path: str | Path | None) -> tuple[Path, 
     if len(rows) == 0:
         raise UserError(f"{path}: no labelled products to evaluate")
     overlap = np.isin(table["product_id"][rows], bundle.live_product_ids)  # removed ones are not in the index
+    if overlap.any() and val_path is None:
+        raise UserError(f"{bundle.folder} was built with --split {bundle.manifest.split}: it contains the "
+                        f"validation products ({int(overlap.sum())} of {len(rows)}). Build an evaluation index with "
+                        "--split train, or remove them (cli.py remove --index IDX --ids VAL_IDS)")
     if overlap.any():
         raise UserError(f"the index {bundle.folder} contains {int(overlap.sum())} of the products being scored "
                         f"(e.g. _id {int(table['product_id'][rows][overlap][0])}); evaluate with an index of "

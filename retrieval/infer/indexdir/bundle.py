@@ -117,9 +117,15 @@ class IndexBundle:
         return np.asarray(self.arrays["product_ids"])
 
     @cached_property
+    def live_positions(self) -> np.ndarray:
+        """Positions ``[L]`` of the products this generation serves (removed ones left out), ascending."""
+        return np.concatenate([np.flatnonzero(s.live_mask()) + off
+                               for s, off in zip(self.segments, self.vectors.offsets[:-1], strict=True)])
+
+    @property
     def live_product_ids(self) -> np.ndarray:
-        """The ids ``[L]`` of the products this generation serves (removed ones left out)."""
-        return np.concatenate([np.asarray(s.arrays["product_ids"])[s.live_mask()] for s in self.segments])
+        """The ids ``[L]`` of the products this generation serves."""
+        return self.product_ids[self.live_positions]
 
     @property
     def net(self):

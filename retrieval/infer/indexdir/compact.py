@@ -16,7 +16,7 @@ from index.vote import chunked
 from ...errors import UserError
 from .builder import SegmentSpec, build_segment
 from .folder import IndexFolder, write_file
-from .integrity import Damaged, read_json, record, verify
+from .integrity import OPEN_VERIFY_MAX, Damaged, read_json, record, verify
 from .manifest import IndexManifest
 from .segments import ARRAYS, load_segment, load_state, meta_file
 
@@ -91,21 +91,13 @@ def compact(index_dir: str | Path, index_memory: float | None = None) -> str | N
         return _compact(folder, man, merge, spec)
 
 
-def _verify_whole(folder: IndexFolder, man: IndexManifest, sid: str) -> None:
-    """Every byte of segment ``sid`` against its checksums (compaction copies rows into a new segment with new
-    checksums: damage must be refused before it is copied, never sealed as sound)."""
-    path = folder.segment(sid)
-    what = f"{folder.path}: segment {sid}: "
-    verify(path / "segment.json", man.checksums.get(meta_file(sid)), what=what)
-    files = read_json(path / "segment.json", what).get("files") or {}
-    for rel, expected in files.items():
-        verify(path / rel, expected, what=what)
-
-
 def _compact(folder: IndexFolder, man: IndexManifest, merge: list[str], spec: SegmentSpec | None) -> str:
     spec = spec or SegmentSpec("auto", man.index_memory or 8e9, man.target_recall)
-    for sid in merge:
-        _verify_whole(folder, man, sid)
+    counts = dict(man.segments)
+    for sid in merge:  # compaction seals what it copies with new checksums: damage is refused first, never sealed
+        damage = segment_damage(folder, man, sid, counts[sid], full=True).damaged
+        if damage:
+            raise Damaged(damage[0])
     work = folder.work / f"compact-{time.time_ns()}"
     try:
         return _rewrite(folder, man, merge, spec, work)
@@ -166,14 +158,63 @@ def _rewrite(folder: IndexFolder, man: IndexManifest, merge: list[str], spec: Se
 
 @dataclass(frozen=True)
 class CheckReport:
-    """What :func:`check_index` found: the live generation, its live products, bytes read, and every damaged
-    file (one line each)."""
+    """What :func:`check_index` found: the live generation (a segment id, for :func:`segment_damage`), its live
+    products, bytes read, and every damaged file (one line each)."""
 
     generation: str
     products: int
     bytes_read: int
     damaged: tuple[str, ...]
     unverified: tuple[str, ...] = ()  # what was written before checksums were kept (present, not provably whole)
+
+
+def segment_damage(folder: IndexFolder, man: IndexManifest, sid: str, count: int, full: bool) -> CheckReport:
+    """What :func:`check_index` finds in one segment of ``man`` (``count`` rows) and its state files: the damaged
+    files, those not verifiable, bytes read and the live products (0 when damaged)."""
+    path = folder.segment(sid)
+    damaged: list[str] = []
+    read = 0
+
+    def check(f: Path, expected: list | None, whole: bool) -> bool:
+        nonlocal read
+        try:
+            verify(f, expected, full=whole)
+            read += f.stat().st_size if whole else 0
+            return True
+        except Damaged as e:
+            damaged.append(str(e))
+            return False
+
+    def report(live: int = 0, unverified: tuple = ()) -> CheckReport:
+        return CheckReport(sid, live, read, tuple(damaged), unverified)
+
+    if not check(path / "segment.json", man.checksums.get(meta_file(sid)), True):
+        return report()
+    try:
+        meta = read_json(path / "segment.json")
+    except Damaged as e:
+        damaged.append(str(e))
+        return report()
+    files = meta.get("files") or {}
+    unverified = () if files and meta_file(sid) in man.checksums else (
+        f"segment {sid}: written before checksums were kept (the next change records those of segment.json; a "
+        "rebuild or compaction records all)",)
+    ok = all([check(path / rel, files[rel], full or files[rel][0] <= OPEN_VERIFY_MAX) for rel in files])
+    if meta.get("count") != count:
+        damaged.append(f"{path / 'segment.json'}: counts {meta.get('count')} products, the manifest {count}")
+    entry = man.segment_state.get(sid) or {}
+    for k in ("removed", "relabels"):
+        if entry.get(k):
+            ok &= check(folder.path / entry[k], man.checksums.get(entry[k]), True)
+    if not ok or damaged:
+        return report(unverified=unverified)
+    try:  # the files agree with each other (counts of arrays, id maps, labels and the index)
+        load_segment(folder, sid, mmap=True)
+        live = count - len(load_state(folder, entry, man.checksums, count).removed)
+    except UserError as e:
+        damaged.append(str(e))
+        return report(unverified=unverified)
+    return report(live, unverified)
 
 
 def check_index(index_dir: str | Path, full: bool = True) -> CheckReport:
@@ -186,44 +227,13 @@ def check_index(index_dir: str | Path, full: bool = True) -> CheckReport:
     damaged: list[str] = []
     unverified: list[str] = []
     read = 0
-
-    def check(path: Path, expected: list | None, whole: bool = full) -> bool:
-        nonlocal read
-        try:
-            verify(path, expected, full=whole)
-            read += path.stat().st_size if whole else 0
-            return True
-        except Damaged as e:
-            damaged.append(str(e))
-            return False
-
     live = 0
     for sid, count in man.segments:
-        path = folder.segment(sid)
-        if not check(path / "segment.json", man.checksums.get(meta_file(sid)), True):
-            continue
-        try:
-            meta = read_json(path / "segment.json")
-        except Damaged as e:
-            damaged.append(str(e))
-            continue
-        files = meta.get("files") or {}
-        if not files or meta_file(sid) not in man.checksums:
-            unverified.append(f"segment {sid}: written before checksums were kept (the next change records "
-                              "those of segment.json; a rebuild or compaction records all)")
-        ok = all([check(path / rel, files[rel], full or files[rel][0] <= (64 << 20)) for rel in files])
-        if meta.get("count") != count:
-            damaged.append(f"{path / 'segment.json'}: counts {meta.get('count')} products, the manifest {count}")
-        entry = man.segment_state.get(sid) or {}
-        for k in ("removed", "relabels"):
-            if entry.get(k):
-                ok &= check(folder.path / entry[k], man.checksums.get(entry[k]), True)
-        if ok:
-            try:
-                live += len(load_segment(folder, sid, mmap=True, meta_record=None)
-                            .with_state(load_state(folder, entry, man.checksums, count)).live_mask().nonzero()[0])
-            except UserError as e:
-                damaged.append(str(e))
+        seg = segment_damage(folder, man, sid, count, full)
+        damaged += seg.damaged
+        unverified += seg.unverified
+        read += seg.bytes_read
+        live += seg.products
     for src in man.sources:
         if not folder.resolve(src.path, man.origin).exists():
             damaged.append(f"{src.path}: source file of {gen.name} is missing (its pictures cannot be shown)")
