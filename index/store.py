@@ -233,21 +233,27 @@ class VectorIndex:
 
     def tune(self, queries: np.ndarray, truth: np.ndarray, target: float = 0.95) -> float:
         """Smallest IVF ``nprobe`` (or HNSW ``efSearch``) whose recall@k against exact ``truth [Q, k]``
-        (positions) reaches ``target``. A coded index with ``refine`` tries its codes alone first and re-ranks
-        only where they fall short. Returns the recall reached."""
+        (positions) reaches ``target`` (see :meth:`tune_to`). Returns the recall reached."""
+        k = truth.shape[1]
+        return self.tune_to(lambda: recall_at_k(self.search(queries, k)[1], truth, k), target, k=k)
+
+    def tune_to(self, recall_now: Callable[[], float], target: float, limit: int = 1 << 15, k: int = 1) -> float:
+        """The one recall tuner: the smallest search depth (IVF ``nprobe`` up to ``limit`` lists, or HNSW
+        ``efSearch``, at least ``k``) at which ``recall_now()`` (a measure of the current search against exact
+        answers) reaches ``target``. A coded index with ``refine`` tries its codes alone first (up to
+        :data:`CODES_ALONE_NPROBE` lists) and re-ranks only where they fall short. Returns the recall reached."""
         if self.ivf is None and self.hnsw is None:
             return 1.0
         if self.coded and self.refine is not None:
             self.rerank = False
-            recall = self._tune(queries, truth, target, CODES_ALONE_NPROBE)
+            recall = self._deepen(recall_now, target, min(limit, CODES_ALONE_NPROBE), k)
             if recall >= target:
                 return recall
             self.rerank, self.nprobe = True, None
             self._apply()
-        return self._tune(queries, truth, target)
+        return self._deepen(recall_now, target, limit, k)
 
-    def _tune(self, queries: np.ndarray, truth: np.ndarray, target: float, limit: int = 1 << 15) -> float:
-        k = truth.shape[1]
+    def _deepen(self, recall_now: Callable[[], float], target: float, limit: int, k: int) -> float:
         recall = 0.0
         for v in SEARCH_DEPTHS:
             if self.ivf is not None:
@@ -257,12 +263,12 @@ class VectorIndex:
             else:
                 self.ef_search = max(k, v)
             self._apply()
-            recall = recall_at_k(self.search(queries, k)[1], truth, k)
+            recall = recall_now()
             if recall >= target:
                 break
-        log.info("tuned %s%s: nprobe=%s efSearch=%s recall@%d=%.3f", self.factory,
+        log.info("tuned %s%s: nprobe=%s efSearch=%s recall=%.3f", self.factory,
                  " (re-ranked)" if self.coded and self.rerank and self.refine else "", self.nprobe, self.ef_search,
-                 k, recall)
+                 recall)
         return recall
 
     def save(self, folder: str | Path) -> None:

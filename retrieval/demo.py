@@ -1,7 +1,6 @@
 """The demo: the whole system on generated data (make-data, train, build-index, evaluate, predict, similar)."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -9,6 +8,7 @@ from pathlib import Path
 
 from .data.offsets import load_offsets
 from .data.synth import SynthConfig, make_data
+from .durable import write_json
 from .errors import UserError
 from .infer.evaluate import evaluate
 from .infer.indexdir.build import IndexSettings, build_index
@@ -83,7 +83,7 @@ def run_demo(workdir: str | Path, cfg: DemoConfig = DemoConfig()) -> dict:
                       "submission": str(sub), "contact_sheet": str(sheet), "summary": str(work / "summary.json")},
         "products": cfg.products, "categories": cfg.categories,
     }
-    (work / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_json(work / "summary.json", summary, indent=1)
     return summary
 
 

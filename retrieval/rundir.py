@@ -1,12 +1,12 @@
 """The run folder and every file in it, owned in one place (train writes it; serve reads it)."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .durable import read_json, write_atomic, write_json
 from .errors import UserError
 
 
@@ -76,13 +76,21 @@ class RunDir:
         return self.model_file
 
     def read_config(self) -> dict:
-        if not self.config_file.exists():
-            raise FileNotFoundError(f"{self.config_file}: no run config (not a run folder?)")
-        return json.loads(self.config_file.read_text())
+        """``run_config.json`` (one line naming it when missing, damaged or foreign)."""
+        return read_json(self.config_file, "run config", "not a run folder, or a damaged one: train again into a "
+                         "new --out")
+
+    def train_config(self):  # -> TrainConfig (train.config imports this module)
+        """The run's training settings, checked (unknown keys refused naming the file)."""
+        from .train.config import TrainConfig
+        cfg = self.read_config()
+        if "train" not in cfg:
+            raise UserError(f"{self.config_file}: damaged run config (no training settings)")
+        return TrainConfig.from_dict(cfg["train"], self.config_file)
 
     def write_config(self, config: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        self.config_file.write_text(json.dumps(config, indent=1))
+        write_json(self.config_file, config, indent=1)
 
     def read_split(self) -> Split | None:
         if not self.split_file.exists():
@@ -92,8 +100,9 @@ class RunDir:
 
     def write_split(self, split: Split, product_ids: np.ndarray) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        np.savez(self.split_file, train_rows=split.train_rows, val_rows=split.val_rows, fingerprint=split.fingerprint,
-                 train_ids=product_ids[split.train_rows], val_ids=product_ids[split.val_rows])
+        write_atomic(self.split_file, lambda f: np.savez(
+            f, train_rows=split.train_rows, val_rows=split.val_rows, fingerprint=split.fingerprint,
+            train_ids=product_ids[split.train_rows], val_ids=product_ids[split.val_rows]))
 
     def split(self) -> Split:
         s = self.read_split()
@@ -106,21 +115,18 @@ class RunDir:
         propagation settings, or None before any evaluate."""
         if not self.calibration_file.exists():
             return None
-        try:
-            return json.loads(self.calibration_file.read_text())
-        except ValueError:
-            raise UserError(f"{self.calibration_file}: unreadable calibration; delete it or rerun evaluate") from None
+        return read_json(self.calibration_file, "calibration", "delete it or rerun evaluate")
 
     def write_calibration(self, calibration: dict) -> None:
-        self.calibration_file.write_text(json.dumps(calibration))
+        write_json(self.calibration_file, calibration)
 
     def read_frozen_baseline(self) -> dict | None:
         """Validation accuracy of the frozen backbone (kNN, linear probe) that ``train`` measures before
         fine-tuning (with or without LP-FT), or None."""
         if not self.frozen_baseline_file.exists():
             return None
-        return json.loads(self.frozen_baseline_file.read_text())
+        return read_json(self.frozen_baseline_file, "frozen baseline", "delete it (train measures it again)")
 
     def write_frozen_baseline(self, baseline: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        self.frozen_baseline_file.write_text(json.dumps(baseline))
+        write_json(self.frozen_baseline_file, baseline)

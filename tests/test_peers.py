@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from index import vote as vote_module
 from retrieval.data.offsets import RecordReader, load_offsets
 from retrieval.infer.indexdir.bundle import open_index
 from retrieval.infer.pipeline.embed import LoaderSettings, embed_products
 from retrieval.infer.predict import predict, read_submission
-from retrieval.infer.scoring import graph as graph_module
-from retrieval.infer.scoring import peers as peers_module
 from retrieval.infer.scoring.fused import FusionOverrides
 from retrieval.infer.scoring.peers import PeerSettings, calibrate_peers, load_peers, peer_graph, propagate, top_classes
 
@@ -71,7 +70,7 @@ def test_sparse_propagation_equals_dense_label_propagation(mu, k, tau, tmp_path)
     assert np.allclose(dense[5], base[5] / base[5].sum(), atol=1e-6)  # no image: no peers, unchanged
     assert (np.diff(got_p, axis=1) <= 1e-7).all()  # best first
     with pytest.MonkeyPatch.context() as m:  # in blocks of 7 rows (the whole file's arrays never at once)
-        m.setattr(peers_module, "ROWS_PER_BLOCK", 7)
+        m.setattr(vote_module, "CHUNK_ROWS", 7)
         small_c, small_p = propagate(classes, base.astype(np.float32), peer_graph([emb], has, k), s)
     assert np.array_equal(small_c, got_c) and np.allclose(small_p, got_p, atol=1e-7)
     # as predict runs it: the graph's links only, the first stage read from memory-mapped files (int16 classes)
@@ -79,8 +78,7 @@ def test_sparse_propagation_equals_dense_label_propagation(mu, k, tau, tmp_path)
     np.save(tmp_path / "c.npy", first_c.astype(np.int16))
     np.save(tmp_path / "p.npy", first_p.astype(np.float32))
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(peers_module, "ROWS_PER_BLOCK", 7)
-        m.setattr(graph_module, "ROWS_PER_BLOCK", 7)
+        m.setattr(vote_module, "CHUNK_ROWS", 7)
         links = peer_graph([emb], has, k).links(tau, k)
         lean_c, lean_p = propagate(np.load(tmp_path / "c.npy", mmap_mode="r"),
                                    np.load(tmp_path / "p.npy", mmap_mode="r"), links, s)

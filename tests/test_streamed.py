@@ -7,14 +7,15 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from conftest import assert_same_calibration
 
 from retrieval.infer.evaluate import evaluate
 from retrieval.infer.pipeline.embed import LoaderSettings
 from retrieval.infer.scoring.candidates import Candidates
 from retrieval.infer.scoring.fused import FusedClassifier
 from retrieval.infer.scoring.peers import first_stage, peer_graph, top_classes
-from retrieval.infer.scoring.streamed import calibration_rows, gather, score_parts
-from tests.conftest import assert_same_calibration
+from retrieval.infer.scoring.sample import sample_rows
+from retrieval.infer.scoring.streamed import gather, score_parts
 
 
 def _candidates(n: int, classes: int, rng: np.random.Generator) -> Candidates:
@@ -58,13 +59,14 @@ def test_gather_reads_the_sampled_rows_of_each_part():
     rng = np.random.default_rng(1)
     parts = [_candidates(n, 50, rng) for n in (7, 1, 12, 5)]
     whole = Candidates.concat(parts)
-    rows = calibration_rows(25, seed=3, cap=9)
-    assert len(rows) == 9 and np.all(np.diff(rows) > 0) and np.array_equal(calibration_rows(8, cap=9), np.arange(8))
+    rows = sample_rows(25, seed=3, cap=9)
+    assert len(rows) == 9 and np.all(np.diff(rows) > 0) and np.array_equal(sample_rows(8, cap=9), np.arange(8))
     got = gather(lambda i: parts[i], [len(p) for p in parts], rows)
     assert np.array_equal(got.labels, whole.labels[rows]) and np.array_equal(got.head[:, :5], whole.head[rows][:, :5])
 
 
-def test_evaluate_gives_the_same_metrics_whatever_the_part_size(indexes, tmp_path):
+def test_evaluate_gives_the_same_metrics_whatever_the_part_size(own_indexes, tmp_path):
+    indexes = own_indexes  # evaluate writes the fusion it fits into the run
     one = evaluate(indexes["train"], out_dir=tmp_path / "a", loader=LoaderSettings(workers=0), part_products=10_000)
     many = evaluate(indexes["train"], out_dir=tmp_path / "b", loader=LoaderSettings(workers=0), part_products=7)
     for key in ("products", "head_accuracy", "knn_accuracy", "fused_accuracy", "fused_top5_accuracy",

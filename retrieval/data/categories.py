@@ -11,6 +11,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..durable import write_json
 from ..errors import UserError
 
 CSV_HEADER = ["category_id", "category_level1", "category_level2", "category_level3"]
@@ -109,7 +110,7 @@ class CategoryTable:
         return cls.from_rows([(int(i), *n) for i, n in zip(d["ids"], d["names"], strict=True)])
 
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps(self.to_dict()))
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CategoryTable":

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..durable import write_atomic, write_json
 from .bsonio import (
     _INT32,
     _MAX_DOC,
@@ -174,10 +175,8 @@ def load_offsets(path: str | os.PathLike, cache_dir: str | os.PathLike | None = 
     table = scan_offsets(p, progress=progress)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npy")
-        np.save(tmp, table)
-        os.replace(tmp, cache)
-        meta.write_text(json.dumps(fp))
+        write_atomic(cache, lambda f: np.save(f, table))
+        write_json(meta, fp)
     except OSError as e:
         log.warning("could not cache offsets for %s (%s); pass a writable cache_dir", p, e)
     return table

@@ -6,7 +6,6 @@ so the whole validation split can be scored at 5,270 classes.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shutil
 from dataclasses import fields
@@ -16,6 +15,7 @@ import numpy as np
 
 from ..data.images import DecodeStats
 from ..data.offsets import RecordReader, file_fingerprint, load_offsets
+from ..durable import write_json
 from ..errors import UserError
 from ..model.runtime import is_first_rank
 from .indexdir.bundle import IndexBundle, check_source, open_index
@@ -27,7 +27,8 @@ from .scoring.calibrate import KS, calibrate
 from .scoring.candidates import HEAD_TOP, PROTO_TOP, Candidates, candidates_for
 from .scoring.fused import FusedClassifier
 from .scoring.peers import PEER_KS, PeerSettings, choose_peers, peer_graph, propagate
-from .scoring.streamed import calibration_rows, gather, score_parts
+from .scoring.sample import sample_rows
+from .scoring.streamed import gather, score_parts
 
 log = logging.getLogger(__name__)
 GROUP = 4096  # products searched and reduced together (never a whole part's [P, C] head probabilities at once)
@@ -123,7 +124,7 @@ def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir:
              part_products: int = 16_384, runtime: str | None = None) -> dict | None:
     """Score the run's validation split (or a labelled file); write metrics.json, plots and calibration.json.
     Streamed: parts are scored one at a time and the fusion is calibrated on a random sample of at most
-    :data:`CALIBRATE_MAX` products, so memory holds a few numbers per product at any size.
+    :data:`~.scoring.sample.SAMPLE_CAP` products, so memory holds a few numbers per product at any size.
     With ``loader.where`` over several devices/nodes, rank 0 scores and returns the metrics, other ranks None."""
     if part_products < 1 or (max_products is not None and max_products < 1):
         raise UserError("part size and max products must be at least 1")
@@ -145,7 +146,7 @@ def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir:
     head_pred = np.where(has_image, np.concatenate([g["head_pred"] for g in small]), fallback)
     img_ok = np.concatenate([g["img_ok"] for g in small])
     del small
-    sample = calibration_rows(len(y), seed)
+    sample = sample_rows(len(y), seed)
     counts = np.bincount(bundle.vectors.labels[bundle.vectors.labels >= 0], minlength=len(cats))[y]
     cal = calibrate(gather(lambda p: _read_candidates(store, p), sizes, sample), y[sample], fallback, seed)
     clf, grid = cal.classifier, cal.grid
@@ -185,7 +186,7 @@ def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir:
         "mirror": bundle.manifest.mirror, "decode": stats.summary(), "grid": grid}
     bundle.run.write_calibration({**clf.params(), "peers": peers.params(), "val_fused_accuracy": fused_acc})
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    write_json(out / "metrics.json", metrics, indent=1)
     metrics["plots"] = evaluation_plots(metrics, out)
     log.info("head %.4f, kNN %.4f, fused %.4f (%s rule, k=%s, tau=%s; peer weight %s, %.4f without peers)",
              metrics["head_accuracy"], metrics["knn_accuracy"], fused_acc, clf.rule, clf.k, clf.tau, peers.mu,

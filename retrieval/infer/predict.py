@@ -13,6 +13,7 @@ from typing import Iterator
 import numpy as np
 
 from ..data.offsets import RecordReader, file_fingerprint, load_offsets
+from ..durable import aside, place
 from ..errors import UserError
 from ..model.runtime import is_first_rank, release_heap
 from .indexdir.bundle import IndexBundle, open_index
@@ -194,7 +195,7 @@ def _first_stage_on_disk(store: PartStore, sizes: list[int], keep: int, n_classe
 
 def _assemble(decided: Iterator[tuple[np.ndarray, np.ndarray]], product_ids: np.ndarray, ids_of: np.ndarray,
               out_csv: Path, top: int, scores_out: str | Path | None) -> int:
-    tmp = out_csv.with_name(out_csv.name + ".tmp")
+    tmp = aside(out_csv)
     n = 0
     with open(tmp, "w", newline="") as f:
         f.write("_id,category_id\n")
@@ -209,7 +210,7 @@ def _assemble(decided: Iterator[tuple[np.ndarray, np.ndarray]], product_ids: np.
             n += len(classes)
         if sf:
             sf.close()
-    tmp.replace(out_csv)
+    place(tmp, out_csv)
     return n
 
 

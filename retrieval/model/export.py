@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..data.categories import CategoryTable
+from ..durable import write_atomic
 from ..errors import UserError
 from .config import ModelConfig
 from .network import EmbeddingNet
@@ -39,10 +39,7 @@ def save_model_file(path: str | Path, net: EmbeddingNet, categories: CategoryTab
     payload = {"format": FORMAT, "version": VERSION, "model_config": net.cfg.to_dict(),
                "categories": categories.to_dict(), "info": dict(info or {}),
                "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, lambda f: torch.save(payload, f))
 
 
 def net_from_state(model_config: dict, state: dict[str, torch.Tensor]) -> EmbeddingNet:

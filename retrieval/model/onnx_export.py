@@ -7,7 +7,6 @@ axis, the normalisation inside, and returns ``(emb [B, D] unit-norm, logits [B, 
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..durable import aside, place
 from ..errors import UserError
 from .network import EmbeddingNet
 
@@ -72,13 +72,13 @@ def export_fp32(net: EmbeddingNet, path: str | Path, exporters: tuple[str, ...] 
     example = torch.randint(0, 256, (2, 3, s, s)).float()
     errors = []
     for exporter in exporters:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = aside(path)
         try:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter says it is legacy
                 _export_with(graph, example, tmp, exporter)
             onnx.checker.check_model(str(tmp))
-            os.replace(tmp, path)
+            place(tmp, path)
             log.info("exported %s with the %s exporter (opset %s)", path, exporter,
                      onnx.load(str(path), load_external_data=False).opset_import[0].version)
             return exporter
@@ -201,7 +201,7 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, pictures: torch.T
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=list(QUANTISED),
                         nodes_to_exclude=fp32_nodes(pre))
-        os.replace(tmp, out_path)
+        place(tmp, out_path)
     log.info("int8 model written to %s (calibrated on %d pictures)", out_path, len(pictures))
 
 

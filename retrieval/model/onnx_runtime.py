@@ -11,12 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..durable import write_json
 from ..errors import UserError
 from . import onnx_export as ox
 from .export import LoadedModel
@@ -108,9 +108,7 @@ def _fresh(path: Path, model_sha256: str) -> dict | None:
 def _write_record(path: Path, record: dict) -> dict:
     record = {**record, "sha256": _file_sha256(path)}
     side = path.with_name(path.name + ".json")
-    tmp = side.with_name(f".{side.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, side)
+    write_json(side, record, indent=1)
     return record
 
 

@@ -5,6 +5,7 @@ Importable without torch or Lightning (the CLI builds its choices from :data:`ME
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 
 from ..errors import UserError
 from ..model.config import ModelConfig
@@ -160,8 +161,18 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict, source: str | Path = "a run config") -> "TrainConfig":
+        """The config saved by :meth:`to_dict`; a key no part knows (a foreign or damaged file) is refused in one
+        line naming ``source`` and the keys."""
         kinds = {"model": ModelSettings, "data": DataSettings, "loss": LossSettings, "schedule": ScheduleSettings}
+        if not isinstance(d, dict) or not all(isinstance(d.get(k, {}), dict) for k in kinds):
+            raise UserError(f"{source}: damaged training settings (not an object of {', '.join(kinds)})")
         if "colour_jitter" in d.get("data", {}):  # a run saved before the augmentation was named colour_aug
             d = {**d, "data": {("colour_aug" if k == "colour_jitter" else k): v for k, v in d["data"].items()}}
+        known = {f.name for f in fields(cls)}
+        unknown = [k for k in d if k not in known] + [f"{p}.{k}" for p, kind in kinds.items()
+                                                      for k in d.get(p, {}) if k not in {f.name for f in fields(kind)}]
+        if unknown:
+            raise UserError(f"{source}: unknown training setting(s) {', '.join(unknown)} (a run config of another "
+                            "version, or edited by hand?)")
         return cls(**{k: (kinds[k](**v) if k in kinds else v) for k, v in d.items()})

@@ -49,7 +49,7 @@ def resolve_config(run_dir: str | Path, resume: bool, **given) -> TrainConfig:
     if not resume:
         return TrainConfig.build(**given)
     run = RunDir(Path(run_dir))
-    saved = TrainConfig.from_dict(run.read_config()["train"])
+    saved = run.train_config()
     flat = {k: v for part in TrainConfig.PARTS for k, v in getattr(saved, part).__dict__.items()}
     flat.update({k: getattr(saved, k) for k in ("devices", "num_nodes", "accelerator", "precision")})
     changed = {k: (flat[k], v) for k, v in given.items() if k not in RESUMABLE and k in flat and flat[k] != v}
@@ -93,7 +93,7 @@ def train(train_path: str | Path, run_dir: str | Path, cfg: TrainConfig, categor
         if not run.last_checkpoint.exists():
             raise FileNotFoundError(f"{run.last_checkpoint}: nothing to resume from")
         saved = run.read_config()
-        if TrainConfig.from_dict(saved["train"]).model != m:
+        if run.train_config().model != m:
             raise UserError(f"{run.path}: cannot resume with other model settings than the run was started with")
         categories_csv = saved["categories_csv"]
     elif run.last_checkpoint.exists():

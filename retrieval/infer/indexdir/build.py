@@ -16,6 +16,7 @@ from index import DuplicateTable
 
 from ...data.images import DecodeStats
 from ...data.offsets import RecordReader, file_fingerprint, load_offsets
+from ...durable import fsync_path
 from ...errors import UserError
 from ...model.export import load_model_file
 from ...model.onnx_runtime import RUNTIMES, load_runtime, runtime_fingerprint
@@ -28,7 +29,7 @@ from .builder import SegmentSpec, build_segment
 from .bundle import IndexBundle, load_index_model, open_index, refuse_runtime_on  # noqa: F401 (re-exported: tests and the CLI import them here)
 from .changes import after_commit, live_positions, with_changes
 from .compact import commit_manifest
-from .folder import IndexFolder, fsync_path
+from .folder import IndexFolder
 from .manifest import IndexManifest, Source
 
 log = logging.getLogger(__name__)

@@ -13,9 +13,10 @@ from typing import Callable, Iterable
 import numpy as np
 
 from ...data.categories import CategoryTable
+from ...durable import fsync_path, write_file
 from ...errors import UserError
 from .compact import commit_manifest, live_manifest, maybe_compact
-from .folder import IndexFolder, fsync_path, write_file
+from .folder import IndexFolder
 from .manifest import IndexManifest
 from .segments import SegmentState, load_state, locate_ids
 

@@ -13,12 +13,13 @@ import numpy as np
 from index import DuplicateTable
 from index.vote import chunked
 
+from ...durable import write_file
 from ...errors import UserError
 from .builder import SegmentSpec, build_segment
-from .folder import IndexFolder, write_file
+from .folder import IndexFolder
 from .integrity import OPEN_VERIFY_MAX, Damaged, read_json, record, verify
 from .manifest import IndexManifest
-from .segments import ARRAYS, load_segment, load_state, meta_file
+from .segments import ARRAYS, META, load_segment, load_state, meta_file, segment_meta
 
 log = logging.getLogger(__name__)
 COMPACT_SMALL = 50_000  # a segment of at most this many products is small
@@ -116,7 +117,7 @@ def _rewrite(folder: IndexFolder, man: IndexManifest, merge: list[str], spec: Se
         if not rest:
             raise UserError(f"{folder.path}: every product is removed; an index needs at least one (rebuild it)")
         states = {s: e for s, e in man.segment_state.items() if s not in merge}
-        parts = tuple(tuple(p) for s, _ in rest for p in read_json(folder.segment(s) / "segment.json")["parts"])
+        parts = tuple(tuple(p) for s, _ in rest for p in segment_meta(folder, s)["parts"])
         return commit_manifest(folder, replace(man, segments=rest, segment_state=states, parts=parts,
                                                count=sum(c for _, c in rest)))
     work.mkdir(parents=True)
@@ -145,7 +146,7 @@ def _rewrite(folder: IndexFolder, man: IndexManifest, merge: list[str], spec: Se
     sid, factory, recall = build_segment(folder, dim, spec, labels, arrays, table, parts, [emb_file])
     rest = tuple(e for e in man.segments if e[0] not in merge) + ((sid, n),)
     states = {s: e for s, e in man.segment_state.items() if s not in merge}
-    kept_parts = tuple(tuple(p) for s, _ in rest[:-1] for p in read_json(folder.segment(s) / "segment.json")["parts"])
+    kept_parts = tuple(tuple(p) for s, _ in rest[:-1] for p in segment_meta(folder, s)["parts"])
     largest = max(rest, key=lambda e: e[1])[0] == sid  # the manifest reports the largest segment's index
     name = commit_manifest(folder, replace(man, segments=rest, segment_state=states, count=sum(c for _, c in rest),
                                            parts=kept_parts + tuple(parts),
@@ -188,10 +189,10 @@ def segment_damage(folder: IndexFolder, man: IndexManifest, sid: str, count: int
     def report(live: int = 0, unverified: tuple = ()) -> CheckReport:
         return CheckReport(sid, live, read, tuple(damaged), unverified)
 
-    if not check(path / "segment.json", man.checksums.get(meta_file(sid)), True):
+    if not check(path / META, man.checksums.get(meta_file(sid)), True):
         return report()
     try:
-        meta = read_json(path / "segment.json")
+        meta = read_json(path / META)
     except Damaged as e:
         damaged.append(str(e))
         return report()

@@ -1,5 +1,5 @@
 """IndexFolder: the owner of every file in an index folder (segments, generations, atomic commit, garbage, the
-writer lock, and the crash points tests drive through ``CDISCOUNT_CRASH_AT``)."""
+writer lock); its writes go through :mod:`retrieval.durable`."""
 from __future__ import annotations
 
 import errno
@@ -13,55 +13,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
+from ...durable import fsync_path, fsync_tree, rename, write_file
 from ...errors import UserError
 from .integrity import json_digest
 
 log = logging.getLogger(__name__)
-CRASH_ENV = "CDISCOUNT_CRASH_AT"  # "write:N", "fsync:N" or "rename:N": os._exit(77) at the N-th such step
-CRASH_CODE = 77
 UPLOAD_GRACE_S = 600  # an unreferenced upload younger than this may still be on its way into an add
-_counts: dict[str, int] = {}
-
-
-def crash_point(kind: str) -> None:
-    """Count one ``kind`` step (write, fsync, rename) of this process; exit at once (no cleanup, as a kill -9)
-    when ``CDISCOUNT_CRASH_AT`` names this step. A no-op when the variable is unset."""
-    spec = os.environ.get(CRASH_ENV)
-    if not spec or not spec.startswith(kind + ":"):
-        return
-    _counts[spec] = _counts.get(spec, 0) + 1
-    if _counts[spec] == int(spec.split(":", 1)[1]):
-        os._exit(CRASH_CODE)
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (one crash point)."""
-    crash_point("fsync")
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(path)`` (one crash point, before it)."""
-    crash_point("write")
-    write(Path(path))
-
-
-def rename(src: Path, dst: Path) -> None:
-    """``os.replace`` (one crash point, before it)."""
-    crash_point("rename")
-    os.replace(src, dst)
-
-
-def fsync_tree(root: Path) -> None:
-    """fsync every file and folder under ``root``, then ``root`` itself."""
-    for here, _dirs, files in os.walk(root, topdown=False):
-        for f in files:
-            fsync_path(Path(here) / f)
-        fsync_path(Path(here))
 
 
 class WriterBusy(UserError):

@@ -37,11 +37,12 @@ def record(path: Path) -> list:
     return [Path(path).stat().st_size, file_digest(path)]
 
 
-def record_tree(root: Path) -> dict[str, list]:
-    """``{relative path: [size, digest]}`` of every file under ``root`` (``segment.json`` itself excluded)."""
+def record_tree(root: Path, leave_out: str) -> dict[str, list]:
+    """``{relative path: [size, digest]}`` of every file under ``root`` but the one named ``leave_out`` (the
+    record itself)."""
     root = Path(root)
     return {str(p.relative_to(root)): record(p) for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != "segment.json"}
+            if p.is_file() and p.name != leave_out}
 
 
 def verify(path: Path, expected: list | None, full: bool = True, what: str = "") -> None:

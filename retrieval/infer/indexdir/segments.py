@@ -25,10 +25,14 @@ import numpy as np
 
 from index import DuplicateTable, VectorIndex, class_sums, mapped_rows
 
-from .folder import IndexFolder, write_file
+from ...durable import write_file
+from .folder import IndexFolder
 from .integrity import Damaged, read_json, record_tree, verify, verify_small
 
 ARRAYS = ("product_ids", "category_ids", "offsets", "lengths", "sources")
+META = "segment.json"  # the segment's record (factory, recall, parts, its files' checksums); this module
+ID_SORTED, ID_ORDER = "id_sorted.npy", "id_order.npy"  # owns every file name in a segment
+DUPLICATES, CLASS_SUMS = "duplicates.npz", "class_sums.npy"
 
 
 def _emb_file(path: Path, k: int) -> Path:
@@ -45,7 +49,12 @@ def _place(src: Path, dst: Path) -> None:
 
 def meta_file(sid: str) -> str:
     """``segment.json`` of segment ``sid``, relative to the index folder (as a manifest's checksums name it)."""
-    return f"segments/{sid}/segment.json"
+    return f"segments/{sid}/{META}"
+
+
+def segment_meta(folder: IndexFolder, sid: str) -> dict:
+    """Segment ``sid``'s ``segment.json`` (a one-line :class:`Damaged` error naming it when unreadable)."""
+    return read_json(folder.segment(sid) / META)
 
 
 def write_segment(folder: IndexFolder, vectors: VectorIndex, arrays: dict[str, np.ndarray],
@@ -63,9 +72,9 @@ def write_segment(folder: IndexFolder, vectors: VectorIndex, arrays: dict[str, n
             write_file(tmp / f"{k}.npy", lambda p, k=k: np.save(p, arrays[k]))
         ids = np.asarray(arrays["product_ids"], np.int64)
         order = np.argsort(ids, kind="stable")
-        write_file(tmp / "id_sorted.npy", lambda p: np.save(p, ids[order]))
-        write_file(tmp / "id_order.npy", lambda p: np.save(p, order.astype(np.int64)))
-        write_file(tmp / "duplicates.npz", duplicates.save)
+        write_file(tmp / ID_SORTED, lambda p: np.save(p, ids[order]))
+        write_file(tmp / ID_ORDER, lambda p: np.save(p, order.astype(np.int64)))
+        write_file(tmp / DUPLICATES, duplicates.save)
         (tmp / "emb").mkdir()
         for k, emb in enumerate(embeddings):
             if isinstance(emb, Path):
@@ -73,10 +82,10 @@ def write_segment(folder: IndexFolder, vectors: VectorIndex, arrays: dict[str, n
             else:
                 write_file(_emb_file(tmp, k), lambda p, emb=emb: np.save(p, np.asarray(emb, np.float32)))
         sums = class_sums((np.load(_emb_file(tmp, k), mmap_mode="r") for k in range(len(embeddings))), vectors.labels)
-        write_file(tmp / "class_sums.npy", lambda p: np.save(p, sums))
+        write_file(tmp / CLASS_SUMS, lambda p: np.save(p, sums))
         meta = {"count": n, "parts": [list(p) for p in parts], "factory": vectors.factory,
-                "tuned_recall_at_10": round(float(recall), 4), "files": record_tree(tmp)}
-        write_file(tmp / "segment.json", lambda p: p.write_text(json.dumps(meta)))
+                "tuned_recall_at_10": round(float(recall), 4), "files": record_tree(tmp, META)}
+        write_file(tmp / META, lambda p: p.write_text(json.dumps(meta)))
         folder.seal(tmp, sid)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -147,7 +156,7 @@ class Segment:
         """Sum ``[C, D]`` of the live embeddings per class (labels >= 0): the sums written with the segment, less
         removed rows, relabelled rows moved to their new class (only the changed rows are read)."""
         base = self.base or self
-        f = base.path / "class_sums.npy"
+        f = base.path / CLASS_SUMS
         sums = np.load(f) if f.exists() else class_sums((base.embeddings(k) for k in range(len(base.parts))),
                                                         base.vectors.labels)
         if self.base is None:
@@ -207,15 +216,15 @@ def load_segment(folder: IndexFolder, sid: str, mmap: bool = False, meta_record:
     whole against the checksum it records; memory-mapped files by size (``check`` reads every byte)."""
     path = folder.segment(sid)
     what = f"{folder.path}: segment {sid}: "
-    if not (path / "segment.json").exists():
+    if not (path / META).exists():
         raise Damaged(f"{path / 'segment.json'} is missing (segment {sid}, listed by the live generation); restore "
                       "it or rebuild the index")
-    verify(path / "segment.json", meta_record, what=what)
-    meta = read_json(path / "segment.json", what)
+    verify(path / META, meta_record, what=what)
+    meta = read_json(path / META, what)
     files = meta.get("files")
     for rel in (files or {}):
         big_mapped = rel.startswith("emb/") or (mmap and (rel.endswith("index.faiss") or rel.split("/")[0] in
-                                                          {f"{k}.npy" for k in (*ARRAYS, "id_sorted", "id_order")}))
+                                                          {*(f"{k}.npy" for k in ARRAYS), ID_SORTED, ID_ORDER}))
         expected = files[rel]
         if big_mapped:
             verify(path / rel, expected, full=False, what=what)
@@ -227,9 +236,9 @@ def load_segment(folder: IndexFolder, sid: str, mmap: bool = False, meta_record:
         vi = VectorIndex.load(path / "faiss", mmap=mmap)
         mode = "r" if mmap else None  # mapped: pages are read when touched, and stay page cache the kernel can drop
         arrays = {k: np.load(path / f"{k}.npy", mmap_mode=mode) for k in ARRAYS}
-        seg = Segment(sid, path, vi, arrays, np.load(path / "id_sorted.npy", mmap_mode=mode),
-                      np.load(path / "id_order.npy", mmap_mode=mode),
-                      DuplicateTable.load(path / "duplicates.npz"), [tuple(p) for p in meta["parts"]], meta)
+        seg = Segment(sid, path, vi, arrays, np.load(path / ID_SORTED, mmap_mode=mode),
+                      np.load(path / ID_ORDER, mmap_mode=mode),
+                      DuplicateTable.load(path / DUPLICATES), [tuple(p) for p in meta["parts"]], meta)
     except LOAD_ERRORS as e:
         raise Damaged(f"{what}its files cannot be read ({type(e).__name__}: {str(e)[:120]}); run `cli.py check` "
                       "to name the damaged file, then restore it or rebuild the index") from None
@@ -270,13 +279,13 @@ def locate_ids(folder: IndexFolder, sids: list[str], ids: np.ndarray,
     ids = np.asarray(ids, np.int64)
     seg, local = np.full(len(ids), -1, np.int64), np.full(len(ids), -1, np.int64)
     for s, sid in enumerate(sids):
-        srt = np.load(folder.segment(sid) / "id_sorted.npy", mmap_mode="r")
+        srt = np.load(folder.segment(sid) / ID_SORTED, mmap_mode="r")
         if len(srt) == 0 or len(ids) == 0:
             continue
         i = np.minimum(np.searchsorted(srt, ids), len(srt) - 1)
         hit = (np.asarray(srt[i]) == ids) & (seg < 0)
         if hit.any():
-            pos = np.asarray(np.load(folder.segment(sid) / "id_order.npy", mmap_mode="r")[i[hit]])
+            pos = np.asarray(np.load(folder.segment(sid) / ID_ORDER, mmap_mode="r")[i[hit]])
             gone = np.isin(pos, (removed or {}).get(sid, np.zeros(0, np.int64)))
             at = np.flatnonzero(hit)[~gone]
             seg[at], local[at] = s, pos[~gone]

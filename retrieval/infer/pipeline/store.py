@@ -1,16 +1,14 @@
 """PartStore: numbered (or content-keyed) part files of embedded products, written atomically, resumable."""
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
+from ...durable import fsync_path, read_json, write_atomic, write_json
 from ...errors import UserError
-from ..indexdir.folder import crash_point
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +28,7 @@ def _differences(old: dict, new: dict) -> str:
 
 class PartStore:
     """Numbered ``part_XXXXX.npz`` files written atomically (each step a crash point of
-    :func:`~..indexdir.folder.crash_point`); a run started again skips finished parts.
+    :func:`~retrieval.durable.crash_point`); a run started again skips finished parts.
 
     ``key`` (the settings the parts depend on) is saved in ``store.json``. A store made with another key
     is refused with the differing settings named, or wiped first with ``restart``.
@@ -40,7 +38,7 @@ class PartStore:
         self.folder = Path(folder)
         meta = self.folder / "store.json"
         if meta.exists():
-            old = json.loads(meta.read_text())
+            old = read_json(meta, "part store key", f"delete {self.folder} or choose another output")
             if old != key:
                 if not restart:
                     raise UserError(f"{self.folder} holds unfinished work made with other settings "
@@ -50,7 +48,7 @@ class PartStore:
                 shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         if not meta.exists():  # written aside and renamed: never a half-written key
-            self._atomic(meta, lambda f: f.write(json.dumps(key).encode()))
+            write_json(meta, key)
 
     def __str__(self) -> str:  # the folder, wherever a message names it (never an object's repr)
         return str(self.folder)
@@ -59,12 +57,7 @@ class PartStore:
 
     def sync(self) -> None:
         """fsync the store's folder (its part files are fsynced as they are written): every part is durable."""
-        crash_point("fsync")
-        fd = os.open(self.folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(self.folder)
 
     @staticmethod
     def part_file(folder: Path, i: int | str) -> Path:
@@ -87,20 +80,8 @@ class PartStore:
         as :meth:`embeddings_file` (memory-mappable), written before the part file that marks the part done."""
         if "emb" in arrays:
             emb = np.asarray(arrays.pop("emb"), np.float32)
-            self._atomic(self.embeddings_file(self.folder, i), lambda f: np.save(f, emb))
-        self._atomic(self.path(i), lambda f: np.savez(f, **arrays))
-
-    @staticmethod
-    def _atomic(final: Path, write) -> None:
-        tmp = final.with_name("." + final.name + ".tmp")
-        crash_point("write")
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            crash_point("fsync")
-            os.fsync(f.fileno())
-        crash_point("rename")
-        os.replace(tmp, final)
+            write_atomic(self.embeddings_file(self.folder, i), lambda f: np.save(f, emb))
+        write_atomic(self.path(i), lambda f: np.savez(f, **arrays))
 
     def read(self, i: int | str, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
         """Part ``i``'s arrays, ``emb`` included where the part has one (only ``keys``, when given: the others

@@ -11,6 +11,7 @@ import torch
 
 from .candidates import Candidates
 from .fused import BASE_FEATURES, FEATURES, TAIL_FEATURES, FusedClassifier
+from .sample import sample_rows
 
 log = logging.getLogger(__name__)
 ALPHAS = tuple(round(float(a), 2) for a in np.linspace(0, 1, 11))
@@ -23,7 +24,6 @@ GAMMAS = (0.0, 0.25, 0.5)
 TEMPERATURES = tuple(float(t) for t in np.geomspace(0.25, 8.0, 31))
 FOLDS = 5
 BLOCK = 2048  # products per scoring block of the grid
-MAX_FIT = 50_000  # products the learnt fusion is fitted on (a random sample beyond that)
 
 
 def fit_temperature(c: Candidates, y: np.ndarray) -> float:
@@ -52,8 +52,7 @@ def fit_weights(clf: FusedClassifier, c: Candidates, y: np.ndarray, l2: float = 
     product's candidates (L-BFGS, L2 penalty ``l2``), starting from ``clf``'s own weights; only the first
     ``use`` features are fitted, the others weigh 0."""
     keep = np.flatnonzero(((c.classes == y[:, None]) & (c.classes >= 0)).any(1) & c.has_image)
-    if len(keep) > MAX_FIT:
-        keep = np.sort(np.random.default_rng(seed).choice(keep, MAX_FIT, replace=False))
+    keep = keep[sample_rows(len(keep), seed)]
     sub = c.rows(keep) if len(keep) else None
     unused = (0.0,) * (len(FEATURES) - use)
     if sub is None:

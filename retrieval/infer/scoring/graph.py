@@ -6,12 +6,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
-from index import VectorIndex, choose_factory, exact_topk, mapped_rows, normalise_rows, take_rows, vote_weights
-from index.store import CODES_ALONE_NPROBE, REFINE_FACTOR
+from index import VectorIndex, choose_factory, exact_topk, mapped_rows, normalise_rows, take_rows, vote, vote_weights
+from index.store import REFINE_FACTOR
 
 from ...model.runtime import release_heap
 
@@ -20,7 +20,6 @@ PEER_MEMORY = 512e6  # bytes the peer graph's search index may hold (past that, 
 PEER_RECALL = 0.95  # recall of the exact peers an approximate graph search must reach on a sample
 RECALL_SAMPLE = 1000  # products the recall is measured on
 MAX_NPROBE = 512  # the widest search the tuning tries (a bound on the graph's cost)
-ROWS_PER_BLOCK = 65_536
 
 
 @dataclass
@@ -40,11 +39,12 @@ class PeerGraph:
 
     def links(self, tau: float, k: int) -> "PeerLinks":
         """What propagation needs of the graph, in half its size: the first ``k`` peers and their weights,
-        computed in blocks of :data:`ROWS_PER_BLOCK` products."""
+        computed in blocks of :data:`index.vote.CHUNK_ROWS` products."""
         n, kk = len(self.pos), min(k, self.pos.shape[1])
         w = np.empty((n, kk), np.float32)
-        for lo in range(0, n, ROWS_PER_BLOCK):
-            sl = slice(lo, lo + ROWS_PER_BLOCK)
+        step = vote.CHUNK_ROWS
+        for lo in range(0, n, step):
+            sl = slice(lo, lo + step)
             w[sl] = PeerGraph(self.pos[sl], self.sims[sl]).weights(tau, kk)
         return PeerLinks(np.maximum(self.pos[:, :kk], 0), w)
 
@@ -110,24 +110,21 @@ def peer_graph(blocks: Sequence[np.ndarray], has_image: np.ndarray, k: int, memo
         q = np.sort(np.random.default_rng(seed).choice(len(member), min(RECALL_SAMPLE, len(member)), replace=False))
         qv = take_rows(blocks, member[q])
         truth = exact_topk(qv, _members(blocks, starts, has_image), k + 1)[1]
-        index.rerank = not index.coded  # codes alone first: re-ranking only where they fall short
-        recall = _widen(index, lambda: peer_recall(search(qv, k + 1)[1], truth, q, k), target_recall,
-                        CODES_ALONE_NPROBE if index.coded else MAX_NPROBE)
-        if recall < target_recall and index.coded:
-            index.rerank = True
-            recall = _widen(index, lambda: peer_recall(search(qv, k + 1)[1], truth, q, k), target_recall, MAX_NPROBE)
+        recall = index.tune_to(lambda: peer_recall(search(qv, k + 1)[1], truth, q, k), target_recall,
+                               MAX_NPROBE, k + 1)
         if recall < target_recall:
             log.warning("peer graph: recall %.3f of the exact peers at nprobe %d (target %.2f)", recall,
                         index.nprobe, target_recall)
     kk = min(k + 1, len(member))
     for b, s in zip(blocks, starts, strict=False):
         own = has_image[s:s + len(b)]
-        for lo in range(0, len(b), ROWS_PER_BLOCK):
-            sub = own[lo:lo + ROWS_PER_BLOCK]
+        step = vote.CHUNK_ROWS
+        for lo in range(0, len(b), step):
+            sub = own[lo:lo + step]
             prods = np.flatnonzero(sub) + s + lo
             if not len(prods):
                 continue
-            sm, p = search(np.asarray(b[lo:lo + ROWS_PER_BLOCK])[sub], kk)
+            sm, p = search(np.asarray(b[lo:lo + step])[sub], kk)
             found = np.where(p >= 0, member[np.maximum(p, 0)], -1)
             drop = found == prods[:, None]
             drop[:, -1] |= ~drop.any(1)  # self not among the results (approximate index): drop the farthest
@@ -144,17 +141,6 @@ def peer_graph(blocks: Sequence[np.ndarray], has_image: np.ndarray, k: int, memo
     index = search = None  # the lambdas above hold `search` in a cell: let go of it too
     release_heap()  # the lists' buffers sit amid the C heap: freed, they stay resident until trimmed
     return PeerGraph(pos, sims, cost)
-
-
-def _widen(index: VectorIndex, recall_now: Callable[[], float], target: float, limit: int) -> float:
-    """Raise ``index``'s nprobe (8, 16, ... up to ``limit``) until ``recall_now()`` reaches ``target``."""
-    recall = 0.0
-    for nprobe in (2 ** i for i in range(3, 16)):
-        got = index.set_nprobe(min(nprobe, limit))
-        recall = recall_now()
-        if recall >= target or got >= min(index.ivf.nlist, limit):
-            break
-    return recall
 
 
 def _index_bytes(index: VectorIndex) -> int:

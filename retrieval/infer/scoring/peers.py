@@ -14,20 +14,19 @@ from typing import Sequence
 
 import numpy as np
 
-from index import normalise_rows, take_rows
+from index import normalise_rows, take_rows, vote
 
 from ...errors import UserError
 from ...rundir import RunDir
 from .candidates import Candidates, pad_columns
 from .fused import FusedClassifier
 from .graph import PeerGraph, PeerLinks, peer_graph
+from .sample import SAMPLE_CAP, sample_rows
 
 log = logging.getLogger(__name__)
 MUS = (0.0, 0.3, 0.5, 0.7, 0.9)
 PEER_KS = (5, 10)
 PEER_TAUS = (0.05, 0.1)
-MAX_CALIBRATE = 50_000  # validation products the grid is scored on (a random sample beyond that)
-ROWS_PER_BLOCK = 65_536
 __all__ = ["PeerGraph", "PeerSettings", "peer_graph", "propagate", "top_classes", "first_stage", "choose_peers",
            "calibrate_peers", "load_peers"]
 MIN_GAIN = 0.005  # validation accuracy propagation must add before it is turned on
@@ -92,7 +91,8 @@ def propagate(classes: np.ndarray, probs: np.ndarray, graph: PeerGraph | PeerLin
     :meth:`~.graph.PeerGraph.links`. The inputs are only read, block by block (memory-mapped arrays are fine:
     besides the graph, two ``[P, keep]`` distributions are held); int16 classes stay int16 (half the memory)."""
     n = len(classes)
-    blocks = [slice(lo, min(lo + ROWS_PER_BLOCK, n)) for lo in range(0, n, ROWS_PER_BLOCK)]
+    step = vote.CHUNK_ROWS
+    blocks = [slice(lo, min(lo + step, n)) for lo in range(0, n, step)]
     dtype = np.int16 if classes.dtype == np.int16 else np.int32
 
     def first(sl: slice) -> tuple[np.ndarray, np.ndarray]:  # a block's own distribution, its keep classes
@@ -160,12 +160,12 @@ def calibrate_peers(classes: np.ndarray, probs: np.ndarray, graph: PeerGraph, y:
 def choose_peers(classes: np.ndarray, probs: np.ndarray, graph: PeerGraph, blocks: Sequence[np.ndarray],
                  has_image: np.ndarray, y: np.ndarray, seed: int = 0) -> tuple[PeerSettings, list[dict]]:
     """:func:`calibrate_peers` over ``graph``, the peer graph of all validation products (at least
-    ``max(PEER_KS)`` peers each); beyond :data:`MAX_CALIBRATE` products, over a random sample of them and its own
+    ``max(PEER_KS)`` peers each); beyond :data:`~.sample.SAMPLE_CAP` products, over a random sample of them and its own
     graph from their embeddings (``blocks [n_i, D]`` in product order; sparser than the whole: propagation can
     only look less useful, never more)."""
-    if len(y) <= MAX_CALIBRATE:
+    if len(y) <= SAMPLE_CAP:
         return calibrate_peers(classes, probs, graph, y)
-    rows = np.sort(np.random.default_rng(seed).choice(len(y), MAX_CALIBRATE, replace=False))
+    rows = sample_rows(len(y), seed)
     sample = peer_graph([take_rows(blocks, rows)], has_image[rows], max(PEER_KS))
     return calibrate_peers(classes[rows], probs[rows], sample, y[rows])
 

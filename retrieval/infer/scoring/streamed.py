@@ -12,15 +12,6 @@ from .candidates import Candidates
 from .fused import FusedClassifier
 from .peers import first_stage, top_classes
 
-CALIBRATE_MAX = 50_000  # validation products the fusion is calibrated on (a random sample beyond that)
-
-
-def calibration_rows(n: int, seed: int = 0, cap: int = CALIBRATE_MAX) -> np.ndarray:
-    """Sorted positions ``[min(n, cap)]`` of the products calibrated on: all of them up to ``cap``."""
-    if n <= cap:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, cap, replace=False))
-
 
 def gather(read_part: Callable[[int], Candidates], sizes: Sequence[int], rows: np.ndarray) -> Candidates:
     """The candidates of products at positions ``rows`` (sorted) of the parts read one at a time
