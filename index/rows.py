@@ -99,7 +99,8 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
 
 def drop_removed(sims: np.ndarray, pos: np.ndarray, removed: np.ndarray, k: int
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The first ``k`` results per row that are not in sorted ``removed``, -1 padded; and how many each row kept."""
+    """The first ``k`` results per row that are not in sorted ``removed``, -1 padded; and how many each row kept.
+    Also the one way a query product is left out of its own results (``removed`` = its position)."""
     at = np.minimum(np.searchsorted(removed, pos), max(len(removed) - 1, 0))  # sorted: a binary search per result
     gone = (pos < 0) | ((removed[at] == pos) if len(removed) else False)
     order = np.argsort(gone, axis=1, kind="stable")[:, :k]

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from index.rows import drop_removed
+
 from ..data.datasets import picture_input
 from ..data.images import ImageDecodeError, decode_image, picture_hash
 from ..data.offsets import RecordReader
@@ -127,10 +129,11 @@ def _first_picture(bundle: IndexBundle, pos: int) -> np.ndarray | None:
         return None
 
 
-def neighbours(bundle: IndexBundle, vec: np.ndarray, k: int, category: int | None = None, offset: int = 0
-               ) -> tuple[list[Neighbour], np.ndarray]:
+def neighbours(bundle: IndexBundle, vec: np.ndarray, k: int, category: int | None = None, offset: int = 0,
+               exclude: int | None = None) -> tuple[list[Neighbour], np.ndarray]:
     """Results ``offset .. offset + k - 1`` of the search for ``vec [D]`` (within one category id, searched
-    inside the index), and their index positions."""
+    inside the index), and their index positions; ``exclude``: an index position left out (the query product's
+    own, unless it is asked for)."""
     if k < 1 or offset < 0:
         raise UserError(f"k must be at least 1 and offset at least 0, got k={k}, offset={offset}")
     cats = bundle.categories
@@ -139,12 +142,22 @@ def neighbours(bundle: IndexBundle, vec: np.ndarray, k: int, category: int | Non
         if category not in cats.ids:
             raise UserError(f"category {category} is not in the model's category table")
         allowed = [int(cats.encode([category])[0])]
-    sims, pos = bundle.vectors.search(vec[None], offset + k, allowed)
-    return neighbours_from(bundle, sims[0][offset:], pos[0][offset:])
+    sims, pos = bundle.vectors.search(vec[None], search_depth(offset, k, exclude), allowed)
+    return neighbours_from(bundle, sims[0], pos[0], offset, k, exclude)
 
 
-def neighbours_from(bundle: IndexBundle, sims: np.ndarray, pos: np.ndarray) -> tuple[list[Neighbour], np.ndarray]:
-    """Search results ``sims [K]``, ``pos [K]`` (-1 = none) as :class:`Neighbour` records, and their positions."""
+def search_depth(offset: int, k: int, exclude: int | None) -> int:
+    """How many results a page ``offset .. offset + k - 1`` needs: one more when a position is left out."""
+    return offset + k + (exclude is not None)
+
+
+def neighbours_from(bundle: IndexBundle, sims: np.ndarray, pos: np.ndarray, offset: int, k: int,
+                    exclude: int | None = None) -> tuple[list[Neighbour], np.ndarray]:
+    """Results ``offset .. offset + k - 1`` of a search's ``sims [K]``, ``pos [K]`` (-1 = none; :func:`search_depth`
+    deep) without index position ``exclude``, as :class:`Neighbour` records, and their positions."""
+    sims, pos, _ = drop_removed(sims[None], pos[None], np.array([] if exclude is None else [exclude], np.int64),
+                                offset + k)
+    sims, pos = sims[0][offset:], pos[0][offset:]
     cats = bundle.categories
     keep = pos >= 0
     id_to_class = bundle.class_of_id
@@ -211,11 +224,8 @@ def similar(index_dir: str | Path | IndexBundle, product_id: int | None = None,
     if k < 1:
         raise UserError(f"k must be at least 1, got {k}")
     vec, pics = query_vector(bundle, product_id, images)
-    drop_self = product_id is not None and not include_self
-    out, positions = neighbours(bundle, vec, k + drop_self, category)
-    if drop_self:
-        keep = [i for i, n in enumerate(out) if n.product_id != product_id][:k]
-        out, positions = [out[i] for i in keep], positions[keep]
+    own = None if product_id is None or include_self else product_position(bundle, product_id)
+    out, positions = neighbours(bundle, vec, k, category, exclude=own)
     if sheet is not None:
         contact_sheet(bundle, pics, out, positions, sheet)
     return out

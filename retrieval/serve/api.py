@@ -44,6 +44,7 @@ from ..infer.query import (
     neighbours_from,
     product_pictures,
     product_position,
+    search_depth,
 )
 from ..infer.scoring.fused import load_fusion
 from .batching import Busy, QueryBatcher, warm_up
@@ -247,19 +248,17 @@ def create_app(index_dir: str | Path, settings: ServeSettings | None = None,
         data, names = await _pictures(images)
         _check_one_query(product_id, data)
         b = state.bundle
-        depth = offset + k + 1  # one more: the query product may be among them
         pos = None if data else product_position(b, product_id)
+        own = None if include_self else pos
+        depth = search_depth(offset, k, own)
         if category is None:  # the common query: batched with others in flight (one forward, one search); the
             # handler awaits the batch thread's future, so no thread is held and the event loop never blocks
             job = batcher.submit(b, depth, pictures=data or None, names=names, position=pos)
-            found, _ = neighbours_from(b, *await asyncio.wrap_future(job))
+            found, _ = neighbours_from(b, *await asyncio.wrap_future(job), offset, k, own)
         else:  # pictures embedded on the batch thread (as every picture is), the filtered search in the pool
             vec = (await asyncio.wrap_future(batcher.embed(b, data, names)))[0] if data else None
             found = await run_in_threadpool(
-                lambda: neighbours(b, b.vector(pos) if vec is None else vec, depth, category)[0])
-        if product_id is not None and not include_self:
-            found = [n for n in found if n.product_id != product_id]
-        found = found[offset:offset + k]
+                lambda: neighbours(b, b.vector(pos) if vec is None else vec, k, category, offset, own)[0])
         more = len(found) == k and offset + k <= MAX_OFFSET
         return JSONResponse({"query": {"product_id": product_id, "images": len(data), "category": category},
                              "offset": offset, "k": k, "next_offset": offset + k if more else None,

@@ -9,6 +9,7 @@ from functools import cached_property
 import numpy as np
 
 from index import DuplicateTable, VectorIndex, duplicate_share
+from index.rows import drop_removed
 
 from ..pipeline.embed import ProductOutputs
 
@@ -161,12 +162,8 @@ def neighbour_labels(index: VectorIndex, emb: np.ndarray, k: int, has_image: np.
                      ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k ``(sims [P, k], class labels [P, k])``; missing neighbours and products without image get -1.
     ``exclude``: an index position that is no one's neighbour (a query product's own; searched one deeper)."""
-    if exclude is None:
-        sims, pos = index.search(emb, k)
-    else:
-        sims, pos = index.search(emb, k + 1)
-        order = np.argsort(pos == exclude, axis=1, kind="stable")[:, :k]  # the others, in their order
-        sims, pos = np.take_along_axis(sims, order, 1), np.take_along_axis(pos, order, 1)
+    sims, pos = index.search(emb, k + (exclude is not None))
+    sims, pos, _ = drop_removed(sims, pos, np.array([] if exclude is None else [exclude], np.int64), k)
     labels = np.where(pos >= 0, index.labels[np.maximum(pos, 0)], -1)
     labels[~has_image] = -1
     return sims, labels
