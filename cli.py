@@ -16,6 +16,7 @@ import typer
 from retrieval.data.synth_config import SynthConfig
 from retrieval.errors import UserError
 from retrieval.model.registry import list_backbones
+from retrieval.model.runtimes import check_runtime
 from retrieval.train.config import METRIC_LOSSES, PRETRAINED_RECIPE, TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -102,15 +103,12 @@ BATCH = typer.Option(256, min=1, help="images per model batch")
 DEVICES = typer.Option("1", help="devices: a count, auto, or a list like 0,1 (more than one: Lightning DDP)")
 NODES = typer.Option(1, min=1, help="machines (Lightning DDP; start the command on each with NODE_RANK set)")
 ACCELERATOR = typer.Option("auto", help="Lightning accelerator: auto, cpu, gpu")
-RUNTIMES = ("torch", "onnx", "onnx-int8")  # model.onnx_runtime.RUNTIMES, spelled here so --help imports no torch
 QUERY_RUNTIME = typer.Option(None, help="what embeds pictures: torch, onnx (ONNX Runtime fp32, CPU) or onnx-int8 "
                              "[default: the runtime that built the index]")
 
 
 def _runtime(name: str | None) -> str | None:
-    if name is not None and name not in RUNTIMES:
-        raise UserError(f"--runtime {name}: valid runtimes are {', '.join(RUNTIMES)}")
-    return name
+    return check_runtime(name, "--runtime")
 
 
 def _loader(batch_size: int, workers: int, devices: str = "1", num_nodes: int = 1, accelerator: str = "auto"):

@@ -21,13 +21,12 @@ from ..errors import UserError
 from . import onnx_export as ox
 from .export import LoadedModel
 from .network import EmbeddingNet
+from .runtimes import PRECISION, check_runtime
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("torch", "onnx", "onnx-int8")
-# What an index manifest records and a query must match: embeddings of one precision family agree within
-# FP32_MAX_ABS_DIFF (torch and onnx are interchangeable); int8 ones only to INT8_MIN_COSINE of fp32.
-PRECISION = {"torch": "fp32", "onnx": "fp32", "onnx-int8": "int8"}
+# embeddings of one precision family (runtimes.PRECISION) agree within FP32_MAX_ABS_DIFF; int8 ones only to
+# INT8_MIN_COSINE of fp32
 FP32_MAX_ABS_DIFF, INT8_MIN_COSINE = ox.FP32_MAX_ABS_DIFF, ox.INT8_MIN_COSINE
 CHECK_PICTURES, CALIBRATION_PICTURES = 64, 256
 FILES = {"onnx": "model.fp32.onnx", "onnx-int8": "model.int8.onnx"}
@@ -184,8 +183,7 @@ def load_runtime(model: LoadedModel | EmbeddingNet, runtime: str, run_dir: str |
     ``"onnx-int8"`` an :class:`OnnxTower` over ``run_dir/onnx/``'s export (made and checked on first use).
     Checks and calibration use ``calibration_pictures`` (uint8 ``[N, 3, S, S]``) when given, else the run's
     own pictures: validation ones to check, training ones to calibrate."""
-    if runtime not in RUNTIMES:
-        raise UserError(f"unknown runtime {runtime!r}; valid: {', '.join(RUNTIMES)}")
+    check_runtime(runtime)
     net = model.net if isinstance(model, LoadedModel) else model
     if runtime == "torch":
         return net

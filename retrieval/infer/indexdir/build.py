@@ -19,8 +19,9 @@ from ...data.offsets import RecordReader, file_fingerprint, load_offsets
 from ...durable import fsync_path
 from ...errors import UserError
 from ...model.export import load_model_file
-from ...model.onnx_runtime import RUNTIMES, load_runtime, runtime_fingerprint
+from ...model.onnx_runtime import load_runtime, runtime_fingerprint
 from ...model.runtime import best_device, is_first_rank
+from ...model.runtimes import check_runtime
 from ...rundir import RunDir
 from ..pipeline.embed import LoaderSettings, ProductOutputs
 from ..pipeline.parts import PartWork, numbered, run_parts
@@ -80,8 +81,7 @@ class IndexSettings:
     runtime: str = "torch"
 
     def __post_init__(self) -> None:
-        if self.runtime not in RUNTIMES:
-            raise UserError(f"unknown runtime {self.runtime!r}; valid: {', '.join(RUNTIMES)}")
+        check_runtime(self.runtime)
         if self.split not in ("train", "all"):
             raise UserError(f"split must be 'train' or 'all', got {self.split!r}")
         if self.part_products < 1:
