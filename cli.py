@@ -400,13 +400,13 @@ def predict(test_file: Path = typer.Argument(..., help="BSON file to classify"),
             runtime: Optional[str] = QUERY_RUNTIME,
             devices: str = DEVICES, num_nodes: int = NODES, accelerator: str = ACCELERATOR) -> None:
     """Predict a category for every product of TEST_FILE, in file order (resumes if interrupted)."""
-    from retrieval.infer.predict import ScoresOutput
+    from retrieval.infer.predict import PredictSettings, ScoresOutput
     from retrieval.infer.predict import predict as _predict
     from retrieval.infer.scoring.fused import FusionOverrides
+    settings = PredictSettings(part_products, restart, _runtime(runtime),
+                               ScoresOutput(scores_out, top) if scores_out else None)
     r = _predict(test_file, index, out, FusionOverrides(alpha, k, tau, beta, peer_weight, gamma),
-                 ScoresOutput(scores_out, top) if scores_out else None,
-                 _loader(batch_size, workers, devices, num_nodes, accelerator), part_products=part_products,
-                 restart=restart, runtime=_runtime(runtime))
+                 _loader(batch_size, workers, devices, num_nodes, accelerator), settings)
     if r is None:  # another rank of a distributed run: rank 0 reports
         return
     resumed = r.products - r.computed

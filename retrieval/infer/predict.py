@@ -16,6 +16,7 @@ from ..data.offsets import RecordReader, file_fingerprint, load_offsets
 from ..durable import aside, place
 from ..errors import UserError
 from ..model.runtime import is_first_rank, release_heap
+from ..model.runtimes import check_runtime
 from .indexdir.bundle import IndexBundle, open_index
 from .pipeline.embed import LoaderSettings, Timer
 from .pipeline.parts import PartWork, numbered, run_parts
@@ -66,20 +67,35 @@ class ScoresOutput:
             raise UserError(f"top must be at least 1, got {self.top}")
 
 
+@dataclass(frozen=True)
+class PredictSettings:
+    """How a prediction runs: ``part_products`` per resumable part, ``restart`` (discard parts made with other
+    settings), the ``runtime`` that embeds (default: the index's own), an optional ``scores`` output."""
+
+    part_products: int = 20_000
+    restart: bool = False
+    runtime: str | None = None
+    scores: ScoresOutput | None = None
+
+    def __post_init__(self) -> None:
+        if self.part_products < 1:
+            raise UserError(f"part size must be at least 1, got {self.part_products}")
+        check_runtime(self.runtime)
+
+
 def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path,
-            fusion: FusionOverrides = FusionOverrides(), scores: ScoresOutput | None = None,
-            loader: LoaderSettings = LoaderSettings(), part_products: int = 20_000, restart: bool = False,
-            runtime: str | None = None) -> PredictReport | None:
+            fusion: FusionOverrides = FusionOverrides(), loader: LoaderSettings = LoaderSettings(),
+            settings: PredictSettings = PredictSettings()) -> PredictReport | None:
     """Write ``_id,category_id`` for every product of ``test_path`` in file order.
 
     Work is saved per part of products in ``<out_csv>.parts/``; running again after an interruption
-    resumes from the last finished part (``restart`` discards parts made with other settings).
+    resumes from the last finished part (``settings.restart`` discards parts made with other settings).
     Horizontal-flip TTA is used when the index was built with it. With ``loader.where`` over several devices/nodes,
     every rank predicts its share of the parts and rank 0 writes the submission (other ranks return None).
     """
     t_start = time.perf_counter()
-    if part_products < 1:
-        raise UserError("part size must be at least 1")
+    part_products, restart, runtime, scores = (settings.part_products, settings.restart, settings.runtime,
+                                               settings.scores)
     top, scores_out = (scores.top, scores.path) if scores else (0, None)
     test_path, out_csv = Path(test_path), Path(out_csv)
     table = load_offsets(test_path)

@@ -48,7 +48,7 @@ from ..infer.query import (
 )
 from ..infer.scoring.fused import load_fusion
 from .batching import Busy, QueryBatcher, warm_up
-from .guards import RequestGuard, ServeSettings, check_exposure  # noqa: F401 (check_exposure: re-exported)
+from .guards import GuardLimits, RequestGuard, ServeSettings, check_exposure  # noqa: F401 (check_exposure: re-exported)
 from .writes import add_write_routes, no_paths
 
 log = logging.getLogger(__name__)
@@ -186,9 +186,9 @@ def create_app(index_dir: str | Path, settings: ServeSettings | None = None,
     app = FastAPI(title="Cdiscount similar products", version="2",
                   description="Similar-product search and category prediction over one index folder. At most "
                               f"{MAX_PICTURES} pictures a query; a busy server answers 503 with Retry-After.")
-    app.add_middleware(RequestGuard, settings=settings, limits={"/products": MAX_PRODUCTS_UPLOAD + (1 << 20)},
-                       default=MAX_UPLOAD + (1 << 20), writes=("/products",), busy_paths=("/similar", "/classify"),
-                       max_busy=MAX_BUSY, retry_after=Busy.retry_after)
+    app.add_middleware(RequestGuard, settings=settings, limits=GuardLimits(
+        MAX_UPLOAD + (1 << 20), per_path=(("/products", MAX_PRODUCTS_UPLOAD + (1 << 20)),), writes=("/products",),
+        busy_paths=("/similar", "/classify"), max_busy=MAX_BUSY, retry_after=Busy.retry_after))
     app.state.index = state  # its watcher thread ends with it (or at state.close())
 
     @app.exception_handler(Busy)

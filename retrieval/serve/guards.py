@@ -109,20 +109,31 @@ SINGLE = (b"host", b"origin", b"authorization", b"content-type", b"content-lengt
 BODY_SECONDS = 30.0  # a request body must arrive whole within this time of its headers (else 408)
 
 
+@dataclass(frozen=True)
+class GuardLimits:
+    """What :class:`RequestGuard` admits. ``per_path``: body bytes per path (``default`` else); ``writes``: the
+    paths whose unsafe methods change the index; ``busy_paths``: the picture routes whose uploads (multipart
+    bodies) are admitted ``max_busy`` at a time (503 with ``Retry-After: retry_after`` past that); every body must
+    arrive within ``body_seconds`` of its headers (a slow body would otherwise hold its admission)."""
+
+    default: int
+    per_path: tuple[tuple[str, int], ...] = ()
+    writes: tuple[str, ...] = ("/products",)
+    busy_paths: tuple[str, ...] = ()
+    max_busy: int = 16
+    retry_after: int = 1
+    body_seconds: float = BODY_SECONDS
+
+
 class RequestGuard:
     """ASGI middleware: Host and Origin allow-list, write credentials, body limits and admission, all decided
-    before the application runs (see the module's docstring). ``limits``: bytes per path (``default`` else);
-    ``writes``: the paths whose unsafe methods change the index; ``busy_paths``: the picture routes whose
-    uploads (multipart bodies) are admitted ``max_busy`` at a time; every body must arrive within
-    ``body_seconds`` of its headers (a slow body would otherwise hold its admission)."""
+    before the application runs (see the module's docstring and :class:`GuardLimits`)."""
 
-    def __init__(self, app, settings: ServeSettings, limits: dict[str, int], default: int,
-                 writes: tuple[str, ...] = ("/products",), busy_paths: tuple[str, ...] = (), max_busy: int = 16,
-                 retry_after: int = 1, body_seconds: float = BODY_SECONDS) -> None:
-        self.app, self.settings, self.limits, self.default = app, settings, limits, default
-        self.body_seconds = body_seconds
-        self.hosts, self.writes, self.busy_paths = settings.hosts(), writes, busy_paths
-        self.max_busy, self.retry_after, self.busy = max_busy, retry_after, 0
+    def __init__(self, app, settings: ServeSettings, limits: GuardLimits) -> None:
+        self.app, self.settings, self.limits, self.default = app, settings, dict(limits.per_path), limits.default
+        self.body_seconds = limits.body_seconds
+        self.hosts, self.writes, self.busy_paths = settings.hosts(), limits.writes, limits.busy_paths
+        self.max_busy, self.retry_after, self.busy = limits.max_busy, limits.retry_after, 0
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
