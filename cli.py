@@ -88,7 +88,10 @@ def command(name: str | None = None):
 
 
 _SYNTH = SynthConfig()  # make-data's defaults are the config's own
-_TRAIN_DEFAULTS = {k: v for part in TrainConfig.PARTS for k, v in vars(getattr(TrainConfig(), part)).items()}
+_TRAIN_DEFAULTS = TrainConfig.flat_defaults()
+# train's options are TrainConfig's settings by name (tests/test_cli.py checks both ways), but for these:
+TRAIN_CLI_ONLY = ("train_file", "out", "categories", "resume", "settings")  # not settings of the run
+TRAIN_RENAMED = {"checkpoint_every": "checkpoint_every_steps"}  # option -> setting
 
 
 def _default(name: str) -> str:
@@ -209,23 +212,21 @@ def train(train_file: Path = typer.Argument(..., help="training BSON file"),
           resume: bool = typer.Option(False, help="continue the run in --out from its last checkpoint"),
           val_fraction: Optional[float] = typer.Option(None, min=0.0, max=0.99,
                       help=f"validation share {_default('val_fraction')}"),
-          seed: Optional[int] = typer.Option(None, help=f"random seed {_default('seed')}")) -> None:
+          seed: Optional[int] = typer.Option(None, help=f"random seed {_default('seed')}"),
+          settings: list[str] = typer.Option(
+              [], "--set", help="any other training setting as NAME=VALUE, repeatable (e.g. --set weight_decay=0.05; "
+              "every name: README's train row)")) -> None:
     """Fine-tune an open_clip backbone with a metric-learning loss plus a classification head."""
+    options = dict(locals())  # every option by name: the settings are TrainConfig's own names
     from retrieval.model.runtime import parse_devices
     from retrieval.train.run import resolve_config
     from retrieval.train.run import train as _train
-    given = {"backbone": backbone.value if backbone else None, "pretrained": pretrained, "image_size": image_size,
-             "embed_dim": embed_dim, "metric_loss": metric_loss.value if metric_loss else None,
-             "metric_weight": metric_weight, "hier_heads": hier_heads, "sampled_negatives": sampled_negatives,
-             "m_per_class": m_per_class, "lp_epochs": lp_epochs, "freeze_blocks": freeze_blocks, "pool": pool,
-             "arcface_margin_min": arcface_margin_min, "logit_adjust": logit_adjust,
-             "crop_min": crop_min, "colour_aug": colour_aug, "epochs": epochs,
-             "max_steps": max_steps,
-             "checkpoint_every_steps": checkpoint_every, "batch_size": batch_size, "lr": lr,
-             "backbone_lr_mult": backbone_lr_mult, "val_fraction": val_fraction, "seed": seed, "precision": precision,
-             "devices": parse_devices(devices), "num_nodes": num_nodes, "workers": workers,
-             "accelerator": accelerator}
-    cfg = resolve_config(out, resume, **{k: v for k, v in given.items() if v is not None})
+    given = dict(TrainConfig.parse_setting(s) for s in settings)
+    for name, value in options.items():
+        if name not in TRAIN_CLI_ONLY and value is not None:
+            given[TRAIN_RENAMED.get(name, name)] = value.value if isinstance(value, Enum) else value
+    given["devices"] = parse_devices(devices)
+    cfg = resolve_config(out, resume, **given)
     res = _train(train_file, out, cfg, categories, resume=resume)
     from retrieval.model.runtime import is_first_rank
     if not is_first_rank():  # another rank of a distributed run: rank 0 reports

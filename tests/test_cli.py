@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -97,7 +98,10 @@ def test_demo_runs_every_stage_and_refuses_a_used_folder(tmp_path):
         sub, truth = list(csv.DictReader(f)), list(csv.DictReader(g))  # the accuracy, recomputed by hand
     assert [r["_id"] for r in sub] == [r["_id"] for r in truth]
     hand = sum(a["category_id"] == b["category_id"] for a, b in zip(sub, truth, strict=True)) / len(truth)
-    assert summary["test_accuracy"] == pytest.approx(hand) and hand > 1 / 4  # better than chance over 4 categories
+    # far above answering the test set's largest category (11 of 24 products; the demo's run scores 0.75)
+    majority = max(np.unique([r["category_id"] for r in truth], return_counts=True)[1]) / len(truth)
+    assert summary["test_accuracy"] == pytest.approx(hand) and len(truth) > 0
+    assert hand >= majority + 0.15, (hand, majority)
     for key in ("checkpoint", "evaluation", "submission", "contact_sheet"):
         assert Path(art[key]).exists()
     assert summary["similar_top"] and summary["similar_query"] not in [p for p, _ in summary["similar_top"]]
@@ -133,10 +137,13 @@ def test_cli_reports_user_errors_in_one_line_but_lets_bugs_through(indexes, monk
 def test_every_option_has_help():
     import typer.main
     group = typer.main.get_command(app)
+    options = 0
     for name, cmd in group.commands.items():
         for p in cmd.params:
             if p.param_type_name == "option" and p.name != "help":
                 assert p.help, f"{name} --{p.name} has no help"
+                options += 1
+    assert len(group.commands) >= 10 and options >= 3 * len(group.commands)  # the commands' options were seen
     assert "training products" in run("make-data", "--help").output
 
 
@@ -145,3 +152,35 @@ def test_similar_text_has_a_header_and_unknown_categories_read_unknown(indexes):
             "-k", 2)
     assert r.exit_code == 0 and r.output.splitlines()[0].split()[:3] == ["rank", "product", "_id"]
     assert Neighbour(1, 0.5, 42, "", "", "").path == "unknown"
+
+
+def test_train_options_are_the_train_configs_settings(tmp_path, monkeypatch):
+    """Both ways: every `train` option is a TrainConfig setting (by name, or one listed rename), every setting
+    is reachable (an option, or `--set NAME=VALUE` typed by its default), and what the CLI gives is what the run
+    is trained with."""
+    import inspect
+
+    import cli
+    import retrieval.train.run as run_mod
+    from retrieval.train.config import TrainConfig
+    defaults = TrainConfig.flat_defaults()
+    options = set(inspect.signature(cli.train).parameters) - set(cli.TRAIN_CLI_ONLY)
+    assert {cli.TRAIN_RENAMED.get(o, o) for o in options} <= set(defaults)
+    for name, default in defaults.items():
+        if isinstance(default, (bool, int, float, str)):
+            assert TrainConfig.parse_setting(f"{name}={default}") == (name, default)
+    seen = {}
+    monkeypatch.setattr(run_mod, "train", lambda path, out, cfg, *a, **k: seen.setdefault("cfg", cfg) and 1 / 0)
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "t.bson").write_bytes(b"")
+    r = run("train", d / "t.bson", "--out", tmp_path / "run", "--set", "weight_decay=0.05", "--set",
+            "label_smoothing=0.2", "--epochs", 3, "--checkpoint-every", 7, "--metric-loss", "subcenter_arcface")
+    cfg = seen["cfg"]
+    assert (cfg.schedule.weight_decay, cfg.loss.label_smoothing, cfg.schedule.epochs) == (0.05, 0.2, 3)
+    assert cfg.schedule.checkpoint_every_steps == 7 and cfg.loss.metric_loss == "subcenter_arcface"
+    assert cfg.schedule.lr == defaults["lr"]  # not given: the default
+    for bad, says in (("nope=1", "NAME one of"), ("weight_decay=lots", "takes a float"), ("frozen_baseline=maybe",
+                                                                                         "takes a bool")):
+        r = run("train", d / "t.bson", "--out", tmp_path / "run2", "--set", bad)
+        assert r.exit_code == 2 and says in r.output and "Traceback" not in r.output, r.output

@@ -161,6 +161,32 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
+    def flat_defaults(cls) -> dict:
+        """Every setting by its flat name (as :meth:`build` takes them) with its default."""
+        c = cls()
+        top = {f.name: getattr(c, f.name) for f in fields(c) if f.name not in cls.PARTS}
+        return {**{k: v for p in cls.PARTS for k, v in vars(getattr(c, p)).items()}, **top}
+
+    @classmethod
+    def parse_setting(cls, pair: str) -> tuple[str, object]:
+        """``"NAME=VALUE"`` (any setting, by its flat name) as ``(name, value)`` of the default's type; a
+        one-line error naming the valid settings otherwise."""
+        name, sep, text = pair.partition("=")
+        defaults = cls.flat_defaults()
+        name = name.strip().replace("-", "_")
+        if not sep or name not in defaults:
+            raise UserError(f"--set {pair!r}: expected NAME=VALUE with NAME one of {', '.join(sorted(defaults))}")
+        kind = type(defaults[name])
+        try:
+            if kind is bool:
+                if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(text)
+                return name, text.lower() in ("true", "1", "yes")
+            return name, text if kind is str or defaults[name] is None else kind(text)
+        except ValueError:
+            raise UserError(f"--set {pair!r}: {name} takes a {kind.__name__}") from None
+
+    @classmethod
     def from_dict(cls, d: dict, source: str | Path = "a run config") -> "TrainConfig":
         """The config saved by :meth:`to_dict`; a key no part knows (a foreign or damaged file) is refused in one
         line naming ``source`` and the keys."""
