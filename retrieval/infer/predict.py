@@ -98,11 +98,13 @@ def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path,
                                                settings.scores)
     top, scores_out = (scores.top, scores.path) if scores else (0, None)
     test_path, out_csv = Path(test_path), Path(out_csv)
-    table = load_offsets(test_path)
+    if not test_path.is_file():
+        raise FileNotFoundError(f"{test_path}: no such file")
     bundle = open_index(index_dir, mmap=True, runtime=runtime)
     bundle.refuse_runtime_on(loader.distributed)
     clf = load_fusion(bundle.run, bundle.fallback_class, fusion)  # validates alpha, k, tau, beta
     peers = load_peers(bundle.run, fusion.peer_weight, off=fusion.grid_given)
+    table = load_offsets(test_path)  # every option checked above: a file of hours is scanned only then
     net, cats = bundle.net, bundle.categories
     mirror = bundle.manifest.mirror
     reader = RecordReader(test_path, table)
