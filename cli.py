@@ -236,14 +236,16 @@ def train(train_file: Path = typer.Argument(..., help="training BSON file"),
         acc += (f" (head; before training, the frozen backbone scored kNN {res.frozen.knn:.4f}, linear probe "
                 f"{res.frozen.linear_probe:.4f}: `evaluate` compares them with the fine-tuned kNN and fusion)")
     typer.echo(f"best validation product accuracy: {acc}\nmodel: {res.model_file}\n"
-               f"next: python cli.py build-index {train_file} --model {out} --out {out}_index --split train")
+               f"next: python cli.py build-index {train_file} --model {out} --out {out}_index")
 
 
 @command("build-index")
 def build_index(train_file: Path = typer.Argument(..., help="labelled BSON file to index"),
                 model: Path = typer.Option(..., help="run folder of `train`"),
                 out: Path = typer.Option(..., help="index folder"),
-                split: str = typer.Option("train", help="train: the run's training split; all: every product"),
+                split: str = typer.Option("all", help="all: every labelled product (of the run's own training file: "
+                                          "its validation products in a segment evaluate holds out); train: the run's "
+                                          "training split only"),
                 index_type: str = typer.Option("auto", help="auto or a FAISS factory string"),
                 batch_size: int = BATCH, mirror: bool = typer.Option(
                     False, help="average each image with its mirror (then used by predict, evaluate, similar)"),
@@ -378,7 +380,7 @@ def compact(index: Path = typer.Option(..., help="index folder"),
 
 @command()
 def predict(test_file: Path = typer.Argument(..., help="BSON file to classify"),
-            index: Path = typer.Option(..., help="index folder (build-index --split all)"),
+            index: Path = typer.Option(..., help="index folder (build-index)"),
             out: Path = typer.Option(Path("submission.csv"), help="submission CSV"),
             alpha: Optional[float] = typer.Option(None, min=0.0, max=1.0,
                                                   help="weight of the head (default: the run's calibration)"),
@@ -418,7 +420,8 @@ def predict(test_file: Path = typer.Argument(..., help="BSON file to classify"),
 
 
 @command()
-def evaluate(index: Path = typer.Option(..., help="index folder (build-index --split train)"),
+def evaluate(index: Path = typer.Option(..., help="index folder (build-index; its held-out validation products are "
+                                         "scored from what the build stored)"),
              val_file: Optional[Path] = typer.Argument(
                  None, help="labelled BSON (default: the run's validation split)"),
              out: Optional[Path] = typer.Option(None, help="folder for metrics.json and plots (default: RUN/eval)"),

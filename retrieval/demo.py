@@ -56,17 +56,18 @@ def run_demo(workdir: str | Path, cfg: DemoConfig = DemoConfig()) -> dict:
     res = train(data["train.bson"], run, tcfg, data["category_names.csv"])
     lap("train")
     loader = LoaderSettings(workers=cfg.workers)
-    build_index(data["train.bson"], run, work / "index_train", IndexSettings("train"), loader)
-    metrics = evaluate(work / "index_train", out_dir=work / "eval", loader=loader)
+    index = work / "index"  # one build: every product embedded once, the validation ones held out by evaluate
+    build_index(data["train.bson"], run, index, IndexSettings(), loader)
+    lap("build-index")
+    metrics = evaluate(index, out_dir=work / "eval", loader=loader)
     lap("evaluate")
-    build_index(data["train.bson"], run, work / "index_all", IndexSettings("all"), loader)
     sub = work / "submission.csv"
-    report = predict(data["test.bson"], work / "index_all", sub, loader=loader)
+    report = predict(data["test.bson"], index, sub, loader=loader)
     test_acc = score_submission(sub, data["test_labels.csv"])
     lap("predict")
     query = _some_train_id(data["train.bson"])
     sheet = work / "similar.png"
-    found = similar(work / "index_all", product_id=query, k=8, sheet=sheet)
+    found = similar(index, product_id=query, k=8, sheet=sheet)
     lap("similar")
     summary = {
         "val_head_accuracy": metrics["head_accuracy"], "val_knn_accuracy": metrics["knn_accuracy"],
@@ -79,7 +80,7 @@ def run_demo(workdir: str | Path, cfg: DemoConfig = DemoConfig()) -> dict:
         "artefacts": {"data": str(work / "data"), "model": str(res.model_file), "checkpoint": str(res.best),
                       "metrics": str(run / "logs" / "metrics.csv"),
                       "evaluation": str(work / "eval" / "metrics.json"), "eval_plots": metrics["plots"],
-                      "index_train": str(work / "index_train"), "index_all": str(work / "index_all"),
+                      "index": str(index),
                       "submission": str(sub), "contact_sheet": str(sheet), "summary": str(work / "summary.json")},
         "products": cfg.products, "categories": cfg.categories,
     }
@@ -103,7 +104,7 @@ def summary_table(s: dict) -> str:
             "seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in s["seconds"].items()),
             "",
             f"submission     {a['submission']}",
-            f"index          {a['index_all']}",
+            f"index          {a['index']}",
             f"contact sheet  {a['contact_sheet']}",
             f"everything     {a['summary']} (JSON)"]
     return "\n".join(rows)

@@ -10,6 +10,7 @@ import logging
 import shutil
 from dataclasses import fields
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -19,8 +20,9 @@ from ..durable import write_json
 from ..errors import UserError
 from ..model.runtime import is_first_rank
 from .indexdir.bundle import IndexBundle, check_source, open_index
-from .pipeline.embed import LoaderSettings, ProductOutputs
-from .pipeline.parts import PartWork, numbered, run_parts
+from .indexdir.segments import Segment, held_out_file
+from .pipeline.embed import LoaderSettings, ProductOutputs, head_outputs
+from .pipeline.parts import PartWork, decode_counts, numbered, reduce_groups, run_parts
 from .pipeline.store import PartStore
 from .plots import evaluation_plots
 from .scoring.calibrate import KS, calibrate
@@ -53,9 +55,10 @@ def _eval_rows(bundle: IndexBundle, val_path: str | Path | None) -> tuple[Path, 
         raise UserError(f"{path}: no labelled products to evaluate")
     overlap = np.isin(table["product_id"][rows], bundle.live_product_ids)  # removed ones are not in the index
     if overlap.any() and val_path is None:
-        raise UserError(f"{bundle.folder} was built with --split {bundle.manifest.split}: it contains the "
-                        f"validation products ({int(overlap.sum())} of {len(rows)}). Build an evaluation index with "
-                        "--split train, or remove them (cli.py remove --index IDX --ids VAL_IDS)")
+        raise UserError(f"{bundle.folder} was built before one build served evaluate: it contains the run's "
+                        f"validation products ({int(overlap.sum())} of {len(rows)}) among the others. Rebuild it with "
+                        "build-index (they then form a held-out segment evaluate leaves out, and nothing is embedded "
+                        "twice), or build one with --split train")
     if overlap.any():
         raise UserError(f"the index {bundle.folder} contains {int(overlap.sum())} of the products being scored "
                         f"(e.g. _id {int(table['product_id'][rows][overlap][0])}); evaluate with an index of "
@@ -89,6 +92,67 @@ def _embed_parts(bundle: IndexBundle, path: Path, table: np.ndarray, rows: np.nd
                     group=GROUP, desc="evaluate")
     stats = run_parts(bundle.net, bundle.manifest.mirror, RecordReader(path, table), parts, store, work, loader)
     return None if stats is None else (store, [len(r) for _, r in parts], stats)
+
+
+def _held_out_segment(bundle: IndexBundle) -> Segment | None:
+    """The held-out segment as its generation sees it (relabels applied, removed rows marked), or None."""
+    sid = bundle.manifest.held_out
+    if sid is None:
+        return None
+    return next(s.unmasked for s in bundle.segments if s.sid == sid)
+
+
+def _has_head_inputs(seg: Segment) -> bool:
+    return all(held_out_file(seg.path, k).exists() for k in range(len(seg.parts)))
+
+
+def _stored_parts(bundle: IndexBundle, seg: Segment, scratch: Path, max_products: int | None, seed: int
+                  ) -> tuple[PartStore, list[int], DecodeStats, np.ndarray]:
+    """The held-out segment's live products scored as :func:`_embed_parts` scores embedded ones, from what the
+    build stored: product embeddings, and per picture the head's inputs (probabilities made by the head alone,
+    :func:`~.pipeline.embed.head_outputs`) and hash. Returns the scratch store, products per part, decode
+    counts and the products' classes ``y``."""
+    live, labels = seg.live_mask() & (seg.vectors.labels >= 0), np.asarray(seg.vectors.labels)
+    if max_products is not None and live.sum() > max_products:
+        pick = np.sort(np.random.default_rng(seed).choice(np.flatnonzero(live), max_products, replace=False))
+        live = np.isin(np.arange(len(live)), pick)
+    if not live.any():
+        raise UserError(f"{bundle.folder}: no labelled held-out product left to evaluate")
+    key = {"model": bundle.manifest.model_sha256, "count": len(bundle.vectors), "held_out": seg.sid,
+           "rows": hashlib.sha1(np.flatnonzero(live).tobytes()).hexdigest(), "with": "emb+size+proto+only"}
+    store = PartStore(scratch, key, restart=True)
+    starts = np.cumsum([0] + [n for _, n in seg.parts])
+    sizes = []
+    for k in range(len(seg.parts)):
+        lo, hi = starts[k], starts[k + 1]
+        keep = live[lo:hi]
+        sizes.append(int(keep.sum()))
+        if not store.done(k):
+            y = labels[lo:hi][keep]
+            work = PartWork(lambda outs, y=y: _part(bundle, outs, y[np.concatenate([o.rows for o in outs])]),
+                            group=GROUP)
+            store.write(k, **reduce_groups(work, _stored_outputs(bundle, seg, k, keep)))
+    y = labels[live]
+    return store, sizes, decode_counts(store, list(range(len(seg.parts)))), y
+
+
+def _stored_outputs(bundle: IndexBundle, seg: Segment, k: int, keep: np.ndarray, batch: int = 512
+                    ) -> Iterator[ProductOutputs]:
+    """Part ``k`` of a held-out segment as :class:`ProductOutputs` batches of its products in ``keep [n_k]``
+    (``rows``: their positions among those kept), head probabilities made from the stored head inputs."""
+    emb = seg.embeddings(k)
+    with np.load(held_out_file(seg.path, k)) as z:
+        head_in, owner, hashes = z["head_in"], z["img_owner"], z["img_hash"]
+        n_images, failed = z["n_images"], z["failed"]
+    kept = np.flatnonzero(keep)
+    for lo in range(0, len(kept), batch):
+        prods = kept[lo:lo + batch]
+        local = np.full(len(keep), -1)
+        local[prods] = np.arange(len(prods))
+        img = np.flatnonzero(local[owner] >= 0)
+        probs, img_pred = head_outputs(bundle.net, head_in[img], local[owner[img]], len(prods))
+        yield ProductOutputs(np.arange(lo, lo + len(prods)), np.asarray(emb[prods], np.float32), probs,
+                             n_images[prods], failed[prods], img_pred, local[owner[img]], hashes[img])
 
 
 def _read_candidates(store: PartStore, part: int) -> Candidates:
@@ -128,18 +192,26 @@ def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir:
     With ``loader.where`` over several devices/nodes, rank 0 scores and returns the metrics, other ranks None."""
     if part_products < 1 or (max_products is not None and max_products < 1):
         raise UserError("part size and max products must be at least 1")
-    bundle = open_index(index_dir, mmap=True, runtime=runtime)
+    bundle = open_index(index_dir, mmap=True, runtime=runtime, hold_out=val_path is None)
     bundle.refuse_runtime_on(loader.distributed)
     cats = bundle.categories
-    path, table, rows = _eval_rows(bundle, val_path)
-    if max_products is not None and len(rows) > max_products:
-        rows = np.sort(np.random.default_rng(seed).choice(rows, max_products, replace=False))
-    y = cats.encode(table["category_id"][rows])
     out = Path(out_dir) if out_dir else bundle.run.path / "eval"
-    found = _embed_parts(bundle, path, table, rows, y, loader, out / "parts", part_products)
-    if found is None:
-        return None
-    store, sizes, stats = found
+    held = _held_out_segment(bundle) if val_path is None else None
+    path_embedded = held is None or not _has_head_inputs(held)
+    if not path_embedded:  # the build stored what is needed: no picture is read, no network runs but the head
+        if not is_first_rank():
+            return None
+        path, (store, sizes, stats, y) = bundle.manifest.sources[0].path, _stored_parts(bundle, held, out / "parts",
+                                                                                         max_products, seed)
+    else:  # pictures embedded here: a labelled file, or an index without stored head inputs
+        path, table, rows = _eval_rows(bundle, val_path)
+        if max_products is not None and len(rows) > max_products:
+            rows = np.sort(np.random.default_rng(seed).choice(rows, max_products, replace=False))
+        y = cats.encode(table["category_id"][rows])
+        found = _embed_parts(bundle, path, table, rows, y, loader, out / "parts", part_products)
+        if found is None:
+            return None
+        store, sizes, stats = found
     fallback = bundle.fallback_class
     small = [store.read(p, ("head_pred", "img_ok", "n_images")) for p in range(len(sizes))]
     has_image = np.concatenate([g["n_images"] for g in small]) > 0
@@ -167,7 +239,8 @@ def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir:
     fused_acc = float((pred == y).mean())
     l1, l2 = cats.parents()
     metrics = {
-        "products": int(len(rows)), "images": int(stats.decoded), "source": str(path),
+        "products": int(len(y)), "images": int(stats.decoded), "source": str(path),
+        "embedded": "by evaluate" if path_embedded else "stored by build-index (no forward pass)",
         "calibration_products": int(len(sample)),
         "head_accuracy": float((head_pred == y).mean()), "knn_accuracy": float((sc.knn == y).mean()),
         "knn_best": {"k": knn_only["k"], "tau": knn_only["tau"]}, "fused_accuracy": fused_acc,

@@ -23,7 +23,7 @@ from ...model.onnx_runtime import load_runtime, runtime_fingerprint
 from ...model.runtime import best_device, is_first_rank
 from ...model.runtimes import check_runtime
 from ...rundir import RunDir
-from ..pipeline.embed import LoaderSettings, ProductOutputs
+from ..pipeline.embed import HeadInputs, LoaderSettings, ProductOutputs
 from ..pipeline.parts import PartWork, numbered, run_parts
 from ..pipeline.store import PartStore
 from .builder import SegmentSpec, build_segment
@@ -32,15 +32,17 @@ from .changes import after_commit, live_positions, with_changes
 from .compact import commit_manifest
 from .folder import IndexFolder
 from .manifest import IndexManifest, Source
+from .segments import SegmentData
 
 log = logging.getLogger(__name__)
 
 
 def _part_arrays(outs: list[ProductOutputs]) -> dict[str, np.ndarray]:
     """What an index part keeps of its products' outputs: rows, embeddings, picture hashes and their owners
-    (never the head's probabilities ``[P, C]``)."""
+    (never the head's probabilities ``[P, C]``); held-out products also what their head read per picture."""
     o = ProductOutputs.concat(outs)
-    return {"rows": o.rows, "emb": o.emb, "img_hash": o.image_hash, "img_owner": o.image_owner}
+    kept = {"rows": o.rows, "emb": o.emb, "img_hash": o.image_hash, "img_owner": o.image_owner}
+    return kept if o.head_in is None else {**kept, "head_in": o.head_in}
 
 
 def _embed_to_store(net, mirror: bool, reader: RecordReader, parts: list[tuple[int, np.ndarray]], store: PartStore,
@@ -72,7 +74,7 @@ class IndexSettings:
     mirror image, then done by every query of the folder), products per embedded part, the recall@10 an
     approximate index is tuned to, and the runtime that embeds (torch, onnx, onnx-int8: model.onnx_runtime)."""
 
-    split: str = "train"
+    split: str = "all"
     index_type: str = "auto"
     mirror: bool = False
     part_products: int = 50_000
@@ -113,44 +115,89 @@ def _build(train_path: Path, run: RunDir, out: IndexFolder, settings: IndexSetti
     net, cats = load_runtime(model, settings.runtime, run.path), model.categories
     table = load_offsets(train_path)
     fp = file_fingerprint(train_path)
+    own_file = model.info.get("train_file") == fp
+    held = np.zeros(0, np.int64)
     if split == "train":
-        if model.info.get("train_file") != fp:
+        if not own_file:
             raise UserError(f"{train_path} is not the file run {run.path} was trained on "
                             f"({model.info.get('train_file')}); --split train needs the run's own training file")
         rows = run.split().train_rows
     else:
         rows = np.flatnonzero(table["category_id"] >= 0)
+        if own_file:  # the run's validation products: a segment of their own, held out by evaluate
+            held = np.intersect1d(run.split().val_rows, rows)
+            rows = np.setdiff1d(rows, held)
     if len(rows) == 0:
         raise UserError(f"{train_path}: no labelled products to index")
     key = {"model_sha256": model.sha256, "data": fp, "split": split, "mirror": mirror, "part_products": part_products,
-           "picture_hashes": True, "runtime": runtime_fingerprint(net)}
+           "picture_hashes": True, "runtime": runtime_fingerprint(net), "held_out": len(held) > 0}
     # the parts go to the build's own work folder: no live generation reads it (its segments own their files)
     store = PartStore(out.build_parts, key, restart=restart and is_first_rank())
-    parts = numbered(rows, part_products)
-    done = _embed_to_store(net, mirror, RecordReader(train_path, table), parts, store, loader, "embedding")
+    parts, held_parts, head = numbered(rows, part_products), [], None
+    reader = RecordReader(train_path, table)
+    done = _embed_to_store(net, mirror, reader, parts, store, loader, "embedding")
     if done is None:
         return None
     stats, embed_s = done
-    parts = [(p, len(r)) for p, r in parts]
-    arrays = {"product_ids": table["product_id"][rows], "category_ids": table["category_id"][rows],
-              "offsets": table["offset"][rows], "lengths": table["length"][rows].astype(np.int64),
-              "sources": np.zeros(len(rows), np.int32)}
+    if len(held):
+        held_parts = numbered(held, part_products, first=len(parts))
+        head = _head_inputs(net)
+        held_done = _embed_to_store(head or net, mirror, reader, held_parts, store, loader,
+                                    "embedding held-out products")
+        if held_done is None:
+            return None
+        stats.merge(held_done[0])
+        embed_s += held_done[1]
     store.sync()
-    sid, factory, recall = build_segment(out, net.cfg.embed_dim, settings.spec, cats.encode(table["category_id"][rows]),
-                                         arrays, _duplicates(store, parts, 0), parts,
-                                         [store.embeddings_file(store.folder, p) for p, _ in parts])
+    segments, factory, recall = [], "", 1.0
+    for group, with_head in ((parts, False), (held_parts, bool(held_parts) and head is not None)):
+        if not group:
+            continue
+        sid, f, r = _segment(out, net.cfg.embed_dim, settings, table, cats, store, group, with_head)
+        segments.append((sid, sum(len(g) for _, g in group)))
+        if group is parts:
+            factory, recall = f, r
+    parts = [(p, len(r)) for p, r in parts + held_parts]
     manifest = IndexManifest(
         model_file=out.relative(model.path), model_sha256=model.sha256, run_dir=out.relative(run.path),
         backbone=net.cfg.backbone, image_size=net.cfg.image_size, dim=net.cfg.embed_dim, factory=factory,
-        count=len(rows), split=split, mirror=mirror, store_key=key, parts=tuple(parts),
+        count=len(rows) + len(held), split=split, mirror=mirror, store_key=key, parts=tuple(parts),
         sources=(Source(out.relative(train_path), fp),), origin=str(out.path.resolve()), tuned_recall_at_10=recall,
         decode=stats.summary(), embedding={"seconds": round(embed_s, 3), "images": stats.decoded},
-        runtime=runtime_fingerprint(net), segments=((sid, len(rows)),), index_memory=settings.memory_budget,
-        target_recall=settings.target_recall)
+        runtime=runtime_fingerprint(net), segments=tuple(segments), index_memory=settings.memory_budget,
+        target_recall=settings.target_recall, held_out=segments[1][0] if len(held) else None)
     _warn_dropped(out)
     commit_manifest(out, manifest)
-    log.info("index of %d products (%s) written to %s; %s", len(rows), factory, out.path, stats.summary())
+    log.info("index of %d products (%s%s) written to %s; %s", manifest.count, factory,
+             f"; {len(held)} validation products held out for evaluate" if len(held) else "", out.path,
+             stats.summary())
     return manifest
+
+
+def _head_inputs(net) -> HeadInputs | None:
+    """``net`` keeping its head's inputs (the torch runtime), or None (another runtime: evaluate embeds the held-out
+    products again)."""
+    try:
+        return HeadInputs(net)
+    except UserError:
+        log.warning("runtime %s keeps no head inputs: evaluate will embed the held-out products again",
+                    type(net).__name__)
+        return None
+
+
+def _segment(out: IndexFolder, dim: int, settings: IndexSettings, table: np.ndarray, cats, store: PartStore,
+             parts: list[tuple[int, np.ndarray]], with_head: bool) -> tuple[str, str, float]:
+    """One segment of the stored ``parts`` (offset-table rows of ``table``); ``with_head``: a held-out one whose
+    parts hold their head inputs (linked into it)."""
+    rows = np.concatenate([r for _, r in parts])
+    arrays = {"product_ids": table["product_id"][rows], "category_ids": table["category_id"][rows],
+              "offsets": table["offset"][rows], "lengths": table["length"][rows].astype(np.int64),
+              "sources": np.zeros(len(rows), np.int32)}
+    counted = [(p, len(r)) for p, r in parts]
+    return build_segment(out, dim, settings.spec, SegmentData(
+        cats.encode(table["category_id"][rows]), arrays, _duplicates(store, counted, 0), counted,
+        [store.embeddings_file(store.folder, p) for p, _ in parts],
+        tuple(store.path(p) for p, _ in parts) if with_head else ()))
 
 
 def _warn_dropped(out: IndexFolder) -> None:
@@ -232,8 +279,8 @@ def _add(folder: IndexFolder, new_path: Path, loader: LoaderSettings, nets: dict
               "lengths": table["length"][rows].astype(np.int64), "sources": np.full(len(rows), len(man.sources),
                                                                                    np.int32)}
     # small: exact; compaction builds a bigger index from many
-    sid, _, _ = build_segment(folder, man.dim, SegmentSpec("Flat"), labels, arrays, _duplicates(store, parts, 0),
-                              parts, [store.embeddings_file(store.folder, name)])
+    sid, _, _ = build_segment(folder, man.dim, SegmentSpec("Flat"), SegmentData(
+        labels, arrays, _duplicates(store, parts, 0), parts, [store.embeddings_file(store.folder, name)]))
     old = rows[known[rows]]  # replaced products: their old rows leave in the same commit
     if len(old):
         man = with_changes(folder, man, removed={man.segments[s][0]: local[old][seg[old] == s]

@@ -6,18 +6,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from index import DuplicateTable, VectorIndex, choose_factory, exact_topk, mapped_rows
+from index import VectorIndex, choose_factory, exact_topk, mapped_rows
 from index.store import REFINE_FACTOR
 from index.vote import CHUNK_ROWS, chunked
 
 from ...errors import UserError
 from .folder import IndexFolder
-from .segments import write_segment
+from .segments import SegmentData, write_segment
 
 log = logging.getLogger(__name__)
 TUNE_QUERIES = 1000  # stored vectors a segment's search depth is tuned on
@@ -79,17 +78,15 @@ def fill_and_tune(vi: VectorIndex, blocks: list[np.ndarray], labels: np.ndarray,
     return recall
 
 
-def build_segment(folder: IndexFolder, dim: int, spec: SegmentSpec, labels: np.ndarray, arrays: dict[str, np.ndarray],
-                  duplicates: DuplicateTable, parts: list[tuple[int | str, int]], emb_files: list[Path]
-                  ) -> tuple[str, str, float]:
-    """Make one sealed segment of the embeddings in ``emb_files`` (``.npy`` ``[n_k, D]``, one per part, linked
-    into the segment) with their ``labels [n]``, per-product ``arrays`` and exact-duplicate table (local
-    positions). Returns ``(segment id, factory, recall@10)``."""
-    blocks = [np.load(f, mmap_mode="r") for f in emb_files]
+def build_segment(folder: IndexFolder, dim: int, spec: SegmentSpec, data: SegmentData) -> tuple[str, str, float]:
+    """Make one sealed segment of ``data`` (its embeddings: ``.npy`` files ``[n_k, D]``, one per part, linked
+    into the segment), its index chosen by ``spec``, trained, filled and tuned. Returns ``(segment id, factory,
+    recall@10)``."""
+    blocks = [np.load(f, mmap_mode="r") for f in data.embeddings]
     n = sum(len(b) for b in blocks)
     factory = spec.resolve(n, dim)
     vi = VectorIndex.create(dim, factory)
-    recall = fill_and_tune(vi, blocks, np.asarray(labels, np.int64), spec.target_recall)
+    recall = fill_and_tune(vi, blocks, np.asarray(data.labels, np.int64), spec.target_recall)
     vi.refine = None
-    sid = write_segment(folder, vi, arrays, duplicates, parts, list(emb_files), recall)
+    sid = write_segment(folder, vi, data, recall)
     return sid, factory, recall

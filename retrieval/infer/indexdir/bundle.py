@@ -219,12 +219,14 @@ def load_index_model(layout: IndexFolder, man: IndexManifest, device) -> LoadedM
 
 
 def open_index(folder: str | Path, mmap: bool = False, runtime: str | None = None,
-               reuse: IndexBundle | None = None) -> IndexBundle:
+               reuse: IndexBundle | None = None, hold_out: bool = False) -> IndexBundle:
     """Open an index folder's live generation and its model file (read and hashed once), refusing one whose
     model changed or whose files disagree. ``runtime`` (torch, onnx, onnx-int8; default: the one that built the
     index) embeds queries; one whose embeddings would disagree with the index's is refused. ``reuse``: an opened
     bundle of the same folder whose model and segments are taken as they are (only new segments are read; its
-    query runtime is kept)."""
+    query runtime is kept). ``hold_out``: the held-out segment's products (the run's validation products, where
+    the build made one) are left out of every search, vote, prototype and class size, as in an index of the
+    training split alone (evaluate's view)."""
     layout = IndexFolder(folder)
     gen = layout.generation()
     man = IndexManifest.load(IndexFolder.manifest_file(gen))
@@ -234,6 +236,9 @@ def open_index(folder: str | Path, mmap: bool = False, runtime: str | None = Non
         reuse = None
         loaded = load_index_model(layout, man, best_device())
     segs = open_segments(layout, man, mmap, reuse)
+    if hold_out and man.held_out is not None:
+        at = [s.sid for s in segs].index(man.held_out)
+        segs[at] = segs[at].held_out()
     if not segs or [len(s) for s in segs] != [n for _, n in man.segments] or man.count != sum(map(len, segs)):
         raise UserError(f"{layout.path}: manifest count {man.count} and its segments disagree; rebuild the index")
     bundle = IndexBundle(layout.path, man, segs, loaded, generation=gen.name)

@@ -19,7 +19,7 @@ from .builder import SegmentSpec, build_segment
 from .folder import IndexFolder
 from .integrity import OPEN_VERIFY_MAX, Damaged, read_json, record, verify
 from .manifest import IndexManifest
-from .segments import ARRAYS, META, load_segment, load_state, meta_file, segment_meta
+from .segments import ARRAYS, META, SegmentData, load_segment, load_state, meta_file, segment_meta
 
 log = logging.getLogger(__name__)
 COMPACT_SMALL = 50_000  # a segment of at most this many products is small
@@ -47,21 +47,26 @@ def live_manifest(folder: IndexFolder) -> IndexManifest:
 
 
 def _small_tail(man: IndexManifest) -> int:
-    """How many segments at the end of ``man.segments`` are small."""
+    """How many segments at the end of ``man.segments`` (the held-out one left aside) are small."""
     n = 0
-    for _, count in reversed(man.segments):
+    for _, count in reversed(_mergeable(man)):
         if count > COMPACT_SMALL:
             break
         n += 1
     return n
 
 
+def _mergeable(man: IndexManifest) -> tuple[tuple[str, int], ...]:
+    return tuple(e for e in man.segments if e[0] != man.held_out)
+
+
 def _to_merge(man: IndexManifest, force: bool) -> list[str]:
     """Segments to rewrite: the small tail when it is long (``force``: 2 or more), and every segment with more
-    than :data:`COMPACT_REMOVED` of its rows removed (``force``: any removed)."""
-    tail = _small_tail(man)
-    out = [sid for sid, _ in man.segments[-tail:]] if tail > (1 if force else COMPACT_AT) else []
-    for sid, n in man.segments:
+    than :data:`COMPACT_REMOVED` of its rows removed (``force``: any removed). The held-out segment (evaluate's
+    validation products) is never rewritten: it stays whole, its removed rows masked."""
+    tail, segments = _small_tail(man), _mergeable(man)
+    out = [sid for sid, _ in segments[-tail:]] if tail > (1 if force else COMPACT_AT) else []
+    for sid, n in segments:
         gone = man.segment_state.get(sid, {}).get("removed_count", 0)
         if sid not in out and gone and (force or gone > COMPACT_REMOVED * n):
             out.append(sid)
@@ -143,7 +148,7 @@ def _rewrite(folder: IndexFolder, man: IndexManifest, merge: list[str], spec: Se
         offset += int(k.sum())
     table = DuplicateTable(np.concatenate([h for h, _ in dups]), np.concatenate([p for _, p in dups]))
     parts = [(f"compacted-{work.name.split('-')[1]}", n)]
-    sid, factory, recall = build_segment(folder, dim, spec, labels, arrays, table, parts, [emb_file])
+    sid, factory, recall = build_segment(folder, dim, spec, SegmentData(labels, arrays, table, parts, [emb_file]))
     rest = tuple(e for e in man.segments if e[0] not in merge) + ((sid, n),)
     states = {s: e for s, e in man.segment_state.items() if s not in merge}
     kept_parts = tuple(tuple(p) for s, _ in rest[:-1] for p in segment_meta(folder, s)["parts"])

@@ -56,6 +56,9 @@ class IndexManifest:
     checksums: dict = field(default_factory=dict)
     index_memory: float = 0.0  # the memory budget (bytes) build-index chose the index type within (0: unknown)
     target_recall: float = 0.95  # the recall@10 an approximate segment is tuned to
+    # the segment of the run's validation products (build-index of the run's own training file): searched by every
+    # query, masked by evaluate, which reads their stored embeddings and head inputs instead of embedding them
+    held_out: str | None = None
 
     @property
     def removed_count(self) -> int:

@@ -33,10 +33,32 @@ ARRAYS = ("product_ids", "category_ids", "offsets", "lengths", "sources")
 META = "segment.json"  # the segment's record (factory, recall, parts, its files' checksums); this module
 ID_SORTED, ID_ORDER = "id_sorted.npy", "id_order.npy"  # owns every file name in a segment
 DUPLICATES, CLASS_SUMS = "duplicates.npz", "class_sums.npy"
+HELD_OUT = "held_out"  # a held-out segment's stored head inputs, one file per part (evaluate reads them)
+
+
+@dataclass(frozen=True)
+class SegmentData:
+    """What one segment holds: ``labels [n]`` (classes, -1: none), per-product ``arrays`` (:data:`ARRAYS`, local
+    order), the exact-duplicate table (local positions), its ``parts`` ``(name, products)`` and per part its
+    embeddings (a ``.npy`` ``[n_k, D]`` to link, or an array); a held-out segment also keeps per part the stored
+    head inputs of its products (``.npz`` files to link: ``head_in [N, V, D]``, ``img_owner``, ``img_hash``,
+    ``n_images``, ``failed``)."""
+
+    labels: np.ndarray
+    arrays: dict[str, np.ndarray]
+    duplicates: DuplicateTable
+    parts: list[tuple[int | str, int]]
+    embeddings: list[Path | np.ndarray]
+    held_out: tuple[Path, ...] = ()
 
 
 def _emb_file(path: Path, k: int) -> Path:
     return path / "emb" / f"{k:05d}.npy"
+
+
+def held_out_file(path: Path, k: int) -> Path:
+    """Part ``k``'s stored head inputs in a held-out segment at ``path``."""
+    return path / HELD_OUT / f"{k:05d}.npz"
 
 
 def _place(src: Path, dst: Path) -> None:
@@ -57,13 +79,12 @@ def segment_meta(folder: IndexFolder, sid: str) -> dict:
     return read_json(folder.segment(sid) / META)
 
 
-def write_segment(folder: IndexFolder, vectors: VectorIndex, arrays: dict[str, np.ndarray],
-                  duplicates: DuplicateTable, parts: list[tuple[int | str, int]],
-                  embeddings: list[Path | np.ndarray], recall: float = 1.0) -> str:
-    """Write and seal one segment; returns its id. ``arrays`` are ``[n]`` in local order, ``duplicates`` use
-    local positions, ``embeddings[k]`` (a ``.npy`` file to link, or an array ``[n_k, D]``) holds part ``k``."""
-    n = len(vectors)
-    if any(len(arrays[k]) != n for k in ARRAYS) or sum(c for _, c in parts) != n or len(embeddings) != len(parts):
+def write_segment(folder: IndexFolder, vectors: VectorIndex, data: SegmentData, recall: float = 1.0) -> str:
+    """Write and seal one segment of ``data`` searched by ``vectors``; returns its id."""
+    n, arrays, parts, embeddings = len(vectors), data.arrays, data.parts, data.embeddings
+    duplicates = data.duplicates
+    if any(len(arrays[k]) != n for k in ARRAYS) or sum(c for _, c in parts) != n or len(embeddings) != len(parts) \
+            or len(data.held_out) not in (0, len(parts)):
         raise ValueError(f"a segment of {n} vectors needs {n} rows in every array, part and embedding")
     sid, tmp = folder.new_segment_dir()
     try:
@@ -81,6 +102,10 @@ def write_segment(folder: IndexFolder, vectors: VectorIndex, arrays: dict[str, n
                 write_file(_emb_file(tmp, k), lambda p, emb=emb: _place(emb, p))
             else:
                 write_file(_emb_file(tmp, k), lambda p, emb=emb: np.save(p, np.asarray(emb, np.float32)))
+        if data.held_out:
+            (tmp / HELD_OUT).mkdir()
+            for k, f in enumerate(data.held_out):
+                write_file(held_out_file(tmp, k), lambda p, f=f: _place(f, p))
         sums = class_sums((np.load(_emb_file(tmp, k), mmap_mode="r") for k in range(len(embeddings))), vectors.labels)
         write_file(tmp / CLASS_SUMS, lambda p: np.save(p, sums))
         meta = {"count": n, "parts": [list(p) for p in parts], "factory": vectors.factory,
@@ -124,6 +149,7 @@ class Segment:
     state: SegmentState = field(default_factory=SegmentState)
     base: "Segment | None" = None  # the segment as sealed (None: this is it)
     _maps: dict = field(default_factory=dict)
+    unmasked: "Segment | None" = None  # a held-out view: the segment as its generation sees it
 
     def __len__(self) -> int:
         return len(self.vectors)
@@ -152,6 +178,13 @@ class Segment:
         return Segment(base.sid, base.path, base.vectors.view(labels, state.removed), arrays, base.id_sorted,
                        base.id_order, base.duplicates, base.parts, base.meta, state, base, base._maps)
 
+    def held_out(self) -> "Segment":
+        """This segment with every row left out (searched by no one; no class sum, size or vote)."""
+        state = self.state if self.base is not None else SegmentState()
+        masked = self.with_state(SegmentState(np.arange(len(self), dtype=np.int64), state.relabels))
+        masked.unmasked = self
+        return masked
+
     def class_sums(self) -> np.ndarray:
         """Sum ``[C, D]`` of the live embeddings per class (labels >= 0): the sums written with the segment, less
         removed rows, relabelled rows moved to their new class (only the changed rows are read)."""
@@ -161,6 +194,8 @@ class Segment:
                                                         base.vectors.labels)
         if self.base is None:
             return sums
+        if len(self.state.removed) == len(base):  # held out, or every row removed: exactly nothing
+            return np.zeros_like(sums)
         changed = np.union1d(self.state.removed, self.state.relabels[:, 0])
         old, new = base.vectors.labels[changed], self.vectors.labels[changed]
         width = max(len(sums), int(new.max(initial=-1)) + 1)

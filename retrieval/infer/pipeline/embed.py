@@ -50,6 +50,7 @@ class ProductOutputs:
     image_pred: np.ndarray  # [N] head argmax per image
     image_owner: np.ndarray  # [N] product index (in this batch) of each image
     image_hash: np.ndarray  # [N] int64 picture_hash of each image's bytes
+    head_in: np.ndarray | None = None  # [N, V, D] what the head read per image and view (a HeadInputs network)
 
     @classmethod
     def concat(cls, outs: list["ProductOutputs"]) -> "ProductOutputs":
@@ -57,7 +58,41 @@ class ProductOutputs:
         starts = np.cumsum([0] + [len(o.rows) for o in outs[:-1]])
         cat = lambda name: np.concatenate([getattr(o, name) for o in outs])  # noqa: E731
         return cls(cat("rows"), cat("emb"), cat("probs"), cat("n_images"), cat("failed"), cat("image_pred"),
-                   np.concatenate([o.image_owner + s for o, s in zip(outs, starts, strict=True)]), cat("image_hash"))
+                   np.concatenate([o.image_owner + s for o, s in zip(outs, starts, strict=True)]), cat("image_hash"),
+                   cat("head_in") if all(o.head_in is not None for o in outs) else None)
+
+
+class HeadInputs(torch.nn.Module):
+    """``net`` that also returns what its head reads, per image (``aux["head_in"] [B, D]``), by the very
+    arithmetic of :meth:`EmbeddingNet.forward`: products embedded through it can later be given their head's
+    probabilities (:func:`head_outputs`) without a forward pass of the backbone."""
+
+    def __init__(self, net: EmbeddingNet) -> None:
+        super().__init__()
+        if not hasattr(net, "features") or not hasattr(net, "head"):
+            raise UserError("this runtime exposes no head inputs (only the torch runtime does)")
+        self.net, self.cfg = net, net.cfg
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        z = self.net.features(images)
+        return F.normalize(z.float(), dim=-1), self.net.head(z), {"head_in": z}
+
+
+@torch.no_grad()
+def head_outputs(net: EmbeddingNet, head_in: np.ndarray, owner: np.ndarray, n_products: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """From stored head inputs ``[N, V, D]`` (V = 2 with the mirror view) of pictures owned by products
+    ``owner [N]``: the products' head probabilities ``[P, C]`` and each picture's argmax ``[N]``, as
+    :func:`embed_images` computes them."""
+    dev = device_of(net)
+    z = torch.from_numpy(np.ascontiguousarray(head_in)).to(dev)
+    n, v = z.shape[:2]
+    with autocast_for(dev):
+        probs = net.head(z.transpose(0, 1).reshape(n * v, -1)).float().softmax(-1)  # views first, as embedded
+        if v == 2:
+            probs = (probs[:n] + probs[n:]) / 2
+    p_probs = product_mean(probs, torch.from_numpy(np.asarray(owner, np.int64)).to(dev), n_products)
+    return p_probs.cpu().numpy(), probs.argmax(-1).cpu().numpy()
 
 
 @dataclass
@@ -95,15 +130,18 @@ def embed_images(net: EmbeddingNet, images: torch.Tensor, owner: torch.Tensor, n
     owner = owner.to(dev)
     with autocast_for(dev):
         m = len(x)
-        emb, logits, _ = net(torch.cat([x, x.flip(-1)]) if mirror else x)  # one forward for both views
+        emb, logits, aux = net(torch.cat([x, x.flip(-1)]) if mirror else x)  # one forward for both views
         probs = logits.float().softmax(-1)
+        z = aux.get("head_in") if isinstance(aux, dict) else None
+        if z is not None:  # [N, V, D]: each picture's views
+            z = torch.stack([z[:m], z[m:]], 1) if mirror else z[:, None]
         if mirror:
             emb, probs = emb[:m] + emb[m:], (probs[:m] + probs[m:]) / 2
     emb, probs = emb[:n], probs[:n]
     p_emb = product_mean(F.normalize(emb.float(), dim=-1), owner, n_products)
     p_probs = product_mean(probs, owner, n_products)
     if per_image:
-        return F.normalize(p_emb, dim=-1), p_probs, probs.argmax(-1)
+        return F.normalize(p_emb, dim=-1), p_probs, probs.argmax(-1), None if z is None else z[:n].float()
     return F.normalize(p_emb, dim=-1), p_probs
 
 
@@ -131,11 +169,13 @@ def batch_outputs(net: EmbeddingNet, b: ProductBatch, mirror: bool = False) -> P
     n = len(b.rows)
     n_img = torch.bincount(b.owner, minlength=n).numpy()
     if len(b.images):
-        emb, probs, img_pred = embed_images(net, b.images, b.owner, n, mirror, per_image=True)
+        emb, probs, img_pred, z = embed_images(net, b.images, b.owner, n, mirror, per_image=True)
         emb, probs, img_pred = emb.cpu().numpy(), probs.cpu().numpy(), img_pred.cpu().numpy()
+        z = None if z is None else z.cpu().numpy()
     else:
         emb = np.zeros((n, net.cfg.embed_dim), np.float32)
         probs = np.zeros((n, net.cfg.n_classes), np.float32)
         img_pred = np.zeros(0, np.int64)
+        z = np.zeros((0, 1 + mirror, net.cfg.embed_dim), np.float32) if isinstance(net, HeadInputs) else None
     return ProductOutputs(b.rows.numpy(), emb, probs, n_img, b.failed.numpy(), img_pred, b.owner.numpy(),
-                          b.hashes.numpy())
+                          b.hashes.numpy(), z)

@@ -31,7 +31,7 @@ class PartWork:
     desc: str = "embedding"
 
 
-def _reduce_groups(work: PartWork, outs, pool: ThreadPoolExecutor | None = None) -> dict[str, np.ndarray]:
+def reduce_groups(work: PartWork, outs, pool: ThreadPoolExecutor | None = None) -> dict[str, np.ndarray]:
     """``work.reduce`` over consecutive groups of ``outs``, concatenated. With ``pool`` (a GPU embeds), each
     group is reduced on the pool's thread while the next one is embedded: FAISS and numpy release the GIL, so
     the search overlaps the device's work (one group reduced, one waiting, at most)."""
@@ -102,7 +102,7 @@ def run_parts(net, mirror: bool, reader: RecordReader, parts: list[tuple[int, np
     todo = [(p, r) for p, r in parts if not store.done(p)]
     if loader.distributed:
         from .distributed import embed_parts
-        if not embed_parts(net, reader, todo, lambda p, outs: store.write(p, **_reduce_groups(work, outs)),
+        if not embed_parts(net, reader, todo, lambda p, outs: store.write(p, **reduce_groups(work, outs)),
                            loader, mirror, keep_probs=work.keep_probs):
             return None
     else:
@@ -115,7 +115,7 @@ def run_parts(net, mirror: bool, reader: RecordReader, parts: list[tuple[int, np
                                 bounds=np.cumsum([len(r) for _, r in todo]))
         try:
             for p, rows in todo:
-                store.write(p, **_reduce_groups(work, _take(stream, len(rows)), pool))
+                store.write(p, **reduce_groups(work, _take(stream, len(rows)), pool))
                 bar.update(len(rows))
         finally:
             if pool is not None:
