@@ -286,8 +286,10 @@ def similar(index: Path = typer.Option(..., help="index folder"),
     """The k products most similar to an indexed product or to image files."""
     import json
 
+    from retrieval.infer.indexdir.bundle import open_index
     from retrieval.infer.query import similar as _similar
-    found = _similar(index, product_id, image or None, k, category, sheet, include_self, _runtime(runtime))
+    found = _similar(open_index(index, runtime=_runtime(runtime)), product_id, image or None, k, category, sheet,
+                     include_self)
     if json_out:
         typer.echo(json.dumps([n.to_dict() for n in found]))
         return
@@ -430,10 +432,10 @@ def evaluate(index: Path = typer.Option(..., help="index folder (build-index; it
              runtime: Optional[str] = QUERY_RUNTIME,
              devices: str = DEVICES, num_nodes: int = NODES, accelerator: str = ACCELERATOR) -> None:
     """Head, kNN and fused accuracy on held-out products; saves the best alpha, k, tau, beta for predict."""
+    from retrieval.infer.evaluate import EvaluateSettings, metrics_table
     from retrieval.infer.evaluate import evaluate as _evaluate
-    from retrieval.infer.evaluate import metrics_table
-    m = _evaluate(index, val_file, out, _loader(batch_size, workers, devices, num_nodes, accelerator), max_products,
-                  runtime=_runtime(runtime))
+    m = _evaluate(index, val_file, out, _loader(batch_size, workers, devices, num_nodes, accelerator),
+                  EvaluateSettings(max_products=max_products, runtime=_runtime(runtime)))
     if m is None:  # another rank of a distributed run: rank 0 reports
         return
     typer.echo(metrics_table(m))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterator
 
@@ -19,6 +19,7 @@ from ..data.offsets import RecordReader, file_fingerprint, load_offsets
 from ..durable import write_json
 from ..errors import UserError
 from ..model.runtime import is_first_rank
+from ..model.runtimes import check_runtime
 from .indexdir.bundle import IndexBundle, check_source, open_index
 from .indexdir.segments import Segment, held_out_file
 from .pipeline.embed import LoaderSettings, ProductOutputs, head_outputs
@@ -75,13 +76,14 @@ def _part(bundle: IndexBundle, outs: list, y: np.ndarray) -> dict[str, np.ndarra
             "img_ok": o.image_pred == y[o.image_owner], "n_images": o.n_images}
 
 
-def _embed_parts(bundle: IndexBundle, path: Path, table: np.ndarray, rows: np.ndarray, y: np.ndarray,
-                 loader: LoaderSettings, scratch: Path, part_products: int
+def _embed_parts(bundle: IndexBundle, path: Path, table: np.ndarray, rows: np.ndarray, loader: LoaderSettings,
+                 scratch: Path, part_products: int
                  ) -> tuple[PartStore, list[int], DecodeStats] | None:
     """Embed ``rows`` part by part through the part driver into ``scratch`` (each part: its candidates, head
     argmax, per-image correctness and embeddings); returns the store, the products per part and the decode
     counts, or None on a rank other than 0 of a distributed run."""
     parts = numbered(rows, part_products)
+    y = bundle.categories.encode(table["category_id"][rows])
     cls_of = {int(r): int(v) for r, v in zip(rows, y, strict=True)}
     key = {"model": bundle.manifest.model_sha256, "count": len(bundle.vectors), "data": file_fingerprint(path),
            "rows": hashlib.sha1(rows.tobytes()).hexdigest(), "mirror": bundle.manifest.mirror,
@@ -183,15 +185,31 @@ def _buckets(counts: np.ndarray, y: np.ndarray, preds: dict[str, np.ndarray]) ->
     return out
 
 
+@dataclass(frozen=True)
+class EvaluateSettings:
+    """How evaluate runs: ``part_products`` per scored part, an optional random sample of ``max_products``
+    (``seed``), and the ``runtime`` that embeds pictures where they are embedded (default: the index's own)."""
+
+    part_products: int = 16_384
+    max_products: int | None = None
+    seed: int = 0
+    runtime: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.part_products < 1 or (self.max_products is not None and self.max_products < 1):
+            raise UserError("part size and max products must be at least 1")
+        check_runtime(self.runtime)
+
+
 def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir: str | Path | None = None,
-             loader: LoaderSettings = LoaderSettings(), max_products: int | None = None, seed: int = 0,
-             part_products: int = 16_384, runtime: str | None = None) -> dict | None:
+             loader: LoaderSettings = LoaderSettings(), settings: EvaluateSettings = EvaluateSettings()
+             ) -> dict | None:
     """Score the run's validation split (or a labelled file); write metrics.json, plots and calibration.json.
     Streamed: parts are scored one at a time and the fusion is calibrated on a random sample of at most
     :data:`~.scoring.sample.SAMPLE_CAP` products, so memory holds a few numbers per product at any size.
     With ``loader.where`` over several devices/nodes, rank 0 scores and returns the metrics, other ranks None."""
-    if part_products < 1 or (max_products is not None and max_products < 1):
-        raise UserError("part size and max products must be at least 1")
+    part_products, max_products, seed, runtime = (settings.part_products, settings.max_products, settings.seed,
+                                                  settings.runtime)
     bundle = open_index(index_dir, mmap=True, runtime=runtime, hold_out=val_path is None)
     bundle.refuse_runtime_on(loader.distributed)
     cats = bundle.categories
@@ -208,7 +226,7 @@ def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir:
         if max_products is not None and len(rows) > max_products:
             rows = np.sort(np.random.default_rng(seed).choice(rows, max_products, replace=False))
         y = cats.encode(table["category_id"][rows])
-        found = _embed_parts(bundle, path, table, rows, y, loader, out / "parts", part_products)
+        found = _embed_parts(bundle, path, table, rows, loader, out / "parts", part_products)
         if found is None:
             return None
         store, sizes, stats = found

@@ -98,8 +98,6 @@ def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path,
                                                settings.scores)
     top, scores_out = (scores.top, scores.path) if scores else (0, None)
     test_path, out_csv = Path(test_path), Path(out_csv)
-    if not test_path.is_file():
-        raise FileNotFoundError(f"{test_path}: no such file")
     bundle = open_index(index_dir, mmap=True, runtime=runtime)
     bundle.refuse_runtime_on(loader.distributed)
     clf = load_fusion(bundle.run, bundle.fallback_class, fusion)  # validates alpha, k, tau, beta
@@ -119,9 +117,9 @@ def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path,
     parts = numbered(np.arange(len(table)), part_products)
     report.computed = sum(len(r) for p, r in parts if not store.done(p))
     peers = replace(peers, keep=max(peers.keep, top))
-    work = PartWork(lambda outs: _decide(bundle, clf, outs, peers, peers.keep, timer), group=SEARCH_BATCH,
+    work = PartWork(lambda outs: _decide(bundle, clf, outs, peers, peers.keep, timer), group=SEARCH_BATCH, timer=timer,
                     desc="predict")
-    stats = run_parts(net, mirror, reader, parts, store, work, loader, timer)
+    stats = run_parts(net, mirror, reader, parts, store, work, loader)
     if stats is None:
         return None
     work = net = bundle = None  # the index, its duplicates and the model: not needed to propagate and write

@@ -215,12 +215,11 @@ def classify_outputs(bundle: IndexBundle, clf: FusedClassifier, emb: np.ndarray,
 
 def similar(index_dir: str | Path | IndexBundle, product_id: int | None = None,
             images: list[str | Path] | None = None, k: int = 10, category: int | None = None,
-            sheet: str | Path | None = None, include_self: bool = False, runtime: str | None = None
-            ) -> list[Neighbour]:
+            sheet: str | Path | None = None, include_self: bool = False) -> list[Neighbour]:
     """The ``k`` products most similar to a product or to images, optionally within one category id. A query
-    product is not its own neighbour unless ``include_self`` (as in ``POST /similar``). ``runtime``: what embeds
-    picture queries (default: the index's own)."""
-    bundle = index_dir if isinstance(index_dir, IndexBundle) else open_index(index_dir, runtime=runtime)
+    product is not its own neighbour unless ``include_self`` (as in ``POST /similar``). Picture queries are embedded
+    by the bundle's runtime (``open_index(..., runtime=...)``; a folder: the index's own)."""
+    bundle = index_dir if isinstance(index_dir, IndexBundle) else open_index(index_dir)
     if k < 1:
         raise UserError(f"k must be at least 1, got {k}")
     vec, pics = query_vector(bundle, product_id, images)

@@ -12,5 +12,5 @@ PRECISION = {"torch": "fp32", "onnx": "fp32", "onnx-int8": "int8"}
 def check_runtime(name: str | None, what: str = "runtime") -> str | None:
     """``name`` if it is one of :data:`RUNTIMES` (or None: the default); a one-line error naming them otherwise."""
     if name is not None and name not in RUNTIMES:
-        raise UserError(f"unknown {what} {name!r}; valid: {', '.join(RUNTIMES)}")
+        raise UserError(f"unknown {what} {name!r}; valid runtimes are {', '.join(RUNTIMES)}")
     return name

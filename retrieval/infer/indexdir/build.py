@@ -153,7 +153,7 @@ def _build(train_path: Path, run: RunDir, out: IndexFolder, settings: IndexSetti
     for group, with_head in ((parts, False), (held_parts, bool(held_parts) and head is not None)):
         if not group:
             continue
-        sid, f, r = _segment(out, net.cfg.embed_dim, settings, table, cats, store, group, with_head)
+        sid, f, r = _segment(out, settings, table, cats, store, group, with_head)
         segments.append((sid, sum(len(g) for _, g in group)))
         if group is parts:
             factory, recall = f, r
@@ -185,7 +185,7 @@ def _head_inputs(net) -> HeadInputs | None:
         return None
 
 
-def _segment(out: IndexFolder, dim: int, settings: IndexSettings, table: np.ndarray, cats, store: PartStore,
+def _segment(out: IndexFolder, settings: IndexSettings, table: np.ndarray, cats, store: PartStore,
              parts: list[tuple[int, np.ndarray]], with_head: bool) -> tuple[str, str, float]:
     """One segment of the stored ``parts`` (offset-table rows of ``table``); ``with_head``: a held-out one whose
     parts hold their head inputs (linked into it)."""
@@ -194,6 +194,7 @@ def _segment(out: IndexFolder, dim: int, settings: IndexSettings, table: np.ndar
               "offsets": table["offset"][rows], "lengths": table["length"][rows].astype(np.int64),
               "sources": np.zeros(len(rows), np.int32)}
     counted = [(p, len(r)) for p, r in parts]
+    dim = np.load(store.embeddings_file(store.folder, parts[0][0]), mmap_mode="r").shape[1]
     return build_segment(out, dim, settings.spec, SegmentData(
         cats.encode(table["category_id"][rows]), arrays, _duplicates(store, counted, 0), counted,
         [store.embeddings_file(store.folder, p) for p, _ in parts],

@@ -97,8 +97,7 @@ class _PartWriter(BasePredictionWriter):
 
 
 def embed_parts(net: EmbeddingNet, reader: RecordReader, parts: list[tuple[int, np.ndarray]], on_part: OnPart,
-                loader: "LoaderSettings", mirror: bool = False, keep_probs: bool = True, progress: bool = True
-                ) -> bool:
+                loader: "LoaderSettings", mirror: bool = False, keep_probs: bool = True) -> bool:
     """Embed ``parts`` (part number, offset-table rows) over ``loader.where``; ``on_part(part, outputs)`` runs on the
     rank that embedded the part (head probabilities ``[P, C]`` only with ``keep_probs``), with ``loader``'s
     batch size, workers and devices. Returns True on global rank 0, after every rank has finished."""
@@ -106,7 +105,7 @@ def embed_parts(net: EmbeddingNet, reader: RecordReader, parts: list[tuple[int, 
     ddp = where.distributed
     trainer = pl.Trainer(accelerator=where.accelerator, devices=where.for_lightning, num_nodes=where.num_nodes,
                          strategy="ddp" if ddp else "auto", logger=False, enable_checkpointing=False,
-                         enable_model_summary=False, enable_progress_bar=progress, use_distributed_sampler=False,
+                         enable_model_summary=False, enable_progress_bar=True, use_distributed_sampler=False,
                          callbacks=[_PartWriter(on_part)], precision="32-true")
     net.eval()
     trainer.predict(_Embedder(net, reader, parts, batch_images, workers, mirror, keep_probs),

@@ -145,15 +145,16 @@ def embed_images(net: EmbeddingNet, images: torch.Tensor, owner: torch.Tensor, n
     return F.normalize(p_emb, dim=-1), p_probs
 
 
-def embed_products(net: EmbeddingNet, reader: RecordReader, rows: np.ndarray, batch_images: int = 128,
-                   workers: int = 2, mirror: bool = False, timer: Timer | None = None,
+def embed_products(net: EmbeddingNet, reader: RecordReader, rows: np.ndarray,
+                   loader: LoaderSettings = LoaderSettings(128), mirror: bool = False, timer: Timer | None = None,
                    bounds: np.ndarray | None = None) -> Iterator[ProductOutputs]:
     """Stream ``rows`` (offset-table rows, in order) through the network, a batch of products at a time; with
     ``bounds`` (cumulative ends of parts of ``rows``), no batch crosses a part's end."""
     net.eval()
-    loader = product_loader(ProductDataset(reader, rows, net.cfg.image_size), batch_images, workers, bounds=bounds)
+    batches = product_loader(ProductDataset(reader, rows, net.cfg.image_size), loader.batch_size, loader.workers,
+                             bounds=bounds)
     t = time.perf_counter()
-    for b in loader:
+    for b in batches:
         if timer:
             t = timer.add("read+decode", t)
         out = batch_outputs(net, b, mirror)

@@ -29,6 +29,7 @@ class PartWork:
     group: int = 1 << 62
     keep_probs: bool = True  # the head's probabilities [P, C] are needed by reduce
     desc: str = "embedding"
+    timer: Timer | None = None  # seconds of reading and of the network, added up here (this process)
 
 
 def reduce_groups(work: PartWork, outs, pool: ThreadPoolExecutor | None = None) -> dict[str, np.ndarray]:
@@ -95,7 +96,7 @@ def decode_counts(store: PartStore, parts: list[int]) -> DecodeStats:
 
 
 def run_parts(net, mirror: bool, reader: RecordReader, parts: list[tuple[int, np.ndarray]], store: PartStore,
-              work: PartWork, loader: LoaderSettings, timer: Timer | None = None) -> DecodeStats | None:
+              work: PartWork, loader: LoaderSettings) -> DecodeStats | None:
     """Embed every part ``(number, offset-table rows)`` not yet in ``store`` and write ``work``'s arrays plus
     :data:`COUNTS` for it. Returns the decode counts of all ``parts`` (resumed ones too), or None on a rank
     other than 0 of a distributed run (rank 0 returns once every rank has written its parts)."""
@@ -111,7 +112,7 @@ def run_parts(net, mirror: bool, reader: RecordReader, parts: list[tuple[int, np
         pool = ThreadPoolExecutor(1, thread_name_prefix="reduce") if _on_gpu(net) else None
         # one loader for all the parts: its workers decode ahead across a part's end (no restart per part)
         stream = embed_products(net, reader, np.concatenate([r for _, r in todo]) if todo else np.zeros(0, np.int64),
-                                loader.batch_size, loader.workers, mirror, timer=timer,
+                                loader, mirror, timer=work.timer,
                                 bounds=np.cumsum([len(r) for _, r in todo]))
         try:
             for p, rows in todo:
