@@ -28,6 +28,7 @@ from .losses import MetricLoss, log_prior
 log = logging.getLogger(__name__)
 KNN_K, KNN_TAU = 20, 0.05  # the frozen kNN baseline's vote (DINO's recipe; fixed, not tuned)
 BASELINE_EPOCHS = 30  # epochs of the linear probe reported as a baseline when LP-FT itself is off
+PROBE_BATCH = 256  # cached features per step of the probe
 
 
 @dataclass(frozen=True)
@@ -78,12 +79,12 @@ def frozen_features(net: EmbeddingNet, reader: RecordReader, rows: np.ndarray, l
 
 
 def fit_new_layers(net: EmbeddingNet, feats: Features, loss_cfg: LossSettings, epochs: int, lr: float = 1e-3,
-                   batch_size: int = 256, seed: int = 0, adjust: torch.Tensor | None = None) -> float:
+                   seed: int = 0, adjust: torch.Tensor | None = None) -> float:
     """Fit the neck and the class head on cached features (the backbone untouched): AdamW with cosine decay,
     cross-entropy (label smoothing) on the batch-normalised feature plus the metric loss before it.
     ``adjust [C]`` (the logit adjustment, as fine-tuning uses it) is added to the logits of the loss.
-    Returns the last epoch's training accuracy."""
-    dev = device_of(net)
+    Batches of :data:`PROBE_BATCH` features. Returns the last epoch's training accuracy."""
+    dev, batch_size = device_of(net), PROBE_BATCH
     layers = [net.proj, net.head]
     params = [p for m in layers for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
@@ -156,12 +157,14 @@ def sample_rows(rows: np.ndarray, n_images: np.ndarray, max_images: int, seed: i
     return np.sort(np.random.default_rng(seed).choice(rows, keep, replace=False))
 
 
-def linear_probe_warm_start(net: EmbeddingNet, reader: RecordReader, train_rows: np.ndarray,
-                            train_labels: np.ndarray, val_rows: np.ndarray, val_labels: np.ndarray,
-                            cfg: TrainConfig, lp_epochs: int) -> FrozenBaseline:
+def linear_probe_warm_start(net: EmbeddingNet, reader: RecordReader, train_split: tuple[np.ndarray, np.ndarray],
+                            val_split: tuple[np.ndarray, np.ndarray], cfg: TrainConfig, lp_epochs: int
+                            ) -> FrozenBaseline:
     """The frozen baselines (kNN and linear probe over the frozen features of at most ``lp_max_images`` training
-    images) and, with ``lp_epochs`` > 0, the LP step of LP-FT: the fitted new layers stay in ``net``.
-    With LP-FT off the probe is fitted for the report only and the new layers are put back as they were."""
+    images; ``train_split`` and ``val_split``: ``(offset-table rows, classes)``) and, with ``lp_epochs`` > 0, the
+    LP step of LP-FT: the fitted new layers stay in ``net``. With LP-FT off the probe is fitted for the report
+    only and the new layers are put back as they were."""
+    (train_rows, train_labels), (val_rows, val_labels) = train_split, val_split
     epochs, max_images = lp_epochs, cfg.schedule.lp_max_images
     loss_cfg, workers, seed = cfg.loss, cfg.data.workers, cfg.data.seed
     n_img = reader.table["n_images"]

@@ -156,7 +156,7 @@ def _lp_step(net: EmbeddingNet, dm: CdiscountDataModule, cfg: TrainConfig, lp_ep
         torch.device("cpu")
     net.to(dev)
     try:
-        return linear_probe_warm_start(net, dm.reader, dm.train_rows, dm.class_of(dm.train_rows), dm.val_rows,
-                                       dm.class_of(dm.val_rows), cfg, lp_epochs)
+        return linear_probe_warm_start(net, dm.reader, (dm.train_rows, dm.class_of(dm.train_rows)),
+                                       (dm.val_rows, dm.class_of(dm.val_rows)), cfg, lp_epochs)
     finally:
         net.to("cpu")
