@@ -98,6 +98,8 @@ def predict(test_path: str | Path, index_dir: str | Path, out_csv: str | Path,
                                                settings.scores)
     top, scores_out = (scores.top, scores.path) if scores else (0, None)
     test_path, out_csv = Path(test_path), Path(out_csv)
+    if not test_path.is_file():  # before the index is opened: the cheapest check first
+        raise FileNotFoundError(f"{test_path}: no such BSON file")
     bundle = open_index(index_dir, mmap=True, runtime=runtime)
     bundle.refuse_runtime_on(loader.distributed)
     clf = load_fusion(bundle.run, bundle.fallback_class, fusion)  # validates alpha, k, tau, beta
