@@ -453,11 +453,14 @@ def serve(index: Path = typer.Option(..., help="index folder to serve"),
               None, metavar="NAME", help="a host name requests may carry in Host (and writes in Origin) besides "
                                          "the loopback names and --host; repeatable"),
           access_log: bool = typer.Option(False, help="log every request (writes are logged regardless)"),
-          runtime: Optional[str] = QUERY_RUNTIME) -> None:
+          runtime: Optional[str] = QUERY_RUNTIME,
+          fd: Optional[int] = typer.Option(None, min=0, help="serve on this already bound, listening socket (a file "
+                                                               "descriptor: socket activation, tests); --host still "
+                                                               "names the server")) -> None:
     """Serve similar products over HTTP with a web page at / (API docs at /docs); needs the serve extra."""
     from retrieval.serve import ServeSettings, run_server
     run_server(index, ServeSettings(token, read_only, tuple(allowed_host or ()), _runtime(runtime)), host, port,
-               access_log)
+               access_log, fd)
 
 
 @command()

@@ -8,18 +8,17 @@ commit (fsync of every new file, CURRENT moved). Then a reader that serves the i
 beside the live one (``open_index(reuse=...)`` reads only the new segment; the model load is stubbed: it is
 the same at any size). The last column is the step the old design paid per add: the whole FAISS file written
 again (and read by the server).
-Usage: python bench/bench_add.py [--sizes 100000 1000000] [--add 300] [--dim 64] [--workdir bench_out/add]
+Usage: python bench/bench_add.py [--sizes 100000 1000000] [--add 300] [--dim 64] [--repeat 7] [--quick]
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
 
-import common
+import harness
 import numpy as np
 
 from index import DuplicateTable, VectorIndex
@@ -27,7 +26,7 @@ from retrieval.infer.indexdir import bundle as bundle_mod
 from retrieval.infer.indexdir.compact import check_folder, commit_manifest
 from retrieval.infer.indexdir.folder import IndexFolder
 from retrieval.infer.indexdir.manifest import IndexManifest, Source
-from retrieval.infer.indexdir.segments import locate_ids, write_segment
+from retrieval.infer.indexdir.segments import SegmentData, locate_ids, write_segment
 
 
 def _unit(rng, n: int, d: int) -> np.ndarray:
@@ -39,12 +38,13 @@ def _segment(folder: IndexFolder, rng, ids: np.ndarray, d: int) -> tuple[str, np
     """One Flat segment of random unit vectors for products ``ids``."""
     n = len(ids)
     v = _unit(rng, n, d)
+    labels = rng.integers(0, 10, n)
     vi = VectorIndex.create(d, "Flat")
-    vi.add(v, rng.integers(0, 10, n))
-    arrays = {"product_ids": ids, "category_ids": rng.integers(0, 10, n), "offsets": np.zeros(n, np.int64),
+    vi.add(v, labels)
+    arrays = {"product_ids": ids, "category_ids": labels, "offsets": np.zeros(n, np.int64),
               "lengths": np.ones(n, np.int64), "sources": np.zeros(n, np.int32)}
     dups = DuplicateTable(rng.integers(0, 2 ** 62, n), np.arange(n))
-    return write_segment(folder, vi, arrays, dups, [(0, n)], [v]), v
+    return write_segment(folder, vi, SegmentData(labels, arrays, dups, [(0, n)], [v])), v
 
 
 def _manifest(d: int) -> IndexManifest:
@@ -100,21 +100,17 @@ def bench(root: Path, n: int, add: int, d: int, repeat: int) -> tuple:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = harness.parser(__doc__, workdir="bench_out/add")
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--add", type=int, default=300)
     ap.add_argument("--dim", type=int, default=64)
-    ap.add_argument("--repeat", type=int, default=7)
-    ap.add_argument("--workdir", type=Path, default=Path("bench_out/add"))
-    ap.add_argument("--quick", action="store_true", help="10k and 40k products, 3 adds")
-    a = ap.parse_args()
-    if a.quick:
-        a.sizes, a.repeat = [10_000, 40_000], 3
+    ap.add_argument("--repeat", type=int, default=7, help="timed adds per size (median), after one warm-up")
+    a = harness.start(ap, quick={"sizes": [10_000, 40_000], "repeat": 3})
     a.workdir.mkdir(parents=True, exist_ok=True)
     bundle_mod.query_tower = lambda bundle, runtime: None  # synthetic: no runtime to load
     rows = [bench(a.workdir, n, a.add, a.dim, a.repeat) for n in a.sizes]
     base = rows[0][1]
-    common.print_table([(f"{n:,}", f"{add * 1e3:.1f}", f"{add / base:.2f}x", f"{reopen * 1e3:.1f}",
+    harness.table([(f"{n:,}", f"{add * 1e3:.1f}", f"{add / base:.2f}x", f"{reopen * 1e3:.1f}",
                          f"{rewrite * 1e3:.0f}") for n, add, reopen, rewrite in rows],
                        ("catalogue (products)", f"add {a.add} (ms, median)", "vs smallest",
                         "reader reopen (ms)", "old design: rewrite whole FAISS file (ms)"))

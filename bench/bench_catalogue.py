@@ -15,10 +15,8 @@ Usage: python bench/bench_catalogue.py [--sizes 100000 1000000] [--dim 64] [--qu
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -26,7 +24,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import common
+import harness
 import numpy as np
 
 from index import DuplicateTable, recall_at_k
@@ -36,6 +34,7 @@ from retrieval.infer.indexdir.changes import remove_products
 from retrieval.infer.indexdir.compact import check_index, commit_manifest
 from retrieval.infer.indexdir.folder import IndexFolder
 from retrieval.infer.indexdir.manifest import IndexManifest, Source
+from retrieval.infer.indexdir.segments import SegmentData
 
 ROUNDS = 12  # timed query rounds per generation, alternating (the ratio: median over the round pairs)
 RECALL_QUERIES = 3000  # queries whose served top 10 is scored against exact search
@@ -73,8 +72,8 @@ def make_folder(root: Path, n: int, d: int, memory: float) -> tuple[IndexFolder,
         arrays = {"product_ids": ids, "category_ids": labels, "offsets": np.zeros(n, np.int64),
                   "lengths": np.ones(n, np.int64), "sources": np.zeros(n, np.int32)}
         dups = DuplicateTable(rng.integers(0, 2 ** 62, n), np.arange(n))
-        sid, factory, recall = build_segment(folder, d, SegmentSpec("auto", memory), labels, arrays, dups,
-                                             [(0, n)], [emb])
+        sid, factory, recall = build_segment(folder, d, SegmentSpec("auto", memory),
+                                             SegmentData(labels, arrays, dups, [(0, n)], [emb]))
         man = IndexManifest(model_file="none", model_sha256="0" * 64, run_dir=".", backbone="synthetic",
                             image_size=0, dim=d, factory=factory, count=n, split="all", mirror=False, store_key={},
                             parts=((0, n),), sources=(Source("base", {}),), segments=((sid, n),),
@@ -98,7 +97,7 @@ def _qps(bundle, ids: np.ndarray, vecs: np.ndarray) -> tuple[float, float]:
 
 def _child_rss(code: str) -> tuple[float, float]:
     """(seconds, peak RSS MB) of ``code`` run alone in a child process."""
-    env = {**os.environ, "PYTHONPATH": f"{common.ROOT}:{common.ROOT / 'bench'}"}
+    env = {**os.environ, "PYTHONPATH": f"{harness.ROOT}:{harness.ROOT / 'bench'}"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return tuple(json.loads(out.stdout.strip().splitlines()[-1]))
 
@@ -106,12 +105,12 @@ def _child_rss(code: str) -> tuple[float, float]:
 CHILD = """
 import json, time
 import bench_catalogue as b
+from harness import status_mb
 from retrieval.infer.indexdir.compact import compact
 b._stub()
 t = time.perf_counter()
 {op}
-hwm = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])  # this image's peak (ru_maxrss keeps the
-print(json.dumps([time.perf_counter() - t, hwm / 1024]))  # forking parent's across exec)
+print(json.dumps([time.perf_counter() - t, status_mb("VmHWM")]))  # this image's peak (VmHWM starts afresh at exec)
 """
 
 
@@ -147,7 +146,8 @@ def bench(root: Path, n: int, d: int, memory: float, repeat: int, queries: int) 
             rounds[name].append(_qps(b, q_ids[part], q_vecs[part]))
     med = {k: np.median(np.array(r), 0) for k, r in rounds.items()}
     per_round = np.array(rounds["tenth"]) / np.array(rounds["none"])  # [rounds, 2]: each round pair's ratio
-    med["ratio"], med["ratio_q"] = np.median(per_round, 0), np.percentile(per_round, [25, 75], axis=0)
+    q = harness.percentiles(per_round, (50, 25, 75))
+    med["ratio"], med["ratio_q"] = q[50], np.array([q[25], q[75]])
     # recall@10 of what is served, against exact search over the live products only
     import faiss
     flat = faiss.IndexFlatIP(d)
@@ -172,8 +172,8 @@ def bench(root: Path, n: int, d: int, memory: float, repeat: int, queries: int) 
                 while f.read(8 << 20):
                     pass
     plain()  # warm: both read from the page cache
-    plain_s = common.best_time(plain, 3)
-    check_s = common.best_time(lambda: check_index(folder.path), 3)
+    plain_s = harness.best_time(plain, 3)
+    check_s = harness.best_time(lambda: check_index(folder.path), 3)
     assert check_index(folder.path).damaged == ()
     shutil.rmtree(folder.path, ignore_errors=True)
     return {"n": n, "factory": none.manifest.factory, "remove": float(np.median(removes)),
@@ -189,27 +189,23 @@ def _ratio(r: dict, col: int) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = harness.parser(__doc__, workdir="bench_out/catalogue")
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--index-memory", type=float, default=8e9, help="bytes the index type is chosen within")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--queries", type=int, default=30000)
-    ap.add_argument("--workdir", type=Path, default=Path("bench_out/catalogue"))
-    ap.add_argument("--quick", action="store_true", help="30k and 60k products, 1 removal, 3,000 queries")
-    a = ap.parse_args()
-    if a.quick:
-        a.sizes, a.repeat, a.queries = [30_000, 60_000], 1, 3000
+    a = harness.start(ap, quick={"sizes": [30_000, 60_000], "repeat": 1, "queries": 3000})
     a.workdir.mkdir(parents=True, exist_ok=True)
     _stub()
     rows = [bench(a.workdir, n, a.dim, a.index_memory, a.repeat, a.queries) for n in a.sizes]
     base = rows[0]["remove"]
-    common.print_table([(f"{r['n']:,}", r["factory"], f"{r['remove'] * 1e3:.1f}", f"{r['remove'] / base:.2f}x",
+    harness.table([(f"{r['n']:,}", r["factory"], f"{r['remove'] * 1e3:.1f}", f"{r['remove'] / base:.2f}x",
                          f"{r['reopen'] * 1e3:.1f}") for r in rows],
                        ("catalogue (products)", "index", "remove 1,000 (ms, median)", "vs smallest",
                         "reader reopen (ms)"))
     print()
-    common.print_table([(f"{r['n']:,}", f"{r['qps']['none'][0]:.0f}", f"{r['qps']['tenth'][0]:.0f}",
+    harness.table([(f"{r['n']:,}", f"{r['qps']['none'][0]:.0f}", f"{r['qps']['tenth'][0]:.0f}",
                          _ratio(r, 0), f"{r['qps']['none'][1]:.0f}",
                          f"{r['qps']['tenth'][1]:.0f}", _ratio(r, 1),
                          f"{r['recall0']:.3f}", f"{r['recall']:.3f}", f"{r['build_recall']:.3f}") for r in rows],
@@ -218,13 +214,12 @@ def main() -> None:
                         "ratio [quartiles]", "served recall@10 (none removed)",
                         "served recall@10 (10% removed, vs live)", "build recall@10"))
     print()
-    common.print_table([(f"{r['n']:,}", f"{r['compact_s']:.1f}", f"{r['compact_rss']:.0f}", f"{r['open_rss']:.0f}",
+    harness.table([(f"{r['n']:,}", f"{r['compact_s']:.1f}", f"{r['compact_rss']:.0f}", f"{r['open_rss']:.0f}",
                          f"{r['gb']:.2f}", f"{r['check_gbs']:.2f}", f"{r['plain_gbs']:.2f}",
                          f"{r['check_gbs'] / r['plain_gbs']:.2f}x") for r in rows],
                        ("catalogue", "compact 10% removed (s)", "its peak RSS (MB)", "open only: peak RSS (MB)",
                         "folder (GB)", "check (GB/s)", "plain read (GB/s)", "check / read"))
-    print(f"\nmachine: {os.cpu_count()} cores; this process's peak RSS "
-          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    print(f"\nmachine: {os.cpu_count()} cores; this process's peak RSS {harness.status_mb('VmHWM'):.0f} MB")
     shutil.rmtree(a.workdir, ignore_errors=True)
 
 

@@ -2,7 +2,8 @@
 autocast (where the CPU has bf16), ONNX Runtime fp32 and static int8, at 128/180/224 px and batch 1 and 64,
 with ratios against eager fp32 measured in the same run; and how far bf16 and int8 embeddings stray from fp32.
 
-    python bench/bench_cpu_runtime.py [--quick] [--seconds 4] [--workdir bench_out/cpu_runtime]
+    python bench/bench_cpu_runtime.py [--quick] [--sizes 128 180 224] [--batches 1 64] [--seconds 4]
+                                      [--workdir bench_out/cpu_runtime]
 
 ImageNet weights (offline package) when installed, else random ones (speed is the same). Accuracy is measured on
 the real pictures of ../shared/data/train_example.bson when present (int8 is calibrated on the even ones and
@@ -10,23 +11,22 @@ checked on the odd ones), else on generated pictures.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
 import time
 from pathlib import Path
 
+import harness
 import numpy as np
 import torch
-from common import print_table
 
 from retrieval.model import onnx_export as ox
 from retrieval.model.config import ModelConfig
 from retrieval.model.network import EmbeddingNet
 from retrieval.model.runtime import auto_precision
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "train_example.bson"
+REAL = harness.SHARED_DATA / "train_example.bson"
 
 
 def pictures(size: int, n: int) -> torch.Tensor:
@@ -117,17 +117,21 @@ def _has_imagenet() -> bool:
 
 
 def main() -> None:
+    ap = harness.parser(__doc__, workdir="bench_out/cpu_runtime")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[128, 180, 224], help="input sides in pixels")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--seconds", type=float, default=4.0, help="timing budget per cell")
+    ap.add_argument("--pictures", type=int, default=256, help="pictures for int8 calibration and the accuracy check")
+    args = harness.start(ap, quick={"sizes": [64], "batches": [1, 4], "seconds": 0.2, "pictures": 16})
     logging.basicConfig(level=logging.WARNING)
-    sizes = [64] if args.quick else [128, 180, 224]
-    batches = [1, 4] if args.quick else [1, 64]
-    seconds = 0.2 if args.quick else args.seconds
+    sizes, batches, seconds = args.sizes, args.batches, args.seconds
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     bf16 = auto_precision() == "bf16-mixed"
     t0 = time.perf_counter()
     speed, acc = [], []
     for size in sizes:
-        s, a = one_size(size, batches, seconds, work, bf16, 16 if args.quick else 256)
+        s, a = one_size(size, batches, seconds, work, bf16, args.pictures)
         speed += s
         acc += a
     lines = [f"efficientnet_lite0 ({'ImageNet' if _has_imagenet() else 'random'} weights), torch "
@@ -136,16 +140,11 @@ def main() -> None:
              f"bf16 autocast {'measured' if bf16 else 'skipped: no AVX512-BF16/AMX'}; total "
              f"{time.perf_counter() - t0:.0f} s", ""]
     print("\n".join(lines))
-    print_table(speed, ("px", "batch", "runtime", "images/s", "vs eager fp32"))
+    harness.table(speed, ("px", "batch", "runtime", "images/s", "vs eager fp32"))
     print(f"\nEmbeddings against eager fp32 on {'real' if REAL.exists() else 'generated'} pictures not used "
           "for calibration:\n")
-    print_table(acc, ("px", "runtime", "pictures", "min cosine", "mean cosine", "max |diff|"))
+    harness.table(acc, ("px", "runtime", "pictures", "min cosine", "mean cosine", "max |diff|"))
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (64 px, batch 1 and 4)")
-    parser.add_argument("--seconds", type=float, default=4.0, help="timing budget per cell")
-    parser.add_argument("--workdir", default="bench_out/cpu_runtime", help="where the ONNX files go")
-    args = parser.parse_args()
     main()

@@ -1,10 +1,9 @@
 """Data-layer throughput: raw read, streaming, offset scan, random reads, JPEG decode, streaming memory.
 
-    python bench/bench_data.py [--products 20000] [--workdir bench_out/data]
+    python bench/bench_data.py [--products 20000] [--big-gb 1.0] [--workdir bench_out/data] [--quick]
 """
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import subprocess
@@ -12,8 +11,9 @@ import sys
 from pathlib import Path
 
 import bson
+import harness
 import numpy as np
-from common import best_time, print_table
+from harness import best_time
 from PIL import Image
 
 from retrieval.data.bsonio import iter_products
@@ -24,27 +24,19 @@ from retrieval.data.synth import SynthConfig, make_data
 # Peak RSS is read from VmHWM: unlike getrusage's ru_maxrss it starts afresh at exec, so the child does not
 # inherit the (large) parent's high-water mark.
 RSS_SCRIPT = """
-import sys
+from harness import status_mb
 from retrieval.data.bsonio import iter_products
-def status_kb(key):
-    for line in open('/proc/self/status'):
-        if line.startswith(key):
-            return int(line.split()[1])
-base = status_kb('VmRSS')
+base = status_mb('VmRSS')
 n = sum(len(p.images) for p in iter_products({path!r}))
-print(base, status_kb('VmHWM'), n)
+print(base, status_mb('VmHWM'), n)
 """
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = harness.parser(__doc__, workdir="bench_out/data")
     ap.add_argument("--products", type=int, default=20000)
-    ap.add_argument("--workdir", default="bench_out/data")
-    ap.add_argument("--big-gb", type=float, default=1.0)
-    ap.add_argument("--quick", action="store_true", help="500 products, a 10 MB big file (smoke test)")
-    a = ap.parse_args()
-    if a.quick:
-        a.products, a.big_gb = 500, 0.01
+    ap.add_argument("--big-gb", type=float, default=1.0, help="size of the file streamed for peak RSS")
+    a = harness.start(ap, quick={"products": 500, "big_gb": 0.01})
     work = Path(a.workdir)
     train = work / "train.bson"
     if not train.exists():
@@ -70,7 +62,7 @@ def main() -> None:
     t_fast = best_time(lambda: [decode_image(p) for p in pics])
     t_pil = best_time(lambda: [np.asarray(Image.open(io.BytesIO(p)).convert("RGB")) for p in pics])
     t_dct = best_time(lambda: [decode_image(p, min_size=90) for p in pics])
-    real = Path(__file__).resolve().parents[2] / "shared" / "data" / "train_example.bson"
+    real = harness.SHARED_DATA / "train_example.bson"
     real_pics = [p for prod in iter_products(real) for p in prod.images] * 20 if real.exists() else []
     if real_pics:
         t_real = best_time(lambda: [decode_image(p) for p in real_pics])
@@ -82,10 +74,10 @@ def main() -> None:
         with open(big, "wb") as f:
             for _ in range(int(np.ceil(a.big_gb * 1e9 / len(data)))):
                 f.write(data)
-    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT.format(root=str(Path(__file__).resolve().parents[1]),
-                                                                     path=str(big))],
+    env = {**os.environ, "PYTHONPATH": f"{harness.ROOT}:{harness.ROOT / 'bench'}"}
+    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT.format(path=str(big))], env=env,
                          capture_output=True, text=True, check=True).stdout.split()
-    base_kb, peak_kb = int(out[0]), int(out[1])
+    base_mb, peak_mb = float(out[0]), float(out[1])
 
     print(f"file: {train} ({n:,} products, {mb:,.0f} MB); big file {big.stat().st_size / 1e9:.2f} GB; "
           f"cores {os.cpu_count()}\n")
@@ -109,10 +101,10 @@ def main() -> None:
                      ("real train_example pictures: simplejpeg", f"{len(real_pics) / t_real:,.0f} img/s",
                       f"{t_real_pil / t_real:.2f}x PIL", ">= 2.5x", "ok" if t_real_pil / t_real >= 2.5 else "MISS")]
     rows_out += [
-        ("peak RSS growth, streaming big file", f"{(peak_kb - base_kb) / 1024:,.1f} MB", "", "< 200 MB",
-         "ok" if (peak_kb - base_kb) / 1024 < 200 else "MISS"),
+        ("peak RSS growth, streaming big file", f"{peak_mb - base_mb:,.1f} MB", "", "< 200 MB",
+         "ok" if peak_mb - base_mb < 200 else "MISS"),
     ]
-    print_table(rows_out, ("measure", "value", "ratio", "goal", ""))
+    harness.table(rows_out, ("measure", "value", "ratio", "goal", ""))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ training step (bf16 autocast and channels_last where CUDA is), the model's forwa
 Each end-to-end figure is also given as a ratio to the forward-only rate measured in the same run.
 Usage: python bench/bench_gpu.py [--backbones efficientnet_lite0 efficientnet_lite2] [--products 6000]
        [--workers N] [--workdir bench_out/gpu] [--quick]
+(--quick: Lite0 alone on 40 generated 64 px products, a few steps: a smoke run that is quick on a CPU too)
 """
 from __future__ import annotations
 
@@ -15,14 +16,14 @@ import shutil
 import time
 from pathlib import Path
 
+import harness
 import torch
-from common import print_table
 
 from retrieval.data.synth import SynthConfig, make_data
 from retrieval.infer.indexdir.build import IndexSettings, build_index
 from retrieval.infer.indexdir.bundle import open_index
 from retrieval.infer.pipeline.embed import LoaderSettings
-from retrieval.infer.predict import predict
+from retrieval.infer.predict import PredictSettings, predict
 from retrieval.model.config import ModelConfig
 from retrieval.model.network import EmbeddingNet
 from retrieval.model.runtime import autocast_for, best_device
@@ -94,8 +95,8 @@ def forward_rate(net, size: int, batch: int, reps: int) -> float:
 
 
 def one_backbone(work: Path, data: Path, backbone: str, a: argparse.Namespace, batch0: list, categories) -> list:
-    size = 180
-    step = step_rate(backbone, size, batch0, categories, 4 if a.quick else 20)
+    size = a.image_size
+    step = step_rate(backbone, size, batch0, categories, a.steps)
     run = work / f"run_{backbone}"
     shutil.rmtree(run, ignore_errors=True)
     train(data / "train.bson", run, TrainConfig.build(backbone=backbone, image_size=size, embed_dim=256, max_steps=2,
@@ -106,9 +107,10 @@ def one_backbone(work: Path, data: Path, backbone: str, a: argparse.Namespace, b
     shutil.rmtree(index, ignore_errors=True)
     man = build_index(data / "train.bson", run, index, IndexSettings("all"), loader)
     net = open_index(index).net
-    fwd = forward_rate(net, size, a.batch, 3 if a.quick else 20)
+    fwd = forward_rate(net, size, a.batch, a.steps)
     embed_e2e = man.embedding["images"] / man.embedding["seconds"]
-    rep = predict(data / "test.bson", index, work / f"pred_{backbone}.csv", loader=loader, restart=True)
+    rep = predict(data / "test.bson", index, work / f"pred_{backbone}.csv", loader=loader,
+                  settings=PredictSettings(restart=True))
     pred_e2e = rep.images / rep.seconds
     return [(backbone, "train step (fwd+bwd+AdamW, batch %d)" % len(batch0[1]), step, "",
              f"{TRAIN_IMAGES / step / 3600:.2f} h per epoch"),
@@ -119,31 +121,32 @@ def one_backbone(work: Path, data: Path, backbone: str, a: argparse.Namespace, b
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = harness.parser(__doc__, workdir="bench_out/gpu")
     ap.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "efficientnet_lite2"])
     ap.add_argument("--products", type=int, default=6000)
+    ap.add_argument("--image-size", type=int, default=180, help="Cdiscount's pictures are 180 px")
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=20, help="timed train steps and forward batches")
+    ap.add_argument("--loader-batches", type=int, default=40)
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
-    ap.add_argument("--workdir", default="bench_out/gpu")
-    ap.add_argument("--quick", action="store_true", help="300 products, a few steps (smoke test)")
-    a = ap.parse_args()
-    if a.quick:
-        a.products, a.batch = 300, 32
+    a = harness.start(ap, quick={"backbones": ["efficientnet_lite0"], "products": 40, "image_size": 64, "batch": 16,
+                                 "steps": 2, "loader_batches": 2, "workers": 1})
     work = Path(a.workdir)
-    data = work / "data180"
+    data = work / f"data{a.image_size}"
     if not (data / "train.bson").exists():
         t = time.perf_counter()
-        make_data(data, SynthConfig(a.products, 200, seed=0, image_size=180, test_fraction=0.5), progress=False)
-        print(f"generated {a.products:,} products at 180 px in {time.perf_counter() - t:.0f} s")
+        make_data(data, SynthConfig(a.products, 200, seed=0, image_size=a.image_size, test_fraction=0.5),
+                  progress=False)
+        print(f"generated {a.products:,} products at {a.image_size} px in {time.perf_counter() - t:.0f} s")
     dev = best_device()
     name = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU, {os.cpu_count()} cores"
-    lr, batch0, cats = loader_rate(data, work / "loader_run", 180, a.batch, a.workers, 4 if a.quick else 40)
+    lr, batch0, cats = loader_rate(data, work / "loader_run", a.image_size, a.batch, a.workers, a.loader_batches)
     rows = []
     for backbone in a.backbones:
         rows += one_backbone(work, data, backbone, a, batch0, cats)
     precision = "bf16" if dev.type == "cuda" else "auto"
-    print(f"\n## Throughput at 180 px on {name} ({a.workers} loader workers, precision {precision})\n")
-    print_table([("any", f"training loader (read, decode, augment; {a.workers} workers)", f"{lr:,.0f}", "",
+    print(f"\n## Throughput at {a.image_size} px on {name} ({a.workers} loader workers, precision {precision})\n")
+    harness.table([("any", f"training loader (read, decode, augment; {a.workers} workers)", f"{lr:,.0f}", "",
                   f"{TRAIN_IMAGES / lr / 3600:.2f} h per epoch if the loader were the limit")]
                 + [(b, what, f"{r:,.0f}", ratio, note) for b, what, r, ratio, note in rows],
                 ("backbone", "what", "img/s", "vs forward only", "implied"))

@@ -1,18 +1,17 @@
 """Index benchmark: Flat vs `auto` on 1M clustered vectors; build-index throughput vs forward-only; instance
 retrieval on generated data.
 
-    python bench/bench_index.py [--n 1000000] [--queries 10000] [--workdir bench_out/index]
+    python bench/bench_index.py [--n 1000000] [--queries 10000] [--workdir bench_out/index] [--quick]
 """
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
 from pathlib import Path
 
+import harness
 import numpy as np
-from common import print_table
 
 from index import VectorIndex, choose_factory, exact_topk, recall_at_k
 
@@ -74,17 +73,14 @@ def index_rows(n: int, nq: int, per_cluster: int, noise: float, d: int = 256) ->
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = harness.parser(__doc__, workdir="bench_out/index")
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--queries", type=int, default=10_000)
-    ap.add_argument("--workdir", default="bench_out/index")
     ap.add_argument("--skip-vectors", action="store_true")
-    ap.add_argument("--quick", action="store_true", help="20,000 vectors, 200 queries, tiny runs (smoke test)")
-    a = ap.parse_args()
-    if a.quick:
-        import pipeline_common
-        pipeline_common.set_quick()
-        a.n, a.queries = 20_000, 200
+    ap.add_argument("--products", type=int, default=4000, help="generated products of the tiny-tower run")
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--convnext-products", type=int, default=300)
+    a = harness.start(ap, quick={"n": 20_000, "queries": 200, "products": 200, "epochs": 1, "convnext_products": 12})
     if not a.skip_vectors:
         # Learned product embeddings cluster by category (hundreds to thousands of products each); the second
         # regime, many 50-point clusters as noisy as they are far apart, is close to random data for IVF.
@@ -92,12 +88,13 @@ def main() -> None:
             print(f"## FAISS, {regime}: {a.n:,} vectors of 256-d, {per_cluster:,} per cluster "
                   f"({a.n // per_cluster:,} Gaussian centres, noise {noise}); {a.queries:,} queries, k=10, "
                   f"{os.cpu_count()} cores\n")
-            print_table(index_rows(a.n, a.queries, per_cluster, noise),
+            harness.table(index_rows(a.n, a.queries, per_cluster, noise),
                         ("index", "build s", "bytes/vector", "QPS", "recall@10", "QPS vs Flat", ""))
             print()
     from pipeline_common import embedding_rows
     print("\n## build-index embedding and instance retrieval (tiny tower, generated data)\n")
-    print_table(embedding_rows(Path(a.workdir)), ("measure", "value", "ratio", "goal", ""))
+    harness.table(embedding_rows(Path(a.workdir), a.products, a.epochs, a.convnext_products),
+                  ("measure", "value", "ratio", "goal", ""))
 
 
 if __name__ == "__main__":

@@ -1,19 +1,18 @@
 """Pipeline benchmark: head/kNN/fused accuracy, predict throughput vs forward-only, stage shares, demo time.
 
-    python bench/bench_pipeline.py [--workdir bench_out/pipeline] [--skip-demo]
+    python bench/bench_pipeline.py [--workdir bench_out/pipeline] [--skip-demo] [--quick]
 """
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import harness
 import numpy as np
 import torch
-from common import print_table
 from pipeline_common import decoded_images, forward_only, prepared, prepared_convnext
 
 from retrieval.data.datasets import to_model_input
@@ -26,8 +25,6 @@ from retrieval.infer.pipeline.embed import embed_images
 from retrieval.infer.predict import predict
 from retrieval.infer.scoring.candidates import Candidates, neighbour_labels
 from retrieval.infer.scoring.fused import FusedClassifier
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def stage_shares(test: Path, bundle, params: dict) -> dict[str, float]:
@@ -67,10 +64,10 @@ def stage_shares(test: Path, bundle, params: dict) -> dict[str, float]:
     return s
 
 
-def convnext_predict(work: Path) -> tuple[float, float, int]:
+def convnext_predict(work: Path, products: int) -> tuple[float, float, int]:
     """(predict img/s over its product loop, forward-only img/s, images) for a convnext_tiny run at 180 px.
     The loop (read, decode, model, search, fusion, writing parts) excludes start-up: model build, hashing."""
-    p = prepared_convnext(work)
+    p = prepared_convnext(work, products)
     idx = work / "index_convnext"
     if not IndexFolder(idx).exists():
         build_index(p["data"] / "train.bson", p["run"], idx, IndexSettings("all"))
@@ -82,19 +79,15 @@ def convnext_predict(work: Path) -> tuple[float, float, int]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--workdir", default="bench_out/pipeline")
+    ap = harness.parser(__doc__, workdir="bench_out/pipeline")
     ap.add_argument("--skip-demo", action="store_true")
     ap.add_argument("--products", type=int, default=6000)
     ap.add_argument("--categories", type=int, default=200)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--colour-shift", type=float, default=75.0)
-    ap.add_argument("--quick", action="store_true", help="300 products, 10 categories, 1 epoch, no demo (smoke test)")
-    a = ap.parse_args()
-    if a.quick:
-        import pipeline_common
-        pipeline_common.set_quick()
-        a.products, a.categories, a.epochs, a.skip_demo = 300, 10, 1, True
+    ap.add_argument("--convnext-products", type=int, default=300)
+    a = harness.start(ap, quick={"products": 300, "categories": 10, "epochs": 1, "skip_demo": True,
+                                 "convnext_products": 12})
     work = Path(a.workdir)
     p = prepared(work, a.products, a.categories, a.epochs, a.colour_shift)
     print(f"generated data: {a.products:,} products, {a.categories} categories, colour shift {a.colour_shift}, "
@@ -106,7 +99,7 @@ def main() -> None:
     m = evaluate(work / "index_train", out_dir=work / "eval")
     best_single = max(m["head_accuracy"], m["knn_accuracy"])
     print("## Accuracy on the validation split (products), generated data, tiny tower\n")
-    print_table([("head only", f"{m['head_accuracy']:.4f}", ""),
+    harness.table([("head only", f"{m['head_accuracy']:.4f}", ""),
                  (f"kNN only (k={m['knn_best']['k']}, tau={m['knn_best']['tau']})", f"{m['knn_accuracy']:.4f}", ""),
                  (f"fused (alpha={m['calibration']['alpha']}, k={m['calibration']['k']}, "
                   f"tau={m['calibration']['tau']})",
@@ -118,10 +111,10 @@ def main() -> None:
     fwd = s.pop("_fwd_img_s")
     e2e = rep.images / rep.seconds
     loop = rep.images / sum(rep.stages.values())  # read, decode, model, search, fusion: no start-up
-    cx = convnext_predict(work)
+    cx = convnext_predict(work, a.convnext_products)
     print(f"\n## predict end to end vs model forward only on the same images ({rep.images:,} tiny, "
           f"{cx[2]:,} convnext)\n")
-    print_table([("tiny @ 64px: forward only", f"{fwd:,.0f} img/s", "reference", ""),
+    harness.table([("tiny @ 64px: forward only", f"{fwd:,.0f} img/s", "reference", ""),
                  ("tiny @ 64px: predict end to end (whole command)",
                   f"{e2e:,.0f} img/s, {rep.products / rep.seconds:,.0f} products/s",
                   f"{e2e / fwd:.2f}x forward", "ok" if e2e / fwd >= 0.8 else "MISS (goal >= 0.8x)"),
@@ -136,12 +129,12 @@ def main() -> None:
                 ("measure", "value", "ratio", ""))
     total = sum(s.values())
     print("\n## Share of time per stage (each measured alone on the same products)\n")
-    print_table([(k, f"{v:.2f}", f"{100 * v / total:.1f}%") for k, v in s.items()], ("stage", "seconds", "share"))
+    harness.table([(k, f"{v:.2f}", f"{100 * v / total:.1f}%") for k, v in s.items()], ("stage", "seconds", "share"))
     if not a.skip_demo:
         with tempfile.TemporaryDirectory() as tmp:
             t = time.perf_counter()
-            subprocess.run([sys.executable, str(ROOT / "cli.py"), "demo", "--workdir", tmp + "/demo"], check=True,
-                           capture_output=True)
+            subprocess.run([sys.executable, str(harness.ROOT / "cli.py"), "demo", "--workdir", tmp + "/demo"],
+                           check=True, capture_output=True)
             print(f"\ndemo wall time: {time.perf_counter() - t:.0f} s (goal < 600 s on 2 cores)")
 
 

@@ -1,16 +1,16 @@
 """Accuracy on real photographs: the Grocery Store data set in Cdiscount BSON form (81 classes, ../shared/data/grocery).
 
-Prints test.bson product accuracy, each with a 95% bootstrap interval, of
+Prints test.bson product accuracy, each with a 95% Wilson interval, of
   (a)  a cosine kNN over the frozen ImageNet backbone's pooled features (k, tau chosen on val.bson),
   (a2) a linear probe on the same frozen features (logistic regression, L2 chosen on val.bson),
   (b)  the head, (c) the kNN and (d) the fused classifier after `train` with the default recipe for a pretrained
        backbone (what `train FILE --out RUN --backbone B --pretrained imagenet` runs), calibrated by `evaluate`
        on the shipped val.bson,
-the paired difference fused - max(head, kNN, linear probe), recall@1 of `similar`, and a plot of test accuracy
-against training minutes for several epoch budgets (each a full run of that length).
+the paired difference fused - max(head, kNN, linear probe) (95% paired bootstrap interval), recall@1 of `similar`,
+and a plot of test accuracy against training minutes for several epoch budgets (each a full run of that length).
 The baselines here are written independently of the library (plain numpy / torch), so they check it.
 Usage: python bench/bench_real.py [--budgets 1,2,4,8] [--image-size 160] [--backbone efficientnet_lite0]
-       [--workdir bench_out/real] [--set lr=1e-3 ...] [--quick]
+       [--workdir bench_out/real] [--set lr=1e-3 ...] [--out FILE] [--quick]
        (GROCERY_DIR=folder reads the data from elsewhere than ../shared/data/grocery)
 """
 from __future__ import annotations
@@ -23,11 +23,12 @@ import shutil
 import time
 from pathlib import Path
 
-import common
+import harness
 import numpy as np
 import torch
 import torch.nn.functional as F
-from real_report import bootstrap, by_size_table, grid_gammas, plot
+from grocery_tail import sample
+from real_report import by_size_table, grid_gammas, plot
 from tail_classifiers import balanced_classifiers
 
 from index import knn_vote
@@ -35,7 +36,7 @@ from retrieval.data.images import decode_image, encode_jpeg
 from retrieval.data.offsets import RecordReader, load_offsets
 from retrieval.infer.evaluate import evaluate
 from retrieval.infer.indexdir.build import IndexSettings, build_index, open_index
-from retrieval.infer.predict import predict, read_submission
+from retrieval.infer.predict import PredictSettings, predict, read_submission
 from retrieval.infer.query import similar
 from retrieval.infer.scoring.fused import FusionOverrides
 from retrieval.model.config import ModelConfig
@@ -44,7 +45,7 @@ from retrieval.train.config import TrainConfig
 from retrieval.train.probe import frozen_features
 from retrieval.train.run import train
 
-GROCERY = Path(os.environ.get("GROCERY_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data" / "grocery")
+GROCERY = Path(os.environ.get("GROCERY_DIR") or harness.SHARED_DATA / "grocery")
 
 
 def product_features(path: Path, backbone: str, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -110,7 +111,7 @@ def finetune(work: Path, epochs: int, a: argparse.Namespace, qy: np.ndarray) -> 
     with grid_gammas((0.0,)):  # first calibrated without the prototype vote (the ablation), then as shipped
         evaluate(idx, GROCERY / "val.bson", out_dir=work / f"{name}_eval_noproto")
         predict(GROCERY / "test.bson", idx, work / f"{name}_noproto.csv", FusionOverrides(peer_weight=0.0),
-                restart=True)
+                settings=PredictSettings(restart=True))
         out["fused_noproto"] = read_submission(work / f"{name}_noproto.csv")[1] == qy
     m = evaluate(idx, GROCERY / "val.bson", out_dir=work / f"{name}_eval")
     out.update({"minutes": t_train / 60, "val": (m["head_accuracy"], m["knn_accuracy"], m["fused_accuracy"]),
@@ -119,9 +120,10 @@ def finetune(work: Path, epochs: int, a: argparse.Namespace, qy: np.ndarray) -> 
                                                                                  "gamma": 0.0}),
                     ("fused_np", {"peer_weight": 0.0}), ("fused", {})):
         sub = work / f"{name}_{key}.csv"
-        predict(GROCERY / "test.bson", idx, sub, FusionOverrides(**kw), restart=True)
+        predict(GROCERY / "test.bson", idx, sub, FusionOverrides(**kw), settings=PredictSettings(restart=True))
         out[key] = read_submission(sub)[1] == qy
-    bal = balanced_classifiers(run, idx, GROCERY / "val.bson", GROCERY / "test.bson", work / f"{name}_emb")
+    bal = balanced_classifiers(run, idx, GROCERY / "val.bson", GROCERY / "test.bson", work / f"{name}_emb",
+                               a.crt_steps)
     out.update({key: bal[key] for key in ("ncm", "crt", "knn_p05", "knn_p1")}, balanced_what=bal["what"])
     return out
 
@@ -146,18 +148,21 @@ def similar_recall(work: Path, idx: Path, n: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--workdir", default="bench_out/real")
+    ap = harness.parser(__doc__, workdir="bench_out/real")
     ap.add_argument("--budgets", default="1,2,4,8", help="epoch budgets; the last is the headline run")
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--image-size", type=int, default=None, help="default: the recipe's")
     ap.add_argument("--set", nargs="*", default=[], help="recipe overrides, e.g. lr=1e-3 freeze_blocks=0")
     ap.add_argument("--recall-queries", type=int, default=600, help="0: no similar-product recall")
-    ap.add_argument("--quick", action="store_true", help="one 1-epoch run at 64 px, 20 recall queries (smoke test)")
-    a = ap.parse_args()
+    ap.add_argument("--classes", type=int, default=0,
+                    help="> 0: a sample of this many classes (20 train, 5 val, 15 test products each)")
+    ap.add_argument("--crt-steps", type=int, default=1500, help="steps of each cRT fit (class-balanced batches)")
+    a = harness.start(ap, quick={"budgets": "1", "image_size": 64, "recall_queries": 20, "classes": 12,
+                                 "crt_steps": 150})
     a.set = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in a.set)}
-    if a.quick:
-        a.budgets, a.image_size, a.recall_queries = "1", 64, 20
+    if a.classes:
+        global GROCERY
+        GROCERY = sample(Path(a.workdir) / "grocery", a.classes, {"train": 20, "val": 5, "test": 15}, 0, GROCERY)
     a.image_size = a.image_size or \
         TrainConfig.build(backbone=a.backbone, pretrained="imagenet", **a.set).model.image_size
     work = Path(a.workdir)
@@ -168,7 +173,8 @@ def main() -> None:
     runs = {e: finetune(work, e, a, qy) for e in budgets}
     main_run = runs[budgets[-1]]
     recipe = TrainConfig.build(backbone=a.backbone, pretrained="imagenet", **a.set)
-    print(f"## Grocery Store (real photos, 81 classes, {len(qy):,} test products): {a.backbone} @ {a.image_size} px\n")
+    print(f"## Grocery Store (real photos, {len(np.unique(qy))} classes, {len(qy):,} test products): {a.backbone} @ "
+          f"{a.image_size} px\n")
     print(f"recipe: {json.dumps({**recipe.schedule.__dict__, **recipe.data.__dict__, **recipe.loss.__dict__})}\n")
     rows = [("(a) kNN, frozen ImageNet features", base["knn"], "", base["what"].split(";")[0]),
             ("(a2) linear probe, frozen ImageNet features", base["lp"], "", base["what"].split("; ")[1])]
@@ -188,19 +194,19 @@ def main() -> None:
                  (f"(d) fused, fine-tuned {e} epochs", r["fused"], "",
                   f"peer weight {r['peers']['mu']}, k {r['peers']['k']}, tau {r['peers']['tau']} (on val.bson "
                   f"{r['val'][2]:.3f} vs {r['peers']['fused_without_peers_accuracy']:.3f} without)")]
-    table = [(what, float(c.mean()), "[{:.3f}, {:.3f}]".format(*bootstrap(c)), mins, note)
+    table = [(what, float(c.mean()), harness.interval(*harness.proportion(c)[1:]), mins, note)
              for what, c, mins, note in rows]
-    common.print_table(table, ("what", "test accuracy", "95% interval", "train minutes", "notes"))
+    harness.table(table, ("what", "test accuracy", "95% interval", "train minutes", "notes"))
     best_part = max((main_run["head"], main_run["knn"], base["lp"]), key=np.mean)
     diff = main_run["fused"].astype(float) - best_part.astype(float)
-    lo, hi = bootstrap(diff)
+    lo, hi = harness.paired_interval(diff)
     print(f"\nfused - max(head, kNN, linear probe) at {budgets[-1]} epochs: {diff.mean():+.4f} "
           f"(paired 95% interval [{lo:+.4f}, {hi:+.4f}])")
     for e in budgets:
         r = runs[e]
         best = max((r["head"], r["knn"], base["lp"]), key=np.mean).astype(float)
         d, d0 = r["fused"] - best, r["fused_np"] - best
-        (lo, hi), (lo0, hi0) = bootstrap(d), bootstrap(d0)
+        (lo, hi), (lo0, hi0) = harness.paired_interval(d), harness.paired_interval(d0)
         print(f"  {e} epochs: fused - max {d.mean():+.4f} [{lo:+.4f}, {hi:+.4f}]; "
               f"without peers {d0.mean():+.4f} [{lo0:+.4f}, {hi0:+.4f}]")
     print(f"val.bson at {budgets[-1]} epochs: head {main_run['val'][0]:.3f}, kNN {main_run['val'][1]:.3f}, "
@@ -208,14 +214,14 @@ def main() -> None:
     print("fused - frozen linear probe, per budget (goal: >= +0.01 with the paired interval above 0):")
     for e in budgets:
         d = runs[e]["fused"].astype(float) - base["lp"].astype(float)
-        lo, hi = bootstrap(d)
+        lo, hi = harness.paired_interval(d)
         print(f"  {e} epochs: {d.mean():+.4f} [{lo:+.4f}, {hi:+.4f}]")
     print()
     by_size_table(GROCERY, qy, base, runs, budgets)
     print()
     if a.recall_queries:
         inst, cat = similar_recall(work, main_run["index"], a.recall_queries)
-        common.print_table([("instance recall@1 (mirrored, cropped copy finds its product)", inst),
+        harness.table([("instance recall@1 (mirrored, cropped copy finds its product)", inst),
                             ("category recall@1 (test photo's nearest indexed product)", cat)], ("similar", "value"))
     print(f"\nplot: {plot(work, runs, base)}")
 

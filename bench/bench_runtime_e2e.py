@@ -11,20 +11,20 @@ format (../shared/data/grocery), then the same run indexed (train.bson) and quer
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
 import time
 from pathlib import Path
 
+import harness
 import loadgen
 import numpy as np
-from common import print_table, start_server
+from harness import start_server
 
 from retrieval.data.offsets import load_offsets
 from retrieval.errors import UserError
-from retrieval.infer.evaluate import evaluate
+from retrieval.infer.evaluate import EvaluateSettings, evaluate
 from retrieval.infer.indexdir.build import IndexSettings, build_index
 from retrieval.infer.pipeline.embed import LoaderSettings
 from retrieval.infer.predict import predict, read_submission
@@ -33,8 +33,7 @@ from retrieval.model.onnx_runtime import load_runtime
 from retrieval.train.config import TrainConfig
 from retrieval.train.run import train
 
-ROOT = Path(__file__).resolve().parents[1]
-GROCERY = ROOT.parent / "shared" / "data" / "grocery"
+GROCERY = harness.SHARED_DATA / "grocery"
 RUNTIMES = ("torch", "onnx", "onnx-int8")
 
 
@@ -57,22 +56,20 @@ def serve_qps(idx: Path, runtime: str, pictures: list[bytes], n: int, log: Path)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = harness.parser(__doc__, workdir="bench_out/runtime_e2e")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--image-size", type=int, default=128)
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3, help="alternating timed rounds of build-index + predict")
-    ap.add_argument("--workdir", type=Path, default=Path("bench_out/runtime_e2e"))
-    ap.add_argument("--quick", action="store_true", help="tiny tower, 300 generated products, 5 steps")
-    a = ap.parse_args()
+    a = harness.start(ap, quick={"steps": 5, "image_size": 32, "requests": 16})
     logging.basicConfig(level=logging.WARNING)
     work = a.workdir
     work.mkdir(parents=True, exist_ok=True)
     run, data = work / "run", GROCERY
     tower = {"backbone": "efficientnet_lite0", "pretrained": "imagenet"}
-    if a.quick:
+    if a.quick:  # the tiny tower on 300 generated products
         from retrieval.data.synth import SynthConfig, make_data
-        data, tower, a.steps, a.image_size, a.requests = work / "data", {"backbone": "tiny"}, 5, 32, 16
+        data, tower = work / "data", {"backbone": "tiny"}
         if not (data / "train.bson").exists():
             make_data(data, SynthConfig(products=300, categories=6, image_size=32), progress=False)
     if not (run / "model.pt").exists():
@@ -122,7 +119,7 @@ def main() -> None:
         parts = ""
         if not a.quick:  # head, kNN and fused over the same test products (evaluate with test.bson as its file)
             shutil.rmtree(work / f"eval_{rt}", ignore_errors=True)
-            m = evaluate(idx, test, out_dir=work / f"eval_{rt}", loader=loader, runtime=rt)
+            m = evaluate(idx, test, out_dir=work / f"eval_{rt}", loader=loader, settings=EvaluateSettings(runtime=rt))
             parts = f"{m['head_accuracy']:.4f} / {m['knn_accuracy']:.4f} / {m['fused_accuracy']:.4f}"
             (run / "calibration.json").unlink(missing_ok=True)  # every runtime's predict runs uncalibrated alike
         qps = serve_qps(idx, rt, pictures, a.requests, work / f"serve_{rt}.log")
@@ -138,7 +135,7 @@ def main() -> None:
           + ", ".join(f"{k} {v:.0f}" for k, v in exports.items()))
     print(f"build-index + predict timed in {a.rounds} alternating rounds: median (range) products/s, and the median "
           "(range) of the per-round ratios to torch")
-    print_table(rows, ("runtime", "build-index + predict products/s", "vs torch", "test accuracy (submission)",
+    harness.table(rows, ("runtime", "build-index + predict products/s", "vs torch", "test accuracy (submission)",
                        "head / kNN / fused (evaluate on test, calibrated there)",
                        "serve by picture, 1 in flight QPS", "16 in flight QPS", "products indexed + predicted"))
 

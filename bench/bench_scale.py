@@ -14,15 +14,14 @@ to ``~/cdiscount_scale``, outside the repository: a run longer than a session co
 Then full vs sampled softmax at 5,270 classes: the head alone (forward+backward, 1280-d as EfficientNet-Lite,
 batch 256), and whole training runs at the middle N (accuracy and step time).
 Usage: python bench/bench_scale.py [--sizes 1000000 7069896] [--steps 300] [--workdir ~/cdiscount_scale]
-       [--redo STAGE ...] [--until STAGE] [--no-softmax]
+       [--redo STAGE ...] [--until STAGE] [--no-softmax] [--out FILE] [--quick]
+(--quick: 500 and 1,000 products, 1 training step, 40 serve queries, no softmax comparison: a smoke run)
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -31,9 +30,9 @@ import time
 from itertools import pairwise
 from pathlib import Path
 
-import common
+import harness
 
-CATEGORIES_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "category_names.csv"
+CATEGORIES_CSV = harness.SHARED_DATA / "category_names.csv"
 STAGES = ("generate", "offsets", "train", "build-index", "evaluate", "predict", "serve")
 TEST_FRACTION = 1_768_182 / 7_069_896  # Cdiscount's test products per training product
 INDEX_MEMORY = 2e9  # build-index --index-memory 2: IVF-Flat at 1M products of 128-d, half floats (SQfp16) at 7M
@@ -46,46 +45,11 @@ WORK = {  # what a stage keeps to resume an interrupted run (removed when it is 
     **{s: (lambda w: []) for s in ("generate", "offsets", "train")}}
 
 
-def _status_mb(key: str) -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-class AnonPeak:
-    """Samples this process's anonymous RSS (heap, arrays: what cannot be dropped, unlike mapped file pages that
-    VmHWM also counts) every ``every`` seconds in a thread; ``peak_mb`` is the largest seen, ``timeline`` the
-    largest of each ``step`` seconds as ``[seconds from the start, MB]`` (to tell which phase of a stage peaks)."""
-
-    def __init__(self, every: float = 0.2, step: float = 5.0) -> None:
-        self.peak_mb, self._stop, self.timeline = 0.0, threading.Event(), []
-        self._t0, self._step = time.perf_counter(), step
-        self._thread = threading.Thread(target=self._run, args=(every,), daemon=True)
-        self._thread.start()
-
-    def _run(self, every: float) -> None:
-        while not self._stop.is_set():
-            mb = _status_mb("RssAnon")
-            self.peak_mb = max(self.peak_mb, mb)
-            at = int((time.perf_counter() - self._t0) // self._step) * self._step
-            if self.timeline and self.timeline[-1][0] == at:
-                self.timeline[-1][1] = max(self.timeline[-1][1], round(mb))
-            else:
-                self.timeline.append([at, round(mb)])
-            self._stop.wait(every)
-
-    def stop(self) -> float:
-        self._stop.set()
-        self._thread.join()
-        return max(self.peak_mb, _status_mb("RssAnon"))
-
-
 def run_stage(stage: str, work: Path, n: int, steps: int, extra: dict) -> dict:
     """One stage in this process; returns seconds, peak RSS (this process: all, and anonymous only; largest
     worker) and a result."""
     data, run, idx = work / "data", work / extra.get("run", "run"), work / "index"
-    anon = AnonPeak()
+    anon = harness.PeakRSS("RssAnon")  # heap and arrays: what cannot be dropped, unlike mapped file pages
     t = time.perf_counter()
     result: object = None
     if stage == "generate":
@@ -141,10 +105,10 @@ def run_stage(stage: str, work: Path, n: int, steps: int, extra: dict) -> dict:
                   "stages": {k: round(v, 1) for k, v in r.stages.items()}}
     elif stage == "serve":
         from scale_serve import serve_figures
-        result = serve_figures(idx, data / "test.bson", work / "serve")
+        result = serve_figures(idx, data / "test.bson", work / "serve", extra.get("serve_requests", 2000))
     seconds = time.perf_counter() - t
-    return {"seconds": seconds, "rss_mb": _status_mb("VmHWM"), "anon_mb": anon.stop(), "anon_timeline": anon.timeline,
-            "worker_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, "result": result}
+    return {"seconds": seconds, "rss_mb": harness.status_mb("VmHWM"), "anon_mb": anon.stop(),
+            "anon_timeline": anon.timeline, "worker_rss_mb": harness.status_children_mb(), "result": result}
 
 
 def stage_in_child(stage: str, work: Path, n: int, steps: int, extra: dict | None = None,
@@ -189,7 +153,7 @@ def head_softmax_times(classes: int = 5270, dim: int = 1280, batch: int = 256, n
 
     def sampled():
         sampled_softmax_loss(z, head, y, negatives, 0.1).backward()
-    return common.best_time(full, 20), common.best_time(sampled, 20)
+    return harness.best_time(full, 20), harness.best_time(sampled, 20)
 
 
 def _evict(path: Path) -> None:
@@ -203,10 +167,9 @@ def _evict(path: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = harness.parser(__doc__, workdir=Path.home() / "cdiscount_scale")
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--workdir", default=str(Path.home() / "cdiscount_scale"))
     ap.add_argument("--redo", nargs="*", default=[], choices=STAGES, help="run these stages again")
     ap.add_argument("--keep-embeddings", action="store_true",
                     help="with --redo build-index: keep its embedded parts, so that only the FAISS index is built "
@@ -217,14 +180,15 @@ def main() -> None:
     ap.add_argument("--stage", choices=STAGES)
     ap.add_argument("--n", type=int)
     ap.add_argument("--extra", default="{}")
-    ap.add_argument("--quick", action="store_true", help="2,000 and 4,000 products, 5 steps (smoke test)")
-    a = ap.parse_args()
-    if a.quick:
-        a.sizes, a.steps, a.softmax_epochs = [2000, 4000], 5, 1
-        a.workdir = a.workdir if a.workdir != str(Path.home() / "cdiscount_scale") else "bench_out/scale_quick"
-    if a.stage:
+    ap.add_argument("--serve-requests", type=int, default=2000, help="by-id queries per concurrency of the serve "
+                    "stage (a quarter as many by picture)")
+    a = harness.parse(ap, quick={"sizes": [500, 1000], "steps": 1, "no_softmax": True, "serve_requests": 40})
+    if a.stage:  # a child running one stage: its JSON line is read by the parent, no results file
         print(json.dumps(run_stage(a.stage, Path(a.workdir), a.n, a.steps, json.loads(a.extra))))
         return
+    if a.quick and a.workdir == ap.get_default("workdir"):
+        a.workdir = Path("bench_out/scale_quick")
+    harness.record(a, ap.description)
     if not CATEGORIES_CSV.exists():
         sys.exit(f"{CATEGORIES_CSV} is needed (the real category tree)")
     root = Path(a.workdir)
@@ -249,7 +213,8 @@ def main() -> None:
                 print(f"N={n:,} {stage}: kept from an earlier run", flush=True)
             else:
                 spent = done_dir / f"{stage}.spent"
-                found[stage, n] = r = stage_in_child(stage, root / f"n{n}", n, a.steps, spent=spent)
+                found[stage, n] = r = stage_in_child(stage, root / f"n{n}", n, a.steps,
+                                                     {"serve_requests": a.serve_requests}, spent=spent)
                 if earlier is not None and a.keep_embeddings and stage == "build-index":
                     r["index_only"], r["earlier"] = True, {k: earlier[k] for k in ("seconds", "result") if k in earlier}
                 tmp = saved.with_suffix(".tmp")
@@ -280,7 +245,7 @@ def main() -> None:
     for n0, n1 in pairwise(a.sizes):
         header += [f"time {n0:,}->{n1:,}", f"RSS all / anonymous {n0:,}->{n1:,}"]
     print()
-    common.print_table(rows, tuple(header))
+    harness.table(rows, tuple(header))
     peak = max(found[st, n]["rss_mb"] for st in STAGES for n in a.sizes)
     print(f"\nlargest peak RSS of any stage: {peak / 1024:.2f} GB (goal <= 12 GB)")
     for n0, n1 in pairwise(a.sizes):
@@ -313,7 +278,7 @@ def main() -> None:
     acc = {neg: r["result"] or 0.0 for neg, r in res.items()}
     print(f"\nfull vs sampled softmax (512 negatives) at 5,270 classes: head alone, and training at N={mid:,} "
           f"({a.softmax_epochs} epochs, tiny tower, 32 px, 128-d)")
-    common.print_table([
+    harness.table([
         ("head alone (1280-d, batch 256), ms per fwd+bwd", full_s * 1e3, sampled_s * 1e3, f"{sampled_s / full_s:.2f}x"),
         ("training, s per step (whole run / steps)", per_step[0], per_step[512], f"{per_step[512] / per_step[0]:.2f}x"),
         ("validation product accuracy (best epoch)", acc[0], acc[512], f"{acc[512] - acc[0]:+.4f}")],

@@ -9,7 +9,7 @@ concurrency is the floor that HTTP alone sets on this machine.
 A second run grows the index by --extra-vectors random vectors (Flat): a catalogue where the search is the cost,
 so that batching concurrent queries into one FAISS call shows.
 Usage: python bench/bench_serve.py [--requests 400] [--concurrency 1 4 16] [--extra-vectors 200000]
-       [--workdir bench_out/pipeline]
+       [--products 4000] [--epochs 5] [--workdir bench_out/pipeline] [--quick]
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import common
+import harness
 import httpx
 import loadgen
 import numpy as np
@@ -31,7 +31,7 @@ from retrieval.infer.indexdir.build import IndexSettings, build_index, open_inde
 from retrieval.infer.indexdir.folder import IndexFolder
 from retrieval.infer.query import embed_pictures, neighbours, product_pictures
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = harness.ROOT
 
 
 def inflate(idx: Path, extra: int, seed: int = 0) -> None:
@@ -40,7 +40,7 @@ def inflate(idx: Path, extra: int, seed: int = 0) -> None:
     stored data; only real products are queried by id."""
     from index import DuplicateTable, VectorIndex
     from retrieval.infer.indexdir.compact import commit_manifest
-    from retrieval.infer.indexdir.segments import write_segment
+    from retrieval.infer.indexdir.segments import SegmentData, write_segment
     b = open_index(idx)
     rng = np.random.default_rng(seed)
     v = rng.normal(size=(extra, b.manifest.dim)).astype(np.float32)
@@ -53,8 +53,9 @@ def inflate(idx: Path, extra: int, seed: int = 0) -> None:
     arrays = {k: fake[k] if k in fake else np.repeat(a[:1], extra) for k, a in b.arrays.items()}
     layout = IndexFolder(idx)
     with layout.writer():
-        sid = write_segment(layout, vi, arrays, DuplicateTable(np.zeros(0, np.int64), np.zeros(0, np.int64)),
-                            [("synthetic", extra)], [v])
+        sid = write_segment(layout, vi, SegmentData(labels, arrays, DuplicateTable(np.zeros(0, np.int64),
+                                                                                  np.zeros(0, np.int64)),
+                                                    [("synthetic", extra)], [v]))
         man = b.manifest
         commit_manifest(layout, replace(man, count=man.count + extra, segments=man.segments + ((sid, extra),)))
 
@@ -77,7 +78,7 @@ def serve_rows(idx: Path, a: argparse.Namespace, add_file: Path | None, commit_f
         neighbours(bundle, embed_pictures(bundle, [pic])[0], a.k)
     ref["by picture"] = len(pics) / (time.perf_counter() - t)
 
-    server, url = common.start_server(idx, Path(a.workdir) / "serve.log", "--token", "bench")
+    server, url = harness.start_server(idx, Path(a.workdir) / "serve.log", "--token", "bench")
     port = int(url.rsplit(":", 1)[1])
     try:
         host = f"127.0.0.1:{port}"
@@ -91,8 +92,9 @@ def serve_rows(idx: Path, a: argparse.Namespace, add_file: Path | None, commit_f
                 lat, wall = loadgen.load("127.0.0.1", port, requests, a.requests, conc)
                 qps = a.requests / wall
                 r = ref.get(name)
-                rows.append((f"{len(bundle.product_ids):,}", name, conc, f"{np.percentile(lat, 50) * 1e3:.1f}",
-                             f"{np.percentile(lat, 99) * 1e3:.1f}", f"{qps:.0f}", f"{r:.0f}" if r else "",
+                pct = harness.percentiles(lat, (50, 99))
+                rows.append((f"{len(bundle.product_ids):,}", name, conc, f"{pct[50] * 1e3:.1f}",
+                             f"{pct[99] * 1e3:.1f}", f"{qps:.0f}", f"{r:.0f}" if r else "",
                              f"{qps / r:.2f}x" if r else ""))
                 qps_at[name, conc] = qps
         during = health_during_add(url, add_file) if add_file else None
@@ -110,20 +112,17 @@ def serve_rows(idx: Path, a: argparse.Namespace, add_file: Path | None, commit_f
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = harness.parser(__doc__, workdir="bench_out/pipeline")
     ap.add_argument("--requests", type=int, default=400)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--k", type=int, default=12)
     ap.add_argument("--extra-vectors", type=int, default=200_000,
                     help="a second run over the index grown by this many random vectors (0: none)")
-    ap.add_argument("--workdir", default="bench_out/pipeline")
-    ap.add_argument("--quick", action="store_true", help="200 products, 20 requests at 1 and 4 in flight (smoke test)")
-    a = ap.parse_args()
-    if a.quick:
-        import pipeline_common
-        pipeline_common.set_quick()
-        a.requests, a.concurrency, a.extra_vectors = 20, [1, 4], 2000
-    p = prepared(Path(a.workdir))
+    ap.add_argument("--products", type=int, default=4000, help="generated products of the tiny-tower run")
+    ap.add_argument("--epochs", type=int, default=5)
+    a = harness.start(ap, quick={"requests": 20, "concurrency": [1, 4], "extra_vectors": 2000, "products": 200,
+                                 "epochs": 1})
+    p = prepared(Path(a.workdir), a.products, epochs=a.epochs)
     idx = Path(a.workdir) / "index_serve"
     shutil.rmtree(idx, ignore_errors=True)  # fresh each run: the add below changes it
     build_index(p["data"] / "train.bson", p["run"], idx, IndexSettings("all"))
@@ -139,7 +138,7 @@ def main() -> None:
         summaries.append(summary)
     print(f"\nk={a.k}, {a.requests} requests per row; reference = the same query in one process, one at a time "
           f"(by picture: the picture and its mirror image embedded, then searched)")
-    common.print_table(rows, ("indexed", "POST /similar", "in flight", "p50 ms", "p99 ms", "QPS", "reference q/s",
+    harness.table(rows, ("indexed", "POST /similar", "in flight", "p50 ms", "p99 ms", "QPS", "reference q/s",
                               "QPS / reference"))
     print()
     for line in summaries:
@@ -176,8 +175,9 @@ def by_id_during_commit(url: str, idx: Path, bson_file: Path, ids: list[int], k:
         if proc.returncode != 0:
             raise RuntimeError(f"add-to-index failed: {proc.stderr.read().decode()[-2000:]}")
         after = c.get("/health").json().get("products", 0)
+    pct = harness.percentiles(lat, (50, 99))
     return {"added": after - before, "before": before, "after": after, "seconds": seconds, "n": len(lat),
-            "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)), "statuses": dict(statuses)}
+            "p50": pct[50], "p99": pct[99], "statuses": dict(statuses)}
 
 
 def health_during_add(url: str, bson_file: Path) -> dict:
@@ -199,7 +199,8 @@ def health_during_add(url: str, bson_file: Path) -> dict:
             c.get("/health")
             lat.append(time.perf_counter() - t)
             time.sleep(0.01)
-    return {**out, "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)), "n": len(lat)}
+    pct = harness.percentiles(lat, (50, 99))
+    return {**out, "p50": pct[50], "p99": pct[99], "n": len(lat)}
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@ categories under 10), the tiny tower from scratch, then for each training varian
 logit-adjusted loss of Menon et al. 2021) `evaluate` on the run's validation split and `predict` on test.bson with
 the grid's prototype vote weight chosen on validation (GAMMAS) and off (gamma 0). The test set has the training skew.
 Prints test accuracy overall and by the category's training products, each with a 95% Wilson interval, and the
-paired difference of each variant against the plain one.
+paired difference of each variant against the plain one (95% paired bootstrap interval).
 Usage: python bench/bench_tail_synth.py [--products 20000] [--categories 1000] [--epochs 5] [--workdir DIR]
-       [--quick]
+       [--out FILE] [--quick]
 """
 from __future__ import annotations
 
@@ -15,16 +15,16 @@ import argparse
 import shutil
 from pathlib import Path
 
-import common
+import harness
 import numpy as np
-from real_report import bootstrap, grid_gammas
+from real_report import grid_gammas
 
 import retrieval.infer.scoring.calibrate as calibrate_module
 from retrieval.data.offsets import load_offsets
 from retrieval.data.synth import SynthConfig, make_data
-from retrieval.infer.evaluate import BUCKETS, evaluate, wilson
+from retrieval.infer.evaluate import BUCKETS, evaluate
 from retrieval.infer.indexdir.build import IndexSettings, build_index
-from retrieval.infer.predict import predict, read_submission
+from retrieval.infer.predict import PredictSettings, predict, read_submission
 from retrieval.train.config import TrainConfig
 from retrieval.train.run import train
 
@@ -44,22 +44,18 @@ def run_variant(work: Path, data: dict, name: str, a: argparse.Namespace, **reci
         with grid_gammas(gammas):
             m = evaluate(work / f"{name}_idx_train", out_dir=work / f"{name}_eval_{len(gammas)}")
             sub = work / f"{name}_{len(gammas)}.csv"
-            predict(data["test.bson"], work / f"{name}_idx_all", sub, restart=True)
+            predict(data["test.bson"], work / f"{name}_idx_all", sub, settings=PredictSettings(restart=True))
         out[f"{name}, {what} ({m['fusion']['chosen']}, gamma {m['calibration']['gamma']})"] = read_submission(sub)[1]
     return out
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--workdir", default="bench_out/tail_synth")
+    ap = harness.parser(__doc__, workdir="bench_out/tail_synth")
     ap.add_argument("--products", type=int, default=20_000)
     ap.add_argument("--categories", type=int, default=1000)
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--quick", action="store_true", help="2,000 products, 100 categories, 1 epoch (smoke test)")
-    a = ap.parse_args()
-    if a.quick:
-        a.products, a.categories, a.epochs, a.image_size = 2000, 100, 1, 32
+    a = harness.start(ap, quick={"products": 600, "categories": 40, "epochs": 1, "image_size": 32})
     work = Path(a.workdir)
     shutil.rmtree(work / "data", ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -77,21 +73,20 @@ def main() -> None:
     for what, p in preds.items():
         ok = p == qy
         d = ok.astype(float) - (reference == qy)
-        lo, hi = bootstrap(d)
-        rows.append((what, "all", len(qy), round(float(ok.mean()), 4),
-                     "[{:.3f}, {:.3f}]".format(*wilson(int(ok.sum()), len(ok))),
+        lo, hi = harness.paired_interval(d)
+        rows.append((what, "all", len(qy), round(float(ok.mean()), 4), harness.interval(*harness.proportion(ok)[1:]),
                      f"{d.mean():+.4f} [{lo:+.4f}, {hi:+.4f}]"))
         for lo_n, hi_n, name in BUCKETS:
             m = (counts >= lo_n) & (counts < hi_n)
             if m.any():
                 d = ok[m].astype(float) - (reference == qy)[m]
-                lo, hi = bootstrap(d)
+                lo, hi = harness.paired_interval(d)
                 rows.append((what, name, int(m.sum()), round(float(ok[m].mean()), 4),
-                             "[{:.3f}, {:.3f}]".format(*wilson(int(ok[m].sum()), int(m.sum()))),
+                             harness.interval(*harness.proportion(ok[m])[1:]),
                              f"{d.mean():+.4f} [{lo:+.4f}, {hi:+.4f}]"))
     if not np.array_equal(ids, load_offsets(data["test.bson"], progress=False)["product_id"]):
         raise SystemExit("test labels are not in test.bson order")
-    common.print_table(rows, ("variant (rule chosen on validation)", "training products in category", "test products",
+    harness.table(rows, ("variant (rule chosen on validation)", "training products in category", "test products",
                               "accuracy", "95% interval", "minus the first row, paired 95%"))
 
 

@@ -1,18 +1,17 @@
 """Training benchmark: data-loader vs training-step throughput; accuracy of a short tiny-tower run; options.
 
-    python bench/bench_train.py [--workdir bench_out/train] [--budget-s 600]
+    python bench/bench_train.py [--workdir bench_out/train] [--epochs 6] [--throughput-only] [--quick]
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import shutil
 import time
 from pathlib import Path
 
+import harness
 import torch
-from common import print_table
 
 from retrieval.data.synth import SynthConfig, make_data
 from retrieval.model.config import ModelConfig
@@ -59,47 +58,46 @@ def val_curve(run: Path) -> list[float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--workdir", default="bench_out/train")
+    ap = harness.parser(__doc__, workdir="bench_out/train")
     ap.add_argument("--epochs", type=int, default=6)
-    ap.add_argument("--throughput-only", action="store_true")
-    ap.add_argument("--quick", action="store_true", help="loader vs step on a few batches only (smoke test)")
-    a = ap.parse_args()
-    if a.quick:
-        a.throughput_only = True
+    ap.add_argument("--throughput-only", action="store_true", help="loader vs step only")
+    ap.add_argument("--products", type=int, default=4000, help="generated products at 64 px")
+    ap.add_argument("--big-products", type=int, default=600, help="generated products at 180 px")
+    ap.add_argument("--batches", type=int, nargs=2, default=[30, 6], help="loader batches timed: tiny, convnext")
+    a = harness.start(ap, quick={"throughput_only": True, "products": 400, "big_products": 60, "batches": [5, 2]})
     work = Path(a.workdir)
     small, big, hard = work / "data64", work / "data180", work / "data64_hard"
     if not (small / "train.bson").exists():
-        make_data(small, SynthConfig(400 if a.quick else 4000, 40, 0, 64), progress=False)
-    if not (hard / "train.bson").exists():
-        make_data(hard, SynthConfig(400 if a.quick else 4000, 200, 0, 64, colour_shift=75.0), progress=False)
+        make_data(small, SynthConfig(a.products, 40, 0, 64), progress=False)
+    if not (hard / "train.bson").exists() and not a.throughput_only:
+        make_data(hard, SynthConfig(a.products, 200, 0, 64, colour_shift=75.0), progress=False)
     if not (big / "train.bson").exists():
-        make_data(big, SynthConfig(60 if a.quick else 600, 40, 0, 180), progress=False)
+        make_data(big, SynthConfig(a.big_products, 40, 0, 180), progress=False)
     print(f"## Loader vs training step ({os.cpu_count()} cores, 2 loader workers, bf16 where the CPU has it)\n")
     rows = []
-    shots = ((5, 2) if a.quick else (30, 6))
-    for backbone, size, data, batch, nb in (("tiny", 64, small, 64, shots[0]),
-                                            ("convnext_tiny", 180, big, 32, shots[1])):
+    for backbone, size, data, batch, nb in (("tiny", 64, small, 64, a.batches[0]),
+                                            ("convnext_tiny", 180, big, 32, a.batches[1])):
         ld, st = loader_vs_step(data, work / f"probe_{backbone}", backbone, size, batch, nb)
         rows.append((f"{backbone} @ {size}px", f"{ld:,.0f}", f"{st:,.1f}", f"{ld / st:.1f}x", ">= 5x",
                      "ok" if ld / st >= 5 else "MISS"))
-    print_table(rows, ("backbone", "loader img/s", "train step img/s", "loader / step", "goal", ""))
+    harness.table(rows, ("backbone", "loader img/s", "train step img/s", "loader / step", "goal", ""))
     if a.throughput_only:
         return
 
-    print(f"\n## Tiny tower, 4,000 products, 40 categories, 64 px: the goal run ({a.epochs} epochs)\n")
+    print(f"\n## Tiny tower, {a.products:,} products, 40 categories, 64 px: the goal run ({a.epochs} epochs)\n")
     goal = run_variant(work, small, "default settings", {}, a.epochs)
     ok = float(goal[4]) >= 0.9 and float(goal[1]) <= 600
-    print_table([goal + ("ok" if ok else "MISS",)],
+    harness.table([goal + ("ok" if ok else "MISS",)],
                 ("variant", "train s", "val product acc, epoch 1", "last epoch", "best", "goal >= 0.90 in <= 600 s"))
-    print(f"\n## Options on a harder set: 4,000 products, 200 categories, colour jitter 75 ({a.epochs} epochs each)\n")
+    print(f"\n## Options on a harder set: {a.products:,} products, 200 categories, colour jitter 75 ({a.epochs} "
+          "epochs each)\n")
     rows = [run_variant(work, hard, name, kw, a.epochs) for name, kw in (
         ("default (MultiSimilarity, full softmax)", {}),
         ("+ level-1/level-2 auxiliary heads", {"hier_heads": True}),
         ("sampled softmax, 32 negatives", {"sampled_negatives": 32}),
         ("SubCenterArcFace instead of MultiSimilarity", {"metric_loss": "subcenter_arcface"}),
         ("no metric loss", {"metric_loss": "none"}))]
-    print_table(rows, ("variant", "train s", "val product acc, epoch 1", "last epoch", "best"))
+    harness.table(rows, ("variant", "train s", "val product acc, epoch 1", "last epoch", "best"))
 
 
 def run_variant(work: Path, data: Path, name: str, kw: dict, epochs: int) -> tuple:

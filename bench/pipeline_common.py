@@ -1,4 +1,6 @@
-"""A trained tiny-tower run on generated data, shared by the index and pipeline benchmarks."""
+"""A trained tiny-tower run on generated data, shared by the index, pipeline and serve benchmarks, and the
+forward-only reference their end-to-end rates are compared with. Sizes come from each bench's options (its
+``--quick`` sizes included): nothing here is global."""
 from __future__ import annotations
 
 import shutil
@@ -17,18 +19,10 @@ from retrieval.infer.pipeline.embed import embed_images
 from retrieval.train.config import TrainConfig
 from retrieval.train.run import train
 
-SIZES = {"products": 4000, "epochs": 5, "convnext_products": 300}
 
-
-def set_quick() -> None:
-    """``--quick``: tiny data and one epoch everywhere (a smoke test that every benchmark still runs)."""
-    SIZES.update(products=200, epochs=1, convnext_products=12)
-
-
-def prepared(work: Path, products: int | None = None, categories: int = 40, epochs: int | None = None,
+def prepared(work: Path, products: int = 4000, categories: int = 40, epochs: int = 5,
              colour_shift: float = 45.0, relist_fraction: float = 0.25) -> dict:
     """Generated data and a trained tiny-tower run under ``work`` (made once)."""
-    products, epochs = products or SIZES["products"], epochs or SIZES["epochs"]
     data = work / "data"
     if not (data / "train.bson").exists():
         make_data(data, SynthConfig(products, categories, seed=0, image_size=64, colour_shift=colour_shift,
@@ -61,12 +55,12 @@ def forward_only(net, images: torch.Tensor, owner: torch.Tensor, batch: int = 25
     return len(images) / (time.perf_counter() - t)
 
 
-def prepared_convnext(work: Path) -> dict:
-    """A convnext_tiny run at 180 px (two training steps: throughput only); 300 train and 300 test products."""
+def prepared_convnext(work: Path, products: int = 300) -> dict:
+    """A convnext_tiny run at 180 px (two training steps: throughput only); ``products`` train and as many test
+    products."""
     data = work / "data180"
     if not (data / "train.bson").exists():
-        make_data(data, SynthConfig(SIZES["convnext_products"], 20, seed=0, image_size=180, test_fraction=1.0),
-                  progress=False)
+        make_data(data, SynthConfig(products, 20, seed=0, image_size=180, test_fraction=1.0), progress=False)
     run = work / "run_convnext"
     if not (run / "checkpoints" / "last.ckpt").exists():
         shutil.rmtree(run, ignore_errors=True)
@@ -108,11 +102,13 @@ def instance_rate(bundle, table, rows, images, owner, mirror: bool) -> tuple[flo
     return float((bundle.product_ids[pos[:, 0]] == table["product_id"][rows][multi]).mean()), len(multi)
 
 
-def embedding_rows(work: Path) -> list[tuple]:
+def embedding_rows(work: Path, products: int = 4000, epochs: int = 5, convnext_products: int = 300) -> list[tuple]:
+    """build-index's embedding rate vs forward only (convnext_tiny @ 180 px, tiny @ 64 px), and instance retrieval
+    at rank 1 without and with ``--mirror``."""
     out_rows = []
-    row, *_ = throughput(work, prepared_convnext(work), "convnext_tiny")
+    row, *_ = throughput(work, prepared_convnext(work, convnext_products), "convnext_tiny")
     out_rows.append(row)
-    p = prepared(work, relist_fraction=0.0)  # no re-listed twins: rank 1 must be the product itself
+    p = prepared(work, products, epochs=epochs, relist_fraction=0.0)  # no re-listed twins: rank 1 is the product
     row, bundle, rows, images, owner = throughput(work, p, "tiny")
     out_rows.append(row)
     table = load_offsets(p["data"] / "train.bson", progress=False)

@@ -1,12 +1,12 @@
-"""bench_real's plot and its table by category size (with intervals, and accuracy re-weighted to the training skew
-where the test set does not follow it, as on bench/grocery_tail.py's set)."""
+"""bench_real's plot and its table by category size (with 95% Wilson intervals, and accuracy re-weighted to the
+training skew where the test set does not follow it, as on bench/grocery_tail.py's set)."""
 from __future__ import annotations
 
 import json
 from contextlib import contextmanager
 from pathlib import Path
 
-import common
+import harness
 import numpy as np
 
 import retrieval.infer.scoring.calibrate as calibrate_module
@@ -27,16 +27,6 @@ def grid_gammas(values: tuple[float, ...]):
         yield
     finally:
         calibrate_module.GAMMAS = shipped
-
-
-def bootstrap(correct: np.ndarray, n: int = 2000, seed: int = 0, weights: np.ndarray | None = None
-              ) -> tuple[float, float]:
-    """95% percentile interval of the (weighted) mean of ``correct [N]`` (or of a paired difference)."""
-    rng = np.random.default_rng(seed)
-    pick = rng.integers(0, len(correct), (n, len(correct)))
-    w = np.ones(len(correct)) if weights is None else weights
-    means = (correct[pick] * w[pick]).sum(1) / w[pick].sum(1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def plot(work: Path, runs: dict[int, dict], base: dict) -> Path:
@@ -60,7 +50,7 @@ def plot(work: Path, runs: dict[int, dict], base: dict) -> Path:
 
 
 def by_size_table(data: Path, qy: np.ndarray, base: dict, runs: dict[int, dict], budgets: list[int]) -> None:
-    """Test accuracy by the number of training products of the true category, each with its 95% bootstrap
+    """Test accuracy by the number of training products of the true category, each with its 95% Wilson
     interval: the frozen probe, then every classifier per budget; a first block over all test products weighted
     to the training skew (each product by its class's share of train.bson over its share of test.bson: 1 where
     test follows the training skew); and the fusion rule evaluate chose."""
@@ -73,13 +63,13 @@ def by_size_table(data: Path, qy: np.ndarray, base: dict, runs: dict[int, dict],
     cells = [("probe", base["lp"])] + [(f"{label} {e} ep", runs[e][key]) for e in budgets for key, label in KEYS
                                        if key in runs[e]]
     rows = [("all, at the training skew", len(qy), what, round(float(np.average(c, weights=skew)), 4),
-             "[{:.3f}, {:.3f}]".format(*bootstrap(c.astype(float), weights=skew))) for what, c in cells]
+             harness.interval(*harness.wilson_weighted(c, skew))) for what, c in cells]
     for lo, hi, name in BUCKETS:
         m = (counts >= lo) & (counts < hi)
         if m.any():
             rows += [(name, int(m.sum()), what, round(float(c[m].mean()), 4),
-                      "[{:.3f}, {:.3f}]".format(*bootstrap(c[m].astype(float)))) for what, c in cells]
-    common.print_table(rows, ("training products in category", "test products", "what", "accuracy",
+                      harness.interval(*harness.proportion(c[m])[1:])) for what, c in cells]
+    harness.table(rows, ("training products in category", "test products", "what", "accuracy",
                               "95% interval"))
     for e in budgets:
         fu = runs[e]["fusion"]

@@ -9,20 +9,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import harness
 import httpx
 import loadgen
 import numpy as np
-from common import start_server
+from harness import start_server
 
-ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "bench-scale"
-
-
-def _rss_mb(pid: int, key: str = "VmRSS") -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _new_products(test_bson: Path, out: Path, n: int = 1000) -> Path:
@@ -51,7 +44,8 @@ def serve_figures(idx: Path, test_bson: Path, work: Path, requests: int = 2000) 
     server, url = start_server(idx, work / "server.log", "--token", TOKEN, seconds=float("inf"))
     port = int(url.rsplit(":", 1)[1])
     try:
-        out: dict = {"startup_s": round(time.perf_counter() - t0, 1), "rss_mb_after_startup": _rss_mb(server.pid)}
+        out: dict = {"startup_s": round(time.perf_counter() - t0, 1),
+                     "rss_mb_after_startup": harness.status_mb("VmRSS", server.pid)}
         host = f"127.0.0.1:{port}"
         kinds = {"by_id": [loadgen.form_request(host, "/similar", {"product_id": int(i), "k": 10}) for i in ids],
                  "by_picture": [loadgen.multipart_request(host, "/similar", {"k": 10}, [("images", "q.jpg", p)])
@@ -61,7 +55,7 @@ def serve_figures(idx: Path, test_bson: Path, work: Path, requests: int = 2000) 
             for conc in (1, 16):
                 n = requests if kind == "by_id" else requests // 4
                 lat, wall = loadgen.load("127.0.0.1", port, reqs, n, conc)
-                p50, p99 = (round(float(np.percentile(lat, q)) * 1e3, 2) for q in (50, 99))
+                p50, p99 = (round(v * 1e3, 2) for v in harness.percentiles(lat, (50, 99)).values())
                 out[f"{kind}_{conc}"] = {"qps": round(n / wall, 1), "p50_ms": p50, "p99_ms": p99}
         new = _new_products(test_bson, work / "add_1000.bson")
         t = time.perf_counter()
@@ -69,7 +63,7 @@ def serve_figures(idx: Path, test_bson: Path, work: Path, requests: int = 2000) 
             r = httpx.post(url + "/products", files={"file": ("add.bson", f, "application/octet-stream")},
                            headers={"Authorization": f"Bearer {TOKEN}"}, timeout=3600)
         out["add_1000"] = {"status": r.status_code, "seconds": round(time.perf_counter() - t, 2)}
-        out["rss_mb_peak"] = _rss_mb(server.pid, "VmHWM")
+        out["rss_mb_peak"] = harness.status_mb("VmHWM", server.pid)
         return out
     finally:
         server.terminate()

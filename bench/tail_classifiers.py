@@ -85,8 +85,8 @@ def knn_by_size(tx: np.ndarray, ty: np.ndarray, qx: np.ndarray, n_classes: int, 
     return votes.argmax(1)
 
 
-def balanced_classifiers(run: Path, train_idx: Path, val_path: Path, test_path: Path, work: Path
-                         ) -> dict[str, np.ndarray | str]:
+def balanced_classifiers(run: Path, train_idx: Path, val_path: Path, test_path: Path, work: Path,
+                         crt_steps: int = 1500) -> dict[str, np.ndarray | str]:
     """Correct ``[Q]`` per test product of NCM, cRT (L2 chosen on ``val_path``) and the size-weighted kNN (p 0.5
     and 1), and the validation figures."""
     tx, ty = stored_embeddings(train_idx)
@@ -95,7 +95,7 @@ def balanced_classifiers(run: Path, train_idx: Path, val_path: Path, test_path: 
     vx, vy = embed_file(val_path, run, work / "val_emb")
     qx, qy = embed_file(test_path, run, work / "test_emb")
     n = int(max(ty.max(), vy.max(), qy.max())) + 1
-    fits = {wd: crt_fit(tx, ty, n, wd) for wd in (1e-4, 1e-2)}
+    fits = {wd: crt_fit(tx, ty, n, wd, crt_steps) for wd in (1e-4, 1e-2)}
     val_acc = {wd: float((crt_predict(lin, vx) == vy).mean()) for wd, lin in fits.items()}
     wd = max(val_acc, key=val_acc.get)
     ncm_val = float((ncm_predict(tx, ty, vx, n) == vy).mean())

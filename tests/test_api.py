@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import bson
 import numpy as np
 import pytest
+from conftest import read_only, thread_server
 from fastapi.testclient import TestClient
 
 from retrieval.data.bsonio import iter_products
@@ -20,8 +20,12 @@ from retrieval.serve.api import MAX_UPLOAD, create_app
 
 @pytest.fixture(scope="module")
 def served(indexes, tmp_path_factory):
+    """A copy of the all-products index that this module's tests share: read-only (writes go to a copy)."""
+    from retrieval.infer.indexdir.folder import IndexFolder
     folder = tmp_path_factory.mktemp("served") / "index"
     shutil.copytree(indexes["all"], folder)
+    IndexFolder(folder).uploads.mkdir()  # a server makes it at its first upload: a refused one then leaves nothing
+    read_only("served (test_api.py)", folder)
     return folder
 
 
@@ -156,18 +160,29 @@ def test_writes_need_the_token_and_read_only_refuses_them(served, small_data, tm
     check_exposure("127.0.0.1", ServeSettings())
 
 
-def test_a_refused_upload_leaves_no_file_and_no_path_leaks(client, served):
+def test_a_refused_upload_leaves_no_file_and_no_path_leaks(served, tmp_path):
     from retrieval.infer.indexdir.folder import IndexFolder
-    uploads = IndexFolder(served).uploads
+    folder = tmp_path / "idx"  # an upload is written into the folder before it is read: a copy
+    shutil.copytree(served, folder)
+    uploads = IndexFolder(folder).uploads
     before = set(uploads.glob("*")) if uploads.exists() else set()
-    bad = client.post("/products", files={"file": ("junk.bson", b"\x05\x00\x00\x00junk", "application/octet-stream")})
+    with TestClient(create_app(folder), base_url="http://localhost") as client:
+        bad = client.post("/products", files={"file": ("junk.bson", b"\x05\x00\x00\x00junk",
+                                                       "application/octet-stream")})
     assert bad.status_code == 400 and "junk" in bad.text
-    assert str(served) not in bad.text and "/tmp" not in bad.text
+    assert str(folder) not in bad.text and "/tmp" not in bad.text
     assert set(uploads.glob("*")) == before
 
 
-def test_adding_products_makes_them_findable(client, served, small_data, tmp_path, monkeypatch):
+def test_adding_products_makes_them_findable(served, small_data, tmp_path, monkeypatch):
     import retrieval.infer.indexdir.bundle as bundle_mod
+    folder = tmp_path / "idx"
+    shutil.copytree(served, folder)
+    with TestClient(create_app(folder), base_url="http://localhost") as client:
+        _add_and_find(client, folder, small_data, monkeypatch, bundle_mod)
+
+
+def _add_and_find(client, folder, small_data, monkeypatch, bundle_mod) -> None:
     reads = []
     real = bundle_mod.load_model_file
     monkeypatch.setattr(bundle_mod, "load_model_file", lambda *a, **k: reads.append(a) or real(*a, **k))
@@ -176,7 +191,7 @@ def test_adding_products_makes_them_findable(client, served, small_data, tmp_pat
     r = client.post("/products", files={"file": ("new.bson", bson.encode(new), "application/octet-stream")})
     assert r.status_code == 200 and r.json()["added"] == 1
     assert len(reads) == 1  # the writer's own copy; the committed generation is served as it is (no reload)
-    on_disk = open_index(served)  # what is served is the committed generation
+    on_disk = open_index(folder)  # what is served is the committed generation
     assert r.json()["products"] == len(on_disk.product_ids) and 555_000_001 in on_disk.product_ids
     found = client.post("/similar", data={"product_id": 555_000_001, "k": 2, "include_self": True}).json()["results"]
     assert 555_000_001 in [x["product_id"] for x in found]
@@ -187,26 +202,10 @@ def test_adding_products_makes_them_findable(client, served, small_data, tmp_pat
 
 # ---- the page, in a real browser --------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(served):
-    import uvicorn
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(served), host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    t.join(10)
+    with thread_server(create_app(served)) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
@@ -263,9 +262,15 @@ def test_page_searches_by_id_and_picture_and_more_like_this(server, browser, ser
     _check_nearest(served, p.product_id, ids, 6)
     rows = browser.find_elements(By.CSS_SELECTOR, "#cats tbody tr")
     assert len(rows) == 5 and str(p.category_id) in rows[0].text
-    loaded = browser.execute_script("return [...document.querySelectorAll('#results img')]"
-                                    ".every(i => i.complete && i.naturalWidth > 0)")
-    assert loaded  # thumbnails came from /products/{id}/images/0
+    end = time.time() + 20
+    while True:  # one thumbnail a card, each from /products/{id}/images/0, all loaded
+        shown, loaded = browser.execute_script("const i = [...document.querySelectorAll('#results img')]; "
+                                               "return [i.length, i.filter(x => x.complete && x.naturalWidth > 0)"
+                                               ".length]")
+        if loaded == shown == len(cards) or time.time() > end:
+            break
+        time.sleep(0.1)
+    assert shown == len(cards) == 6 and loaded == shown, (shown, loaded)
     target = ids[1]
     cards[1].find_element(By.TAG_NAME, "button").click()  # "more like this"
     end = time.time() + 20
@@ -294,9 +299,6 @@ def test_page_searches_by_id_and_picture_and_more_like_this(server, browser, ser
 def test_queries_answer_from_the_old_generation_while_an_add_runs(served, small_data, tmp_path, monkeypatch):
     """A slow add runs in the thread pool; /health and /similar keep answering at once, and the new product
     appears only when the add commits."""
-    import httpx
-    import uvicorn
-
     import retrieval.serve.writes as api  # the write routes
     folder = tmp_path / "idx"
     shutil.copytree(served, folder)
@@ -307,30 +309,33 @@ def test_queries_answer_from_the_old_generation_while_an_add_runs(served, small_
         return real(*a, **k)
 
     monkeypatch.setattr(api, "add_to_index", slow_add)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(folder), host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=srv.run, daemon=True).start()
-    while not srv.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
+    with thread_server(create_app(folder)) as port:
+        _queries_during_a_slow_add(f"http://127.0.0.1:{port}", small_data)
+
+
+def _queries_during_a_slow_add(url: str, small_data) -> None:
+    import httpx
     p = _first(small_data)
     new = {"_id": 555_000_003, "imgs": [{"picture": x} for x in p.images], "category_id": p.category_id}
-    before = httpx.get(url + "/health").json()["products"]
+    before = httpx.get(url + "/health", timeout=10).json()["products"]
     result = {}
     adder = threading.Thread(target=lambda: result.update(r=httpx.post(
         url + "/products", files={"file": ("n.bson", bson.encode(new), "application/octet-stream")}, timeout=60)))
     adder.start()
     time.sleep(0.3)
-    worst = 0.0
+    worst, during = 0.0, 0
+    deadline = time.monotonic() + 90
     while adder.is_alive():
+        assert time.monotonic() < deadline, "the add did not finish within 90 s"
         t = time.perf_counter()
         h = httpx.get(url + "/health", timeout=10).json()
         s = httpx.post(url + "/similar", data={"product_id": p.product_id, "k": 2}, timeout=10)
         worst = max(worst, time.perf_counter() - t)
         if adder.is_alive():
             assert h["products"] == before and s.status_code == 200  # the old generation, whole
+            during += 1
         time.sleep(0.05)
-    srv.should_exit = True
+    assert during >= 5, during  # queried while the add ran (it takes over 3 s), not only after it
     assert result["r"].status_code == 200 and result["r"].json()["products"] == before + 1
     assert worst < 1.0  # nothing waited behind the 3-second add
 
@@ -346,7 +351,7 @@ def test_batched_queries_give_what_each_query_gives_alone(served, small_data):
     products = list(iter_products(small_data["test.bson"]))[:16]
     batcher = QueryBatcher(max_batch=16, max_wait=0.05)
     with ThreadPoolExecutor(16) as pool:
-        got = list(pool.map(lambda p: batcher.submit(b, 5, pictures=p.images).result(), products))
+        got = list(pool.map(lambda p: batcher.submit(b, 5, pictures=p.images).result(timeout=60), products))
     for p, (sims, pos) in zip(products, got, strict=True):
         alone, alone_pos = neighbours(b, embed_pictures(b, p.images)[0], 5)
         np.testing.assert_allclose(sims, [n.similarity for n in alone], atol=1e-4)

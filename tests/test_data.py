@@ -9,6 +9,7 @@ import bson
 import numpy as np
 import pytest
 import torch
+from conftest import shared_file
 from PIL import Image
 
 from retrieval.data.bsonio import BsonFormatError, iter_products
@@ -18,7 +19,6 @@ from retrieval.data.images import ImageDecodeError, decode_image, encode_jpeg
 from retrieval.data.offsets import RecordReader, load_offsets, scan_offsets
 from retrieval.data.synth import SynthConfig, make_data
 from retrieval.errors import UserError
-from tests.conftest import shared_file
 
 
 def _write(path, docs, tail=b""):

@@ -10,14 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same_calibration
 
+from retrieval.infer.evaluate import EvaluateSettings
 from retrieval.infer.indexdir.bundle import open_index
 from retrieval.infer.indexdir.folder import IndexFolder
 from retrieval.infer.pipeline.embed import LoaderSettings
 from retrieval.infer.pipeline.store import PartStore
-from retrieval.infer.predict import predict
+from retrieval.infer.predict import PredictSettings, predict
 from retrieval.model.export import load_model_file
-from tests.conftest import assert_same_calibration
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,20 +60,21 @@ import sys
 from retrieval.model.runtime import Devices
 from retrieval.infer.indexdir.build import IndexSettings, build_index
 from retrieval.infer.pipeline.embed import LoaderSettings
-from retrieval.infer.predict import predict
-from retrieval.infer.evaluate import evaluate
+from retrieval.infer.predict import PredictSettings, predict
+from retrieval.infer.evaluate import EvaluateSettings, evaluate
 where = Devices(2, 1, "cpu")
 what, data, run, index, out, chunk = sys.argv[1:]
 if what == "index":
     build_index(data, run, out, IndexSettings("all", part_products=40), LoaderSettings(workers=0, where=where))
 elif what == "evaluate":
-    evaluate(index, out_dir=out, loader=LoaderSettings(workers=0, where=where), part_products=7)
+    evaluate(index, out_dir=out, loader=LoaderSettings(workers=0, where=where), settings=EvaluateSettings(7))
 else:
-    predict(data, index, out, loader=LoaderSettings(workers=0, where=where), part_products=int(chunk))
+    predict(data, index, out, loader=LoaderSettings(workers=0, where=where), settings=PredictSettings(int(chunk)))
 """
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2000)  # three two-process runs of up to 600 s each
 def test_two_process_build_index_and_predict_match_one_process(small_data, trained_run, indexes, tmp_path):
     script = tmp_path / "two.py"
     script.write_text(SCRIPT)
@@ -96,7 +98,8 @@ def test_two_process_build_index_and_predict_match_one_process(small_data, train
 
     for chunk in (8, 1000):  # 4 parts over 2 ranks; 1 part, so that rank 1 has nothing to do
         single = tmp_path / f"one_{chunk}.csv"
-        predict(small_data["test.bson"], indexes["all"], single, loader=LoaderSettings(workers=0), part_products=chunk)
+        predict(small_data["test.bson"], indexes["all"], single, loader=LoaderSettings(workers=0),
+                settings=PredictSettings(chunk))
         double = tmp_path / f"two_{chunk}.csv"
         _run([str(script), "predict", str(small_data["test.bson"]), "-", str(indexes["all"]), str(double),
               str(chunk)], cwd=tmp_path)
@@ -105,13 +108,15 @@ def test_two_process_build_index_and_predict_match_one_process(small_data, train
 
 
 @pytest.mark.slow
-def test_two_process_evaluate_matches_one_process(trained_run, indexes, tmp_path):
+def test_two_process_evaluate_matches_one_process(own_indexes, tmp_path):
     import json
 
     from retrieval.infer.evaluate import evaluate
+    indexes = own_indexes  # evaluate writes the fusion it fits into the run
     script = tmp_path / "two.py"
     script.write_text(SCRIPT)
-    one = evaluate(indexes["train"], out_dir=tmp_path / "one", loader=LoaderSettings(workers=0), part_products=7)
+    one = evaluate(indexes["train"], out_dir=tmp_path / "one", loader=LoaderSettings(workers=0),
+                   settings=EvaluateSettings(7))
     _run([str(script), "evaluate", "-", "-", str(indexes["train"]), str(tmp_path / "two"), "0"], cwd=tmp_path)
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert one["products"] == two["products"] > 14 and one["images"] == two["images"]  # >= 3 parts over 2 ranks

@@ -11,7 +11,7 @@ import pytest
 
 from retrieval.errors import UserError
 from retrieval.infer.pipeline.embed import LoaderSettings
-from retrieval.infer.predict import predict
+from retrieval.infer.predict import PredictSettings, predict
 from retrieval.model.runtime import Devices, lightning_devices, parse_devices
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,8 @@ def test_a_list_on_the_cpu_means_that_many_processes_and_names_gpus_elsewhere():
 @pytest.mark.slow
 def test_predict_with_a_device_list_on_cpu_equals_one_process(small_data, indexes, tmp_path):
     single = tmp_path / "one.csv"
-    predict(small_data["test.bson"], indexes["all"], single, loader=LoaderSettings(workers=0), part_products=8)
+    predict(small_data["test.bson"], indexes["all"], single, loader=LoaderSettings(workers=0),
+            settings=PredictSettings(8))
     double = tmp_path / "two.csv"
     with socket.socket() as s:  # a free port for the ranks to meet on (other DDP runs may share the machine)
         s.bind(("127.0.0.1", 0))

@@ -106,7 +106,7 @@ def test_kill_9_at_random_moments_of_an_add_leaves_old_or_new_and_the_next_add_i
     probe = world / "probe"  # beside the index: its relative paths hold
     shutil.copytree(world / "idx", probe)
     done = subprocess.run([sys.executable, str(script), str(probe), str(new)], check=True, env=env,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, timeout=300)
     whole = time.perf_counter() - t
     full = 150 + int(done.stdout.split()[-1])  # ids already indexed are skipped
     rng = np.random.default_rng(7)
@@ -116,13 +116,14 @@ def test_kill_9_at_random_moments_of_an_add_leaves_old_or_new_and_the_next_add_i
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         time.sleep(moment)
         p.send_signal(signal.SIGKILL)
-        p.wait()
+        p.wait(60)
         b = open_index(idx)  # never torn
         n = len(b.product_ids)
         assert n in (150, full) and b.manifest.count == n == len(b.vectors) == len(b.arrays["category_ids"])
         if n == full:
             break
-    out = subprocess.run([sys.executable, str(script), str(idx), str(new)], env=env, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, str(script), str(idx), str(new)], env=env, capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     b = open_index(idx)
     assert len(b.product_ids) == full > 150 and len(set(b.product_ids.tolist())) == full

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import assert_same_calibration
 
 import retrieval.infer.pipeline.parts as parts_mod
-from conftest import assert_same_calibration
 from retrieval.data.offsets import load_offsets
 from retrieval.errors import UserError
 from retrieval.infer.evaluate import evaluate

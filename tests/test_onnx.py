@@ -6,24 +6,24 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime  # noqa: F401  (onnx, onnxruntime, onnxscript: the dev extra installs them; missing fails)
+import onnxscript  # noqa: F401  (the dynamo exporter's dependency)
 import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("onnxruntime")
-onnx = pytest.importorskip("onnx")
-
-from retrieval.data.categories import CategoryTable  # noqa: E402
-from retrieval.data.datasets import picture_input  # noqa: E402
-from retrieval.data.offsets import RecordReader, file_fingerprint, load_offsets  # noqa: E402
-from retrieval.errors import UserError  # noqa: E402
-from retrieval.infer.pipeline.embed import embed_images  # noqa: E402
-from retrieval.model import onnx_export  # noqa: E402
-from retrieval.model.config import ModelConfig  # noqa: E402
-from retrieval.model.export import load_model_file, save_model_file  # noqa: E402
-from retrieval.model.network import EmbeddingNet  # noqa: E402
-from retrieval.model.onnx_runtime import OnnxTower, load_runtime, runtime_fingerprint, runtime_mismatch  # noqa: E402
-from retrieval.rundir import RunDir, Split  # noqa: E402
+from retrieval.data.categories import CategoryTable
+from retrieval.data.datasets import picture_input
+from retrieval.data.offsets import RecordReader, file_fingerprint, load_offsets
+from retrieval.errors import UserError
+from retrieval.infer.pipeline.embed import embed_images
+from retrieval.model import onnx_export
+from retrieval.model.config import ModelConfig
+from retrieval.model.export import load_model_file, save_model_file
+from retrieval.model.network import EmbeddingNet
+from retrieval.model.onnx_runtime import OnnxTower, load_runtime, runtime_fingerprint, runtime_mismatch
+from retrieval.rundir import RunDir, Split
 
 SIZE = 32
 
@@ -148,7 +148,6 @@ def test_runtime_records_refuse_mixed_precision(run):
 
 
 def test_dynamo_exporter_matches_and_a_wrong_export_is_refused(run, pictures, tmp_path):
-    pytest.importorskip("onnxscript")  # the dynamo exporter's dependency
     loaded = load_model_file(run / "model.pt")
     path = tmp_path / "dynamo.onnx"
     assert onnx_export.export_fp32(loaded.net, path, exporters=("dynamo",)) == "dynamo"

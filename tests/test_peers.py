@@ -9,7 +9,7 @@ from index import vote as vote_module
 from retrieval.data.offsets import RecordReader, load_offsets
 from retrieval.infer.indexdir.bundle import open_index
 from retrieval.infer.pipeline.embed import LoaderSettings, embed_products
-from retrieval.infer.predict import predict, read_submission
+from retrieval.infer.predict import PredictSettings, predict, read_submission
 from retrieval.infer.scoring.fused import FusionOverrides
 from retrieval.infer.scoring.peers import PeerSettings, calibrate_peers, load_peers, peer_graph, propagate, top_classes
 
@@ -123,13 +123,14 @@ def test_peers_span_the_whole_file_whatever_the_parts_and_match_dense_propagatio
     for chunk in (7, 1000):
         out = tmp_path / f"c{chunk}.csv"
         predict(small_data["test.bson"], indexes["all"], out, FusionOverrides(alpha=1.0, beta=0.0, peer_weight=0.8),
-                part_products=chunk, **kw)
+                settings=PredictSettings(chunk), **kw)
         outs[chunk] = read_submission(out)[1]
     assert outs[7].tolist() == outs[1000].tolist()
     # independently: the head's tempered probabilities over all 6 classes, propagated with dense matrices
     b = open_index(indexes["all"])
     table = load_offsets(small_data["test.bson"])
-    got = list(embed_products(b.net, RecordReader(small_data["test.bson"], table), np.arange(len(table)), workers=0))
+    got = list(embed_products(b.net, RecordReader(small_data["test.bson"], table), np.arange(len(table)),
+                               LoaderSettings(128, 0)))
     emb, probs = np.concatenate([o.emb for o in got]), np.concatenate([o.probs for o in got]).astype(np.float64)
     t = (b.run.read_calibration() or {}).get("temperature", 1.0)
     base = probs ** (1 / t) / (probs ** (1 / t)).sum(1, keepdims=True)

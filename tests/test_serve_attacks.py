@@ -4,22 +4,19 @@ leaving the product's own vote out. Real servers listen on 127.0.0.1 only."""
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import bson
 import numpy as np
 import pytest
+from conftest import process_server, read_only, thread_server
 from fastapi.testclient import TestClient
 
 from retrieval.data.bsonio import iter_products
@@ -27,7 +24,6 @@ from retrieval.infer.indexdir.bundle import open_index
 from retrieval.serve.api import MAX_PICTURES, MAX_UPLOAD, create_app
 from retrieval.serve.guards import ServeSettings
 
-ROOT = Path(__file__).resolve().parents[1]
 LOCAL = "http://localhost"
 
 
@@ -47,8 +43,10 @@ BOMB = _png(6324, 6324)
 
 @pytest.fixture(scope="module")
 def served(indexes, tmp_path_factory) -> Path:
+    """A copy of the all-products index that this module's tests share: read-only (writes go to a copy)."""
     folder = tmp_path_factory.mktemp("attacks") / "index"
     shutil.copytree(indexes["all"], folder)
+    read_only("served (test_serve_attacks.py)", folder)
     return folder
 
 
@@ -62,29 +60,7 @@ def _first(small_data):
     return next(iter_products(small_data["train.bson"]))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def _live(app):
-    """``app`` under uvicorn in a thread on 127.0.0.1; yields its port."""
-    import uvicorn
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    for _ in range(400):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    try:
-        yield port
-    finally:
-        srv.should_exit = True
-        t.join(10)
+_live = thread_server  # ``app`` under uvicorn in a thread on 127.0.0.1, on a socket bound first; yields its port
 
 
 def _response(sock: socket.socket, timeout: float = 10.0) -> tuple[int, bytes]:
@@ -337,7 +313,7 @@ def test_busy_is_503_with_retry_after(served, small_data):
 def test_picture_requests_past_the_admission_cap_get_503():
     import httpx
 
-    from retrieval.serve.guards import RequestGuard
+    from retrieval.serve.guards import GuardLimits, RequestGuard
     release = asyncio.Event()
 
     async def slow_app(scope, receive, send):
@@ -345,7 +321,7 @@ def test_picture_requests_past_the_admission_cap_get_503():
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    guard = RequestGuard(slow_app, ServeSettings(), {}, 1 << 20, busy_paths=("/similar",), max_busy=2)
+    guard = RequestGuard(slow_app, ServeSettings(), GuardLimits(1 << 20, busy_paths=("/similar",), max_busy=2))
 
     async def run():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=guard), base_url=LOCAL) as c:
@@ -368,7 +344,7 @@ MULTIPART = {"content-type": "multipart/form-data; boundary=X"}
 def test_a_slow_body_gets_408_and_gives_its_admission_back():
     import httpx
 
-    from retrieval.serve.guards import RequestGuard
+    from retrieval.serve.guards import GuardLimits, RequestGuard
 
     async def reading_app(scope, receive, send):  # reads the whole body, then answers
         while (await receive()).get("more_body"):
@@ -376,8 +352,8 @@ def test_a_slow_body_gets_408_and_gives_its_admission_back():
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    guard = RequestGuard(reading_app, ServeSettings(), {}, 1 << 20, busy_paths=("/similar",), max_busy=1,
-                         body_seconds=0.3)
+    guard = RequestGuard(reading_app, ServeSettings(), GuardLimits(1 << 20, busy_paths=("/similar",), max_busy=1,
+                                                                   body_seconds=0.3))
 
     async def trickle(pause: float):
         yield b"--X\r\n"
@@ -437,7 +413,7 @@ def test_classify_by_id_leaves_its_own_vector_and_pictures_out(client, served, s
     expected = [int(b.categories.ids[c.classes[0, j]]) for j in np.argsort(-scores, kind="stable")[:5]
                 if np.isfinite(scores[j])]
     got = client.post("/classify", data={"product_id": pid, "top": 5}).json()["categories"]
-    assert [x["category_id"] for x in got] == expected
+    assert len(expected) >= 2 and [x["category_id"] for x in got] == expected  # a ranking, not an empty list
     np.testing.assert_allclose([x["score"] for x in got], np.sort(scores[np.isfinite(scores)])[::-1][:5], atol=1e-4)
     assert all(x["duplicate"] == 0.0 for x in got)  # its own pictures did not vote
     with_self = client.post("/classify", data={"product_id": pid, "top": 5, "include_self": True}).json()
@@ -454,27 +430,11 @@ def _rss_kb(pid: int) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def process(served, tmp_path_factory):
-    """``cli.py serve`` (so :func:`run_server`) in its own process on 127.0.0.1, with a token and an allowed
-    host; yields (pid, url)."""
-    httpx = pytest.importorskip("httpx")
+    """``cli.py serve`` (so :func:`run_server`) in its own process on 127.0.0.1, on a socket bound here, with a
+    token and an allowed host; yields (pid, url). At most 120 s to start on a busy machine."""
     log = tmp_path_factory.mktemp("srv") / "server.log"
-    port = _free_port()
-    with open(log, "w") as err:
-        server = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "serve", "--index", str(served), "--port",
-                                   str(port), "--token", "t0ken", "--allowed-host", "shop.example"], cwd=ROOT,
-                                  stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(1200):  # at most 120 s to start on a busy machine
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    with process_server(served, "--token", "t0ken", "--allowed-host", "shop.example", log=log) as (server, url):
         yield server.pid, url
-    finally:
-        server.terminate()
-        server.wait(20)
 
 
 @pytest.mark.slow
@@ -519,8 +479,9 @@ def test_32_clients_sending_the_largest_request_get_200_or_503(process, small_da
     took = time.monotonic() - t
     codes = [r.status_code for r in got]
     assert set(codes) <= {200, 503}, [r.text[:200] for r in got if r.status_code not in (200, 503)]
+    assert len(codes) == 32 and codes.count(200) >= 1, codes  # refusing everyone is not serving
     assert all("Retry-After" in r.headers for r in got if r.status_code == 503)
-    assert httpx.get(url + "/health").json()["status"] == "ok"
+    assert httpx.get(url + "/health", timeout=30).json()["status"] == "ok"
     grown = (_rss_kb(pid)["VmHWM"] - before) / 1024
     print(f"\n32 clients x {MAX_PICTURES} RGBA 4,096 x 4,096 PNGs: {codes.count(200)} x 200, {codes.count(503)} x 503 "
           f"in {took:.1f} s; peak RSS {grown:.0f} MB over the resting RSS")

@@ -1,9 +1,7 @@
 """A bounded soak of the real server on 127.0.0.1: mixed queries from 16 clients while adds run."""
 from __future__ import annotations
 
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -11,8 +9,10 @@ import time
 from pathlib import Path
 
 import bson
+import httpx
 import numpy as np
 import pytest
+from conftest import process_server
 
 from retrieval.data.bsonio import iter_products
 
@@ -47,40 +47,29 @@ with ThreadPoolExecutor(clients) as pool:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the 16 clients alone may take 900 s on a busy machine
 def test_soak_mixed_queries_while_adds_run(indexes, small_data, tmp_path):
-    httpx = pytest.importorskip("httpx")
     world = tmp_path / "w"
     world.mkdir()
     folder = world / "idx"
     shutil.copytree(indexes["all"], folder)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "serve", "--index", str(folder), "--port",
-                               str(port), "--token", "t0ken"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                              stderr=open(tmp_path / "server.log", "w"), env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        base = httpx.get(url + "/health").json()["products"]
+    with process_server(folder, "--token", "t0ken", log=tmp_path / "server.log") as (server, url):
+        base = httpx.get(url + "/health", timeout=30).json()["products"]
         products = list(iter_products(small_data["train.bson"]))
         pics = [p.images[0] for p in products]
         errors, health, stop = [], [], threading.Event()
 
         def adder() -> None:
-            with httpx.Client(base_url=url, timeout=120, headers={"Authorization": "Bearer t0ken"}) as c:
-                for a in range(ADDS):
-                    docs = [{"_id": 900_000 + a * PER_ADD + j, "imgs": [{"picture": pics[(a + j) % len(pics)]}],
-                             "category_id": products[0].category_id} for j in range(PER_ADD)]
-                    r = c.post("/products", files={"file": ("a.bson", b"".join(bson.encode(d) for d in docs))})
-                    if r.status_code != 200 or r.json()["added"] != PER_ADD:
-                        errors.append(("add", a, r.status_code, r.text[:200]))
-            stop.set()
+            try:
+                with httpx.Client(base_url=url, timeout=120, headers={"Authorization": "Bearer t0ken"}) as c:
+                    for a in range(ADDS):
+                        docs = [{"_id": 900_000 + a * PER_ADD + j, "imgs": [{"picture": pics[(a + j) % len(pics)]}],
+                                 "category_id": products[0].category_id} for j in range(PER_ADD)]
+                        r = c.post("/products", files={"file": ("a.bson", b"".join(bson.encode(d) for d in docs))})
+                        if r.status_code != 200 or r.json()["added"] != PER_ADD:
+                            errors.append(("add", a, r.status_code, r.text[:200]))
+            finally:
+                stop.set()  # the watcher ends with the adds, whatever became of them
 
         def watch() -> None:
             with httpx.Client(base_url=url, timeout=10) as c:
@@ -93,16 +82,19 @@ def test_soak_mixed_queries_while_adds_run(indexes, small_data, tmp_path):
         threads = [threading.Thread(target=adder), threading.Thread(target=watch)]
         for t in threads:
             t.start()
-        clients = subprocess.run([sys.executable, "-c", CLIENT, url, str(QUERIES), str(CLIENTS),
-                                  str(small_data["train.bson"])], cwd=ROOT, capture_output=True, text=True, timeout=900)
+        try:
+            clients = subprocess.run([sys.executable, "-c", CLIENT, url, str(QUERIES), str(CLIENTS),
+                                      str(small_data["train.bson"])], cwd=ROOT, capture_output=True, text=True,
+                                     timeout=900)
+        except BaseException:
+            stop.set()  # the watcher ends when the clients fail
+            raise
         assert clients.returncode == 0, clients.stderr[-2000:]
         errors += [line for line in clients.stdout.splitlines() if line.startswith("ERROR")]
         for t in threads:
             t.join(timeout=600)
-        final = httpx.get(url + "/health").json()["products"]
-    finally:
-        server.terminate()
-        server.wait(20)
+            assert not t.is_alive(), f"{t.name} did not end within 600 s"
+        final = httpx.get(url + "/health", timeout=30).json()["products"]
     assert server.returncode in (0, -15), (tmp_path / "server.log").read_text()[-3000:]
     assert errors == []
     assert final == base + ADDS * PER_ADD  # every add landed exactly once

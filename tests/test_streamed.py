@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import assert_same_calibration
 
-from retrieval.infer.evaluate import evaluate
+from retrieval.infer.evaluate import EvaluateSettings, evaluate
 from retrieval.infer.pipeline.embed import LoaderSettings
 from retrieval.infer.scoring.candidates import Candidates
 from retrieval.infer.scoring.fused import FusedClassifier
@@ -67,8 +67,10 @@ def test_gather_reads_the_sampled_rows_of_each_part():
 
 def test_evaluate_gives_the_same_metrics_whatever_the_part_size(own_indexes, tmp_path):
     indexes = own_indexes  # evaluate writes the fusion it fits into the run
-    one = evaluate(indexes["train"], out_dir=tmp_path / "a", loader=LoaderSettings(workers=0), part_products=10_000)
-    many = evaluate(indexes["train"], out_dir=tmp_path / "b", loader=LoaderSettings(workers=0), part_products=7)
+    one = evaluate(indexes["train"], out_dir=tmp_path / "a", loader=LoaderSettings(workers=0),
+                   settings=EvaluateSettings(10_000))
+    many = evaluate(indexes["train"], out_dir=tmp_path / "b", loader=LoaderSettings(workers=0),
+                    settings=EvaluateSettings(7))
     for key in ("products", "head_accuracy", "knn_accuracy", "fused_accuracy", "fused_top5_accuracy",
                 "fused_without_duplicates_accuracy", "by_frequency", "level2_accuracy"):
         assert one[key] == many[key], key

@@ -25,6 +25,7 @@ import logging
 import threading
 import time
 import weakref
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -183,13 +184,18 @@ def create_app(index_dir: str | Path, settings: ServeSettings | None = None,
     batcher = batcher or QueryBatcher()
     if warmed := warm_up(state.bundle, batcher.max_pictures):
         log.info("network run at %d batch sizes before serving (cuDNN plans each new shape once)", warmed)
-    app = FastAPI(title="Cdiscount similar products", version="2",
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        state.close()  # the watcher thread stops with the server, not when the state is collected
+
+    app = FastAPI(title="Cdiscount similar products", version="2", lifespan=lifespan,
                   description="Similar-product search and category prediction over one index folder. At most "
                               f"{MAX_PICTURES} pictures a query; a busy server answers 503 with Retry-After.")
     app.add_middleware(RequestGuard, settings=settings, limits=GuardLimits(
         MAX_UPLOAD + (1 << 20), per_path=(("/products", MAX_PRODUCTS_UPLOAD + (1 << 20)),), writes=("/products",),
         busy_paths=("/similar", "/classify"), max_busy=MAX_BUSY, retry_after=Busy.retry_after))
-    app.state.index = state  # its watcher thread ends with it (or at state.close())
+    app.state.index = state  # its watcher thread ends at shutdown (state.close())
 
     @app.exception_handler(Busy)
     async def _busy(_: Request, e: Busy) -> JSONResponse:

@@ -22,7 +22,7 @@ def served_settings(settings: ServeSettings, host: str) -> ServeSettings:
 
 
 def run_server(index: str | Path, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,
-               access_log: bool = False) -> None:
+               access_log: bool = False, fd: int | None = None) -> None:
     """Serve ``index`` on ``host:port`` until stopped: refuses an exposed address without a credential, gives
     the network every core but one, opens the index, moves what is alive now out of the collector's reach and
     runs uvicorn. Needs the serve extra (FastAPI, uvicorn)."""
@@ -43,5 +43,5 @@ def run_server(index: str | Path, settings: ServeSettings, host: str = "127.0.0.
     settle_heap()
     log.info("serving %s on %s:%d; requests must carry Host: %s", index, host, port,
              ", ".join(sorted(settings.hosts())))
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log,
+    uvicorn.run(app, host=host, port=port, fd=fd, log_level="info", access_log=access_log,
                 limit_concurrency=MAX_CONNECTIONS)
