@@ -99,9 +99,10 @@ def read_json(path: str | Path, what: str, remedy: str) -> dict:
     try:
         obj = json.loads(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"{path}: no {what} here; {remedy}") from None
+        raise UserError(f"{path} is missing (the {what}); {remedy}") from None
     except (OSError, ValueError) as e:
-        raise UserError(f"{path}: damaged {what} (not readable JSON: {type(e).__name__}); {remedy}") from None
+        raise UserError(f"{path} is damaged (the {what} is not readable JSON: {type(e).__name__}); {remedy}"
+                        ) from None
     if not isinstance(obj, dict):
-        raise UserError(f"{path}: damaged {what} (a JSON {type(obj).__name__}, not an object); {remedy}")
+        raise UserError(f"{path} is damaged (the {what} is a JSON {type(obj).__name__}, not an object); {remedy}")
     return obj

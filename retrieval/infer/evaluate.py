@@ -212,6 +212,7 @@ def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir:
                                                   settings.runtime)
     bundle = open_index(index_dir, mmap=True, runtime=runtime, hold_out=val_path is None)
     bundle.refuse_runtime_on(loader.distributed)
+    frozen = bundle.run.read_frozen_baseline()  # read before any work: a damaged one is refused at once
     cats = bundle.categories
     out = Path(out_dir) if out_dir else bundle.run.path / "eval"
     held = _held_out_segment(bundle) if val_path is None else None
@@ -267,7 +268,7 @@ def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir:
                    "cv_by_frequency": _buckets(counts[sample], y[sample], cal.oof)},
         "peers": {**peers.params(), "fused_without_peers_accuracy": without_peers, "grid": peer_grid,
                   "graph": graph.cost},
-        "frozen_baseline": bundle.run.read_frozen_baseline(),
+        "frozen_baseline": frozen,
         "fused_without_duplicates_accuracy": float((sc.no_dup == y).mean()),
         "duplicate_coverage": float(sc.has_dup.mean()),
         "calibration": clf.params(), "fused_top5_accuracy": float((top5 == y[:, None]).any(1).mean()),

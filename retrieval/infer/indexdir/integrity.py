@@ -10,6 +10,7 @@ from pathlib import Path
 
 import xxhash
 
+from ... import durable
 from ...errors import UserError
 
 log = logging.getLogger(__name__)
@@ -80,14 +81,9 @@ def read_json(path: Path, what: str = "") -> dict:
     it has one) disagrees with its content."""
     path = Path(path)
     try:
-        d = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise Damaged(f"{what}{path} is missing; restore it or rebuild the index") from None
-    except (OSError, ValueError) as e:
-        raise Damaged(f"{what}{path} is damaged (not readable JSON: {type(e).__name__}); restore it or rebuild the "
-                      "index") from None
-    if not isinstance(d, dict):
-        raise Damaged(f"{what}{path} is damaged (not a JSON object); restore it or rebuild the index")
+        d = durable.read_json(path, "index folder's record", "restore it or rebuild the index")
+    except UserError as e:
+        raise Damaged(f"{what}{e}") from None
     if "digest" in d and d["digest"] != json_digest(d):
         raise Damaged(f"{what}{path} is damaged: its content disagrees with its own checksum; restore it or "
                       "rebuild the index")
