@@ -65,7 +65,7 @@ class SegmentedIndex:
             raise ValueError(f"queries must be [Q, {self.dim}], got {list(q.shape)}")
         sims, pos = [], []
         for part, off in zip(self.parts, self.offsets[:-1], strict=True):
-            if len(part) == 0:
+            if len(part) == 0 or len(part.removed) >= len(part):  # nothing left to find (a held-out segment)
                 continue
             if allowed_labels is None:
                 s, p = part.search(q, min(k, len(part)))

@@ -89,3 +89,15 @@ def test_an_index_built_before_one_build_says_how_to_get_it(own_indexes, tmp_pat
     with pytest.raises(UserError, match="build-index") as e:
         evaluate(idx, out_dir=tmp_path / "e", loader=LOADER)
     assert "validation products" in str(e.value) and len(val_ids) > 0
+
+
+def test_evaluate_of_a_sample_skips_the_held_out_parts_left_empty(own_indexes, tmp_path):
+    from retrieval.infer.evaluate import EvaluateSettings
+    from retrieval.infer.indexdir.build import IndexSettings, build_index
+    idx = tmp_path / "small_parts"  # 30 held-out products in 6 parts: a sample of 3 leaves 3 or more empty
+    build_index(own_indexes["data"] / "train.bson", own_indexes["run"], idx, IndexSettings(part_products=5), LOADER)
+    held = next(s for s in open_index(idx).segments if s.sid == open_index(idx).manifest.held_out)
+    assert len(held.parts) == 6
+    m = evaluate(idx, out_dir=tmp_path / "e", loader=LOADER, settings=EvaluateSettings(max_products=3))
+    assert m["products"] == 3 and m["embedded"].startswith("stored")
+    assert sum(b["products"] for b in m["by_frequency"].values()) == 3

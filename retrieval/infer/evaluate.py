@@ -58,8 +58,8 @@ def _eval_rows(bundle: IndexBundle, val_path: str | Path | None) -> tuple[Path, 
     if overlap.any() and val_path is None:
         raise UserError(f"{bundle.folder} was built before one build served evaluate: it contains the run's "
                         f"validation products ({int(overlap.sum())} of {len(rows)}) among the others. Rebuild it with "
-                        "build-index (they then form a held-out segment evaluate leaves out, and nothing is embedded "
-                        "twice), or build one with --split train")
+                        "build-index --restart (they then form a held-out segment evaluate leaves out, and nothing is "
+                        "embedded twice), or build one with --split train")
     if overlap.any():
         raise UserError(f"the index {bundle.folder} contains {int(overlap.sum())} of the products being scored "
                         f"(e.g. _id {int(table['product_id'][rows][overlap][0])}); evaluate with an index of "
@@ -114,7 +114,12 @@ def _stored_parts(bundle: IndexBundle, seg: Segment, scratch: Path, max_products
     build stored: product embeddings, and per picture the head's inputs (probabilities made by the head alone,
     :func:`~.pipeline.embed.head_outputs`) and hash. Returns the scratch store, products per part, decode
     counts and the products' classes ``y``."""
-    live, labels = seg.live_mask() & (seg.vectors.labels >= 0), np.asarray(seg.vectors.labels)
+    # the truth is the file's label as indexed (a relabel changes what predict answers, not what is scored) and
+    # the products still in the catalogue
+    labels = np.asarray((seg.base or seg).vectors.labels)
+    live = seg.live_mask() & (labels >= 0)
+    if bundle.live_count == 0:
+        raise UserError(f"{bundle.folder}: every product but the held-out ones is removed; nothing to vote")
     if max_products is not None and live.sum() > max_products:
         pick = np.sort(np.random.default_rng(seed).choice(np.flatnonzero(live), max_products, replace=False))
         live = np.isin(np.arange(len(live)), pick)
@@ -125,17 +130,16 @@ def _stored_parts(bundle: IndexBundle, seg: Segment, scratch: Path, max_products
     store = PartStore(scratch, key, restart=True)
     starts = np.cumsum([0] + [n for _, n in seg.parts])
     sizes = []
-    for k in range(len(seg.parts)):
-        lo, hi = starts[k], starts[k + 1]
-        keep = live[lo:hi]
+    for k in range(len(seg.parts)):  # scratch parts numbered from 0 over the segment's parts with a product kept
+        keep = live[starts[k]:starts[k + 1]]
+        if not keep.any():
+            continue
+        y = labels[starts[k]:starts[k + 1]][keep]
+        work = PartWork(lambda outs, y=y: _part(bundle, outs, y[np.concatenate([o.rows for o in outs])]),
+                        group=GROUP)
+        store.write(len(sizes), **reduce_groups(work, _stored_outputs(bundle, seg, k, keep)))
         sizes.append(int(keep.sum()))
-        if not store.done(k):
-            y = labels[lo:hi][keep]
-            work = PartWork(lambda outs, y=y: _part(bundle, outs, y[np.concatenate([o.rows for o in outs])]),
-                            group=GROUP)
-            store.write(k, **reduce_groups(work, _stored_outputs(bundle, seg, k, keep)))
-    y = labels[live]
-    return store, sizes, decode_counts(store, list(range(len(seg.parts)))), y
+    return store, sizes, decode_counts(store, list(range(len(sizes)))), labels[live]
 
 
 def _stored_outputs(bundle: IndexBundle, seg: Segment, k: int, keep: np.ndarray, batch: int = 512
@@ -152,7 +156,7 @@ def _stored_outputs(bundle: IndexBundle, seg: Segment, k: int, keep: np.ndarray,
         local = np.full(len(keep), -1)
         local[prods] = np.arange(len(prods))
         img = np.flatnonzero(local[owner] >= 0)
-        probs, img_pred = head_outputs(bundle.net, head_in[img], local[owner[img]], len(prods))
+        probs, img_pred = head_outputs(bundle.loaded.net, head_in[img], local[owner[img]], len(prods))  # torch's
         yield ProductOutputs(np.arange(lo, lo + len(prods)), np.asarray(emb[prods], np.float32), probs,
                              n_images[prods], failed[prods], img_pred, local[owner[img]], hashes[img])
 

@@ -133,19 +133,18 @@ def _build(train_path: Path, run: RunDir, out: IndexFolder, settings: IndexSetti
            "picture_hashes": True, "runtime": runtime_fingerprint(net), "held_out": len(held) > 0}
     # the parts go to the build's own work folder: no live generation reads it (its segments own their files)
     store = PartStore(out.build_parts, key, restart=restart and is_first_rank())
-    parts, held_parts, head = numbered(rows, part_products), [], None
+    parts = numbered(rows, part_products)
+    held_parts = numbered(held, part_products, first=len(parts))
+    head = _head_inputs(net) if len(held) else None
     reader = RecordReader(train_path, table)
+    # every rank embeds its share of both groups (a rank other than 0 returns only after both)
     done = _embed_to_store(net, mirror, reader, parts, store, loader, "embedding")
-    if done is None:
+    held_done = _embed_to_store(head or net, mirror, reader, held_parts, store, loader,
+                                "embedding held-out products") if held_parts else (None, 0.0)
+    if done is None or held_done is None:
         return None
     stats, embed_s = done
-    if len(held):
-        held_parts = numbered(held, part_products, first=len(parts))
-        head = _head_inputs(net)
-        held_done = _embed_to_store(head or net, mirror, reader, held_parts, store, loader,
-                                    "embedding held-out products")
-        if held_done is None:
-            return None
+    if held_parts:
         stats.merge(held_done[0])
         embed_s += held_done[1]
     store.sync()

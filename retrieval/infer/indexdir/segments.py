@@ -258,7 +258,7 @@ def load_segment(folder: IndexFolder, sid: str, mmap: bool = False, meta_record:
     meta = read_json(path / META, what)
     files = meta.get("files")
     for rel in (files or {}):
-        big_mapped = rel.startswith("emb/") or (mmap and (rel.endswith("index.faiss") or rel.split("/")[0] in
+        big_mapped = rel.startswith(("emb/", HELD_OUT + "/")) or (mmap and (rel.endswith("index.faiss") or rel.split("/")[0] in
                                                           {*(f"{k}.npy" for k in ARRAYS), ID_SORTED, ID_ORDER}))
         expected = files[rel]
         if big_mapped:

@@ -85,8 +85,10 @@ def head_outputs(net: EmbeddingNet, head_in: np.ndarray, owner: np.ndarray, n_pr
     ``owner [N]``: the products' head probabilities ``[P, C]`` and each picture's argmax ``[N]``, as
     :func:`embed_images` computes them."""
     dev = device_of(net)
-    z = torch.from_numpy(np.ascontiguousarray(head_in)).to(dev)
+    z = torch.from_numpy(np.ascontiguousarray(head_in, np.float32)).to(dev)
     n, v = z.shape[:2]
+    if n == 0:  # no decodable picture among these products: as embed_images leaves them, zeros
+        return np.zeros((n_products, net.head.out_features), np.float32), np.zeros(0, np.int64)
     with autocast_for(dev):
         probs = net.head(z.transpose(0, 1).reshape(n * v, -1)).float().softmax(-1)  # views first, as embedded
         if v == 2:
