@@ -58,7 +58,7 @@ def stage_shares(test: Path, bundle, params: dict) -> dict[str, float]:
     t = time.perf_counter()
     clf = FusedClassifier(params["alpha"], params["k"], params["tau"], params["beta"], 0, params["temperature"],
                           tuple(params["weights"]) if params["weights"] else None)
-    clf.predict_candidates(Candidates.build(prob, sims, labels, has))
+    clf.predict_candidates(Candidates.build(prob, (sims, labels), has))
     s["fusion"] = time.perf_counter() - t
     s["_fwd_img_s"] = forward_only(net, images, owner)
     return s

@@ -158,7 +158,7 @@ def test_frozen_stages_do_not_move_and_keep_their_statistics():
 
 
 def _cands(head: np.ndarray, sims: np.ndarray, labels: np.ndarray) -> Candidates:
-    return Candidates.build(head, sims, labels, np.ones(len(head), bool), m=head.shape[1])
+    return Candidates.build(head, (sims, labels), np.ones(len(head), bool), m=head.shape[1])
 
 
 def test_temperature_is_the_nll_minimiser_over_the_grid():
@@ -236,7 +236,7 @@ def test_long_tail_features_match_the_formula_by_hand():
     index.add(vecs[:1], np.array([1]))
     assert list(class_sizes(index)) == [2, 1, 5]  # an add replaces the labels: counted again
     head = np.array([[0.5, 0.3, 0.2]])
-    c = Candidates.build(head, np.array([[0.9, 0.8]]), np.array([[2, 0]]), np.ones(1, bool), m=3, sizes=sizes)
+    c = Candidates.build(head, (np.array([[0.9, 0.8]]), np.array([[2, 0]])), np.ones(1, bool), m=3, sizes=sizes)
     f = FusedClassifier(k=2, tau=0.1).features(c)[0]
     w = {2: 1.0, 0: float(np.exp((0.8 - 0.9) / 0.1))}
     assert sorted(c.classes[0][c.classes[0] >= 0]) == [0, 1, 2]
@@ -266,7 +266,7 @@ def test_class_size_rule_wins_where_the_head_leans_to_big_classes_and_not_on_noi
     none = -np.ones((n, 3), np.int64)
 
     def cands() -> Candidates:
-        return Candidates.build(head, np.zeros((n, 3)), none, np.ones(n, bool), m=head.shape[1], sizes=sizes)
+        return Candidates.build(head, (np.zeros((n, 3)), none), np.ones(n, bool), m=head.shape[1], sizes=sizes)
     cal = calibrate(cands(), y, fallback=0)
     assert cal.chosen == "learnt_tail" and cal.cv["learnt_tail"] > max(cal.cv["learnt"], cal.cv["grid"]) + 0.3
     small_rows = y >= big
@@ -381,7 +381,7 @@ def test_prototype_candidates_and_feature_match_the_formula_by_hand():
     head[0, :3] = [0.5, 0.3, 0.1]
     proto_sims = rng.uniform(-0.2, 0.2, (1, n_cls))
     proto_sims[0, [7, 9, 10, 11, 8]] = [0.9, 0.8, 0.7, 0.6, 0.5]
-    c = Candidates.build(head, np.array([[0.9]]), np.array([[2]]), np.ones(1, bool), m=3, proto_sims=proto_sims)
+    c = Candidates.build(head, (np.array([[0.9]]), np.array([[2]])), np.ones(1, bool), m=3, proto_sims=proto_sims)
     got = set(c.classes[0][c.classes[0] >= 0].tolist())
     assert got == {0, 1, 2} | {7, 9, 10, 11, 8}  # head's top 3, the neighbour's class, the 5 nearest prototypes
     assert PROTO_TOP == 5
@@ -390,7 +390,7 @@ def test_prototype_candidates_and_feature_match_the_formula_by_hand():
     assert np.allclose(plain.head[0][plain.classes[0] >= 0], head[0, plain.classes[0][plain.classes[0] >= 0]])
     near_head = proto_sims.copy()
     near_head[0, 1] = 0.95  # the nearest prototype is also a head candidate: it stays for every rule
-    both = Candidates.build(head, np.array([[0.9]]), np.array([[2]]), np.ones(1, bool), m=3, proto_sims=near_head)
+    both = Candidates.build(head, (np.array([[0.9]]), np.array([[2]])), np.ones(1, bool), m=3, proto_sims=near_head)
     kept = both.without_proto().classes[0]
     assert set(kept[kept >= 0].tolist()) == {0, 1, 2}
     assert set(both.classes[0][both.proto_only[0]].tolist()) == {7, 9, 10, 11}
@@ -439,7 +439,7 @@ def test_prototype_rule_wins_for_small_classes_the_others_miss_and_not_on_noise(
     proto_sims[np.arange(n), y] = 0.7
 
     def cands() -> Candidates:
-        return Candidates.build(head, sims, labels, np.ones(n, bool), m=5, sizes=sizes, proto_sims=proto_sims)
+        return Candidates.build(head, (sims, labels), np.ones(n, bool), m=5, sizes=sizes, proto_sims=proto_sims)
     cal = calibrate(cands(), y, fallback=0)
     assert cal.gamma > 0  # the grid rule casts the prototype vote where there are prototypes
     for rule in ("grid", "learnt_proto"):  # the rules that see the prototypes get both kinds of class
@@ -459,13 +459,13 @@ def test_prototype_rule_wins_for_small_classes_the_others_miss_and_not_on_noise(
     misleading[np.arange(n), y] = 0.3
     misleading[np.arange(n), (y + 1) % n_cls] = 0.7
     none = np.full((n, 3), -1)
-    wrong = calibrate(Candidates.build(m_head, sims, none, np.ones(n, bool), m=5, sizes=sizes, proto_sims=misleading),
+    wrong = calibrate(Candidates.build(m_head, (sims, none), np.ones(n, bool), m=5, sizes=sizes, proto_sims=misleading),
                       y, fallback=0)
     assert wrong.gamma == 0 and wrong.cv["grid"] == 1.0 and wrong.best(gamma=max(GAMMAS))["accuracy"] == 0.0
-    agree = calibrate(Candidates.build(head, sims, labels, np.ones(n, bool), m=5, sizes=sizes, proto_sims=misleading),
+    agree = calibrate(Candidates.build(head, (sims, labels), np.ones(n, bool), m=5, sizes=sizes, proto_sims=misleading),
                       lead, fallback=0)  # the unanimous neighbours outvote any vote: a tie, and the vote is kept
     assert agree.cv["grid"] == 1.0 and agree.gamma == max(GAMMAS) == agree.best(gamma=max(GAMMAS))["gamma"]
-    no_proto = calibrate(Candidates.build(head, sims, labels, np.ones(n, bool), m=5, sizes=sizes), y, fallback=0)
+    no_proto = calibrate(Candidates.build(head, (sims, labels), np.ones(n, bool), m=5, sizes=sizes), y, fallback=0)
     assert "learnt_proto" not in no_proto.cv and no_proto.gamma == 0  # without prototypes: no prototype vote
     assert no_proto.cv["grid"] < 0.75
     for rule in ("learnt", "learnt_tail"):  # scored on the candidates predict gives them: no prototype's class
@@ -484,8 +484,8 @@ def test_rules_without_prototypes_score_the_candidates_predict_gives_them():
     sims, labels = np.zeros((1, 2)), np.full((1, 2), -1)
     proto_sims = np.zeros((1, n_cls))
     proto_sims[0, :5] = 0.9
-    with_p = Candidates.build(head, sims, labels, np.ones(1, bool), m=2, proto_sims=proto_sims)
-    without = Candidates.build(head, sims, labels, np.ones(1, bool), m=2)
+    with_p = Candidates.build(head, (sims, labels), np.ones(1, bool), m=2, proto_sims=proto_sims)
+    without = Candidates.build(head, (sims, labels), np.ones(1, bool), m=2)
     assert with_p.classes[0][with_p.classes[0] >= 0].min() == 0  # a prototype-only class is listed first
     knn = FusedClassifier(0.0, 2, 0.1, 0.0, 0)
     fused = FusedClassifier(1.0, 2, 0.1, 0.0, 0)

@@ -255,7 +255,7 @@ def test_exact_duplicate_vote_is_a_third_fused_signal(own_indexes, small_data, t
         pic = reader.read(int(rows[pos])).images[0]
         assert pos in b.duplicates.matches(np.array([picture_hash(pic)]))[1].tolist()
     # the head and the neighbours say class 0; two exact duplicates say class 1
-    c = Candidates.build(np.array([[0.7, 0.3]]), np.array([[0.9, 0.8]]), np.array([[0, 0]]), np.array([True]),
+    c = Candidates.build(np.array([[0.7, 0.3]]), (np.array([[0.9, 0.8]]), np.array([[0, 0]])), np.array([True]),
                          np.array([[1, 1]]))
     assert FusedClassifier(0.5, 2, 0.1, beta=0.0).predict_candidates(c)[0][0, 0] == 0
     assert FusedClassifier(0.5, 2, 0.1, beta=1.0).predict_candidates(c)[0][0, 0] == 1

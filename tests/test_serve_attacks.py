@@ -407,7 +407,7 @@ def test_classify_by_id_leaves_its_own_vector_and_pictures_out(client, served, s
     labels = np.asarray(b.vectors.labels)
     others = np.delete(labels, own)
     sizes = np.array([np.sum(others == k) for k in range(labels.max() + 1)], np.float32)  # its class, less itself
-    c = Candidates.build(probs[None], sims[top][None], labels[top][None], np.ones(1, bool),
+    c = Candidates.build(probs[None], (sims[top][None], labels[top][None]), np.ones(1, bool),
                          np.full((1, 16), -1, np.int32), sizes=sizes)
     scores = clf.candidate_scores(c, clf.features(c, clf.candidate_votes(c)))[0]
     expected = [int(b.categories.ids[c.classes[0, j]]) for j in np.argsort(-scores, kind="stable")[:5]

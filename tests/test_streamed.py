@@ -23,7 +23,7 @@ def _candidates(n: int, classes: int, rng: np.random.Generator) -> Candidates:
     labels = rng.integers(0, classes, (n, 10))
     sims = -np.sort(-rng.uniform(0.2, 1.0, (n, 10)), 1)
     dups = np.where(rng.random((n, 2)) < 0.2, rng.integers(0, classes, (n, 2)), -1)
-    return Candidates.build(p, sims, labels, rng.random(n) < 0.95, dups, m=5)
+    return Candidates.build(p, (sims, labels), rng.random(n) < 0.95, dups, m=5)
 
 
 CLFS = (FusedClassifier(0.4, 10, 0.07, 1.0, 3), FusedClassifier(0.0, 5, 0.05, 0.0, 3),

@@ -194,7 +194,7 @@ def classify_outputs(bundle: IndexBundle, clf: FusedClassifier, emb: np.ndarray,
     if own >= 0:  # its class's size without it, as for a product that is not indexed
         sizes = sizes.copy()
         sizes[own] -= 1
-    c = Candidates.build(probs[None], sims, labels, np.ones(1, bool), dups, sizes=sizes, proto_sims=protos)
+    c = Candidates.build(probs[None], (sims, labels), np.ones(1, bool), dups, sizes=sizes, proto_sims=protos)
     votes = clf.candidate_votes(c)
     feats = clf.features(c, votes)
     scores = clf.candidate_scores(c, feats)[0]

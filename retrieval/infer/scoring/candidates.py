@@ -41,13 +41,14 @@ class Candidates:
     proto_only: np.ndarray | None = None  # [P, W] bool: a candidate only because its prototype is among the nearest
 
     @classmethod
-    def build(cls, p_head: np.ndarray, sims: np.ndarray, labels: np.ndarray, has_image: np.ndarray,
+    def build(cls, p_head: np.ndarray, neighbours: tuple[np.ndarray, np.ndarray], has_image: np.ndarray,
               dups: np.ndarray | None = None, m: int = HEAD_TOP, sizes: np.ndarray | None = None,
               proto_sims: np.ndarray | None = None) -> "Candidates":
-        """From dense head probabilities ``[P, C]``, neighbours ``[P, K]``, exact-match labels ``[P, D]``, the
-        index's products per class ``sizes [C']`` (:func:`class_sizes`; None: unknown, all 0) and the products'
-        cosines to every class prototype ``proto_sims [P, C]`` (None: not used; else the :data:`PROTO_TOP`
+        """From dense head probabilities ``[P, C]``, neighbours ``(sims [P, K], labels [P, K])``, exact-match
+        labels ``[P, D]``, the index's products per class ``sizes [C']`` (:func:`class_sizes`; None: unknown, all
+        0) and the products' cosines to every class prototype ``proto_sims [P, C]`` (None: not used; else the :data:`PROTO_TOP`
         nearest prototypes' classes are candidates too)."""
+        sims, labels = neighbours
         m = min(m, p_head.shape[1])
         dups = np.full((len(p_head), 1), -1, np.int32) if dups is None else np.asarray(dups, np.int32)
         top = np.argpartition(-p_head, m - 1, axis=1)[:, :m] if m < p_head.shape[1] else \
@@ -155,7 +156,7 @@ def candidates_for(index: VectorIndex, duplicates: DuplicateTable, outs: list, k
     sims, labels = neighbour_labels(index, o.emb, k, has)
     dups = duplicates.product_labels(o.image_hash, o.image_owner, len(o.emb), index.labels)
     proto_sims = None if prototypes is None else np.where(has[:, None], o.emb @ prototypes.T, 0.0)
-    return Candidates.build(o.probs, sims, labels, has, dups, sizes=class_sizes(index), proto_sims=proto_sims)
+    return Candidates.build(o.probs, (sims, labels), has, dups, sizes=class_sizes(index), proto_sims=proto_sims)
 
 
 def neighbour_labels(index: VectorIndex, emb: np.ndarray, k: int, has_image: np.ndarray, exclude: int | None = None
