@@ -46,8 +46,8 @@ class Candidates:
               proto_sims: np.ndarray | None = None) -> "Candidates":
         """From dense head probabilities ``[P, C]``, neighbours ``(sims [P, K], labels [P, K])``, exact-match
         labels ``[P, D]``, the index's products per class ``sizes [C']`` (:func:`class_sizes`; None: unknown, all
-        0) and the products' cosines to every class prototype ``proto_sims [P, C]`` (None: not used; else the :data:`PROTO_TOP`
-        nearest prototypes' classes are candidates too)."""
+        0) and the products' cosines to every class prototype ``proto_sims [P, C]`` (None: not used; else the
+        :data:`PROTO_TOP` nearest prototypes' classes are candidates too)."""
         sims, labels = neighbours
         m = min(m, p_head.shape[1])
         dups = np.full((len(p_head), 1), -1, np.int32) if dups is None else np.asarray(dups, np.int32)
