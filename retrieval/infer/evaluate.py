@@ -66,10 +66,10 @@ def _eval_rows(bundle: IndexBundle, val_path: str | Path | None) -> tuple[Path, 
 
 def _embed_parts(bundle: IndexBundle, path: Path, table: np.ndarray, rows: np.ndarray, loader: LoaderSettings,
                  scratch: Path, part_products: int
-                 ) -> tuple[PartStore, list[int], DecodeStats] | None:
+                 ) -> tuple[PartStore, list[int], DecodeStats, np.ndarray] | None:
     """Embed ``rows`` part by part through the part driver into ``scratch`` (each part: its candidates, head
-    argmax, per-image correctness and embeddings); returns the store, the products per part and the decode
-    counts, or None on a rank other than 0 of a distributed run."""
+    argmax, per-image correctness and embeddings); returns the store, the products per part, the decode counts
+    and the products' classes, or None on a rank other than 0 of a distributed run."""
     parts = numbered(rows, part_products)
     y = bundle.categories.encode(table["category_id"][rows])
     cls_of = {int(r): int(v) for r, v in zip(rows, y, strict=True)}
@@ -81,7 +81,7 @@ def _embed_parts(bundle: IndexBundle, path: Path, table: np.ndarray, rows: np.nd
     work = PartWork(lambda outs: score_part(bundle, outs, np.array([cls_of[int(r)] for o in outs for r in o.rows])),
                     group=GROUP, desc="evaluate")
     stats = run_parts(bundle.net, bundle.manifest.mirror, RecordReader(path, table), parts, store, work, loader)
-    return None if stats is None else (store, [len(r) for _, r in parts], stats)
+    return None if stats is None else (store, [len(r) for _, r in parts], stats, y)
 
 
 def _read_candidates(store: PartStore, part: int) -> Candidates:
@@ -153,11 +153,10 @@ def evaluate(index_dir: str | Path, val_path: str | Path | None = None, out_dir:
         path, table, rows = _eval_rows(bundle, val_path)
         if max_products is not None and len(rows) > max_products:
             rows = np.sort(np.random.default_rng(seed).choice(rows, max_products, replace=False))
-        y = cats.encode(table["category_id"][rows])
         found = _embed_parts(bundle, path, table, rows, loader, out / "parts", part_products)
         if found is None:
             return None
-        store, sizes, stats = found
+        store, sizes, stats, y = found
     fallback = bundle.fallback_class
     small = [store.read(p, ("head_pred", "img_ok", "n_images")) for p in range(len(sizes))]
     has_image = np.concatenate([g["n_images"] for g in small]) > 0
