@@ -173,6 +173,13 @@ def _build(train_path: Path, run: RunDir, out: IndexFolder, settings: IndexSetti
     return manifest
 
 
+def _row_arrays(table: np.ndarray, rows: np.ndarray, source: int) -> dict[str, np.ndarray]:
+    """A segment's per-product arrays (:data:`~.segments.ARRAYS`) of offset-table ``rows`` of data file ``source``."""
+    return {"product_ids": table["product_id"][rows], "category_ids": table["category_id"][rows],
+            "offsets": table["offset"][rows], "lengths": table["length"][rows].astype(np.int64),
+            "sources": np.full(len(rows), source, np.int32)}
+
+
 def _head_inputs(net) -> HeadInputs | None:
     """``net`` keeping its head's inputs (the torch runtime), or None (another runtime: evaluate embeds the held-out
     products again)."""
@@ -189,9 +196,7 @@ def _segment(out: IndexFolder, settings: IndexSettings, table: np.ndarray, cats,
     """One segment of the stored ``parts`` (offset-table rows of ``table``); ``with_head``: a held-out one whose
     parts hold their head inputs (linked into it)."""
     rows = np.concatenate([r for _, r in parts])
-    arrays = {"product_ids": table["product_id"][rows], "category_ids": table["category_id"][rows],
-              "offsets": table["offset"][rows], "lengths": table["length"][rows].astype(np.int64),
-              "sources": np.zeros(len(rows), np.int32)}
+    arrays = _row_arrays(table, rows, 0)
     counted = [(p, len(r)) for p, r in parts]
     dim = np.load(store.embeddings_file(store.folder, parts[0][0]), mmap_mode="r").shape[1]
     return build_segment(out, dim, settings.spec, SegmentData(
@@ -275,9 +280,7 @@ def _add(folder: IndexFolder, new_path: Path, loader: LoaderSettings, nets: dict
     _embed_to_store(net, man.mirror, RecordReader(new_path, table), [(name, rows)], store, loader,
                     "embedding new products")
     parts = [(name, len(rows))]
-    arrays = {"product_ids": table["product_id"][rows], "category_ids": cat_ids, "offsets": table["offset"][rows],
-              "lengths": table["length"][rows].astype(np.int64), "sources": np.full(len(rows), len(man.sources),
-                                                                                   np.int32)}
+    arrays = _row_arrays(table, rows, len(man.sources))
     # small: exact; compaction builds a bigger index from many
     sid, _, _ = build_segment(folder, man.dim, SegmentSpec("Flat"), SegmentData(
         labels, arrays, _duplicates(store, parts, 0), parts, [store.embeddings_file(store.folder, name)]))
